@@ -1,0 +1,194 @@
+//! Loads the eBPF object, sets its read-only knobs and map sizes, and attaches every probe from
+//! one declarative table ([`PROBES`]) to the allocator object of one process. Dropping the
+//! [`Tracer`] detaches everything; the links are file descriptors, so the kernel also detaches
+//! them if bridge-trace is killed.
+use std::{num::NonZeroU32, path::Path};
+
+use aya::{
+    programs::{uprobe::UProbeScope, ProgramError, UProbe},
+    Ebpf, EbpfLoader,
+};
+
+use crate::{
+    error::{Error, Result},
+    target::Allocator,
+};
+
+/// The eBPF object built by build.rs from `bridge-trace-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bridge-trace"));
+
+/// One probe: an eBPF program attached to an allocator symbol.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    pub program: &'static str,
+    pub symbol: &'static str,
+    /// Without it nothing sensible can be traced (malloc and free).
+    pub required: bool,
+}
+
+const fn probe(program: &'static str, symbol: &'static str, required: bool) -> Probe {
+    Probe {
+        program,
+        symbol,
+        required,
+    }
+}
+
+/// Every probe bridge-trace attaches. Entry programs read the arguments and capture the stack;
+/// `alloc_return` (one program for all allocation functions) records the result.
+pub const PROBES: &[Probe] = &[
+    probe("malloc_enter", "malloc", true),
+    probe("alloc_return", "malloc", true),
+    probe("calloc_enter", "calloc", false),
+    probe("alloc_return", "calloc", false),
+    probe("realloc_enter", "realloc", false),
+    probe("alloc_return", "realloc", false),
+    probe("reallocarray_enter", "reallocarray", false),
+    probe("alloc_return", "reallocarray", false),
+    probe("posix_memalign_enter", "posix_memalign", false),
+    probe("alloc_return", "posix_memalign", false),
+    probe("aligned_alloc_enter", "aligned_alloc", false),
+    probe("alloc_return", "aligned_alloc", false),
+    probe("memalign_enter", "memalign", false),
+    probe("alloc_return", "memalign", false),
+    probe("valloc_enter", "valloc", false),
+    probe("alloc_return", "valloc", false),
+    probe("pvalloc_enter", "pvalloc", false),
+    probe("alloc_return", "pvalloc", false),
+    probe("free_enter", "free", true),
+    probe("exit_enter", "_exit", false),
+];
+
+/// Knobs of the eBPF object, fixed at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct Knobs {
+    pub tgid: u32,
+    pub stop_at_exit: bool,
+    pub max_allocs: u32,
+}
+
+/// The loaded and attached eBPF object. Maps are read through [`crate::collect`].
+pub struct Tracer {
+    pub(crate) ebpf: Ebpf,
+    /// Symbols actually probed.
+    pub attached: Vec<&'static str>,
+}
+
+/// Fails with a clear message when the process lacks the privileges to trace.
+pub fn check_privileges() -> Result<()> {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SYS_ADMIN: u64 = 21;
+    const CAP_PERFMON: u64 = 38;
+    const CAP_BPF: u64 = 39;
+    if eff & (1 << CAP_SYS_ADMIN) != 0 {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Permission(format!(
+        "not permitted to trace: run as root (sudo bridge-trace ...) or grant {}",
+        missing.join(" and ")
+    )))
+}
+
+fn ebpf_err(what: &str, e: impl std::fmt::Display) -> Error {
+    let msg = e.to_string();
+    if msg.contains("Operation not permitted") || msg.contains("EPERM") {
+        return Error::Permission(format!(
+            "{what}: operation not permitted (run as root or grant CAP_BPF and CAP_PERFMON)"
+        ));
+    }
+    Error::Ebpf(format!("{what}: {msg}"))
+}
+
+/// Walks a source chain into one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl Tracer {
+    /// Loads the object and attaches every probe of [`PROBES`] that the allocator exports.
+    pub fn attach(allocator: &Allocator, knobs: Knobs) -> Result<Tracer> {
+        check_privileges()?;
+        let stop_at_exit = u32::from(knobs.stop_at_exit);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("TARGET_TGID", &knobs.tgid, true)
+            .override_global("STOP_AT_EXIT", &stop_at_exit, true)
+            .map_max_entries("ALLOCS", knobs.max_allocs)
+            .load(EBPF_OBJECT)
+            .map_err(|e| ebpf_err("loading the eBPF object", chain(&e)))?;
+        let pid =
+            NonZeroU32::new(knobs.tgid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
+        let mut attached = Vec::new();
+        for p in PROBES {
+            if !allocator.symbols.iter().any(|s| s == p.symbol) {
+                if p.required {
+                    return Err(Error::NoAllocator {
+                        pid: knobs.tgid,
+                        searched: format!("{} (no `{}` symbol)", allocator.path, p.symbol),
+                    });
+                }
+                continue;
+            }
+            attach_one(&mut ebpf, p, &allocator.host_path, pid)?;
+            if !attached.contains(&p.symbol) {
+                attached.push(p.symbol);
+            }
+        }
+        Ok(Tracer { ebpf, attached })
+    }
+}
+
+fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Result<()> {
+    let program: &mut UProbe = ebpf
+        .program_mut(p.program)
+        .ok_or_else(|| Error::Ebpf(format!("program {} missing from the object", p.program)))?
+        .try_into()
+        .map_err(|e: ProgramError| ebpf_err(p.program, chain(&e)))?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .map_err(|e| ebpf_err(&format!("loading {}", p.program), chain(&e)))?;
+    }
+    program
+        .attach(p.symbol, object, UProbeScope::OneProcess(pid))
+        .map_err(|e| {
+            let msg = chain(&e);
+            if msg.contains("No such process") || msg.contains("ESRCH") {
+                Error::ExitedBeforeAttach(pid.get())
+            } else {
+                ebpf_err(
+                    &format!(
+                        "attaching {} to {}:{}",
+                        p.program,
+                        object.display(),
+                        p.symbol
+                    ),
+                    msg,
+                )
+            }
+        })?;
+    Ok(())
+}

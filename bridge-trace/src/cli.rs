@@ -1,0 +1,356 @@
+//! Command-line arguments (raw, as clap parses them) and the validated [`Config`] built from them.
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use bridge_trace_common::DEFAULT_MAX_ALLOCS;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bridge-trace",
+    version,
+    about = "eBPF allocation tracer: flamegraphs of the memory a running process never frees"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace a process's allocations and report those still outstanding when recording stops.
+    Record(RecordArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    sudo bridge-trace record --pid 1234 --duration 60s -o leaks.svg\n  \
+    sudo bridge-trace record -o leaks.svg -o leaks.txt -- ./my-service --port 8080")]
+pub struct RecordArgs {
+    /// Attach to this running process (all its threads, including ones created later).
+    #[arg(long, short = 'p', value_name = "PID")]
+    pub pid: Option<u32>,
+    /// Stop after this long (e.g. 60s, 5m). Without it: until Ctrl-C or the target exits.
+    #[arg(long, short = 'd', value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// Where to write the report; repeat for several formats. The format comes from the
+    /// extension (.svg, .folded, .json, .txt) unless --format is given.
+    /// Default: <program>-<pid>-<time>.svg in the current directory.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    pub output: Vec<PathBuf>,
+    /// Format of the (single) output, overriding its extension.
+    #[arg(long, short = 'f', value_enum)]
+    pub format: Option<Format>,
+    /// Report only allocations at least this old when recording stops (leaks are old).
+    #[arg(long, value_name = "DURATION")]
+    pub min_age: Option<String>,
+    /// Capacity of the kernel's live-allocation map; allocations beyond it are counted as dropped.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ALLOCS)]
+    pub max_allocs: u32,
+    /// How many call stacks the text report and the summary list.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+    /// Do not print the live status line.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Program to launch and trace until it exits (everything after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// Output formats, one renderer each (see [`crate::report`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Interactive flamegraph (inferno), widths in bytes.
+    Svg,
+    /// One line per stack: frames root first joined by `;`, a space, bytes.
+    Folded,
+    /// Stacks with bytes, counts, ages and frames (module, offset, function, file, line).
+    Json,
+    /// The top stacks, readable in a terminal or a ticket.
+    Text,
+}
+
+impl Format {
+    pub fn from_extension(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()? {
+            "svg" => Some(Format::Svg),
+            "folded" | "collapsed" => Some(Format::Folded),
+            "json" => Some(Format::Json),
+            "txt" | "text" => Some(Format::Text),
+            _ => None,
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Svg => "svg",
+            Format::Folded => "folded",
+            Format::Json => "json",
+            Format::Text => "txt",
+        }
+    }
+}
+
+/// What to trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Pid(u32),
+    Command(Vec<OsString>),
+}
+
+/// A validated `record` request.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub target: Target,
+    pub duration: Option<Duration>,
+    /// Empty: a default name is chosen once the target is known.
+    pub outputs: Vec<(PathBuf, Format)>,
+    /// Format of the default output.
+    pub default_format: Format,
+    pub min_age: Option<Duration>,
+    pub max_allocs: u32,
+    pub top: usize,
+    pub quiet: bool,
+}
+
+impl Config {
+    /// Parses and validates `bridge-trace record ...` arguments (`args[0]` is the program name).
+    pub fn from_args<I, T>(args: I) -> std::result::Result<Config, ArgsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args).map_err(ArgsError::Clap)?;
+        match cli.command {
+            Command::Record(args) => Config::from_record_args(args).map_err(ArgsError::Invalid),
+        }
+    }
+
+    pub fn from_record_args(args: RecordArgs) -> Result<Config> {
+        let target = match (args.pid, args.command.is_empty()) {
+            (Some(_), false) => {
+                return Err(Error::Usage(
+                    "give either --pid PID or -- CMD ARGS..., not both".into(),
+                ))
+            }
+            (None, true) => {
+                return Err(Error::Usage(
+                    "nothing to trace: give --pid PID or -- CMD ARGS...".into(),
+                ))
+            }
+            (Some(0), true) => return Err(Error::Usage("--pid 0 is not a process".into())),
+            (Some(pid), true) => Target::Pid(pid),
+            (None, false) => Target::Command(args.command),
+        };
+        let duration = args
+            .duration
+            .as_deref()
+            .map(|d| parse_duration("--duration", d))
+            .transpose()?;
+        if duration == Some(Duration::ZERO) {
+            return Err(Error::Usage("--duration must be longer than 0".into()));
+        }
+        let min_age = args
+            .min_age
+            .as_deref()
+            .map(|d| parse_duration("--min-age", d))
+            .transpose()?;
+        if args.max_allocs == 0 {
+            return Err(Error::Usage("--max-allocs must be at least 1".into()));
+        }
+        if args.format.is_some() && args.output.len() > 1 {
+            return Err(Error::Usage(
+                "--format applies to a single -o; with several, each extension names its format"
+                    .into(),
+            ));
+        }
+        let mut outputs = Vec::new();
+        for path in args.output {
+            let format = match args.format.or_else(|| Format::from_extension(&path)) {
+                Some(f) => f,
+                None => {
+                    return Err(Error::Usage(format!(
+                        "cannot tell the format of {} from its extension: use .svg, .folded, \
+                         .json or .txt, or --format",
+                        path.display()
+                    )))
+                }
+            };
+            check_writable(&path)?;
+            outputs.push((path, format));
+        }
+        Ok(Config {
+            target,
+            duration,
+            outputs,
+            default_format: args.format.unwrap_or(Format::Svg),
+            min_age,
+            max_allocs: args.max_allocs,
+            top: args.top.max(1),
+            quiet: args.quiet,
+        })
+    }
+}
+
+/// Why arguments were rejected: clap's own errors (including --help) or a validation error.
+#[derive(Debug)]
+pub enum ArgsError {
+    Clap(clap::Error),
+    Invalid(Error),
+}
+
+/// Parses a duration such as `60s`, `5m`, `1h30m`, `500ms`; a bare number is seconds.
+pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration> {
+    let trimmed = value.trim();
+    let bad = |reason: String| Error::BadDuration {
+        flag,
+        value: value.to_string(),
+        reason,
+    };
+    if trimmed.is_empty() {
+        return Err(bad("empty".into()));
+    }
+    if let Ok(secs) = trimmed.parse::<f64>() {
+        if !secs.is_finite() || secs < 0.0 {
+            return Err(bad("must be a non-negative number of seconds".into()));
+        }
+        return Duration::try_from_secs_f64(secs).map_err(|e| bad(e.to_string()));
+    }
+    humantime::parse_duration(trimmed).map_err(|e| bad(e.to_string()))
+}
+
+/// Fails early, before anything is traced, when `path` could not be written.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let err = |reason: &str| Error::Output {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    if path.is_dir() {
+        return Err(err("it is a directory"));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(err("its directory does not exist"));
+    }
+    let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())
+        .map_err(|_| err("the path contains a NUL byte"))?;
+    // SAFETY: plain syscall on a valid C string.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        return Err(err("its directory is not writable"));
+    }
+    // access(2) ignores read-only mounts for root; statvfs does not.
+    // SAFETY: plain syscall on a valid C string and a zeroed out-struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 && st.f_flag & libc::ST_RDONLY != 0 {
+        return Err(err("its directory is on a read-only file system"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> std::result::Result<Config, String> {
+        let mut full = vec!["bridge-trace", "record"];
+        full.extend_from_slice(args);
+        Config::from_args(full).map_err(|e| match e {
+            ArgsError::Clap(e) => e.to_string(),
+            ArgsError::Invalid(e) => e.to_string(),
+        })
+    }
+
+    #[test]
+    fn pid_and_command_targets() {
+        let c = config(&["--pid", "42", "-o", "/tmp/x.svg"]).unwrap();
+        assert_eq!(c.target, Target::Pid(42));
+        assert_eq!(c.outputs, vec![(PathBuf::from("/tmp/x.svg"), Format::Svg)]);
+        let c = config(&["--", "sleep", "1"]).unwrap();
+        assert_eq!(c.target, Target::Command(vec!["sleep".into(), "1".into()]));
+        assert!(c.outputs.is_empty());
+    }
+
+    #[test]
+    fn conflicting_or_missing_targets() {
+        let e = config(&["--pid", "42", "--", "sleep", "1"]).unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let e = config(&[]).unwrap_err();
+        assert!(e.contains("nothing to trace"), "{e}");
+        let e = config(&["--pid", "0"]).unwrap_err();
+        assert!(e.contains("not a process"), "{e}");
+    }
+
+    #[test]
+    fn formats_from_extension_and_flag() {
+        let c = config(&[
+            "-p",
+            "1",
+            "-o",
+            "/tmp/a.folded",
+            "-o",
+            "/tmp/b.json",
+            "-o",
+            "/tmp/c.txt",
+        ])
+        .unwrap();
+        let formats: Vec<_> = c.outputs.iter().map(|(_, f)| *f).collect();
+        assert_eq!(formats, [Format::Folded, Format::Json, Format::Text]);
+        let c = config(&["-p", "1", "-o", "/tmp/report", "--format", "json"]).unwrap();
+        assert_eq!(c.outputs[0].1, Format::Json);
+        let e = config(&["-p", "1", "-o", "/tmp/report"]).unwrap_err();
+        assert!(e.contains("cannot tell the format"), "{e}");
+        let e = config(&[
+            "-p",
+            "1",
+            "-o",
+            "/tmp/a.svg",
+            "-o",
+            "/tmp/b.svg",
+            "-f",
+            "svg",
+        ])
+        .unwrap_err();
+        assert!(e.contains("single -o"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("d", "60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            parse_duration("d", "1.5").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(parse_duration("d", "5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(
+            parse_duration("d", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        for bad in ["", "abc", "-1", "10 parsecs", "1e400", "NaN"] {
+            let e = parse_duration("--duration", bad).unwrap_err().to_string();
+            assert!(e.starts_with("invalid duration"), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = config(&["-p", "1", "--duration", "0s"]).unwrap_err();
+        assert!(e.contains("longer than 0"), "{e}");
+    }
+
+    #[test]
+    fn unwritable_outputs_fail_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let e = config(&["-p", "1", "-o", d, "-f", "svg"]).unwrap_err();
+        assert!(e.contains("is a directory"), "{e}");
+        let missing = format!("{d}/missing/x.svg");
+        let e = config(&["-p", "1", "-o", &missing]).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+    }
+}

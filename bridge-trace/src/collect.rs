@@ -1,0 +1,203 @@
+//! The only reader of the kernel maps: turns them into an owned [`Snapshot`] (and the live
+//! [`Status`]); no aya type goes beyond this module.
+use std::collections::HashMap;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
+use bridge_trace_common::{
+    AllocInfo, AllocKey, AllocKind, Counter, StackFrames, StackKey, StackTotals, STACK_TRUNCATED,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    attach::Tracer,
+    error::{Error, Result},
+};
+
+/// One allocation still live when the snapshot was taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveAlloc {
+    pub addr: u64,
+    pub size: u64,
+    /// CLOCK_MONOTONIC nanoseconds at allocation.
+    pub ts_ns: u64,
+    pub stack_id: u64,
+    pub ret_addr: u64,
+    pub kind: Option<AllocKind>,
+    pub tid: u32,
+}
+
+/// A captured call stack: return addresses, the direct caller first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawStack {
+    pub frames: Vec<u64>,
+    pub truncated: bool,
+}
+
+/// What was lost or skipped, from the kernel's counters. Every report shows these.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub allocs: u64,
+    pub frees: u64,
+    pub failed_allocs: u64,
+    /// Allocations not recorded because the live-allocation map was full.
+    pub map_full_drops: u64,
+    /// Allocations whose stack could not be stored (attributed to their direct caller only).
+    pub stack_failures: u64,
+    /// Frees of addresses not recorded (allocated before attaching, or dropped).
+    pub unknown_frees: u64,
+    pub nested_calls: u64,
+    pub inflight_full: u64,
+    pub stack_totals_full: u64,
+    pub orphan_returns: u64,
+    pub read_faults: u64,
+    #[serde(default)]
+    pub exit_stops: u64,
+}
+
+impl Counters {
+    fn set(&mut self, c: Counter, v: u64) {
+        let slot = match c {
+            Counter::Allocs => &mut self.allocs,
+            Counter::Frees => &mut self.frees,
+            Counter::FailedAllocs => &mut self.failed_allocs,
+            Counter::AllocMapFull => &mut self.map_full_drops,
+            Counter::StackFailures => &mut self.stack_failures,
+            Counter::UnknownFrees => &mut self.unknown_frees,
+            Counter::Nested => &mut self.nested_calls,
+            Counter::InflightFull => &mut self.inflight_full,
+            Counter::StackTotalsFull => &mut self.stack_totals_full,
+            Counter::OrphanReturns => &mut self.orphan_returns,
+            Counter::ReadFaults => &mut self.read_faults,
+            Counter::ExitStops => &mut self.exit_stops,
+        };
+        *slot = v;
+    }
+
+    /// Events whose loss makes the reported totals lower bounds.
+    pub fn lossy(&self) -> bool {
+        self.map_full_drops + self.inflight_full > 0
+    }
+}
+
+/// Everything the kernel knew about the target at one moment, owned.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub allocs: Vec<LiveAlloc>,
+    pub stacks: HashMap<u64, RawStack>,
+    pub counters: Counters,
+    /// CLOCK_MONOTONIC nanoseconds when the snapshot was taken.
+    pub taken_ns: u64,
+}
+
+/// Cheap figures for the live status line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Status {
+    pub counters: Counters,
+    pub outstanding_bytes: i64,
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the clock of `bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: plain syscall with a valid out-struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn map_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Ebpf(format!("reading {what}: {e}"))
+}
+
+fn map<'a>(tracer: &'a Tracer, name: &str) -> Result<&'a aya::maps::Map> {
+    tracer
+        .ebpf
+        .map(name)
+        .ok_or_else(|| Error::Ebpf(format!("map {name} missing from the object")))
+}
+
+/// Sums the per-CPU counters.
+pub fn counters(tracer: &Tracer) -> Result<Counters> {
+    let arr: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(map(tracer, "COUNTERS")?).map_err(|e| map_err("COUNTERS", e))?;
+    let mut out = Counters::default();
+    for c in Counter::ALL {
+        let values = arr
+            .get(&(c as u32), 0)
+            .map_err(|e| map_err("COUNTERS", e))?;
+        out.set(c, values.iter().sum());
+    }
+    Ok(out)
+}
+
+/// Counters and outstanding bytes (from the per-stack totals) of process `tgid`.
+pub fn status(tracer: &Tracer, tgid: u32) -> Result<Status> {
+    let totals: PerCpuHashMap<&MapData, StackKey, StackTotals> =
+        PerCpuHashMap::try_from(map(tracer, "STACK_TOTALS")?)
+            .map_err(|e| map_err("STACK_TOTALS", e))?;
+    let mut outstanding: i64 = 0;
+    for item in totals.iter() {
+        let Ok((key, values)) = item else { continue };
+        if key.tgid != tgid {
+            continue;
+        }
+        for v in values.iter() {
+            outstanding += v.alloc_bytes as i64 - v.free_bytes as i64;
+        }
+    }
+    Ok(Status {
+        counters: counters(tracer)?,
+        outstanding_bytes: outstanding,
+    })
+}
+
+/// Reads every live allocation of `tgid` and the stacks they reference.
+pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
+    let taken_ns = monotonic_ns();
+    let allocs_map: BpfHashMap<&MapData, AllocKey, AllocInfo> =
+        BpfHashMap::try_from(map(tracer, "ALLOCS")?).map_err(|e| map_err("ALLOCS", e))?;
+    let mut allocs = Vec::new();
+    for item in allocs_map.iter() {
+        // An entry deleted while iterating is simply skipped.
+        let Ok((key, info)) = item else { continue };
+        if key.tgid != tgid {
+            continue;
+        }
+        allocs.push(LiveAlloc {
+            addr: key.addr,
+            size: info.size,
+            ts_ns: info.ts_ns,
+            stack_id: info.stack.stack_id,
+            ret_addr: info.stack.ret_addr,
+            kind: AllocKind::from_u32(info.kind),
+            tid: info.tid,
+        });
+    }
+    let stacks_map: BpfHashMap<&MapData, u64, StackFrames> =
+        BpfHashMap::try_from(map(tracer, "STACKS")?).map_err(|e| map_err("STACKS", e))?;
+    let mut stacks = HashMap::new();
+    for a in &allocs {
+        if a.stack_id == 0 || stacks.contains_key(&a.stack_id) {
+            continue;
+        }
+        if let Ok(s) = stacks_map.get(&a.stack_id, 0) {
+            let len = (s.len as usize).min(s.frames.len());
+            stacks.insert(
+                a.stack_id,
+                RawStack {
+                    frames: s.frames[..len].to_vec(),
+                    truncated: s.flags & STACK_TRUNCATED != 0,
+                },
+            );
+        }
+    }
+    allocs.sort_by_key(|a| (a.ts_ns, a.addr));
+    Ok(Snapshot {
+        allocs,
+        stacks,
+        counters: counters(tracer)?,
+        taken_ns,
+    })
+}

@@ -1,0 +1,100 @@
+//! The `bridge-trace` binary: parse arguments, run, print the outcome or one error line, and
+//! pick the exit code (documented in the README).
+use std::process::ExitCode;
+
+use bridge_trace::{
+    cli::{ArgsError, Command, Config},
+    error::exit_code,
+    record,
+    report::human_bytes,
+};
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BRIDGE_TRACE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match parse() {
+        Ok(c) => c,
+        Err(ArgsError::Clap(e)) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // clap's first line says what is wrong; the usage that follows is noise here.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("bridge-trace: {}", first.trim_start_matches("error: "));
+            eprintln!("bridge-trace: see `bridge-trace record --help`");
+            return ExitCode::from(exit_code::USAGE as u8);
+        }
+        Err(ArgsError::Invalid(e)) => {
+            eprintln!("bridge-trace: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    match record::run(&config) {
+        Ok(outcome) => {
+            print_summary(&outcome, config.top.min(5));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bridge-trace: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn parse() -> Result<Config, ArgsError> {
+    let cli = bridge_trace::cli::Cli::try_parse().map_err(ArgsError::Clap)?;
+    match cli.command {
+        Command::Record(args) => Config::from_record_args(args).map_err(ArgsError::Invalid),
+    }
+}
+
+fn print_summary(outcome: &record::Outcome, top: usize) {
+    let r = &outcome.report;
+    let why = match outcome.stop {
+        record::StopReason::Duration => "duration reached".to_string(),
+        record::StopReason::Interrupted => "interrupted".to_string(),
+        record::StopReason::TargetExited => match outcome.target_status {
+            Some(code) => format!("target exited with status {code}"),
+            None => "target exited".to_string(),
+        },
+    };
+    println!(
+        "bridge-trace: {} (pid {}), {:.1}s, {why}: {} ({} bytes) outstanding in {} allocations",
+        r.meta.target,
+        r.meta.pid,
+        r.meta.duration_secs,
+        human_bytes(r.total_bytes()),
+        r.total_bytes(),
+        r.total_count()
+    );
+    for caveat in r.caveats() {
+        println!("  note: {caveat}");
+    }
+    if !r.stacks.is_empty() {
+        println!("top call sites holding memory:");
+    }
+    for s in r.stacks.iter().take(top) {
+        let leaf = s.frames.last();
+        let name = leaf.map(|f| f.display_name()).unwrap_or("[unknown]");
+        let at = match leaf.and_then(|f| f.file.as_ref().zip(f.line)) {
+            Some((file, line)) => format!(" ({}:{line})", file.rsplit('/').next().unwrap_or(file)),
+            None => String::new(),
+        };
+        println!(
+            "  {:>12} bytes in {:>7} allocations  {name}{at}",
+            s.bytes, s.count
+        );
+    }
+    for (path, format) in &outcome.written {
+        println!("wrote {} ({format:?})", path.display());
+    }
+}

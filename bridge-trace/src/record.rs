@@ -1,0 +1,403 @@
+//! `record`: attach, trace until the duration ends, Ctrl-C / SIGTERM arrives or the target exits,
+//! then snapshot → symbolize → aggregate → render, writing every requested output.
+use std::{
+    io::{IsTerminal as _, Write as _},
+    os::fd::{FromRawFd as _, OwnedFd},
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
+
+use crate::{
+    aggregate::{aggregate, Meta, Report, REPORT_VERSION},
+    attach::{check_privileges, Knobs, Tracer},
+    cli::{Config, Format, Target},
+    collect::{self, Snapshot},
+    error::{Error, Result},
+    report::{self, human_bytes, RenderOptions},
+    symbolize::{Blazesym, ProcessMaps},
+    target::{self, Launched},
+};
+
+/// How often the target's memory maps are re-read (to keep libraries it loads and unloads).
+const MAPS_REFRESH: Duration = Duration::from_millis(200);
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// Why recording stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Duration,
+    Interrupted,
+    TargetExited,
+}
+
+/// The result of a `record`.
+pub struct Outcome {
+    pub report: Report,
+    pub written: Vec<(PathBuf, Format)>,
+    pub stop: StopReason,
+    /// Exit status of a launched target, when it exited.
+    pub target_status: Option<i32>,
+}
+
+/// Events about a launched child, from the thread that waits for it.
+enum ChildEvent {
+    Stopped(i32),
+    Exited(i32),
+}
+
+/// Runs a `record` to completion.
+pub fn run(config: &Config) -> Result<Outcome> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the runtime", e))?;
+    rt.block_on(run_async(config))
+}
+
+struct Attached {
+    pid: u32,
+    name: String,
+    tracer: Tracer,
+    allocator: String,
+    maps: ProcessMaps,
+    child: Option<mpsc::UnboundedReceiver<ChildEvent>>,
+    pidfd: Option<AsyncFd<OwnedFd>>,
+}
+
+fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
+    let maps = target::inspect_pid(pid)?;
+    let allocator = target::find_allocator(pid, &maps)?;
+    let tracer = Tracer::attach(
+        &allocator,
+        Knobs {
+            tgid: pid,
+            stop_at_exit: false,
+            max_allocs: config.max_allocs,
+        },
+    )?;
+    if !target::alive(pid) {
+        return Err(Error::ExitedBeforeAttach(pid));
+    }
+    // SAFETY: the OwnedFd stays open, unchanged, for as long as the AsyncFd owns it.
+    let pidfd = pidfd_open(pid).and_then(|fd| unsafe { AsyncFd::register(fd) }.ok());
+    Ok(Attached {
+        pid,
+        name: target::comm(pid).unwrap_or_else(|| format!("pid{pid}")),
+        tracer,
+        allocator: allocator.path,
+        maps: ProcessMaps::new(pid, maps),
+        child: None,
+        pidfd,
+    })
+}
+
+fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
+    let program = target::resolve_program(&argv[0])?;
+    let allocator = target::allocator_for_command(&program)?;
+    let mut launched = Launched::spawn(&program, argv)?;
+    let pid = launched.pid;
+    let tracer = match Tracer::attach(
+        &allocator,
+        Knobs {
+            tgid: pid,
+            stop_at_exit: true,
+            max_allocs: config.max_allocs,
+        },
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            drop(launched); // the child exits without running the program
+            reap(pid);
+            return Err(e);
+        }
+    };
+    if let Err(e) = launched.release() {
+        reap(pid);
+        return Err(Error::Spawn {
+            command: program.display().to_string(),
+            reason: match e {
+                Error::Spawn { reason, .. } => reason,
+                other => other.to_string(),
+            },
+        });
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || wait_child(pid, tx));
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "program".into());
+    let maps = target::read_maps(pid).unwrap_or_default();
+    Ok(Attached {
+        pid,
+        name,
+        tracer,
+        allocator: allocator.path,
+        maps: ProcessMaps::new(pid, maps),
+        child: Some(rx),
+        pidfd: None,
+    })
+}
+
+fn reap(pid: u32) {
+    let mut status = 0;
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+}
+
+/// Waits for the launched child, reporting stops (the exit hold) and its exit.
+fn wait_child(pid: u32, tx: mpsc::UnboundedSender<ChildEvent>) {
+    loop {
+        let mut status = 0;
+        // SAFETY: plain syscall on our own child.
+        let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WUNTRACED) };
+        if r < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            let _ = tx.send(ChildEvent::Exited(-1));
+            return;
+        }
+        if libc::WIFSTOPPED(status) {
+            let _ = tx.send(ChildEvent::Stopped(libc::WSTOPSIG(status)));
+        } else if libc::WIFEXITED(status) {
+            let _ = tx.send(ChildEvent::Exited(libc::WEXITSTATUS(status)));
+            return;
+        } else if libc::WIFSIGNALED(status) {
+            let _ = tx.send(ChildEvent::Exited(128 + libc::WTERMSIG(status)));
+            return;
+        }
+    }
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a new descriptor owned here.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+async fn run_async(config: &Config) -> Result<Outcome> {
+    check_privileges()?;
+    let mut t = match &config.target {
+        Target::Pid(pid) => attach_pid(*pid, config)?,
+        Target::Command(argv) => launch(argv, config)?,
+    };
+    let pid = t.pid;
+    let show_status = !config.quiet && std::io::stderr().is_terminal();
+    eprintln!(
+        "bridge-trace: tracing {} (pid {pid}) through {} [{}]{}",
+        t.name,
+        t.allocator,
+        t.tracer.attached.join(", "),
+        match config.duration {
+            Some(d) => format!(" for {}", humantime::format_duration(d)),
+            None => " until it exits or Ctrl-C".into(),
+        }
+    );
+
+    let started = Instant::now();
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
+        .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
+        .map_err(|e| Error::io("installing the SIGINT handler", e))?;
+    let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut refresh = tokio::time::interval(MAPS_REFRESH);
+    let mut last_status = Instant::now();
+    let mut last_allocs = 0u64;
+    let mut exit_snapshot: Option<Snapshot> = None;
+    let mut target_status = None;
+
+    let stop = loop {
+        tokio::select! {
+            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {
+                break StopReason::Duration;
+            }
+            _ = sigint.recv() => break StopReason::Interrupted,
+            _ = sigterm.recv() => break StopReason::Interrupted,
+            ev = async { t.child.as_mut().unwrap().recv().await }, if t.child.is_some() => {
+                match ev {
+                    Some(ChildEvent::Stopped(sig)) => {
+                        let held = collect::counters(&t.tracer).map(|c| c.exit_stops).unwrap_or(0);
+                        if sig == libc::SIGSTOP && held > 0 && exit_snapshot.is_none() {
+                            // Held at _exit: everything it will never free is in the maps now.
+                            t.maps.refresh();
+                            exit_snapshot = Some(collect::snapshot(&t.tracer, pid)?);
+                            // SAFETY: plain syscall; resumes our own child towards its exit.
+                            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                        }
+                    }
+                    Some(ChildEvent::Exited(code)) => {
+                        target_status = Some(code);
+                        break StopReason::TargetExited;
+                    }
+                    None => break StopReason::TargetExited,
+                }
+            }
+            r = async { t.pidfd.as_ref().unwrap().readable().await }, if t.pidfd.is_some() => {
+                let _ = r;
+                break StopReason::TargetExited;
+            }
+            _ = refresh.tick() => {
+                t.maps.refresh();
+                if show_status && last_status.elapsed() >= STATUS_EVERY {
+                    if let Ok(s) = collect::status(&t.tracer, pid) {
+                        let rate = (s.counters.allocs - last_allocs.min(s.counters.allocs)) as f64
+                            / last_status.elapsed().as_secs_f64();
+                        last_allocs = s.counters.allocs;
+                        eprint!(
+                            "\r\x1b[K{:>6.1}s  {:>9.0} allocs/s  outstanding {}  dropped {}  ",
+                            started.elapsed().as_secs_f64(),
+                            rate,
+                            human_bytes(s.outstanding_bytes.max(0) as u64),
+                            s.counters.map_full_drops + s.counters.inflight_full,
+                        );
+                    }
+                    last_status = Instant::now();
+                }
+            }
+        }
+    };
+    if show_status {
+        eprint!("\r\x1b[K");
+        let _ = std::io::stderr().flush();
+    }
+    let elapsed = started.elapsed();
+
+    let exited = stop == StopReason::TargetExited;
+    let mut snapshot = match exit_snapshot {
+        Some(s) => s,
+        None => collect::snapshot(&t.tracer, pid)?,
+    };
+    // Counters keep counting until the very end (frees during atexit handlers, say).
+    if let Ok(c) = collect::counters(&t.tracer) {
+        snapshot.counters = c;
+    }
+    let attached_symbols = t.tracer.attached.clone();
+    drop(t.tracer); // detach every probe before the (slow) symbolization
+    if !exited {
+        t.maps.refresh();
+    }
+    tracing::debug!(
+        ?attached_symbols,
+        allocs = snapshot.allocs.len(),
+        "snapshot taken"
+    );
+
+    let meta = Meta {
+        version: REPORT_VERSION,
+        target: match &config.target {
+            Target::Pid(_) => t.name.clone(),
+            Target::Command(argv) => argv
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+        },
+        pid,
+        duration_secs: elapsed.as_secs_f64(),
+        target_exited: exited,
+        min_age_secs: config.min_age.map(|d| d.as_secs_f64()),
+        allocator: t.allocator.clone(),
+        counters: snapshot.counters,
+        younger_than_min_age: 0,
+    };
+    let mut symbolizer = Blazesym::new(&t.maps);
+    let report = aggregate(
+        &snapshot,
+        &mut symbolizer,
+        config.min_age.map(|d| d.as_nanos() as u64),
+        meta,
+    );
+
+    let outputs = if config.outputs.is_empty() {
+        vec![(
+            default_output(&t.name, pid, config.default_format),
+            config.default_format,
+        )]
+    } else {
+        config.outputs.clone()
+    };
+    let options = RenderOptions { top: config.top };
+    // Render everything first, then write: a failure leaves no partial set behind.
+    let mut rendered = Vec::new();
+    for (path, format) in &outputs {
+        rendered.push((path, report::render_to_vec(&report, *format, options)?));
+    }
+    for (path, bytes) in &rendered {
+        report::write_atomic(path, bytes)?;
+    }
+    Ok(Outcome {
+        report,
+        written: outputs,
+        stop,
+        target_status,
+    })
+}
+
+/// `<program>-<pid>-<UTC time>.<ext>` in the current directory.
+pub fn default_output(name: &str, pid: u32, format: Format) -> PathBuf {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    PathBuf::from(format!(
+        "{safe}-{pid}-{}.{}",
+        utc_stamp(secs),
+        format.extension()
+    ))
+}
+
+/// `YYYYmmdd-HHMMSS` in UTC.
+fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps() {
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(1_779_753_600 + 3_661), "20260526-010101");
+        let p = default_output("data bridge", 42, Format::Svg);
+        let s = p.to_str().unwrap();
+        assert!(
+            s.starts_with("data_bridge-42-") && s.ends_with(".svg"),
+            "{s}"
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! Renders a [`Report`] in each output format, one renderer per format behind [`Render`], and
+//! writes it atomically (a temporary file in the same directory, renamed into place).
+mod folded;
+mod json;
+mod svg;
+mod text;
+
+use std::{io::Write as _, path::Path};
+
+use crate::{
+    aggregate::Report,
+    cli::Format,
+    error::{Error, Result},
+};
+
+pub use folded::Folded;
+pub use json::Json;
+pub use svg::Svg;
+pub use text::Text;
+
+/// A report renderer: the same report in, one format's bytes out.
+pub trait Render {
+    fn render(&self, report: &Report, out: &mut Vec<u8>) -> std::io::Result<()>;
+}
+
+/// Presentation options shared by the renderers.
+#[derive(Clone, Copy, Debug)]
+pub struct RenderOptions {
+    /// How many stacks the text report lists.
+    pub top: usize,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions { top: 10 }
+    }
+}
+
+/// The renderer for a format.
+pub fn renderer(format: Format, options: RenderOptions) -> Box<dyn Render> {
+    match format {
+        Format::Svg => Box::new(Svg),
+        Format::Folded => Box::new(Folded),
+        Format::Json => Box::new(Json),
+        Format::Text => Box::new(Text { top: options.top }),
+    }
+}
+
+/// Renders into memory.
+pub fn render_to_vec(report: &Report, format: Format, options: RenderOptions) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    renderer(format, options)
+        .render(report, &mut out)
+        .map_err(|e| Error::io(format!("rendering the {format:?} report"), e))?;
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` atomically: never a half-written file at `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let out_err = |reason: String| Error::Output {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".bridge-trace-")
+        .tempfile_in(dir)
+        .map_err(|e| out_err(e.to_string()))?;
+    tmp.write_all(bytes).map_err(|e| out_err(e.to_string()))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| out_err(e.to_string()))?;
+    tmp.persist(path)
+        .map_err(|e| out_err(e.error.to_string()))?;
+    Ok(())
+}
+
+/// A frame name safe for folded lines (`;` separates frames).
+pub(crate) fn folded_name(name: &str) -> String {
+    name.replace(';', ":")
+}
+
+/// Human-readable bytes: 1536 → "1.5 KiB".
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+    }
+
+    #[test]
+    fn atomic_write_replaces_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.txt");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1);
+    }
+}

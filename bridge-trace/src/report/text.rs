@@ -1,0 +1,93 @@
+//! The top stacks as plain text, leaf first, for a terminal or a ticket.
+use std::io::Write as _;
+
+use super::{human_bytes, Render};
+use crate::aggregate::Report;
+
+pub struct Text {
+    pub top: usize,
+}
+
+impl Render for Text {
+    fn render(&self, report: &Report, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let m = &report.meta;
+        writeln!(
+            out,
+            "bridge-trace: {} (pid {}), traced {:.1}s{}",
+            m.target,
+            m.pid,
+            m.duration_secs,
+            if m.target_exited {
+                ", until it exited"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(
+            out,
+            "outstanding: {} bytes ({}) in {} allocations from {} call stacks",
+            report.total_bytes(),
+            human_bytes(report.total_bytes()),
+            report.total_count(),
+            report.stacks.len()
+        )?;
+        if let Some(age) = m.min_age_secs {
+            writeln!(
+                out,
+                "only allocations older than {age}s ({} younger ones left out)",
+                m.younger_than_min_age
+            )?;
+        }
+        let c = &m.counters;
+        writeln!(
+            out,
+            "events: {} allocations, {} frees, {} failed; lost: {} dropped (map full), {} stacks \
+             not stored, {} frees of unknown addresses",
+            c.allocs, c.frees, c.failed_allocs, c.map_full_drops, c.stack_failures, c.unknown_frees
+        )?;
+        for caveat in report.caveats() {
+            writeln!(out, "note: {caveat}")?;
+        }
+        for (i, s) in report.stacks.iter().take(self.top).enumerate() {
+            writeln!(out)?;
+            writeln!(
+                out,
+                "#{} {} bytes ({}) in {} allocations, oldest {:.1}s{}",
+                i + 1,
+                s.bytes,
+                human_bytes(s.bytes),
+                s.count,
+                s.oldest_age_secs,
+                if s.partial {
+                    " (direct caller only)"
+                } else {
+                    ""
+                }
+            )?;
+            for f in s.frames.iter().rev() {
+                let location = match (&f.file, f.line) {
+                    (Some(file), Some(line)) => format!(" at {file}:{line}"),
+                    (Some(file), None) => format!(" at {file}"),
+                    _ => match (&f.module, f.offset) {
+                        (Some(module), Some(off)) => format!(" in {module}+{off:#x}"),
+                        _ => String::new(),
+                    },
+                };
+                let inlined = if f.inlined { " (inlined)" } else { "" };
+                writeln!(out, "    {}{inlined}{location}", f.display_name())?;
+            }
+            if s.truncated {
+                writeln!(out, "    ... (deeper frames not recorded)")?;
+            }
+        }
+        if report.stacks.len() > self.top {
+            writeln!(out)?;
+            writeln!(
+                out,
+                "... and {} more stacks",
+                report.stacks.len() - self.top
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,460 @@
+//! The traced process: find it (or launch it, held before `exec` until the probes are attached),
+//! read its memory maps, and locate the allocator object it actually maps, through
+//! `/proc/PID/root` so that a process in a container works.
+use std::{
+    ffi::{CString, OsString},
+    fs,
+    io::{Read as _, Write as _},
+    os::unix::{
+        ffi::OsStrExt as _,
+        fs::MetadataExt as _,
+        io::{FromRawFd as _, OwnedFd},
+    },
+    path::{Path, PathBuf},
+};
+
+use object::{Object as _, ObjectSymbol as _};
+
+use crate::error::{Error, Result};
+
+/// One line of `/proc/PID/maps` that maps a file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// Offset in the file of `start`.
+    pub offset: u64,
+    pub executable: bool,
+    pub dev: String,
+    pub inode: u64,
+    /// The path as the process sees it (inside its mount namespace).
+    pub path: String,
+}
+
+/// Parses the text of `/proc/PID/maps`, keeping the file-backed mappings.
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines().filter_map(parse_maps_line).collect()
+}
+
+/// Parses one `/proc/PID/maps` line; `None` for anonymous or malformed lines.
+pub fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut fields = line.splitn(6, ' ');
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let dev = fields.next()?;
+    let inode = fields.next()?;
+    let path = fields.next().unwrap_or("").trim_start();
+    let (start, end) = range.split_once('-')?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    let inode: u64 = inode.parse().ok()?;
+    if inode == 0 || !path.starts_with('/') || end <= start {
+        return None;
+    }
+    Some(Mapping {
+        start,
+        end,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        executable: perms.as_bytes().get(2) == Some(&b'x'),
+        dev: dev.to_string(),
+        inode,
+        path: path.strip_suffix(" (deleted)").unwrap_or(path).to_string(),
+    })
+}
+
+/// Reads the file mappings of a live process.
+pub fn read_maps(pid: u32) -> Result<Vec<Mapping>> {
+    match fs::read_to_string(format!("/proc/{pid}/maps")) {
+        Ok(text) => Ok(parse_maps(&text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NoSuchProcess(pid)),
+        Err(e) => Err(Error::io(format!("reading /proc/{pid}/maps"), e)),
+    }
+}
+
+/// The host path of a file as the process sees it, through its root (container-aware).
+pub fn host_path(pid: u32, path: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/root{path}"))
+}
+
+/// Is `pid` a live process?
+pub fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid as i32, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The short name of a process (`comm`).
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+/// An object file (libc, or the executable itself when it links its allocator statically) that
+/// exports the allocator's entry points.
+#[derive(Clone, Debug)]
+pub struct Allocator {
+    /// The path as seen by the process.
+    pub path: String,
+    /// The same file, reachable from here (through /proc/PID/root when the process is known).
+    pub host_path: PathBuf,
+    /// Entry points this object exports, by name.
+    pub symbols: Vec<String>,
+}
+
+/// Every allocator entry point bridge-trace probes, plus `_exit`.
+pub const ALLOCATOR_SYMBOLS: [&str; 11] = [
+    "malloc",
+    "calloc",
+    "realloc",
+    "reallocarray",
+    "free",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+    "_exit",
+];
+
+/// Names of `ALLOCATOR_SYMBOLS` that `file` defines (dynamic or static symbol table).
+pub fn exported_allocator_symbols(file: &Path) -> Vec<String> {
+    let Ok(data) = fs::read(file) else {
+        return Vec::new();
+    };
+    let Ok(obj) = object::File::parse(&*data) else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = obj
+        .dynamic_symbols()
+        .chain(obj.symbols())
+        .filter(|s| s.is_definition())
+        .filter_map(|s| s.name().ok())
+        .filter_map(|n| {
+            // Versioned dynamic names look like "malloc@@GLIBC_2.2.5".
+            let base = n.split('@').next().unwrap_or(n);
+            ALLOCATOR_SYMBOLS
+                .iter()
+                .find(|s| **s == base)
+                .map(|s| s.to_string())
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+fn is_libc_name(path: &str) -> bool {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base == "libc.so.6" || base == "libc.so" || (base.starts_with("libc-") && base.ends_with(".so"))
+}
+
+/// Finds the allocator a process maps: its libc, or else its executable if that defines
+/// `malloc` and `free` itself (a statically linked allocator).
+pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Result<Allocator> {
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    let mut candidates: Vec<&str> = Vec::new();
+    for m in maps {
+        if is_libc_name(&m.path) && !candidates.contains(&m.path.as_str()) {
+            candidates.push(&m.path);
+        }
+    }
+    if let Some(exe) = &exe {
+        if let Some(m) = maps.iter().find(|m| &m.path == exe) {
+            candidates.push(&m.path);
+        }
+    }
+    for path in &candidates {
+        let host = host_path(pid, path);
+        let symbols = exported_allocator_symbols(&host);
+        if symbols.iter().any(|s| s == "malloc") && symbols.iter().any(|s| s == "free") {
+            return Ok(Allocator {
+                path: path.to_string(),
+                host_path: host,
+                symbols,
+            });
+        }
+    }
+    let searched = if candidates.is_empty() {
+        format!("{} mapped objects (no libc among them)", maps.len())
+    } else {
+        candidates.join(", ")
+    };
+    Err(Error::NoAllocator { pid, searched })
+}
+
+/// Checks that `pid` can be traced and returns its maps.
+pub fn inspect_pid(pid: u32) -> Result<Vec<Mapping>> {
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(Error::NoSuchProcess(pid));
+    }
+    let maps = read_maps(pid)?;
+    if maps.is_empty() {
+        // Kernel threads have an empty maps file; so does a process that is exiting.
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let flags: u64 = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(6))
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(0);
+        const PF_KTHREAD: u64 = 0x0020_0000;
+        if flags & PF_KTHREAD != 0 {
+            return Err(Error::KernelThread(pid));
+        }
+        return Err(Error::ExitedBeforeAttach(pid));
+    }
+    Ok(maps)
+}
+
+/// Where the allocator of a program about to be launched lives. The program is not running yet,
+/// so this follows what the dynamic loader will do: a dynamically linked program on this host
+/// maps the same libc as bridge-trace itself; a static one carries its allocator.
+pub fn allocator_for_command(program: &Path) -> Result<Allocator> {
+    let data = fs::read(program).map_err(|e| Error::Spawn {
+        command: program.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let obj = object::File::parse(&*data).map_err(|_| Error::Spawn {
+        command: program.display().to_string(),
+        reason: "not an ELF executable".into(),
+    })?;
+    let dynamic = obj.section_by_name(".interp").is_some();
+    drop(obj);
+    if !dynamic {
+        let symbols = exported_allocator_symbols(program);
+        if symbols.iter().any(|s| s == "malloc") && symbols.iter().any(|s| s == "free") {
+            return Ok(Allocator {
+                path: program.display().to_string(),
+                host_path: program.to_path_buf(),
+                symbols,
+            });
+        }
+        return Err(Error::NoAllocator {
+            pid: 0,
+            searched: format!(
+                "{} (statically linked, no malloc/free symbols)",
+                program.display()
+            ),
+        });
+    }
+    let own = read_maps(std::process::id())?;
+    let libc = own
+        .iter()
+        .find(|m| is_libc_name(&m.path))
+        .ok_or_else(|| Error::NoAllocator {
+            pid: 0,
+            searched: "bridge-trace's own maps (no libc)".into(),
+        })?;
+    Ok(Allocator {
+        path: libc.path.clone(),
+        host_path: PathBuf::from(&libc.path),
+        symbols: exported_allocator_symbols(Path::new(&libc.path)),
+    })
+}
+
+/// Resolves a program name the way `execvp` does.
+pub fn resolve_program(program: &OsString) -> Result<PathBuf> {
+    let p = Path::new(program);
+    let not_found = |reason: &str| Error::Spawn {
+        command: p.display().to_string(),
+        reason: reason.to_string(),
+    };
+    if p.as_os_str().as_bytes().contains(&b'/') {
+        if !p.is_file() {
+            return Err(not_found("no such file"));
+        }
+        return Ok(p.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(p);
+        if let Ok(md) = fs::metadata(&candidate) {
+            if md.is_file() && md.mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(not_found("command not found in PATH"))
+}
+
+/// A launched program, stopped just before `exec` until [`Launched::release`] is called.
+pub struct Launched {
+    pub pid: u32,
+    gate: Option<fs::File>,
+    status: Option<fs::File>,
+}
+
+impl Launched {
+    /// Forks; the child waits for [`Launched::release`], then drops root back to the invoking
+    /// user when run through sudo, and execs `argv`.
+    pub fn spawn(program: &Path, argv: &[OsString]) -> Result<Launched> {
+        let spawn_err = |reason: String| Error::Spawn {
+            command: program.display().to_string(),
+            reason,
+        };
+        let c_program = CString::new(program.as_os_str().as_bytes())
+            .map_err(|_| spawn_err("NUL byte in program path".into()))?;
+        let c_args: Vec<CString> = argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| spawn_err("NUL byte in an argument".into()))?;
+        let mut c_argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
+        c_argv.push(std::ptr::null());
+        let drop_to = sudo_ids();
+
+        let (gate_r, gate_w) = pipe().map_err(|e| spawn_err(e.to_string()))?;
+        let (status_r, status_w) = pipe().map_err(|e| spawn_err(e.to_string()))?;
+        // SAFETY: the child only calls async-signal-safe functions before exec or _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(spawn_err(std::io::Error::last_os_error().to_string()));
+        }
+        if pid == 0 {
+            // Child.
+            // SAFETY: async-signal-safe calls only; every path ends in exec or _exit.
+            unsafe {
+                use std::os::fd::AsRawFd as _;
+                libc::close(gate_w.as_raw_fd());
+                libc::close(status_r.as_raw_fd());
+                let mut b = [0u8; 1];
+                if libc::read(gate_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) != 1 {
+                    libc::_exit(127);
+                }
+                libc::fcntl(status_w.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+                if let Some((uid, gid)) = drop_to {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        let errno = *libc::__errno_location();
+                        libc::write(status_w.as_raw_fd(), (&errno as *const i32).cast(), 4);
+                        libc::_exit(127);
+                    }
+                }
+                libc::execv(c_program.as_ptr(), c_argv.as_ptr());
+                let errno = *libc::__errno_location();
+                libc::write(status_w.as_raw_fd(), (&errno as *const i32).cast(), 4);
+                libc::_exit(127);
+            }
+        }
+        drop(gate_r);
+        drop(status_w);
+        Ok(Launched {
+            pid: pid as u32,
+            gate: Some(fs::File::from(gate_w)),
+            status: Some(fs::File::from(status_r)),
+        })
+    }
+
+    /// Lets the child exec; returns the exec error, if any.
+    pub fn release(&mut self) -> Result<()> {
+        if let Some(mut gate) = self.gate.take() {
+            let _ = gate.write_all(&[1]);
+        }
+        let mut buf = Vec::new();
+        if let Some(mut status) = self.status.take() {
+            let _ = status.read_to_end(&mut buf);
+        }
+        if buf.len() >= 4 {
+            let errno = i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            return Err(Error::Spawn {
+                command: format!("pid {}", self.pid),
+                reason: std::io::Error::from_raw_os_error(errno).to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        // Closing the gate unreleased makes the child _exit(127) instead of running.
+        self.gate.take();
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: plain syscall with a valid out-array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The invoking user's ids when bridge-trace runs as root through sudo.
+fn sudo_ids() -> Option<(libc::uid_t, libc::gid_t)> {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let uid = std::env::var("SUDO_UID").ok()?.parse().ok()?;
+    let gid = std::env::var("SUDO_GID").ok()?.parse().ok()?;
+    if uid == 0 {
+        return None;
+    }
+    Some((uid, gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines() {
+        let text = "\
+55d0c0a00000-55d0c0a02000 r--p 00000000 fe:01 1234  /usr/bin/demo
+55d0c0a02000-55d0c0a05000 r-xp 00002000 fe:01 1234  /usr/bin/demo
+7f0000000000-7f0000021000 rw-p 00000000 00:00 0 
+7f1000000000-7f1000150000 r-xp 00028000 08:02 98765 /usr/lib/x86_64-linux-gnu/libc.so.6
+7ffd0000000-7ffd0021000 rw-p 00000000 00:00 0                          [stack]
+7f2000000000-7f2000001000 r-xp 00001000 08:02 555 /tmp/lib with space.so (deleted)
+garbage line
+";
+        let maps = parse_maps(text);
+        assert_eq!(maps.len(), 4);
+        assert_eq!(maps[1].start, 0x55d0c0a02000);
+        assert_eq!(maps[1].offset, 0x2000);
+        assert!(maps[1].executable);
+        assert!(!maps[0].executable);
+        assert_eq!(maps[2].path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!(maps[3].path, "/tmp/lib with space.so");
+        assert!(is_libc_name(&maps[2].path));
+    }
+
+    #[test]
+    fn finds_own_libc() {
+        let pid = std::process::id();
+        let maps = read_maps(pid).unwrap();
+        let a = find_allocator(pid, &maps).unwrap();
+        assert!(a.path.contains("libc"), "{a:?}");
+        for s in [
+            "malloc",
+            "free",
+            "calloc",
+            "realloc",
+            "posix_memalign",
+            "_exit",
+        ] {
+            assert!(
+                a.symbols.iter().any(|x| x == s),
+                "{s} missing from {:?}",
+                a.symbols
+            );
+        }
+    }
+
+    #[test]
+    fn missing_pid() {
+        assert!(matches!(
+            inspect_pid(u32::MAX - 1),
+            Err(Error::NoSuchProcess(_))
+        ));
+    }
+}
