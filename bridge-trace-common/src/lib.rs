@@ -94,9 +94,12 @@ pub enum Counter {
     ReadFaults = 10,
     /// Times the target was held at `_exit` (launched targets only) so its maps could be read.
     ExitStops = 11,
+    /// In-flight entries found stale (their return probe never ran, e.g. the kernel skipped it
+    /// while another BPF program ran on the CPU): that allocation was not recorded.
+    LostReturns = 12,
 }
 
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 13;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -112,6 +115,7 @@ impl Counter {
         Counter::OrphanReturns,
         Counter::ReadFaults,
         Counter::ExitStops,
+        Counter::LostReturns,
     ];
 }
 

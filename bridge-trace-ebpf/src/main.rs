@@ -96,7 +96,10 @@ fn live_outer_call(tid: u32, sp: u64) -> Option<*mut InFlight> {
     let p = INFLIGHT.get_ptr_mut(tid)?;
     // SAFETY: pointer from a successful map lookup.
     let outer_sp = unsafe { (*p).sp };
-    if outer_sp > sp && outer_sp - sp < NESTING_WINDOW {
+    // Equal stack pointers: the outer call tail-called this one (glibc's reallocarray jumps to
+    // realloc, aligned_alloc to malloc); its return address on the stack is already the outer
+    // call's uretprobe trampoline, so the outer call's stack and return are the ones to keep.
+    if outer_sp >= sp && outer_sp - sp < NESTING_WINDOW {
         Some(p)
     } else {
         None
@@ -185,6 +188,10 @@ fn alloc_enter(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -> 
         unsafe { (*outer).depth += 1 };
         count(Counter::Nested);
         return 0;
+    }
+    if INFLIGHT.get_ptr(tid).is_some() {
+        // An entry that is not an outer call: its return never ran, its allocation is lost.
+        count(Counter::LostReturns);
     }
     let stack = capture_stack(tgid, sp, regs.rbp);
     let call = InFlight {

@@ -80,6 +80,13 @@ impl Report {
                 c.inflight_full
             ));
         }
+        if c.lost_returns > 0 {
+            out.push(format!(
+                "{} allocations were missed (their return probe did not run): totals are lower \
+                 bounds",
+                c.lost_returns
+            ));
+        }
         if c.stack_failures > 0 {
             out.push(format!(
                 "{} allocations have only their direct caller (stack not stored)",

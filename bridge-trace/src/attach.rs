@@ -70,7 +70,7 @@ pub struct Knobs {
 /// The loaded and attached eBPF object. Maps are read through [`crate::collect`].
 pub struct Tracer {
     pub(crate) ebpf: Ebpf,
-    /// Symbols actually probed.
+    /// Symbols actually probed (an alias shows as `alias=symbol`).
     pub attached: Vec<&'static str>,
 }
 
@@ -157,8 +157,18 @@ impl Tracer {
                 attached.push(p.symbol);
             }
         }
+        for (alias, target) in &allocator.aliases {
+            if attached.iter().any(|a| a == target) {
+                attached.push(leak_alias(alias, target));
+            }
+        }
         Ok(Tracer { ebpf, attached })
     }
+}
+
+/// A label for an alias, kept for the tracer's lifetime (a handful per run).
+fn leak_alias(alias: &str, target: &str) -> &'static str {
+    Box::leak(format!("{alias}={target}").into_boxed_str())
 }
 
 fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Result<()> {

@@ -56,7 +56,7 @@ pub struct RecordArgs {
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
     /// Do not print the live status line.
-    #[arg(long)]
+    #[arg(long, short = 'q')]
     pub quiet: bool,
     /// Program to launch and trace until it exits (everything after `--`).
     #[arg(last = true, value_name = "CMD")]

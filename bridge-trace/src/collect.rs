@@ -52,6 +52,9 @@ pub struct Counters {
     pub read_faults: u64,
     #[serde(default)]
     pub exit_stops: u64,
+    /// Allocator calls whose return probe never ran (the allocation was not recorded).
+    #[serde(default)]
+    pub lost_returns: u64,
 }
 
 impl Counters {
@@ -69,13 +72,14 @@ impl Counters {
             Counter::OrphanReturns => &mut self.orphan_returns,
             Counter::ReadFaults => &mut self.read_faults,
             Counter::ExitStops => &mut self.exit_stops,
+            Counter::LostReturns => &mut self.lost_returns,
         };
         *slot = v;
     }
 
     /// Events whose loss makes the reported totals lower bounds.
     pub fn lossy(&self) -> bool {
-        self.map_full_drops + self.inflight_full > 0
+        self.map_full_drops + self.inflight_full + self.lost_returns > 0
     }
 }
 

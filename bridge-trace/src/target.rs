@@ -99,8 +99,10 @@ pub struct Allocator {
     pub path: String,
     /// The same file, reachable from here (through /proc/PID/root when the process is known).
     pub host_path: PathBuf,
-    /// Entry points this object exports, by name.
+    /// Entry points this object exports, by name, aliases left out.
     pub symbols: Vec<String>,
+    /// (alias, the entry point it is): traced through the latter's probes.
+    pub aliases: Vec<(String, String)>,
 }
 
 /// Every allocator entry point bridge-trace probes, plus `_exit`.
@@ -120,29 +122,43 @@ pub const ALLOCATOR_SYMBOLS: [&str; 11] = [
 
 /// Names of `ALLOCATOR_SYMBOLS` that `file` defines (dynamic or static symbol table).
 pub fn exported_allocator_symbols(file: &Path) -> Vec<String> {
+    allocator_symbols(file).0
+}
+
+/// The `ALLOCATOR_SYMBOLS` that `file` defines, in table order, without aliases; and the
+/// aliases as (alias, symbol it aliases). glibc's `aligned_alloc` is `memalign`: probing both
+/// would run two programs on every call.
+pub fn allocator_symbols(file: &Path) -> (Vec<String>, Vec<(String, String)>) {
     let Ok(data) = fs::read(file) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let Ok(obj) = object::File::parse(&*data) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
-    let mut found: Vec<String> = obj
+    let mut addresses: Vec<(usize, u64)> = obj
         .dynamic_symbols()
         .chain(obj.symbols())
         .filter(|s| s.is_definition())
-        .filter_map(|s| s.name().ok())
-        .filter_map(|n| {
+        .filter_map(|s| {
+            let n = s.name().ok()?;
             // Versioned dynamic names look like "malloc@@GLIBC_2.2.5".
             let base = n.split('@').next().unwrap_or(n);
-            ALLOCATOR_SYMBOLS
-                .iter()
-                .find(|s| **s == base)
-                .map(|s| s.to_string())
+            let index = ALLOCATOR_SYMBOLS.iter().position(|s| *s == base)?;
+            Some((index, s.address()))
         })
         .collect();
-    found.sort();
-    found.dedup();
-    found
+    addresses.sort();
+    addresses.dedup_by_key(|(index, _)| *index);
+    let mut symbols = Vec::new();
+    let mut aliases = Vec::new();
+    for (k, &(index, addr)) in addresses.iter().enumerate() {
+        let name = ALLOCATOR_SYMBOLS[index].to_string();
+        match addresses[..k].iter().find(|(_, a)| *a == addr) {
+            Some(&(first, _)) => aliases.push((name, ALLOCATOR_SYMBOLS[first].to_string())),
+            None => symbols.push(name),
+        }
+    }
+    (symbols, aliases)
 }
 
 fn is_libc_name(path: &str) -> bool {
@@ -169,12 +185,13 @@ pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Result<Allocator> {
     }
     for path in &candidates {
         let host = host_path(pid, path);
-        let symbols = exported_allocator_symbols(&host);
+        let (symbols, aliases) = allocator_symbols(&host);
         if symbols.iter().any(|s| s == "malloc") && symbols.iter().any(|s| s == "free") {
             return Ok(Allocator {
                 path: path.to_string(),
                 host_path: host,
                 symbols,
+                aliases,
             });
         }
     }
@@ -225,12 +242,13 @@ pub fn allocator_for_command(program: &Path) -> Result<Allocator> {
     let dynamic = obj.section_by_name(".interp").is_some();
     drop(obj);
     if !dynamic {
-        let symbols = exported_allocator_symbols(program);
+        let (symbols, aliases) = allocator_symbols(program);
         if symbols.iter().any(|s| s == "malloc") && symbols.iter().any(|s| s == "free") {
             return Ok(Allocator {
                 path: program.display().to_string(),
                 host_path: program.to_path_buf(),
                 symbols,
+                aliases,
             });
         }
         return Err(Error::NoAllocator {
@@ -249,10 +267,12 @@ pub fn allocator_for_command(program: &Path) -> Result<Allocator> {
             pid: 0,
             searched: "bridge-trace's own maps (no libc)".into(),
         })?;
+    let (symbols, aliases) = allocator_symbols(Path::new(&libc.path));
     Ok(Allocator {
         path: libc.path.clone(),
         host_path: PathBuf::from(&libc.path),
-        symbols: exported_allocator_symbols(Path::new(&libc.path)),
+        symbols,
+        aliases,
     })
 }
 
