@@ -1,1 +1,641 @@
+//! Integration tests: the real `bridge-trace` binary, real eBPF (run as root), real fixture
+//! programs that write down what they leaked per call site; every assertion compares the report
+//! with that truth.
+//!
+//! The tests take a global lock: they load eBPF programs and one of them checks that none are
+//! left behind, and the machine has two cores.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock},
+    time::{Duration, Instant},
+};
 
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bridge-trace");
+const TMP: &str = env!("CARGO_TARGET_TMPDIR");
+
+fn lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn gcc(args: &[&str]) {
+    let out = Command::new("gcc")
+        .args(args)
+        .output()
+        .expect("gcc (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "gcc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds the fixtures once into the target's temporary directory.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(TMP).join("fixtures");
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = repo().join("tests/fixtures");
+        let s = |name: &str| src.join(name).to_str().unwrap().to_string();
+        let o = |name: &str| dir.join(name).to_str().unwrap().to_string();
+        // Frame pointers, and no tail calls, so each leak's direct caller is its call site.
+        let cc = |args: &[&str]| {
+            let mut all = vec![
+                "-O1",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-fno-optimize-sibling-calls",
+                "-Wno-alloc-size-larger-than",
+            ];
+            all.extend_from_slice(args);
+            gcc(&all);
+        };
+        let (shared, plugin, leaky) =
+            (o("libleaky_shared.so"), o("libleaky_plugin.so"), o("leaky"));
+        cc(&["-shared", "-fPIC", "-o", &shared, &s("libleaky_shared.c")]);
+        cc(&["-shared", "-fPIC", "-o", &plugin, &s("leaky_plugin.c")]);
+        let libdir = format!("-L{}", dir.display());
+        let leaky_src = s("leaky.c");
+        cc(&[
+            "-pthread",
+            "-o",
+            &leaky,
+            &leaky_src,
+            &libdir,
+            "-lleaky_shared",
+            "-ldl",
+            "-Wl,-rpath,$ORIGIN",
+        ]);
+        gcc(&[
+            "-static",
+            "-nostdlib",
+            "-O1",
+            "-o",
+            &o("noalloc"),
+            &s("noalloc.c"),
+        ]);
+        let demo_src = repo().join("demo/data-bridge.c");
+        cc(&[
+            "-pthread",
+            "-o",
+            &o("data-bridge"),
+            demo_src.to_str().unwrap(),
+        ]);
+        dir
+    })
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(TMP).join("runs").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn record(args: &[&str]) -> Output {
+    let out = Command::new(BIN)
+        .arg("record")
+        .arg("--quiet")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    out
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "bridge-trace failed: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// "site bytes count" lines written by a fixture.
+fn truth(path: &Path) -> BTreeMap<String, (u64, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].to_string(),
+                (f[1].parse().unwrap(), f[2].parse().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Bytes and counts per leaf function (the allocation's direct caller).
+fn by_leaf(report: &Value) -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    for s in report["stacks"].as_array().unwrap() {
+        let leaf = s["frames"]
+            .as_array()
+            .unwrap()
+            .last()
+            .and_then(|f| f["function"].as_str())
+            .unwrap_or("[unknown]")
+            .to_string();
+        let e = out.entry(leaf).or_insert((0, 0));
+        e.0 += s["bytes"].as_u64().unwrap();
+        e.1 += s["count"].as_u64().unwrap();
+    }
+    out
+}
+
+fn assert_matches_truth(report: &Value, truth: &BTreeMap<String, (u64, u64)>) {
+    let got = by_leaf(report);
+    for (site, want) in truth {
+        assert_eq!(
+            got.get(site),
+            Some(want),
+            "call site {site}: report has {:?}, the fixture leaked (bytes, count) {want:?}\nall: {got:#?}",
+            got.get(site)
+        );
+    }
+}
+
+fn counter(report: &Value, name: &str) -> u64 {
+    report["meta"]["counters"][name].as_u64().unwrap()
+}
+
+/// The frames of the stack whose leaf is `leaf`, root first.
+fn stack_of(report: &Value, leaf: &str) -> Vec<String> {
+    report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["function"].as_str().unwrap_or("[unknown]").to_string())
+                .collect::<Vec<_>>()
+        })
+        .find(|frames| frames.last().map(String::as_str) == Some(leaf))
+        .unwrap_or_else(|| panic!("no stack ends in {leaf}"))
+}
+
+#[test]
+fn launched_program_every_allocator_function_exact() {
+    let _g = lock();
+    let fx = fixtures();
+    let dir = scratch("all");
+    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
+    let out = record(&[
+        "-o",
+        out_json.to_str().unwrap(),
+        "--",
+        fx.join("leaky").to_str().unwrap(),
+        "all",
+        truth_path.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let report = json(&out_json);
+    let truth = truth(&truth_path);
+    assert_eq!(truth.len(), 13, "{truth:?}");
+    assert_matches_truth(&report, &truth);
+    let got = by_leaf(&report);
+    for churned in ["churn", "fail"] {
+        assert!(
+            !got.contains_key(churned),
+            "{churned} freed all it allocated: {got:#?}"
+        );
+    }
+    // malloc(huge), calloc overflow, posix_memalign(EINVAL), realloc(huge)
+    assert_eq!(counter(&report, "failed_allocs"), 4);
+    assert_eq!(counter(&report, "lost_returns"), 0);
+    assert_eq!(counter(&report, "map_full_drops"), 0);
+    assert_eq!(report["meta"]["target_exited"], true);
+    // The call chain through the shared library and the dlopen'ed plugin, root to leaf.
+    let shared = stack_of(&report, "shared_leak");
+    assert_eq!(
+        shared[shared.len() - 3..],
+        ["main", "all", "shared_leak"],
+        "{shared:?}"
+    );
+    let plugin = stack_of(&report, "plugin_leak");
+    assert_eq!(
+        plugin[plugin.len() - 3..],
+        ["main", "all", "plugin_leak"],
+        "{plugin:?}"
+    );
+    assert!(
+        report["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(
+                |s| s["frames"].as_array().unwrap().iter().any(|f| f["module"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with("libleaky_plugin.so"))
+            ),
+        "the plugin's frames name their module"
+    );
+}
+
+#[test]
+fn launched_program_many_threads_exact() {
+    let _g = lock();
+    let fx = fixtures();
+    let dir = scratch("threads");
+    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
+    let out = record(&[
+        "-o",
+        out_json.to_str().unwrap(),
+        "--",
+        fx.join("leaky").to_str().unwrap(),
+        "threads",
+        truth_path.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let report = json(&out_json);
+    assert_matches_truth(&report, &truth(&truth_path));
+    // Blocks allocated by the main thread and freed by other threads are gone from the report.
+    assert!(
+        !by_leaf(&report).contains_key("handoff_alloc"),
+        "{:#?}",
+        by_leaf(&report)
+    );
+}
+
+#[test]
+fn launched_program_leaving_through_underscore_exit() {
+    let _g = lock();
+    let fx = fixtures();
+    let dir = scratch("exit");
+    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
+    let out = record(&[
+        "-o",
+        out_json.to_str().unwrap(),
+        "--",
+        fx.join("leaky").to_str().unwrap(),
+        "exit",
+        truth_path.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let report = json(&out_json);
+    assert_matches_truth(&report, &truth(&truth_path));
+    let frames = stack_of(&report, "leak_malloc");
+    assert_eq!(
+        frames[frames.len() - 2..],
+        ["main", "leak_malloc"],
+        "{frames:?}"
+    );
+}
+
+#[test]
+fn min_age_keeps_only_old_allocations() {
+    let _g = lock();
+    let fx = fixtures();
+    let dir = scratch("age");
+    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
+    let out = record(&[
+        "--min-age",
+        "1s",
+        "-o",
+        out_json.to_str().unwrap(),
+        "--",
+        fx.join("leaky").to_str().unwrap(),
+        "age",
+        truth_path.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let report = json(&out_json);
+    assert_matches_truth(&report, &truth(&truth_path));
+    let got = by_leaf(&report);
+    assert!(!got.contains_key("leak_young"), "{got:#?}");
+    assert!(report["meta"]["younger_than_min_age"].as_u64().unwrap() >= 1);
+}
+
+/// Starts the `wait` fixture and returns it once it has allocated its early blocks.
+fn start_waiting_fixture(truth_path: &Path) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(fixtures().join("leaky"))
+        .args(["wait", truth_path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    (child, stdout)
+}
+
+/// Starts `bridge-trace record` and waits for its "tracing" line (probes attached).
+fn start_tracer(args: &[&str]) -> (Child, BufReader<std::process::ChildStderr>) {
+    let mut tracer = Command::new(BIN)
+        .arg("record")
+        .arg("--quiet")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(tracer.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("tracing"), "unexpected first line: {line}");
+    (tracer, stderr)
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+#[test]
+fn attach_to_running_process_by_pid() {
+    let _g = lock();
+    let dir = scratch("pid");
+    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
+    let (mut fixture, mut fixture_out) = start_waiting_fixture(&truth_path);
+    let pid = fixture.id().to_string();
+    let (tracer, _stderr) = start_tracer(&[
+        "--pid",
+        &pid,
+        "--duration",
+        "3s",
+        "-o",
+        out_json.to_str().unwrap(),
+    ]);
+    signal(&fixture, libc::SIGUSR1);
+    let mut line = String::new();
+    fixture_out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "leaked");
+    let out = tracer.wait_with_output().unwrap();
+    assert_ok(&out);
+    // The traced process is unharmed and still running after the tracer detached.
+    assert!(fixture.try_wait().unwrap().is_none(), "the fixture died");
+    signal(&fixture, libc::SIGTERM);
+    let status = fixture.wait().unwrap();
+    assert!(status.success(), "fixture: {status:?}");
+
+    let report = json(&out_json);
+    assert_matches_truth(&report, &truth(&truth_path));
+    let got = by_leaf(&report);
+    assert!(
+        !got.contains_key("early_alloc"),
+        "allocated before attaching: {got:#?}"
+    );
+    // The 50 early blocks were freed while traced: frees of memory allocated before attaching.
+    assert!(
+        counter(&report, "unknown_frees") >= 50,
+        "{}",
+        report["meta"]
+    );
+    assert_eq!(report["meta"]["target_exited"], false);
+}
+
+#[test]
+fn demo_leak_site_tops_the_report() {
+    let _g = lock();
+    let fx = fixtures();
+    let dir = scratch("demo");
+    let truth_path = dir.join("truth");
+    let (svg, folded, json_path, text) = (
+        dir.join("l.svg"),
+        dir.join("l.folded"),
+        dir.join("l.json"),
+        dir.join("l.txt"),
+    );
+    let out = record(&[
+        "-o",
+        svg.to_str().unwrap(),
+        "-o",
+        folded.to_str().unwrap(),
+        "-o",
+        json_path.to_str().unwrap(),
+        "-o",
+        text.to_str().unwrap(),
+        "--",
+        fx.join("data-bridge").to_str().unwrap(),
+        "--messages",
+        "5000",
+        "--rate",
+        "0",
+        "--truth",
+        truth_path.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let truth = truth(&truth_path);
+    let (bytes, count) = truth["reject_message"];
+    assert!(count >= 100);
+    let report = json(&json_path);
+    let top = &report["stacks"][0];
+    assert_eq!(top["bytes"].as_u64().unwrap(), bytes);
+    assert_eq!(top["count"].as_u64().unwrap(), count);
+    let frames = stack_of(&report, "reject_message");
+    assert_eq!(
+        frames[frames.len() - 3..],
+        ["consumer", "handle_message", "reject_message"]
+    );
+    let folded = std::fs::read_to_string(&folded).unwrap();
+    assert!(
+        folded
+            .lines()
+            .any(|l| l.ends_with(&format!(";handle_message;reject_message {bytes}"))),
+        "{folded}"
+    );
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<?xml") && svg.contains("reject_message") && svg.contains("bytes"));
+    let text = std::fs::read_to_string(&text).unwrap();
+    assert!(text.contains(&format!("#1 {bytes} bytes")), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("reject_message"), "{stdout}");
+}
+
+#[test]
+fn no_probe_left_after_the_tracer_is_killed() {
+    let _g = lock();
+    let dir = scratch("sigkill");
+    let truth_path = dir.join("truth");
+    let out_svg = dir.join("r.svg");
+    let (mut fixture, mut fixture_out) = start_waiting_fixture(&truth_path);
+    let pid = fixture.id().to_string();
+    let (mut tracer, _stderr) = start_tracer(&["--pid", &pid, "-o", out_svg.to_str().unwrap()]);
+    assert!(
+        our_programs_loaded(),
+        "bpftool should see the probes while tracing"
+    );
+    tracer.kill().unwrap(); // SIGKILL
+    tracer.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while our_programs_loaded() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!our_programs_loaded(), "probes left behind after SIGKILL");
+    assert!(
+        !out_svg.exists(),
+        "no report from a killed tracer, and no partial one"
+    );
+    // The target keeps running, unharmed, and still allocates and frees normally.
+    signal(&fixture, libc::SIGUSR1);
+    let mut line = String::new();
+    fixture_out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "leaked");
+    signal(&fixture, libc::SIGTERM);
+    assert!(fixture.wait().unwrap().success());
+}
+
+/// Whether the kernel has any of bridge-trace's programs loaded (its own view, via bpftool).
+fn our_programs_loaded() -> bool {
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.contains("name malloc_enter") || text.contains("name free_enter")
+}
+
+// ---- errors: one line, documented exit code, no output file ----
+
+fn assert_error(args: &[&str], exit: i32, needle: &str, output: &Path) {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(exit), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: expected '{needle}' in: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.lines().count() <= 2, "not one clear line: {stderr}");
+    assert!(!output.exists(), "{} was written", output.display());
+    let leftovers: Vec<_> = output
+        .parent()
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
+#[test]
+fn errors_are_one_line_with_no_output_file() {
+    let _g = lock();
+    let fx = fixtures();
+    let dir = scratch("errors");
+    let out = dir.join("out.svg");
+    let o = out.to_str().unwrap();
+    assert_error(
+        &["record", "--pid", "2147483647", "-o", o],
+        4,
+        "no process with PID 2147483647",
+        &out,
+    );
+    assert_error(&["record", "--pid", "2", "-o", o], 4, "kernel thread", &out);
+    assert_error(
+        &["record", "--pid", "1", "--duration", "abc", "-o", o],
+        2,
+        "invalid duration 'abc'",
+        &out,
+    );
+    assert_error(
+        &["record", "--pid", "1", "--min-age=-5", "-o", o],
+        2,
+        "invalid duration",
+        &out,
+    );
+    assert_error(
+        &["record", "--pid", "1", "-o", "/nonexistent-dir/x.svg"],
+        2,
+        "does not exist",
+        &out,
+    );
+    assert_error(
+        &[
+            "record",
+            "--pid",
+            "1",
+            "-o",
+            dir.to_str().unwrap(),
+            "-f",
+            "svg",
+        ],
+        2,
+        "is a directory",
+        &out,
+    );
+    assert_error(
+        &["record", "--pid", "1", "-o", o, "--", "true"],
+        2,
+        "not both",
+        &out,
+    );
+    assert_error(&["record", "-o", o], 2, "nothing to trace", &out);
+    assert_error(
+        &["record", "-o", o, "--", "/nonexistent/program"],
+        4,
+        "no such file",
+        &out,
+    );
+    assert_error(
+        &["record", "-o", o, "--", "/etc/hostname"],
+        4,
+        "not an ELF",
+        &out,
+    );
+
+    // A static binary with no allocator at all.
+    let mut noalloc = Command::new(fx.join("noalloc")).spawn().unwrap();
+    let pid = noalloc.id().to_string();
+    assert_error(
+        &["record", "--pid", &pid, "-o", o],
+        4,
+        "no allocator found",
+        &out,
+    );
+    noalloc.kill().unwrap();
+    noalloc.wait().unwrap();
+
+    // Not root: the same command as an unprivileged user.
+    let status = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args([
+            BIN,
+            "record",
+            "--pid",
+            "1",
+            "-o",
+            "/tmp/bridge-trace-not-root.svg",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("not permitted") && stderr.contains("CAP_BPF"),
+        "{stderr}"
+    );
+    assert!(!Path::new("/tmp/bridge-trace-not-root.svg").exists());
+}

@@ -1,1 +1,302 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | demo | test`.
+//!
+//! `setup` installs, idempotently, what building and testing need on a fresh machine: rust-src
+//! for the nightly toolchain, bpf-linker linked against the nightly toolchain's own LLVM (the
+//! system llvm-config is too old), and the Debian packages (a C compiler for the demo and the
+//! fixtures, libc debug symbols, bpftool). `demo` and `test` run it first.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain pieces and packages the project needs (idempotent).
+    Setup,
+    /// Build, launch the bundled data-bridge demo under `bridge-trace record`, write leaks.svg.
+    Demo {
+        /// Messages the demo moves before it shuts down.
+        #[arg(long, default_value_t = 20_000)]
+        messages: u64,
+    },
+    /// Run every test, unit and integration, with real eBPF.
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const APT_PACKAGES: &[&str] = &["gcc", "libc6-dev", "libc6-dbg", "bpftool", "util-linux"];
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Demo { messages } => {
+            setup()?;
+            demo(messages)
+        }
+        Task::Test { args } => {
+            setup()?;
+            test(&args)
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    apt_packages()?;
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("the nightly toolchain is needed to build the eBPF object")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"))
+}
+
+/// bpf-linker, linked against the nightly toolchain's own libLLVM.
+fn bpf_linker() -> Result<()> {
+    let bin = cargo_home().join("bin/bpf-linker");
+    if let Ok(v) = output(Command::new(&bin).arg("--version")) {
+        if v.trim() == format!("bpf-linker {BPF_LINKER_VERSION}") {
+            return Ok(());
+        }
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib_dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", lib_dir.display()))?;
+    // "libLLVM.so.22.1-rust-1.97.0-nightly" → 22
+    let major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let prefix = PathBuf::from(env::var_os("HOME").unwrap_or_default())
+        .join(".cache/bridge-trace/llvm")
+        .join(&llvm);
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    let copy = prefix_lib.join(&llvm);
+    if !copy.exists() {
+        std::fs::copy(lib_dir.join(&llvm), &copy)?;
+    }
+    let link = prefix_lib.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link)?;
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about a minute)"
+    );
+    run(Command::new("cargo").env("LLVM_PREFIX", &prefix).args([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--locked",
+        "--force",
+        "--no-default-features",
+        "--features",
+        &format!("llvm-{major}"),
+    ]))
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    let sudo = !is_root();
+    let apt = |args: &[&str]| {
+        let mut c = if sudo {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        } else {
+            Command::new("apt-get")
+        };
+        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        c
+    };
+    run(&mut apt(&["update", "-qq"]))?;
+    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    install.args(&missing);
+    run(&mut install)
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u"))
+        .map(|s| s.trim() == "0")
+        .unwrap_or(false)
+}
+
+fn demo(messages: u64) -> Result<()> {
+    let root = root();
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "bridge-trace",
+    ]))?;
+    let demo_dir = root.join("target/demo");
+    std::fs::create_dir_all(&demo_dir)?;
+    let demo_bin = demo_dir.join("data-bridge");
+    run(Command::new("gcc")
+        .args([
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fno-optimize-sibling-calls",
+            "-pthread",
+            "-o",
+        ])
+        .arg(&demo_bin)
+        .arg(root.join("demo/data-bridge.c")))?;
+    let truth = demo_dir.join("truth.txt");
+    let _ = std::fs::remove_file(&truth);
+    let tracer = root.join("target/release/bridge-trace");
+    let mut cmd = if is_root() {
+        Command::new(&tracer)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(&tracer);
+        c
+    };
+    cmd.current_dir(&root)
+        .args([
+            "record",
+            "--quiet",
+            "-o",
+            "leaks.svg",
+            "-o",
+            "leaks.folded",
+            "-o",
+            "leaks.txt",
+            "-o",
+            "leaks.json",
+            "--",
+        ])
+        .arg(&demo_bin)
+        .args([
+            "--messages",
+            &messages.to_string(),
+            "--rate",
+            "4000",
+            "--truth",
+        ])
+        .arg(&truth);
+    eprintln!("demo: recording the data bridge ({messages} messages at 4000/s)");
+    run(&mut cmd)?;
+
+    // Compare with what the demo says it leaked.
+    let truth_text = std::fs::read_to_string(&truth).context("the demo wrote no truth file")?;
+    let mut fields = truth_text.split_whitespace();
+    let (site, bytes) = (
+        fields.next().unwrap_or_default().to_string(),
+        fields.next().unwrap_or_default().parse::<u64>()?,
+    );
+    let folded = std::fs::read_to_string(root.join("leaks.folded"))?;
+    let mut by_leaf: std::collections::BTreeMap<String, u64> = Default::default();
+    for line in folded.lines() {
+        let Some((stack, n)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let leaf = stack.rsplit(';').next().unwrap_or(stack).to_string();
+        *by_leaf.entry(leaf).or_default() += n.parse::<u64>()?;
+    }
+    let widest = by_leaf
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(l, n)| (l.clone(), *n))
+        .unwrap_or_default();
+    println!();
+    println!("demo: the data bridge says it leaked {bytes} bytes at {site}");
+    println!(
+        "demo: widest leaf of the flamegraph: {} with {} bytes",
+        widest.0, widest.1
+    );
+    println!("demo: open {}", root.join("leaks.svg").display());
+    if widest != (site.clone(), bytes) {
+        bail!("the flamegraph's widest leaf does not match the demo's own account");
+    }
+    println!("demo: they match.");
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let root = root();
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["test", "--workspace", "--exclude", "bridge-trace-ebpf"])
+        .args(args))
+}

@@ -1,0 +1,168 @@
+//! Golden files for the renderers: a fixed report rendered in every format must match
+//! `tests/data/report.*` byte for byte. After an intended change, re-bless them with
+//! `BLESS=1 cargo xtask test -- --test golden` and review the diff.
+use std::path::{Path, PathBuf};
+
+use bridge_trace::{
+    aggregate::{Meta, Report, StackReport, REPORT_VERSION},
+    cli::Format,
+    collect::Counters,
+    report::{render_to_vec, RenderOptions},
+    symbolize::Frame,
+};
+
+fn frame(function: &str, module: &str, offset: u64, file: &str, line: u32) -> Frame {
+    Frame {
+        function: Some(function.into()),
+        module: Some(module.into()),
+        offset: Some(offset),
+        file: Some(file.into()),
+        line: Some(line),
+        inlined: false,
+    }
+}
+
+/// A report as the data-bridge demo produces it, with every kind of frame.
+fn fixed_report() -> Report {
+    let exe = "/srv/data-bridge";
+    let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+    let root = vec![
+        frame(
+            "__clone3",
+            libc,
+            0x1277f0,
+            "../sysdeps/unix/sysv/linux/x86_64/clone3.S",
+            81,
+        ),
+        frame(
+            "start_thread",
+            libc,
+            0x8a3b1,
+            "./nptl/pthread_create.c",
+            444,
+        ),
+    ];
+    let mut inlined = frame(
+        "std::vec::Vec<T>::push",
+        exe,
+        0x1f20,
+        "alloc/src/vec/mod.rs",
+        1825,
+    );
+    inlined.inlined = true;
+    let stacks = vec![
+        StackReport {
+            bytes: 844_651,
+            count: 400,
+            oldest_age_secs: 4.5,
+            frames: [
+                root.clone(),
+                vec![
+                    frame("consumer", exe, 0x1aa1, "demo/data-bridge.c", 220),
+                    frame("handle_message", exe, 0x1a31, "demo/data-bridge.c", 208),
+                    frame("reject_message", exe, 0x1981, "demo/data-bridge.c", 193),
+                ],
+            ]
+            .concat(),
+            truncated: false,
+            partial: false,
+        },
+        StackReport {
+            bytes: 4096,
+            count: 2,
+            oldest_age_secs: 5.0,
+            frames: [
+                root.clone(),
+                vec![
+                    frame("producer", exe, 0x1c00, "demo/data-bridge.c", 231),
+                    frame("route_table::insert", exe, 0x1e00, "demo/routes.rs", 12),
+                    inlined,
+                ],
+            ]
+            .concat(),
+            truncated: true,
+            partial: false,
+        },
+        StackReport {
+            bytes: 24,
+            count: 1,
+            oldest_age_secs: 0.25,
+            frames: vec![Frame::unknown(Some(exe.into()), Some(0x4242))],
+            truncated: false,
+            partial: true,
+        },
+    ];
+    Report {
+        meta: Meta {
+            version: REPORT_VERSION,
+            target: "data-bridge --messages 20000".into(),
+            pid: 4242,
+            duration_secs: 5.25,
+            target_exited: true,
+            min_age_secs: None,
+            allocator: libc.into(),
+            counters: Counters {
+                allocs: 241_888,
+                frees: 241_486,
+                unknown_frees: 7,
+                stack_failures: 1,
+                exit_stops: 1,
+                ..Counters::default()
+            },
+            younger_than_min_age: 0,
+        },
+        stacks,
+    }
+}
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
+}
+
+fn check(format: Format, name: &str) {
+    let got = render_to_vec(&fixed_report(), format, RenderOptions::default()).unwrap();
+    let path = data_dir().join(name);
+    if std::env::var_os("BLESS").is_some() {
+        std::fs::write(&path, &got).unwrap();
+        return;
+    }
+    let want = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (BLESS=1 creates it)", path.display()));
+    if got != want {
+        let fresh = path.with_extension("new");
+        std::fs::write(&fresh, &got).unwrap();
+        panic!(
+            "{} differs from the golden file; the new output is in {}",
+            name,
+            fresh.display()
+        );
+    }
+}
+
+#[test]
+fn folded() {
+    check(Format::Folded, "report.folded");
+}
+
+#[test]
+fn svg() {
+    check(Format::Svg, "report.svg");
+}
+
+#[test]
+fn json() {
+    check(Format::Json, "report.json");
+}
+
+#[test]
+fn text() {
+    check(Format::Text, "report.txt");
+}
+
+#[test]
+fn json_round_trips() {
+    let r = fixed_report();
+    let bytes = render_to_vec(&r, Format::Json, RenderOptions::default()).unwrap();
+    let back: Report = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(back, r);
+}
