@@ -34,27 +34,29 @@ const fn probe(program: &'static str, symbol: &'static str, required: bool) -> P
     }
 }
 
-/// Every probe bridge-trace attaches. Entry programs read the arguments and capture the stack;
-/// `alloc_return` (one program for all allocation functions) records the result.
+/// Every probe bridge-trace attaches, in attach order. Entry programs read the arguments and
+/// capture the stack; `alloc_return` (one program for all allocation functions) records the
+/// result. Each return probe is attached before its entry probe, so that no call is seen
+/// entering without being seen returning.
 pub const PROBES: &[Probe] = &[
-    probe("malloc_enter", "malloc", true),
     probe("alloc_return", "malloc", true),
-    probe("calloc_enter", "calloc", false),
+    probe("malloc_enter", "malloc", true),
     probe("alloc_return", "calloc", false),
-    probe("realloc_enter", "realloc", false),
+    probe("calloc_enter", "calloc", false),
     probe("alloc_return", "realloc", false),
-    probe("reallocarray_enter", "reallocarray", false),
+    probe("realloc_enter", "realloc", false),
     probe("alloc_return", "reallocarray", false),
-    probe("posix_memalign_enter", "posix_memalign", false),
+    probe("reallocarray_enter", "reallocarray", false),
     probe("alloc_return", "posix_memalign", false),
-    probe("aligned_alloc_enter", "aligned_alloc", false),
+    probe("posix_memalign_enter", "posix_memalign", false),
     probe("alloc_return", "aligned_alloc", false),
-    probe("memalign_enter", "memalign", false),
+    probe("aligned_alloc_enter", "aligned_alloc", false),
     probe("alloc_return", "memalign", false),
-    probe("valloc_enter", "valloc", false),
+    probe("memalign_enter", "memalign", false),
     probe("alloc_return", "valloc", false),
-    probe("pvalloc_enter", "pvalloc", false),
+    probe("valloc_enter", "valloc", false),
     probe("alloc_return", "pvalloc", false),
+    probe("pvalloc_enter", "pvalloc", false),
     probe("free_enter", "free", true),
     probe("exit_enter", "_exit", false),
 ];
