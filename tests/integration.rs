@@ -197,25 +197,39 @@ fn stack_of(report: &Value, leaf: &str) -> Vec<String> {
         .unwrap_or_else(|| panic!("no stack ends in {leaf}"))
 }
 
-#[test]
-fn launched_program_every_allocator_function_exact() {
-    let _g = lock();
+/// Launches `leaky MODE TRUTH` under `bridge-trace record [extra] -o r.json -- ...`, checks it
+/// succeeded, and returns the JSON report and the fixture's truth.
+fn record_fixture(mode: &str, extra: &[&str]) -> (Value, BTreeMap<String, (u64, u64)>) {
     let fx = fixtures();
-    let dir = scratch("all");
+    let dir = scratch(mode);
     let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
-    let out = record(&[
+    let mut args = extra.to_vec();
+    let leaky = fx.join("leaky");
+    args.extend([
         "-o",
         out_json.to_str().unwrap(),
         "--",
-        fx.join("leaky").to_str().unwrap(),
-        "all",
+        leaky.to_str().unwrap(),
+        mode,
         truth_path.to_str().unwrap(),
     ]);
+    let out = record(&args);
     assert_ok(&out);
     let report = json(&out_json);
     let truth = truth(&truth_path);
-    assert_eq!(truth.len(), 13, "{truth:?}");
     assert_matches_truth(&report, &truth);
+    (report, truth)
+}
+
+#[test]
+fn launched_program_every_allocator_function_exact() {
+    let _g = lock();
+    let (report, truth) = record_fixture("all", &[]);
+    assert_eq!(
+        truth.len(),
+        13,
+        "one site per allocator function, shared lib, plugin: {truth:?}"
+    );
     let got = by_leaf(&report);
     for churned in ["churn", "fail"] {
         assert!(
@@ -259,20 +273,7 @@ fn launched_program_every_allocator_function_exact() {
 #[test]
 fn launched_program_many_threads_exact() {
     let _g = lock();
-    let fx = fixtures();
-    let dir = scratch("threads");
-    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
-    let out = record(&[
-        "-o",
-        out_json.to_str().unwrap(),
-        "--",
-        fx.join("leaky").to_str().unwrap(),
-        "threads",
-        truth_path.to_str().unwrap(),
-    ]);
-    assert_ok(&out);
-    let report = json(&out_json);
-    assert_matches_truth(&report, &truth(&truth_path));
+    let (report, _truth) = record_fixture("threads", &[]);
     // Blocks allocated by the main thread and freed by other threads are gone from the report.
     assert!(
         !by_leaf(&report).contains_key("handoff_alloc"),
@@ -284,20 +285,7 @@ fn launched_program_many_threads_exact() {
 #[test]
 fn launched_program_leaving_through_underscore_exit() {
     let _g = lock();
-    let fx = fixtures();
-    let dir = scratch("exit");
-    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
-    let out = record(&[
-        "-o",
-        out_json.to_str().unwrap(),
-        "--",
-        fx.join("leaky").to_str().unwrap(),
-        "exit",
-        truth_path.to_str().unwrap(),
-    ]);
-    assert_ok(&out);
-    let report = json(&out_json);
-    assert_matches_truth(&report, &truth(&truth_path));
+    let (report, _truth) = record_fixture("exit", &[]);
     let frames = stack_of(&report, "leak_malloc");
     assert_eq!(
         frames[frames.len() - 2..],
@@ -309,22 +297,7 @@ fn launched_program_leaving_through_underscore_exit() {
 #[test]
 fn min_age_keeps_only_old_allocations() {
     let _g = lock();
-    let fx = fixtures();
-    let dir = scratch("age");
-    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
-    let out = record(&[
-        "--min-age",
-        "1s",
-        "-o",
-        out_json.to_str().unwrap(),
-        "--",
-        fx.join("leaky").to_str().unwrap(),
-        "age",
-        truth_path.to_str().unwrap(),
-    ]);
-    assert_ok(&out);
-    let report = json(&out_json);
-    assert_matches_truth(&report, &truth(&truth_path));
+    let (report, _truth) = record_fixture("age", &["--min-age", "1s"]);
     let got = by_leaf(&report);
     assert!(!got.contains_key("leak_young"), "{got:#?}");
     assert!(report["meta"]["younger_than_min_age"].as_u64().unwrap() >= 1);
