@@ -294,9 +294,42 @@ fn demo(messages: u64) -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
     let root = root();
-    run(Command::new("cargo")
+    let mut child = Command::new("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--exclude", "bridge-trace-ebpf"])
-        .args(args))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    // Pass the output through, adding up every test binary's "test result:" line.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.trim_start_matches("ok. ").parse().unwrap_or(0);
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
