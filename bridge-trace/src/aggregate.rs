@@ -87,6 +87,13 @@ impl Report {
                 c.lost_returns
             ));
         }
+        if c.missed_probe_runs > 0 {
+            out.push(format!(
+                "{} probe runs were skipped by the kernel (another BPF program was running on \
+                 that CPU): up to that many allocations or frees were not seen",
+                c.missed_probe_runs
+            ));
+        }
         if c.stack_failures > 0 {
             out.push(format!(
                 "{} allocations have only their direct caller (stack not stored)",

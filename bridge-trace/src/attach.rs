@@ -2,7 +2,7 @@
 //! one declarative table ([`PROBES`]) to the allocator object of one process. Dropping the
 //! [`Tracer`] detaches everything; the links are file descriptors, so the kernel also detaches
 //! them if bridge-trace is killed.
-use std::{num::NonZeroU32, path::Path};
+use std::{num::NonZeroU32, os::fd::AsFd as _, path::Path};
 
 use aya::{
     programs::{uprobe::UProbeScope, ProgramError, UProbe},
@@ -166,6 +166,54 @@ impl Tracer {
         }
         Ok(Tracer { ebpf, attached })
     }
+}
+
+impl Tracer {
+    /// Runs of our programs the kernel skipped because another BPF program was running on the
+    /// same CPU (its per-CPU recursion guard; uprobe programs are preemptible). Each is an event
+    /// bridge-trace did not see.
+    pub fn missed_runs(&self) -> u64 {
+        self.ebpf
+            .programs()
+            .filter_map(|(_, p)| p.fd().ok())
+            .map(|fd| {
+                let misses = recursion_misses(fd.as_fd());
+                if misses.is_none() {
+                    tracing::debug!("could not read a program's recursion_misses");
+                }
+                misses.unwrap_or(0)
+            })
+            .sum()
+    }
+}
+
+/// `bpf_prog_info.recursion_misses` of a loaded program (BPF_OBJ_GET_INFO_BY_FD).
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: bpf_prog_info is plain old data; all zeroes is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: &mut info as *mut _ as u64,
+    };
+    // SAFETY: the attribute points at a live, correctly sized out-struct.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoByFd,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    (r == 0).then_some(info.recursion_misses)
 }
 
 /// A label for an alias, kept for the tracer's lifetime (a handful per run).

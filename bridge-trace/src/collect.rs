@@ -55,6 +55,9 @@ pub struct Counters {
     /// Allocator calls whose return probe never ran (the allocation was not recorded).
     #[serde(default)]
     pub lost_returns: u64,
+    /// Probe runs the kernel skipped (another BPF program was running on that CPU).
+    #[serde(default)]
+    pub missed_probe_runs: u64,
 }
 
 impl Counters {
@@ -79,7 +82,7 @@ impl Counters {
 
     /// Events whose loss makes the reported totals lower bounds.
     pub fn lossy(&self) -> bool {
-        self.map_full_drops + self.inflight_full + self.lost_returns > 0
+        self.map_full_drops + self.inflight_full + self.lost_returns + self.missed_probe_runs > 0
     }
 }
 

@@ -278,6 +278,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     if let Ok(c) = collect::counters(&t.tracer) {
         snapshot.counters = c;
     }
+    snapshot.counters.missed_probe_runs = t.tracer.missed_runs();
     let attached_symbols = t.tracer.attached.clone();
     drop(t.tracer); // detach every probe before the (slow) symbolization
     if !exited {
