@@ -70,6 +70,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .tempfile_in(dir)
         .map_err(|e| out_err(e.to_string()))?;
     tmp.write_all(bytes).map_err(|e| out_err(e.to_string()))?;
+    // The temporary file is private (0600); a report is meant to be shared, like any new file.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| out_err(e.to_string()))?;
+    }
     tmp.as_file()
         .sync_all()
         .map_err(|e| out_err(e.to_string()))?;
@@ -117,6 +124,9 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1);
     }
