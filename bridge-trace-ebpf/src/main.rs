@@ -89,20 +89,31 @@ fn current_target() -> Option<(u32, u32)> {
     Some((tgid, pid_tgid as u32))
 }
 
-/// The in-flight entry of this thread, if it belongs to a call that is still running further
-/// up this stack (and is not a stale one left by a thread that died inside the allocator).
+/// What this thread's in-flight entry, if any, means for a call entering at `sp`.
+enum Pending {
+    /// No allocator call in progress on this thread.
+    None,
+    /// A call still running further up this stack: the new call is nested in it.
+    Outer(*mut InFlight),
+    /// An entry whose return never ran (a missed return probe, or a thread that died inside
+    /// the allocator): its allocation is lost.
+    Stale,
+}
+
 #[inline(always)]
-fn live_outer_call(tid: u32, sp: u64) -> Option<*mut InFlight> {
-    let p = INFLIGHT.get_ptr_mut(tid)?;
+fn pending_call(tid: u32, sp: u64) -> Pending {
+    let Some(p) = INFLIGHT.get_ptr_mut(tid) else {
+        return Pending::None;
+    };
     // SAFETY: pointer from a successful map lookup.
     let outer_sp = unsafe { (*p).sp };
     // Equal stack pointers: the outer call tail-called this one (glibc's reallocarray jumps to
     // realloc, aligned_alloc to malloc); its return address on the stack is already the outer
     // call's uretprobe trampoline, so the outer call's stack and return are the ones to keep.
     if outer_sp >= sp && outer_sp - sp < NESTING_WINDOW {
-        Some(p)
+        Pending::Outer(p)
     } else {
-        None
+        Pending::Stale
     }
 }
 
@@ -182,16 +193,17 @@ fn alloc_enter(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -> 
     // SAFETY: the context's registers are valid for the duration of the program.
     let regs = unsafe { &*ctx.regs };
     let sp = regs.rsp;
-    if let Some(outer) = live_outer_call(tid, sp) {
-        // e.g. glibc's memalign calling malloc: the outer call is the one the program made.
-        // SAFETY: pointer from a successful map lookup.
-        unsafe { (*outer).depth += 1 };
-        count(Counter::Nested);
-        return 0;
-    }
-    if INFLIGHT.get_ptr(tid).is_some() {
-        // An entry that is not an outer call: its return never ran, its allocation is lost.
-        count(Counter::LostReturns);
+    match pending_call(tid, sp) {
+        Pending::Outer(outer) => {
+            // e.g. glibc's memalign calling malloc: the outer call is the one the program made.
+            // SAFETY: pointer from a successful map lookup.
+            unsafe { (*outer).depth += 1 };
+            count(Counter::Nested);
+            return 0;
+        }
+        // Replaced below by this call's entry.
+        Pending::Stale => count(Counter::LostReturns),
+        Pending::None => {}
     }
     let stack = capture_stack(tgid, sp, regs.rbp);
     let call = InFlight {
@@ -440,7 +452,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     }
     // SAFETY: the context's registers are valid for the duration of the program.
     let sp = unsafe { (*ctx.regs).rsp };
-    if live_outer_call(tid, sp).is_some() {
+    if let Pending::Outer(_) = pending_call(tid, sp) {
         // A free made by realloc itself: its return probe accounts for the old block.
         count(Counter::Nested);
         return 0;
