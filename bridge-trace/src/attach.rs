@@ -73,7 +73,7 @@ pub struct Knobs {
 pub struct Tracer {
     pub(crate) ebpf: Ebpf,
     /// Symbols actually probed (an alias shows as `alias=symbol`).
-    pub attached: Vec<&'static str>,
+    pub attached: Vec<String>,
 }
 
 /// Fails with a clear message when the process lacks the privileges to trace.
@@ -143,7 +143,7 @@ impl Tracer {
             .map_err(|e| ebpf_err("loading the eBPF object", chain(&e)))?;
         let pid =
             NonZeroU32::new(knobs.tgid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
-        let mut attached = Vec::new();
+        let mut attached: Vec<String> = Vec::new();
         for p in PROBES {
             if !allocator.symbols.iter().any(|s| s == p.symbol) {
                 if p.required {
@@ -155,20 +155,18 @@ impl Tracer {
                 continue;
             }
             attach_one(&mut ebpf, p, &allocator.host_path, pid)?;
-            if !attached.contains(&p.symbol) {
-                attached.push(p.symbol);
+            if !attached.iter().any(|a| a == p.symbol) {
+                attached.push(p.symbol.to_string());
             }
         }
         for (alias, target) in &allocator.aliases {
             if attached.iter().any(|a| a == target) {
-                attached.push(leak_alias(alias, target));
+                attached.push(format!("{alias}={target}"));
             }
         }
         Ok(Tracer { ebpf, attached })
     }
-}
 
-impl Tracer {
     /// Runs of our programs the kernel skipped because another BPF program was running on the
     /// same CPU (its per-CPU recursion guard; uprobe programs are preemptible). Each is an event
     /// bridge-trace did not see.
@@ -214,11 +212,6 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
         )
     };
     (r == 0).then_some(info.recursion_misses)
-}
-
-/// A label for an alias, kept for the tracer's lifetime (a handful per run).
-fn leak_alias(alias: &str, target: &str) -> &'static str {
-    Box::leak(format!("{alias}={target}").into_boxed_str())
 }
 
 fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Result<()> {

@@ -120,12 +120,23 @@ pub const ALLOCATOR_SYMBOLS: [&str; 11] = [
     "_exit",
 ];
 
-/// Names of `ALLOCATOR_SYMBOLS` that `file` defines (dynamic or static symbol table).
-pub fn exported_allocator_symbols(file: &Path) -> Vec<String> {
-    allocator_symbols(file).0
+impl Allocator {
+    /// The allocator in the object at `path` (as the process sees it), read through
+    /// `host_path`: `None` unless it defines both `malloc` and `free`.
+    fn from_object(path: String, host_path: PathBuf) -> Option<Allocator> {
+        let (symbols, aliases) = allocator_symbols(&host_path);
+        let defines = |name: &str| symbols.iter().any(|s| s == name);
+        (defines("malloc") && defines("free")).then_some(Allocator {
+            path,
+            host_path,
+            symbols,
+            aliases,
+        })
+    }
 }
 
-/// The `ALLOCATOR_SYMBOLS` that `file` defines, in table order, without aliases; and the
+/// The `ALLOCATOR_SYMBOLS` that `file` defines (dynamic or static symbol table), in table
+/// order, without aliases; and the
 /// aliases as (alias, symbol it aliases). glibc's `aligned_alloc` is `memalign`: probing both
 /// would run two programs on every call.
 pub fn allocator_symbols(file: &Path) -> (Vec<String>, Vec<(String, String)>) {
@@ -184,15 +195,8 @@ pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Result<Allocator> {
         }
     }
     for path in &candidates {
-        let host = host_path(pid, path);
-        let (symbols, aliases) = allocator_symbols(&host);
-        if symbols.iter().any(|s| s == "malloc") && symbols.iter().any(|s| s == "free") {
-            return Ok(Allocator {
-                path: path.to_string(),
-                host_path: host,
-                symbols,
-                aliases,
-            });
+        if let Some(allocator) = Allocator::from_object(path.to_string(), host_path(pid, path)) {
+            return Ok(allocator);
         }
     }
     let searched = if candidates.is_empty() {
@@ -242,22 +246,14 @@ pub fn allocator_for_command(program: &Path) -> Result<Allocator> {
     let dynamic = obj.section_by_name(".interp").is_some();
     drop(obj);
     if !dynamic {
-        let (symbols, aliases) = allocator_symbols(program);
-        if symbols.iter().any(|s| s == "malloc") && symbols.iter().any(|s| s == "free") {
-            return Ok(Allocator {
-                path: program.display().to_string(),
-                host_path: program.to_path_buf(),
-                symbols,
-                aliases,
+        return Allocator::from_object(program.display().to_string(), program.to_path_buf())
+            .ok_or_else(|| Error::NoAllocator {
+                pid: 0,
+                searched: format!(
+                    "{} (statically linked, no malloc/free symbols)",
+                    program.display()
+                ),
             });
-        }
-        return Err(Error::NoAllocator {
-            pid: 0,
-            searched: format!(
-                "{} (statically linked, no malloc/free symbols)",
-                program.display()
-            ),
-        });
     }
     let own = read_maps(std::process::id())?;
     let libc = own
@@ -267,12 +263,11 @@ pub fn allocator_for_command(program: &Path) -> Result<Allocator> {
             pid: 0,
             searched: "bridge-trace's own maps (no libc)".into(),
         })?;
-    let (symbols, aliases) = allocator_symbols(Path::new(&libc.path));
-    Ok(Allocator {
-        path: libc.path.clone(),
-        host_path: PathBuf::from(&libc.path),
-        symbols,
-        aliases,
+    Allocator::from_object(libc.path.clone(), PathBuf::from(&libc.path)).ok_or_else(|| {
+        Error::NoAllocator {
+            pid: 0,
+            searched: format!("{} (no malloc/free symbols)", libc.path),
+        }
     })
 }
 
