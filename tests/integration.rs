@@ -106,14 +106,13 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn record(args: &[&str]) -> Output {
-    let out = Command::new(BIN)
+    Command::new(BIN)
         .arg("record")
         .arg("--quiet")
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .unwrap();
-    out
+        .unwrap()
 }
 
 fn assert_ok(out: &Output) {
