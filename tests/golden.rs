@@ -110,6 +110,7 @@ fn fixed_report() -> Report {
                 ..Counters::default()
             },
             younger_than_min_age: 0,
+            unwind: None,
         },
         stacks,
     }

@@ -97,9 +97,21 @@ pub enum Counter {
     /// In-flight entries found stale (their return probe never ran, e.g. the kernel skipped it
     /// while another BPF program ran on the CPU): that allocation was not recorded.
     LostReturns = 12,
+    /// Frames walked with the frame-pointer fallback because no unwind table covered the
+    /// address (an object whose tables were not loaded yet, or that has none).
+    UnwindNoTable = 13,
+    /// Stack walks stopped by a CFA rule bridge-trace cannot evaluate.
+    UnwindBadRule = 14,
+    /// Stack walks stopped because a saved register or return address could not be read.
+    UnwindReadFault = 15,
+    /// Stack walks stopped at `MAX_STACK_DEPTH` frames (the stack is truncated).
+    UnwindDepthLimit = 16,
+    /// Times the target was held at its entry point (launched targets only) so the unwind
+    /// tables of its libraries could be loaded.
+    StartStops = 17,
 }
 
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 18;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -116,6 +128,11 @@ impl Counter {
         Counter::ReadFaults,
         Counter::ExitStops,
         Counter::LostReturns,
+        Counter::UnwindNoTable,
+        Counter::UnwindBadRule,
+        Counter::UnwindReadFault,
+        Counter::UnwindDepthLimit,
+        Counter::StartStops,
     ];
 }
 
@@ -191,6 +208,111 @@ pub struct StackTotals {
     pub free_count: u64,
 }
 
+/// How the kernel half walks user stacks (`--unwind`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnwindMode {
+    /// Frame pointers only.
+    Fp = 0,
+    /// Unwind tables where loaded, frame pointers elsewhere.
+    Auto = 1,
+    /// Unwind tables only: a frame without a table ends the stack.
+    Dwarf = 2,
+}
+
+/// Capacity of the unwind-row array shared by every object's table.
+pub const MAX_UNWIND_ROWS: u32 = 1 << 21;
+/// Capacity of the page index: one entry per 4 KiB page of code with a table.
+pub const MAX_UNWIND_PAGES: u32 = 1 << 20;
+/// log2 of the page size of the page index.
+pub const UNWIND_PAGE_SHIFT: u32 = 12;
+/// Executable mappings with unwind tables per process.
+pub const MAX_UNWIND_MAPPINGS: usize = 256;
+/// Processes with unwind tables at once.
+pub const MAX_UNWIND_PROCS: u32 = 1024;
+
+/// How to find the canonical frame address (CFA: the caller's stack pointer before the call).
+pub mod cfa_rule {
+    /// No unwind information covers this address (a gap between functions).
+    pub const NONE: u8 = 0;
+    /// CFA = rsp + offset.
+    pub const RSP: u8 = 1;
+    /// CFA = rbp + offset.
+    pub const RBP: u8 = 2;
+    /// A PLT stub: CFA = rsp + 8, plus 8 once the stub has pushed its argument (rip & 15 >=
+    /// offset), the expression every x86-64 linker writes for `.plt`.
+    pub const PLT: u8 = 3;
+    /// The return address is undefined: the outermost frame (`_start`, a thread's start).
+    pub const END: u8 = 4;
+    /// CFA = *(rbp + offset): a function that realigned its stack (`DW_OP_breg6; DW_OP_deref`).
+    pub const DEREF_RBP: u8 = 5;
+    /// A rule bridge-trace cannot evaluate in the kernel.
+    pub const UNSUPPORTED: u8 = 6;
+}
+
+/// Where the caller's rbp is.
+pub mod rbp_rule {
+    /// Unchanged (the function has not touched it yet).
+    pub const SAME: u8 = 0;
+    /// Saved at CFA + offset.
+    pub const OFFSET: u8 = 1;
+    /// Lost: a later frame-pointer step cannot use it.
+    pub const UNDEFINED: u8 = 2;
+}
+
+/// One row of a compiled unwind table: the rules from `pc` up to the next row's `pc`, with `pc`
+/// relative to the object's own virtual addresses. The return address is always at CFA - 8.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    pub pc: u32,
+    pub cfa_rule: u8,
+    pub rbp_rule: u8,
+    pub _pad: u16,
+    pub cfa_offset: i32,
+    pub rbp_offset: i32,
+}
+
+/// One entry of the page index: the rows to search for an address in one 4 KiB page of code,
+/// `[first, last]`: from the row covering the page's first byte to the one covering the next
+/// page's. (8 bytes: BPF array elements are 8-byte aligned, memory-mapped ones included.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindPage {
+    pub first: u32,
+    pub last: u32,
+}
+
+/// One executable mapping of a process: runtime addresses `[start, end)` are object addresses
+/// plus `bias`. Its table is indexed by page: object page `first_page + i` has entry
+/// `page_start + i` of the page index, so that a lookup searches a few rows, not the whole
+/// table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindMapping {
+    pub start: u64,
+    pub end: u64,
+    pub bias: u64,
+    pub page_start: u32,
+    pub first_page: u32,
+    /// Entries in the page index (pages covered).
+    pub page_count: u32,
+    pub _pad: u32,
+}
+
+/// Every mapping with unwind information of one process, sorted by `start`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcUnwind {
+    pub count: u32,
+    pub _pad: u32,
+    pub mappings: [UnwindMapping; MAX_UNWIND_MAPPINGS],
+}
+
+const _: () = assert!(core::mem::size_of::<UnwindRow>() == 16);
+const _: () = assert!(core::mem::size_of::<UnwindPage>() == 8);
+const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 40);
+const _: () = assert!(core::mem::size_of::<ProcUnwind>() == 8 + 40 * MAX_UNWIND_MAPPINGS);
 const _: () = assert!(core::mem::size_of::<AllocKey>() == 16);
 const _: () = assert!(core::mem::size_of::<StackKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 48);
@@ -209,4 +331,8 @@ mod user {
     unsafe impl aya::Pod for InFlight {}
     unsafe impl aya::Pod for StackTotals {}
     unsafe impl aya::Pod for StackFrames {}
+    unsafe impl aya::Pod for UnwindRow {}
+    unsafe impl aya::Pod for UnwindMapping {}
+    unsafe impl aya::Pod for UnwindPage {}
+    unsafe impl aya::Pod for ProcUnwind {}
 }

@@ -8,17 +8,22 @@
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_send_signal},
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user, bpf_send_signal,
+    },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use bridge_trace_common::{
-    AllocInfo, AllocKey, AllocKind, Counter, InFlight, StackFrames, StackKey, StackTotals,
-    COUNTER_COUNT, DEFAULT_MAX_ALLOCS, MAX_INFLIGHT, MAX_STACKS, MAX_STACK_DEPTH, NESTING_WINDOW,
-    STACK_TRUNCATED,
+    cfa_rule, rbp_rule, AllocInfo, AllocKey, AllocKind, Counter, InFlight, ProcUnwind, StackFrames,
+    StackKey, StackTotals, UnwindMode, UnwindPage, UnwindRow, COUNTER_COUNT, DEFAULT_MAX_ALLOCS,
+    MAX_INFLIGHT, MAX_STACKS, MAX_STACK_DEPTH, MAX_UNWIND_MAPPINGS, MAX_UNWIND_PAGES,
+    MAX_UNWIND_PROCS, MAX_UNWIND_ROWS, NESTING_WINDOW, STACK_TRUNCATED, UNWIND_PAGE_SHIFT,
 };
 
 // ---- Read-only knobs, set by the user half before load. ----
@@ -33,7 +38,32 @@ static TARGET_TGID: u32 = 0;
 #[no_mangle]
 static STOP_AT_EXIT: u32 = 0;
 
-// ---- Maps. Every map is written here only; the user half only reads (and sizes) them. ----
+/// How stacks are walked: an [`UnwindMode`].
+#[no_mangle]
+static UNWIND_MODE: u32 = UnwindMode::Auto as u32;
+
+/// 1: stop the target with SIGSTOP at its entry point (`_start`), after the dynamic loader has
+/// mapped its libraries, so that the user half can load their unwind tables before `main`.
+#[no_mangle]
+static STOP_AT_START: u32 = 0;
+
+// ---- Maps. The unwind maps are written by the user half's `unwind` module and only read here;
+// every other map is written here only, and the user half only reads (and sizes) it. ----
+
+/// Rows of every loaded object's unwind table, each table sorted by address (user-written,
+/// memory-mapped by the user half).
+#[map]
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, BPF_F_MMAPABLE);
+
+/// Page index of every loaded table: for each 4 KiB page of code, the rows to search
+/// (user-written, memory-mapped by the user half).
+#[map]
+static UNWIND_PAGES: Array<UnwindPage> = Array::with_max_entries(MAX_UNWIND_PAGES, BPF_F_MMAPABLE);
+
+/// Per process: its executable mappings and where their tables are in [`UNWIND_ROWS`]
+/// (user-written).
+#[map]
+static UNWIND_PROCS: HashMap<u32, ProcUnwind> = HashMap::with_max_entries(MAX_UNWIND_PROCS, 0);
 
 /// Live allocations: (tgid, address) → size, time, stack. Written by the return probe (insert)
 /// and by `free`/realloc (delete).
@@ -49,9 +79,9 @@ static INFLIGHT: HashMap<u32, InFlight> = HashMap::with_max_entries(MAX_INFLIGHT
 #[map]
 static STACKS: HashMap<u64, StackFrames> = HashMap::with_max_entries(MAX_STACKS, 0);
 
-/// Scratch space for walking a stack (too large for the 512-byte BPF stack).
+/// The stack walk in progress (too large for the 512-byte BPF stack).
 #[map]
-static SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
 /// Bytes and counts allocated and freed per stack, per CPU: written on every allocation and free.
 #[map]
@@ -117,66 +147,311 @@ fn pending_call(tid: u32, sp: u64) -> Pending {
     }
 }
 
-/// Walks the frame-pointer chain from the allocator's entry. `[rsp]` holds the direct caller's
-/// return address (the allocator has not pushed its frame yet); `rbp` still points at the
-/// caller's frame, whose saved return address leads to the caller's caller, and so on.
+/// A stack walk in progress, in the per-CPU [`SCRATCH`] slot: the registers of the frame being
+/// unwound and the frames so far. It lives in map memory, not on the BPF stack, so that the
+/// verifier checks the `bpf_loop` callback once rather than once per distinct frame count.
+#[repr(C)]
+pub struct Walk {
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    hash: u64,
+    /// 1 once the walk has ended by itself (not at the depth limit).
+    done: u32,
+    /// The mapping the last frame was found in (a hint for the next).
+    mapping: u32,
+    frames: StackFrames,
+}
+
+/// What the `bpf_loop` callback needs besides the walk itself.
+#[repr(C)]
+struct WalkCtx {
+    /// The target's unwind mappings, or null (frame pointers only).
+    procs: *const ProcUnwind,
+    mode: u32,
+    _pad: u32,
+}
+
+/// `x`, with LLVM no longer able to see its range, so that the explicit bound a caller applies
+/// next stays in the program for the verifier to see.
 #[inline(always)]
-fn capture_stack(tgid: u32, sp: u64, fp: u64) -> StackKey {
+fn opaque(x: u32) -> u32 {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&x) }
+}
+
+/// The index of the mapping of `procs` that contains `pc`, trying `hint` (the previous
+/// frame's) first: consecutive frames are mostly in the same object.
+#[inline(always)]
+fn find_mapping(procs: &ProcUnwind, pc: u64, hint: u32) -> Option<usize> {
+    let count = opaque(procs.count);
+    if count == 0 || count as usize > MAX_UNWIND_MAPPINGS {
+        return None;
+    }
+    let h = &procs.mappings[hint as usize & (MAX_UNWIND_MAPPINGS - 1)];
+    if h.start <= pc && pc < h.end {
+        return Some(hint as usize & (MAX_UNWIND_MAPPINGS - 1));
+    }
+    // The last mapping starting at or below pc: a binary search with a bounded trip count.
+    let (mut base, mut n) = (0u32, count);
+    for _ in 0..9 {
+        if n <= 1 {
+            break;
+        }
+        let half = n / 2;
+        let mid = opaque(base + half) as usize & (MAX_UNWIND_MAPPINGS - 1);
+        if procs.mappings[mid].start <= pc {
+            base += half;
+        }
+        n -= half;
+    }
+    Some(opaque(base) as usize & (MAX_UNWIND_MAPPINGS - 1))
+}
+
+/// The unwind row covering `pc` in the target's tables, if any; `hint` is the mapping the
+/// previous frame was in, updated to this one's.
+#[inline(always)]
+fn find_row(procs: &ProcUnwind, pc: u64, hint: &mut u32) -> Option<UnwindRow> {
+    let i = find_mapping(procs, pc, *hint)?;
+    *hint = i as u32;
+    let m = &procs.mappings[i];
+    if pc < m.start || pc >= m.end || pc < m.bias {
+        return None;
+    }
+    let rel = pc - m.bias;
+    if rel > u32::MAX as u64 {
+        return None;
+    }
+    let rel = rel as u32;
+    // The page's rows: from the row covering its first byte to the one covering the next
+    // page's, inclusive.
+    let page = rel >> UNWIND_PAGE_SHIFT;
+    if page < m.first_page || page - m.first_page >= m.page_count {
+        return None;
+    }
+    let rows = UNWIND_PAGES.get(m.page_start + (page - m.first_page))?;
+    let (lo, hi) = (rows.first, rows.last);
+    if hi < lo {
+        return None;
+    }
+    let (mut base, mut n) = (lo, hi - lo + 1);
+    for _ in 0..16 {
+        if n <= 1 {
+            break;
+        }
+        let half = n / 2;
+        let r = UNWIND_ROWS.get(base + half)?;
+        if r.pc <= rel {
+            base += half;
+        }
+        n -= half;
+    }
+    let r = UNWIND_ROWS.get(base)?;
+    if r.pc > rel {
+        return None;
+    }
+    Some(*r)
+}
+
+#[inline(always)]
+fn read_user(addr: u64) -> Option<u64> {
+    // SAFETY: a fault-tolerant read of the target's memory.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Where the walk goes from the current frame: (return address, caller's sp, caller's rbp), or
+/// None when the stack ends here.
+#[inline(always)]
+fn step_frame(w: &mut Walk, c: &WalkCtx, first: bool) -> Option<(u64, u64, u64)> {
+    let row = if c.mode != UnwindMode::Fp as u32 && !c.procs.is_null() {
+        // A return address points after its call: look up the call itself.
+        let pc = if first { w.pc } else { w.pc - 1 };
+        // SAFETY: a map value pointer checked for null when the walk started.
+        find_row(unsafe { &*c.procs }, pc, &mut w.mapping).filter(|r| r.cfa_rule != cfa_rule::NONE)
+    } else {
+        None
+    };
+    let Some(row) = row else {
+        if c.mode == UnwindMode::Dwarf as u32 {
+            count(Counter::UnwindNoTable);
+            return None;
+        }
+        if c.mode == UnwindMode::Auto as u32 {
+            count(Counter::UnwindNoTable);
+        }
+        return fp_step(w, first);
+    };
+    let cfa = match row.cfa_rule {
+        cfa_rule::RSP => w.sp.wrapping_add(row.cfa_offset as i64 as u64),
+        cfa_rule::RBP => w.bp.wrapping_add(row.cfa_offset as i64 as u64),
+        cfa_rule::PLT => {
+            w.sp + 8
+                + if (w.pc & 15) as i32 >= row.cfa_offset {
+                    8
+                } else {
+                    0
+                }
+        }
+        cfa_rule::DEREF_RBP => {
+            let Some(v) = read_user(w.bp.wrapping_add(row.cfa_offset as i64 as u64)) else {
+                count(Counter::UnwindReadFault);
+                return None;
+            };
+            v
+        }
+        cfa_rule::END => return None,
+        _ => {
+            count(Counter::UnwindBadRule);
+            return None;
+        }
+    };
+    if row.rbp_rule == rbp_rule::OFFSET && row.rbp_offset == -16 {
+        // The usual prologue (push %rbp first): one read for the saved rbp and the return
+        // address, which sit side by side.
+        // SAFETY: a fault-tolerant read of the target's memory.
+        let Ok(pair) = (unsafe { bpf_probe_read_user((cfa - 16) as *const [u64; 2]) }) else {
+            count(Counter::UnwindReadFault);
+            return None;
+        };
+        if cfa <= w.sp {
+            return None;
+        }
+        return Some((pair[1], cfa, pair[0]));
+    }
+    let Some(ret) = read_user(cfa.wrapping_sub(8)) else {
+        count(Counter::UnwindReadFault);
+        return None;
+    };
+    let bp = match row.rbp_rule {
+        rbp_rule::OFFSET => match read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
+            Some(v) => v,
+            None => {
+                count(Counter::UnwindReadFault);
+                return None;
+            }
+        },
+        rbp_rule::UNDEFINED => 0,
+        _ => w.bp,
+    };
+    if cfa <= w.sp {
+        // The stack grows down: a caller's frame is always above. Anything else is garbage.
+        return None;
+    }
+    Some((ret, cfa, bp))
+}
+
+/// One frame-pointer step. At the allocator's entry (`first`) the function has not pushed its
+/// frame yet: `[rsp]` is the direct caller's return address and rbp is still the caller's.
+#[inline(always)]
+fn fp_step(w: &Walk, first: bool) -> Option<(u64, u64, u64)> {
+    if first {
+        let ret = read_user(w.sp)?;
+        return Some((ret, w.sp + 8, w.bp));
+    }
+    let fp = w.bp;
+    if fp == 0 || fp & 7 != 0 || fp < w.sp {
+        return None;
+    }
+    // SAFETY: a fault-tolerant read of the target's memory.
+    let frame: [u64; 2] = unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }.ok()?;
+    Some((frame[1], fp + 16, frame[0]))
+}
+
+/// `bpf_loop` callback: unwinds one frame and appends its return address. Returns 1 to stop.
+#[inline(never)]
+extern "C" fn unwind_step(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes the `WalkCtx` given to it in `capture_stack`.
+    let c = unsafe { &*(ctx as *const WalkCtx) };
+    let Some(w) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU scratch slot, exclusive for the duration of this program.
+    let w = unsafe { &mut *w };
+    let len = w.frames.len as usize;
+    if len >= MAX_STACK_DEPTH {
+        return 1;
+    }
+    let Some((ret, sp, bp)) = step_frame(w, c, index == 0) else {
+        w.done = 1;
+        return 1;
+    };
+    if ret == 0 {
+        w.done = 1;
+        return 1;
+    }
+    w.frames.frames[len] = ret;
+    w.frames.len += 1;
+    w.hash = (w.hash ^ ret).wrapping_mul(0x0000_0100_0000_01b3);
+    w.pc = ret;
+    w.sp = sp;
+    w.bp = bp;
+    0
+}
+
+/// Walks the user stack from the allocator's entry (`regs`): with the target's unwind tables
+/// where they cover the code, with frame pointers elsewhere (see [`UnwindMode`]). Stores the
+/// frames (return addresses, the direct caller first) once per distinct stack.
+#[inline(always)]
+fn capture_stack(tgid: u32, pc: u64, sp: u64, bp: u64) -> StackKey {
     let mut key = StackKey {
         tgid,
         _pad: 0,
         stack_id: 0,
         ret_addr: 0,
     };
-    // SAFETY: reads of user memory through the fault-tolerant helper.
-    let ret: u64 = match unsafe { bpf_probe_read_user(sp as *const u64) } {
-        Ok(r) => r,
-        Err(_) => {
-            count(Counter::StackFailures);
-            return key;
+    let mode = knob(&UNWIND_MODE);
+    let procs = if mode == UnwindMode::Fp as u32 {
+        core::ptr::null()
+    } else {
+        // SAFETY: the pointer is only read while this program runs.
+        match unsafe { UNWIND_PROCS.get(&tgid) } {
+            Some(p) => p as *const ProcUnwind,
+            None => core::ptr::null(),
         }
     };
-    key.ret_addr = ret;
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+    let Some(w) = SCRATCH.get_ptr_mut(0) else {
         count(Counter::StackFailures);
         return key;
     };
-    // SAFETY: per-CPU scratch slot, exclusive for the duration of this program.
-    let buf = unsafe { &mut *buf };
-    buf.frames[0] = ret;
-    buf.flags = 0;
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ ret;
-    hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    let mut len: usize = 1;
-    let mut fp = fp;
-    while len < MAX_STACK_DEPTH {
-        if fp == 0 || fp & 7 != 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let frame: [u64; 2] = match unsafe { bpf_probe_read_user(fp as *const [u64; 2]) } {
-            Ok(f) => f,
-            Err(_) => break,
-        };
-        let (next_fp, ret) = (frame[0], frame[1]);
-        if ret == 0 {
-            break;
-        }
-        buf.frames[len] = ret;
-        len += 1;
-        hash ^= ret;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        if next_fp <= fp {
-            break;
-        }
-        fp = next_fp;
+    {
+        // SAFETY: per-CPU scratch slot, exclusive for the duration of this program.
+        let w = unsafe { &mut *w };
+        w.pc = pc;
+        w.sp = sp;
+        w.bp = bp;
+        w.hash = 0xcbf2_9ce4_8422_2325;
+        w.done = 0;
+        w.mapping = 0;
+        w.frames.len = 0;
+        w.frames.flags = 0;
     }
-    if len == MAX_STACK_DEPTH {
-        buf.flags = STACK_TRUNCATED;
+    let mut ctx = WalkCtx {
+        procs,
+        mode,
+        _pad: 0,
+    };
+    // SAFETY: the callback is a BPF subprogram; `ctx` outlives the call.
+    unsafe {
+        bpf_loop(
+            MAX_STACK_DEPTH as u32,
+            unwind_step as *mut c_void,
+            &mut ctx as *mut WalkCtx as *mut c_void,
+            0,
+        )
+    };
+    // SAFETY: as above; the callback has returned.
+    let w = unsafe { &mut *w };
+    if w.frames.len == 0 {
+        count(Counter::StackFailures);
+        return key;
     }
-    buf.len = len as u32;
-    let hash = if hash == 0 { 1 } else { hash };
-    match STACKS.insert(hash, buf, BPF_NOEXIST as u64) {
+    key.ret_addr = w.frames.frames[0];
+    if w.done == 0 && w.frames.len as usize >= MAX_STACK_DEPTH {
+        w.frames.flags = STACK_TRUNCATED;
+        count(Counter::UnwindDepthLimit);
+    }
+    let hash = if w.hash == 0 { 1 } else { w.hash };
+    match STACKS.insert(hash, &w.frames, BPF_NOEXIST as u64) {
         Ok(()) => key.stack_id = hash,
         // -EEXIST: this stack is already stored.
         Err(e) if e == -17 => key.stack_id = hash,
@@ -205,7 +480,7 @@ fn alloc_enter(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -> 
         Pending::Stale => count(Counter::LostReturns),
         Pending::None => {}
     }
-    let stack = capture_stack(tgid, sp, regs.rbp);
+    let stack = capture_stack(tgid, regs.rip, sp, regs.rbp);
     let call = InFlight {
         size,
         ptr_arg,
@@ -458,6 +733,19 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         return 0;
     }
     release(tgid, addr);
+    0
+}
+
+/// The program's entry point: in `-- CMD` mode, hold the target once so its libraries' unwind
+/// tables can be loaded before its own code runs.
+#[uprobe]
+pub fn start_enter(_ctx: ProbeContext) -> u32 {
+    if knob(&STOP_AT_START) == 0 || current_target().is_none() {
+        return 0;
+    }
+    count(Counter::StartStops);
+    // SAFETY: plain helper call; the signal goes to the current process.
+    unsafe { bpf_send_signal(SIGSTOP) };
     0
 }
 

@@ -2,11 +2,13 @@
 //! the oldest age per stack, after the `--min-age` filter, largest first.
 use std::collections::HashMap;
 
+use bridge_trace_common::MAX_STACK_DEPTH;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     collect::{Counters, Snapshot},
     symbolize::{Frame, Symbolize},
+    unwind::UnwindSummary,
 };
 
 /// Format version of the JSON report.
@@ -28,6 +30,9 @@ pub struct Meta {
     pub counters: Counters,
     /// Live allocations left out by `--min-age`.
     pub younger_than_min_age: u64,
+    /// How stacks were walked, and what loading the unwind tables cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unwind: Option<UnwindSummary>,
 }
 
 /// One call stack holding memory.
@@ -111,6 +116,36 @@ impl Report {
                 "{} posix_memalign results could not be read",
                 c.read_faults
             ));
+        }
+        if c.unwind_no_table > 0 {
+            out.push(format!(
+                "{} frames were walked with frame pointers, no unwind table covering their code \
+                 (yet): a stack through code built without frame pointers may be cut short there",
+                c.unwind_no_table
+            ));
+        }
+        if c.unwind_bad_rule > 0 {
+            out.push(format!(
+                "{} stack walks stopped at a frame whose unwind rule bridge-trace cannot evaluate",
+                c.unwind_bad_rule
+            ));
+        }
+        if c.unwind_read_fault > 0 {
+            out.push(format!(
+                "{} stack walks stopped at a stack slot that could not be read",
+                c.unwind_read_fault
+            ));
+        }
+        if c.unwind_depth_limit > 0 {
+            out.push(format!(
+                "{} stacks were deeper than {MAX_STACK_DEPTH} frames: their root side is cut",
+                c.unwind_depth_limit
+            ));
+        }
+        if let Some(u) = &self.meta.unwind {
+            for (object, reason) in &u.missing {
+                out.push(format!("no unwind table for {object}: {reason}"));
+            }
         }
         out
     }
@@ -239,6 +274,7 @@ mod tests {
             allocator: "libc".into(),
             counters: Counters::default(),
             younger_than_min_age: 0,
+            unwind: None,
         }
     }
 

@@ -9,9 +9,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
+use bridge_trace_common::UnwindMode;
+
 use crate::{
     error::{Error, Result},
-    target::Allocator,
+    target::{self, Allocator},
 };
 
 /// The eBPF object built by build.rs from `bridge-trace-ebpf`.
@@ -65,8 +67,11 @@ pub const PROBES: &[Probe] = &[
 #[derive(Clone, Copy, Debug)]
 pub struct Knobs {
     pub tgid: u32,
-    pub stop_at_exit: bool,
+    /// Launched targets: hold them at `_exit` (to read their maps) and at their entry point
+    /// (to load unwind tables before their code runs).
+    pub launched: bool,
     pub max_allocs: u32,
+    pub unwind: UnwindMode,
 }
 
 /// The loaded and attached eBPF object. Maps are read through [`crate::collect`].
@@ -134,10 +139,13 @@ impl Tracer {
     /// Loads the object and attaches every probe of [`PROBES`] that the allocator exports.
     pub fn attach(allocator: &Allocator, knobs: Knobs) -> Result<Tracer> {
         check_privileges()?;
-        let stop_at_exit = u32::from(knobs.stop_at_exit);
+        let launched = u32::from(knobs.launched);
+        let unwind = knobs.unwind as u32;
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &knobs.tgid, true)
-            .override_global("STOP_AT_EXIT", &stop_at_exit, true)
+            .override_global("STOP_AT_EXIT", &launched, true)
+            .override_global("STOP_AT_START", &launched, true)
+            .override_global("UNWIND_MODE", &unwind, true)
             .map_max_entries("ALLOCS", knobs.max_allocs)
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_err("loading the eBPF object", chain(&e)))?;
@@ -165,6 +173,38 @@ impl Tracer {
             }
         }
         Ok(Tracer { ebpf, attached })
+    }
+
+    /// Attaches `start_enter` where a launched program is held once, its libraries mapped
+    /// and none of their code run yet ([`target::start_point`]). False when there is no such
+    /// point (the tables then load at the first look at the maps).
+    pub fn attach_start(
+        &mut self,
+        program: &Path,
+        allocator: &Allocator,
+        pid: u32,
+    ) -> Result<bool> {
+        let Some(point) = target::start_point(program, allocator) else {
+            return Ok(false);
+        };
+        let pid = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
+        let label = "start_enter";
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(label)
+            .ok_or_else(|| Error::Ebpf(format!("program {label} missing from the object")))?
+            .try_into()
+            .map_err(|e: ProgramError| ebpf_err(label, chain(&e)))?;
+        prog.load()
+            .map_err(|e| ebpf_err(&format!("loading {label}"), chain(&e)))?;
+        prog.attach(point.offset, &point.object, UProbeScope::OneProcess(pid))
+            .map_err(|e| {
+                ebpf_err(
+                    &format!("attaching {label} to {}", point.object.display()),
+                    chain(&e),
+                )
+            })?;
+        Ok(true)
     }
 
     /// Runs of our programs the kernel skipped because another BPF program was running on the

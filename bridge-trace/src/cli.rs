@@ -55,6 +55,11 @@ pub struct RecordArgs {
     /// How many call stacks the text report and the summary list.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
+    /// How to walk stacks: `dwarf` unwinds with each object's call-frame information
+    /// (.eh_frame), which is right for code built without frame pointers; `fp` follows frame
+    /// pointers only; `auto` uses the tables where they are loaded, frame pointers elsewhere.
+    #[arg(long, value_enum, default_value_t = Unwind::Auto)]
+    pub unwind: Unwind,
     /// Do not print the live status line.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -97,6 +102,33 @@ impl Format {
     }
 }
 
+/// Stack walking (`--unwind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Unwind {
+    Auto,
+    Dwarf,
+    Fp,
+}
+
+impl Unwind {
+    pub fn mode(self) -> bridge_trace_common::UnwindMode {
+        use bridge_trace_common::UnwindMode;
+        match self {
+            Unwind::Auto => UnwindMode::Auto,
+            Unwind::Dwarf => UnwindMode::Dwarf,
+            Unwind::Fp => UnwindMode::Fp,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Unwind::Auto => "auto",
+            Unwind::Dwarf => "dwarf",
+            Unwind::Fp => "fp",
+        }
+    }
+}
+
 /// What to trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -116,6 +148,7 @@ pub struct Config {
     pub min_age: Option<Duration>,
     pub max_allocs: u32,
     pub top: usize,
+    pub unwind: Unwind,
     pub quiet: bool,
 }
 
@@ -193,6 +226,7 @@ impl Config {
             min_age,
             max_allocs: args.max_allocs,
             top: args.top.max(1),
+            unwind: args.unwind,
             quiet: args.quiet,
         })
     }

@@ -58,6 +58,20 @@ pub struct Counters {
     /// Probe runs the kernel skipped (another BPF program was running on that CPU).
     #[serde(default)]
     pub missed_probe_runs: u64,
+    /// Frames walked with frame pointers because no unwind table covered them.
+    #[serde(default)]
+    pub unwind_no_table: u64,
+    /// Stack walks stopped by an unwind rule the kernel half cannot evaluate.
+    #[serde(default)]
+    pub unwind_bad_rule: u64,
+    /// Stack walks stopped by an unreadable saved register or return address.
+    #[serde(default)]
+    pub unwind_read_fault: u64,
+    /// Stacks truncated at the depth limit.
+    #[serde(default)]
+    pub unwind_depth_limit: u64,
+    #[serde(default)]
+    pub start_stops: u64,
 }
 
 impl Counters {
@@ -76,6 +90,11 @@ impl Counters {
             Counter::ReadFaults => &mut self.read_faults,
             Counter::ExitStops => &mut self.exit_stops,
             Counter::LostReturns => &mut self.lost_returns,
+            Counter::UnwindNoTable => &mut self.unwind_no_table,
+            Counter::UnwindBadRule => &mut self.unwind_bad_rule,
+            Counter::UnwindReadFault => &mut self.unwind_read_fault,
+            Counter::UnwindDepthLimit => &mut self.unwind_depth_limit,
+            Counter::StartStops => &mut self.start_stops,
         };
         *slot = v;
     }

@@ -18,5 +18,6 @@ pub mod record;
 pub mod report;
 pub mod symbolize;
 pub mod target;
+pub mod unwind;
 
 pub use error::Error;

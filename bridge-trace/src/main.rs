@@ -76,6 +76,9 @@ fn print_summary(outcome: &record::Outcome, top: usize) {
         r.total_bytes(),
         r.total_count()
     );
+    if let Some(u) = &r.meta.unwind {
+        println!("  stacks: {}", u.describe());
+    }
     for caveat in r.caveats() {
         println!("  note: {caveat}");
     }

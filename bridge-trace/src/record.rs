@@ -18,6 +18,7 @@ use crate::{
     report::{self, human_bytes, RenderOptions},
     symbolize::{Blazesym, ProcessMaps},
     target::{self, Launched},
+    unwind::{UnwindSummary, Unwinder},
 };
 
 /// How often the target's memory maps are re-read (to keep libraries it loads and unloads).
@@ -62,6 +63,7 @@ struct Attached {
     tracer: Tracer,
     allocator: String,
     maps: ProcessMaps,
+    unwinder: Option<Unwinder>,
     child: Option<mpsc::UnboundedReceiver<ChildEvent>>,
     pidfd: Option<AsyncFd<OwnedFd>>,
 }
@@ -69,16 +71,23 @@ struct Attached {
 fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
     let maps = target::inspect_pid(pid)?;
     let allocator = target::find_allocator(pid, &maps)?;
-    let tracer = Tracer::attach(
+    let mut tracer = Tracer::attach(
         &allocator,
         Knobs {
             tgid: pid,
-            stop_at_exit: false,
+            launched: false,
             max_allocs: config.max_allocs,
+            unwind: config.unwind.mode(),
         },
     )?;
     if !target::alive(pid) {
         return Err(Error::ExitedBeforeAttach(pid));
+    }
+    // The probes are live: tables are built in the background, and frames they do not cover
+    // yet are walked with frame pointers (and counted).
+    let mut unwinder = Unwinder::new(&mut tracer, config.unwind)?;
+    if let Some(u) = unwinder.as_mut() {
+        u.track(pid, &maps)?;
     }
     // SAFETY: the OwnedFd stays open, unchanged, for as long as the AsyncFd owns it.
     let pidfd = pidfd_open(pid).and_then(|fd| unsafe { AsyncFd::register(fd) }.ok());
@@ -88,6 +97,7 @@ fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
         tracer,
         allocator: allocator.path,
         maps: ProcessMaps::new(pid, maps),
+        unwinder,
         child: None,
         pidfd,
     })
@@ -98,14 +108,24 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
     let allocator = target::allocator_for_command(&program)?;
     let mut launched = Launched::spawn(&program, argv)?;
     let pid = launched.pid;
-    let tracer = match Tracer::attach(
+    let prepared = Tracer::attach(
         &allocator,
         Knobs {
             tgid: pid,
-            stop_at_exit: true,
+            launched: true,
             max_allocs: config.max_allocs,
+            unwind: config.unwind.mode(),
         },
-    ) {
+    )
+    .and_then(|mut tracer| {
+        let unwinder = Unwinder::new(&mut tracer, config.unwind)?;
+        if unwinder.is_some() {
+            // Held there once, the libraries mapped, to load their tables before main.
+            tracer.attach_start(&program, &allocator, pid)?;
+        }
+        Ok((tracer, unwinder))
+    });
+    let (tracer, unwinder) = match prepared {
         Ok(t) => t,
         Err(e) => {
             drop(launched); // the child exits without running the program
@@ -136,6 +156,7 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
         tracer,
         allocator: allocator.path,
         maps: ProcessMaps::new(pid, maps),
+        unwinder,
         child: Some(rx),
         pidfd: None,
     })
@@ -211,6 +232,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     let mut last_status = Instant::now();
     let mut last_allocs = 0u64;
     let mut exit_snapshot: Option<Snapshot> = None;
+    let mut starts_released = 0u64;
     let mut target_status = None;
 
     let stop = loop {
@@ -223,7 +245,23 @@ async fn run_async(config: &Config) -> Result<Outcome> {
             ev = async { t.child.as_mut().unwrap().recv().await }, if t.child.is_some() => {
                 match ev {
                     Some(ChildEvent::Stopped(sig)) => {
-                        let held = collect::counters(&t.tracer).map(|c| c.exit_stops).unwrap_or(0);
+                        let c = collect::counters(&t.tracer).unwrap_or_default();
+                        if sig == libc::SIGSTOP && c.start_stops > starts_released {
+                            // Held at its start: its libraries are mapped, their code has not
+                            // run. Load their tables, then let it go. (A new libc namespace,
+                            // dlmopen, holds it again: released the same way.)
+                            starts_released = c.start_stops;
+                            t.maps.refresh();
+                            if let Some(u) = t.unwinder.as_mut() {
+                                let started = Instant::now();
+                                u.load_now(pid, &t.maps.current)?;
+                                tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "unwind tables loaded at the entry point");
+                            }
+                            // SAFETY: plain syscall; resumes our own child.
+                            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                            continue;
+                        }
+                        let held = c.exit_stops;
                         if sig == libc::SIGSTOP && held > 0 && exit_snapshot.is_none() {
                             // Held at _exit: everything it will never free is in the maps now.
                             t.maps.refresh();
@@ -243,8 +281,17 @@ async fn run_async(config: &Config) -> Result<Outcome> {
                 let _ = r;
                 break StopReason::TargetExited;
             }
+            c = async { t.unwinder.as_mut().unwrap().next_compiled().await }, if t.unwinder.is_some() => {
+                if let (Some(c), Some(u)) = (c, t.unwinder.as_mut()) {
+                    u.loaded(c, pid, &t.maps.current)?;
+                }
+            }
             _ = refresh.tick() => {
-                t.maps.refresh();
+                if t.maps.refresh() {
+                    if let Some(u) = t.unwinder.as_mut() {
+                        u.track(pid, &t.maps.current)?;
+                    }
+                }
                 if show_status && last_status.elapsed() >= STATUS_EVERY {
                     if let Ok(s) = collect::status(&t.tracer, pid) {
                         let rate = (s.counters.allocs - last_allocs.min(s.counters.allocs)) as f64
@@ -307,6 +354,13 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         allocator: t.allocator.clone(),
         counters: snapshot.counters,
         younger_than_min_age: 0,
+        unwind: Some(match &t.unwinder {
+            Some(u) => u.summary(),
+            None => UnwindSummary {
+                mode: config.unwind.name().into(),
+                ..UnwindSummary::default()
+            },
+        }),
     };
     let mut symbolizer = Blazesym::new(&t.maps);
     let report = aggregate(

@@ -52,22 +52,29 @@ impl Frame {
 pub struct ProcessMaps {
     pub pid: u32,
     pub mappings: Vec<Mapping>,
+    /// The mappings as last read (without those since unmapped).
+    pub current: Vec<Mapping>,
 }
 
 impl ProcessMaps {
     pub fn new(pid: u32, mappings: Vec<Mapping>) -> ProcessMaps {
-        ProcessMaps { pid, mappings }
+        ProcessMaps {
+            pid,
+            current: mappings.clone(),
+            mappings,
+        }
     }
 
     /// Re-reads `/proc/PID/maps`, keeping what was seen before. False when the process is gone.
     pub fn refresh(&mut self) -> bool {
         match target::read_maps(self.pid) {
             Ok(current) if !current.is_empty() => {
-                for m in current {
-                    if !self.mappings.contains(&m) {
-                        self.mappings.push(m);
+                for m in &current {
+                    if !self.mappings.contains(m) {
+                        self.mappings.push(m.clone());
                     }
                 }
+                self.current = current;
                 true
             }
             _ => false,
@@ -160,13 +167,9 @@ impl Symbolize for Blazesym<'_> {
                 let frames = match results.get(i) {
                     Some(Symbolized::Sym(sym)) => {
                         let mut frames = Vec::with_capacity(1 + sym.inlined.len());
-                        // The outer function's line is where it calls the first inlined one.
-                        let outer_ci = sym
-                            .inlined
-                            .first()
-                            .and_then(|f| f.code_info.as_ref())
-                            .or(sym.code_info.as_deref());
-                        let (file, line) = code_location(outer_ci);
+                        // blazesym gives each frame its own line: the outer function's is
+                        // where it calls the first inlined one, and so on down to the address.
+                        let (file, line) = code_location(sym.code_info.as_deref());
                         frames.push(Frame {
                             function: Some(sym.name.to_string()),
                             module: module.clone(),
@@ -175,13 +178,8 @@ impl Symbolize for Blazesym<'_> {
                             line,
                             inlined: false,
                         });
-                        for (j, f) in sym.inlined.iter().enumerate() {
-                            let ci = sym
-                                .inlined
-                                .get(j + 1)
-                                .and_then(|n| n.code_info.as_ref())
-                                .or(sym.code_info.as_deref());
-                            let (file, line) = code_location(ci);
+                        for f in sym.inlined.iter() {
+                            let (file, line) = code_location(f.code_info.as_ref());
                             frames.push(Frame {
                                 function: Some(f.name.to_string()),
                                 module: module.clone(),

@@ -31,6 +31,52 @@ pub struct Mapping {
     pub path: String,
 }
 
+/// Where a launched program can be held once, after the dynamic loader has mapped its
+/// libraries and before any of their code (constructors included) or its own runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartPoint {
+    pub object: PathBuf,
+    /// A file offset in `object`.
+    pub offset: u64,
+}
+
+/// glibc's `__libc_early_init`, which the dynamic loader calls once every library is mapped
+/// and before their constructors; for a static program, its entry point (`e_entry`). None for
+/// anything else (a script, say).
+pub fn start_point(program: &Path, allocator: &Allocator) -> Option<StartPoint> {
+    let map = |path: &Path| -> Option<memmap2::Mmap> {
+        let file = fs::File::open(path).ok()?;
+        // SAFETY: a read-only mapping of a binary, read once, right now.
+        unsafe { memmap2::Mmap::map(&file) }.ok()
+    };
+    if allocator.host_path != program {
+        let data = map(&allocator.host_path)?;
+        let elf = object::File::parse(&*data).ok()?;
+        let sym = elf
+            .dynamic_symbols()
+            .find(|s| s.name() == Ok("__libc_early_init"))?;
+        return file_offset(&elf, sym.address()).map(|offset| StartPoint {
+            object: allocator.host_path.clone(),
+            offset,
+        });
+    }
+    let data = map(program)?;
+    let elf = object::File::parse(&*data).ok()?;
+    file_offset(&elf, elf.entry()).map(|offset| StartPoint {
+        object: program.to_path_buf(),
+        offset,
+    })
+}
+
+fn file_offset(elf: &object::File<'_>, addr: u64) -> Option<u64> {
+    use object::ObjectSegment as _;
+    elf.segments().find_map(|s| {
+        let (off, size) = s.file_range();
+        let start = s.address();
+        (addr >= start && addr < start + size).then(|| off + (addr - start))
+    })
+}
+
 /// Parses the text of `/proc/PID/maps`, keeping the file-backed mappings.
 pub fn parse_maps(text: &str) -> Vec<Mapping> {
     text.lines().filter_map(parse_maps_line).collect()

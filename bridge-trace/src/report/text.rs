@@ -45,6 +45,9 @@ impl Render for Text {
              not stored, {} frees of unknown addresses",
             c.allocs, c.frees, c.failed_allocs, c.map_full_drops, c.stack_failures, c.unknown_frees
         )?;
+        if let Some(u) = &m.unwind {
+            writeln!(out, "stacks: {}", u.describe())?;
+        }
         for caveat in report.caveats() {
             writeln!(out, "note: {caveat}")?;
         }
