@@ -305,7 +305,8 @@ pub struct UnwindMapping {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcUnwind {
     pub count: u32,
-    pub _pad: u32,
+    /// Changes whenever the mappings do, so that rows cached for the old ones are not used.
+    pub generation: u32,
     pub mappings: [UnwindMapping; MAX_UNWIND_MAPPINGS],
 }
 

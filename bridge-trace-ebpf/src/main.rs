@@ -60,6 +60,10 @@ static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, 
 #[map]
 static UNWIND_PAGES: Array<UnwindPage> = Array::with_max_entries(MAX_UNWIND_PAGES, BPF_F_MMAPABLE);
 
+/// Per CPU: rows found lately (see [`RowCache`]).
+#[map]
+static ROW_CACHE: PerCpuArray<RowCache> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per process: its executable mappings and where their tables are in [`UNWIND_ROWS`]
 /// (user-written).
 #[map]
@@ -168,8 +172,29 @@ pub struct Walk {
 struct WalkCtx {
     /// The target's unwind mappings, or null (frame pointers only).
     procs: *const ProcUnwind,
+    /// This CPU's row cache, or null.
+    cache: *mut RowCache,
     mode: u32,
-    _pad: u32,
+    tgid: u32,
+}
+
+const ROW_CACHE_SLOTS: usize = 256;
+
+/// A row found for one return address of one process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedRow {
+    pc: u64,
+    tgid: u32,
+    generation: u32,
+    row: UnwindRow,
+}
+
+/// Rows found lately, by return address: a hot allocation site's stack is walked again and
+/// again, and a hit here costs one cache line instead of a search through the tables.
+#[repr(C)]
+pub struct RowCache {
+    slots: [CachedRow; ROW_CACHE_SLOTS],
 }
 
 /// `x`, with LLVM no longer able to see its range, so that the explicit bound a caller applies
@@ -266,8 +291,34 @@ fn step_frame(w: &mut Walk, c: &WalkCtx, first: bool) -> Option<(u64, u64, u64)>
     let row = if c.mode != UnwindMode::Fp as u32 && !c.procs.is_null() {
         // A return address points after its call: look up the call itself.
         let pc = if first { w.pc } else { w.pc - 1 };
-        // SAFETY: a map value pointer checked for null when the walk started.
-        find_row(unsafe { &*c.procs }, pc, &mut w.mapping).filter(|r| r.cfa_rule != cfa_rule::NONE)
+        // SAFETY: map value pointers checked for null when the walk started.
+        let procs = unsafe { &*c.procs };
+        let slot = (pc ^ (pc >> 11)) as usize & (ROW_CACHE_SLOTS - 1);
+        let cached = if c.cache.is_null() {
+            None
+        } else {
+            // SAFETY: as above; this CPU's slot, exclusive while the program runs.
+            let e = unsafe { &(*c.cache).slots[slot] };
+            (e.pc == pc && e.tgid == c.tgid && e.generation == procs.generation).then_some(e.row)
+        };
+        match cached {
+            Some(r) => Some(r),
+            None => {
+                let found = find_row(procs, pc, &mut w.mapping);
+                if let (Some(r), false) = (found, c.cache.is_null()) {
+                    // SAFETY: as above.
+                    let e = unsafe { &mut (*c.cache).slots[slot] };
+                    *e = CachedRow {
+                        pc,
+                        tgid: c.tgid,
+                        generation: procs.generation,
+                        row: r,
+                    };
+                }
+                found
+            }
+        }
+        .filter(|r| r.cfa_rule != cfa_rule::NONE)
     } else {
         None
     };
@@ -425,10 +476,15 @@ fn capture_stack(tgid: u32, pc: u64, sp: u64, bp: u64) -> StackKey {
         w.frames.len = 0;
         w.frames.flags = 0;
     }
+    let cache = match ROW_CACHE.get_ptr_mut(0) {
+        Some(c) if !procs.is_null() => c,
+        _ => core::ptr::null_mut(),
+    };
     let mut ctx = WalkCtx {
         procs,
+        cache,
         mode,
-        _pad: 0,
+        tgid,
     };
     // SAFETY: the callback is a BPF subprogram; `ctx` outlives the call.
     unsafe {

@@ -252,6 +252,8 @@ pub struct Tables {
     by_build_id: HashMap<Vec<u8>, Arc<LoadedObject>>,
     /// What each process was last published with, to skip identical updates.
     published: HashMap<u32, Vec<UnwindMapping>>,
+    /// Bumped at every publication (see `ProcUnwind::generation`).
+    generation: u32,
     summary: UnwindSummary,
 }
 
@@ -281,6 +283,7 @@ impl Tables {
             by_file: HashMap::new(),
             by_build_id: HashMap::new(),
             published: HashMap::new(),
+            generation: 0,
             summary: UnwindSummary {
                 mode: mode.to_string(),
                 ..UnwindSummary::default()
@@ -406,9 +409,10 @@ impl Tables {
         if self.published.get(&pid) == Some(&entries) {
             return Ok(());
         }
+        self.generation = self.generation.wrapping_add(1);
         let mut value = ProcUnwind {
             count: entries.len() as u32,
-            _pad: 0,
+            generation: self.generation,
             mappings: [UnwindMapping::default(); MAX_UNWIND_MAPPINGS],
         };
         value.mappings[..entries.len()].copy_from_slice(&entries);
