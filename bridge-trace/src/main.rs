@@ -57,7 +57,15 @@ fn parse() -> Result<Config, ArgsError> {
     }
 }
 
+/// Prints the summary on stdout; a closed stdout (`| head`) is not an error worth a panic.
 fn print_summary(outcome: &record::Outcome, top: usize) {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    macro_rules! o {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(text, $($arg)*);
+        }};
+    }
     let r = &outcome.report;
     let why = match outcome.stop {
         record::StopReason::Duration => "duration reached".to_string(),
@@ -67,7 +75,7 @@ fn print_summary(outcome: &record::Outcome, top: usize) {
             None => "target exited".to_string(),
         },
     };
-    println!(
+    o!(
         "bridge-trace: {} (pid {}), {:.1}s, {why}: {} ({} bytes) outstanding in {} allocations",
         r.meta.target,
         r.meta.pid,
@@ -77,13 +85,13 @@ fn print_summary(outcome: &record::Outcome, top: usize) {
         r.total_count()
     );
     if let Some(u) = &r.meta.unwind {
-        println!("  stacks: {}", u.describe());
+        o!("  stacks: {}", u.describe());
     }
     for caveat in r.caveats() {
-        println!("  note: {caveat}");
+        o!("  note: {caveat}");
     }
     if !r.stacks.is_empty() {
-        println!("top call sites holding memory:");
+        o!("top call sites holding memory:");
     }
     for s in r.stacks.iter().take(top) {
         let leaf = s.frames.last();
@@ -92,12 +100,14 @@ fn print_summary(outcome: &record::Outcome, top: usize) {
             Some((file, line)) => format!(" ({}:{line})", file.rsplit('/').next().unwrap_or(file)),
             None => String::new(),
         };
-        println!(
+        o!(
             "  {:>12} bytes in {:>7} allocations  {name}{at}",
             s.bytes, s.count
         );
     }
     for (path, format) in &outcome.written {
-        println!("wrote {} ({format:?})", path.display());
+        o!("wrote {} ({format:?})", path.display());
     }
+    use std::io::Write as _;
+    let _ = std::io::stdout().write_all(text.as_bytes());
 }
