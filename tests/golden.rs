@@ -9,6 +9,7 @@ use bridge_trace::{
     collect::Counters,
     report::{render_to_vec, RenderOptions},
     symbolize::Frame,
+    unwind::UnwindSummary,
 };
 
 fn frame(function: &str, module: &str, offset: u64, file: &str, line: u32) -> Frame {
@@ -107,10 +108,22 @@ fn fixed_report() -> Report {
                 unknown_frees: 7,
                 stack_failures: 1,
                 exit_stops: 1,
+                start_stops: 1,
+                unwind_no_table: 3,
                 ..Counters::default()
             },
             younger_than_min_age: 0,
-            unwind: None,
+            unwind: Some(UnwindSummary {
+                mode: "auto".into(),
+                objects: 4,
+                rows: 41_207,
+                build_ms: 12.5,
+                slowest: Some((libc.into(), 6.25)),
+                missing: vec![(
+                    "/opt/vendor/libblob.so".into(),
+                    "no call-frame information".into(),
+                )],
+            }),
         },
         stacks,
     }

@@ -8,39 +8,15 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::{Mutex, MutexGuard, OnceLock},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bridge-trace");
-const TMP: &str = env!("CARGO_TARGET_TMPDIR");
-
-fn lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn gcc(args: &[&str]) {
-    let out = Command::new("gcc")
-        .args(args)
-        .output()
-        .expect("gcc (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "gcc {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+mod common;
+use common::*;
 
 /// Builds the fixtures once into the target's temporary directory.
 fn fixtures() -> &'static Path {
@@ -98,33 +74,6 @@ fn fixtures() -> &'static Path {
     })
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(TMP).join("runs").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn record(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("record")
-        .arg("--quiet")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "bridge-trace failed: {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// "site bytes count" lines written by a fixture.
 fn truth(path: &Path) -> BTreeMap<String, (u64, u64)> {
     std::fs::read_to_string(path)
@@ -138,10 +87,6 @@ fn truth(path: &Path) -> BTreeMap<String, (u64, u64)> {
             )
         })
         .collect()
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// Bytes and counts per leaf function (the allocation's direct caller).

@@ -102,7 +102,8 @@ fn print_summary(outcome: &record::Outcome, top: usize) {
         };
         o!(
             "  {:>12} bytes in {:>7} allocations  {name}{at}",
-            s.bytes, s.count
+            s.bytes,
+            s.count
         );
     }
     for (path, format) in &outcome.written {

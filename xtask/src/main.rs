@@ -38,7 +38,18 @@ enum Task {
 }
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const APT_PACKAGES: &[&str] = &["gcc", "libc6-dev", "libc6-dbg", "bpftool", "util-linux"];
+/// gcc and g++ build the fixtures, libc6-dbg gives glibc's frames names, gdb checks our stacks, and
+/// python3.11 is a real program built without frame pointers (Debian's, as shipped).
+const APT_PACKAGES: &[&str] = &[
+    "gcc",
+    "g++",
+    "libc6-dev",
+    "libc6-dbg",
+    "bpftool",
+    "util-linux",
+    "gdb",
+    "python3.11",
+];
 
 fn main() -> Result<()> {
     match Cli::parse().task {

@@ -1,0 +1,68 @@
+//! Helpers shared by the integration test binaries: the global lock, fixture builds, running
+//! the real `bridge-trace` binary and reading what it wrote.
+#![allow(dead_code)]
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::{Mutex, MutexGuard},
+};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_bridge-trace");
+pub const TMP: &str = env!("CARGO_TARGET_TMPDIR");
+
+pub fn lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn gcc(args: &[&str]) {
+    let out = Command::new("gcc")
+        .args(args)
+        .output()
+        .expect("gcc (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "gcc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(TMP).join("runs").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn record(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("record")
+        .arg("--quiet")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "bridge-trace failed: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
