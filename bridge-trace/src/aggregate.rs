@@ -6,6 +6,7 @@ use bridge_trace_common::MAX_STACK_DEPTH;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    attach::ProgramCost,
     collect::{Counters, Snapshot},
     symbolize::{Frame, Symbolize},
     unwind::UnwindSummary,
@@ -33,6 +34,9 @@ pub struct Meta {
     /// How stacks were walked, and what loading the unwind tables cost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unwind: Option<UnwindSummary>,
+    /// What each eBPF program cost while tracing (run time only with kernel.bpf_stats_enabled).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub programs: Vec<ProgramCost>,
 }
 
 /// One call stack holding memory.
@@ -275,6 +279,7 @@ mod tests {
             counters: Counters::default(),
             younger_than_min_age: 0,
             unwind: None,
+            programs: Vec::new(),
         }
     }
 

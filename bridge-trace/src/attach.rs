@@ -207,26 +207,40 @@ impl Tracer {
         Ok(true)
     }
 
-    /// Runs of our programs the kernel skipped because another BPF program was running on the
-    /// same CPU (its per-CPU recursion guard; uprobe programs are preemptible). Each is an event
-    /// bridge-trace did not see.
-    pub fn missed_runs(&self) -> u64 {
+    /// What each loaded program cost so far, from the kernel's own statistics (run time is
+    /// counted only while `kernel.bpf_stats_enabled` is 1).
+    pub fn program_costs(&self) -> Vec<ProgramCost> {
         self.ebpf
             .programs()
-            .filter_map(|(_, p)| p.fd().ok())
-            .map(|fd| {
-                let misses = recursion_misses(fd.as_fd());
-                if misses.is_none() {
-                    tracing::debug!("could not read a program's recursion_misses");
-                }
-                misses.unwrap_or(0)
+            .filter_map(|(name, p)| {
+                let fd = p.fd().ok()?;
+                let Some(info) = prog_info(fd.as_fd()) else {
+                    tracing::debug!(program = name, "could not read bpf_prog_info");
+                    return None;
+                };
+                Some(ProgramCost {
+                    program: name.to_string(),
+                    runs: info.run_cnt,
+                    run_time_ns: info.run_time_ns,
+                    missed_runs: info.recursion_misses,
+                })
             })
-            .sum()
+            .collect()
     }
 }
 
-/// `bpf_prog_info.recursion_misses` of a loaded program (BPF_OBJ_GET_INFO_BY_FD).
-fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+/// One eBPF program's cost, as the kernel counted it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProgramCost {
+    pub program: String,
+    pub runs: u64,
+    /// Total run time; 0 unless `kernel.bpf_stats_enabled` was 1 while tracing.
+    pub run_time_ns: u64,
+    pub missed_runs: u64,
+}
+
+/// `bpf_prog_info` of a loaded program (BPF_OBJ_GET_INFO_BY_FD).
+fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_prog_info> {
     use std::os::fd::AsRawFd as _;
     #[repr(C)]
     struct InfoByFd {
@@ -251,7 +265,7 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
             std::mem::size_of::<InfoByFd>(),
         )
     };
-    (r == 0).then_some(info.recursion_misses)
+    (r == 0).then_some(info)
 }
 
 fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Result<()> {

@@ -325,7 +325,8 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     if let Ok(c) = collect::counters(&t.tracer) {
         snapshot.counters = c;
     }
-    snapshot.counters.missed_probe_runs = t.tracer.missed_runs();
+    let programs = t.tracer.program_costs();
+    snapshot.counters.missed_probe_runs = programs.iter().map(|p| p.missed_runs).sum();
     let attached_symbols = t.tracer.attached.clone();
     drop(t.tracer); // detach every probe before the (slow) symbolization
     if !exited {
@@ -354,6 +355,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         allocator: t.allocator.clone(),
         counters: snapshot.counters,
         younger_than_min_age: 0,
+        programs,
         unwind: Some(match &t.unwinder {
             Some(u) => u.summary(),
             None => UnwindSummary {

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | demo | test`.
+//! Project tasks: `cargo xtask setup | demo | bench | test`.
 //!
 //! `setup` installs, idempotently, what building and testing need on a fresh machine: rust-src
 //! for the nightly toolchain, bpf-linker linked against the nightly toolchain's own LLVM (the
@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 #[derive(Parser)]
 struct Cli {
@@ -28,6 +30,12 @@ enum Task {
         /// Messages the demo moves before it shuts down.
         #[arg(long, default_value_t = 20_000)]
         messages: u64,
+    },
+    /// Measure what tracing costs the traced program (results in target/bench/).
+    Bench {
+        /// One quick round with fewer iterations: proves the benchmark still runs.
+        #[arg(long)]
+        short: bool,
     },
     /// Run every test, unit and integration, with real eBPF.
     Test {
@@ -57,6 +65,10 @@ fn main() -> Result<()> {
         Task::Demo { messages } => {
             setup()?;
             demo(messages)
+        }
+        Task::Bench { short } => {
+            setup()?;
+            bench::bench(short)
         }
         Task::Test { args } => {
             setup()?;

@@ -1,0 +1,236 @@
+//! `cargo xtask bench`: what tracing costs the traced program, measured on this machine.
+//!
+//! The workload (`bench/alloc-loop.c`) makes malloc+free pairs 10 frames below main, built
+//! with frame pointers so that both stack walks see the same frames. Configurations run
+//! interleaved, round after round, so that a slow moment of the machine hits them all alike:
+//! untraced, `record --unwind fp`, `record --unwind dwarf`. For each: nanoseconds per pair as
+//! the workload measures itself, and the cost of the allocation entry program (where the stack
+//! is walked) from the kernel's own statistics (`kernel.bpf_stats_enabled`, switched on for
+//! the run and restored after). Results go to `target/bench/unwind.json`.
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::{json, Value};
+
+use crate::{output, root, run};
+
+struct Config {
+    name: &'static str,
+    /// None: untraced.
+    unwind: Option<&'static str>,
+}
+
+const CONFIGS: [Config; 3] = [
+    Config {
+        name: "untraced",
+        unwind: None,
+    },
+    Config {
+        name: "record --unwind fp",
+        unwind: Some("fp"),
+    },
+    Config {
+        name: "record --unwind dwarf",
+        unwind: Some("dwarf"),
+    },
+];
+
+/// The stack walk with unwind tables may cost at most this many times the frame-pointer walk.
+const DWARF_GOAL: f64 = 2.0;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    ns_per_pair: f64,
+    /// Average run time of the allocation entry program (malloc_enter), nanoseconds.
+    entry_ns: Option<f64>,
+}
+
+/// Switches the kernel's BPF run-time statistics on, and back to what they were on drop.
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<BpfStats> {
+        let before =
+            std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS} (root?)"))?;
+        Ok(BpfStats { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.before.trim());
+    }
+}
+
+pub fn bench(short: bool) -> Result<()> {
+    let root = root();
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "bridge-trace",
+    ]))?;
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let workload = dir.join("alloc-loop");
+    run(Command::new("gcc")
+        .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&workload)
+        .arg(root.join("bench/alloc-loop.c")))?;
+    let (iterations, rounds, depth) = if short {
+        (20_000u64, 1usize, 10u32)
+    } else {
+        (200_000, 5, 10)
+    };
+    let tracer = root.join("target/release/bridge-trace");
+    let _stats = BpfStats::enable()?;
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); CONFIGS.len()];
+    for round in 0..rounds {
+        eprintln!("bench: round {} of {rounds}", round + 1);
+        for (i, c) in CONFIGS.iter().enumerate() {
+            samples[i].push(measure(c, &tracer, &workload, &dir, iterations, depth)?);
+        }
+    }
+
+    let untraced = median(samples[0].iter().map(|s| s.ns_per_pair));
+    let mut results = Vec::new();
+    println!();
+    println!(
+        "alloc-loop: {iterations} malloc(16..4096)+free pairs, {depth} frames below main, \
+         median of {rounds}"
+    );
+    println!(
+        "{:<24} {:>14} {:>22} {:>12} {:>26}",
+        "configuration", "ns per pair", "min-max", "x untraced", "entry program ns per call"
+    );
+    for (c, s) in CONFIGS.iter().zip(&samples) {
+        let ns: Vec<f64> = s.iter().map(|s| s.ns_per_pair).collect();
+        let med = median(ns.iter().copied());
+        let (lo, hi) = min_max(&ns);
+        let entry: Vec<f64> = s.iter().filter_map(|s| s.entry_ns).collect();
+        let entry_med = (!entry.is_empty()).then(|| median(entry.iter().copied()));
+        println!(
+            "{:<24} {:>14.0} {:>22} {:>11.1}x {:>26}",
+            c.name,
+            med,
+            format!("{lo:.0}-{hi:.0}"),
+            med / untraced,
+            entry_med.map_or("-".into(), |e| format!("{e:.0}")),
+        );
+        results.push(json!({
+            "configuration": c.name,
+            "ns_per_pair": ns,
+            "median_ns_per_pair": med,
+            "ratio_to_untraced": med / untraced,
+            "entry_program_ns": entry,
+            "median_entry_program_ns": entry_med,
+        }));
+    }
+    let entry = |i: usize| median(samples[i].iter().filter_map(|s| s.entry_ns));
+    let (fp, dwarf) = (entry(1), entry(2));
+    let ratio = dwarf / fp;
+    let pair_ratio = median(samples[2].iter().map(|s| s.ns_per_pair))
+        / median(samples[1].iter().map(|s| s.ns_per_pair));
+    println!();
+    println!(
+        "stack walk: dwarf entry program {dwarf:.0} ns against fp {fp:.0} ns per allocation: \
+         {ratio:.2}x (goal: at most {DWARF_GOAL}x){}",
+        if ratio <= DWARF_GOAL {
+            ""
+        } else {
+            "  ABOVE GOAL"
+        }
+    );
+    println!("end to end: dwarf {pair_ratio:.2}x the cost of fp per malloc+free pair");
+    let out = dir.join("unwind.json");
+    let doc = json!({
+        "workload": {"program": "bench/alloc-loop.c", "iterations": iterations, "depth": depth},
+        "rounds": rounds,
+        "results": results,
+        "dwarf_over_fp_entry_program": ratio,
+        "dwarf_over_fp_per_pair": pair_ratio,
+        "goal_dwarf_over_fp": DWARF_GOAL,
+        "kernel": output(Command::new("uname").arg("-r"))?.trim(),
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")?;
+    println!("bench: wrote {}", out.display());
+    if ratio > DWARF_GOAL {
+        bail!("the dwarf stack walk costs {ratio:.2}x the frame-pointer walk (goal {DWARF_GOAL}x)");
+    }
+    Ok(())
+}
+
+fn measure(
+    c: &Config,
+    tracer: &Path,
+    workload: &Path,
+    dir: &Path,
+    iterations: u64,
+    depth: u32,
+) -> Result<Sample> {
+    let args = [iterations.to_string(), depth.to_string()];
+    let Some(unwind) = c.unwind else {
+        let out = output(Command::new(workload).args(&args))?;
+        return Ok(Sample {
+            ns_per_pair: first_number(&out)?,
+            entry_ns: None,
+        });
+    };
+    let report = dir.join("run.json");
+    let out = output(
+        Command::new(tracer)
+            .args(["record", "--quiet", "--unwind", unwind, "-o"])
+            .arg(&report)
+            .arg("--")
+            .arg(workload)
+            .args(&args),
+    )?;
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    let entry_ns = report["meta"]["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["program"] == "malloc_enter")
+        .and_then(|p| {
+            let runs = p["runs"].as_f64()?;
+            let ns = p["run_time_ns"].as_f64()?;
+            (runs > 0.0 && ns > 0.0).then_some(ns / runs)
+        });
+    Ok(Sample {
+        // The workload's own line comes first (it shares bridge-trace's stdout).
+        ns_per_pair: first_number(&out)?,
+        entry_ns,
+    })
+}
+
+fn first_number(text: &str) -> Result<f64> {
+    text.lines()
+        .find_map(|l| l.trim().parse().ok())
+        .with_context(|| format!("no measurement in the workload's output: {text}"))
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
