@@ -261,28 +261,6 @@ fn start_waiting_fixture(truth_path: &Path) -> (Child, BufReader<std::process::C
     (child, stdout)
 }
 
-/// Starts `bridge-trace record` and waits for its "tracing" line (probes attached).
-fn start_tracer(args: &[&str]) -> (Child, BufReader<std::process::ChildStderr>) {
-    let mut tracer = Command::new(BIN)
-        .arg("record")
-        .arg("--quiet")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(tracer.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("tracing"), "unexpected first line: {line}");
-    (tracer, stderr)
-}
-
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: plain syscall on our own child.
-    unsafe { libc::kill(child.id() as i32, sig) };
-}
-
 #[test]
 fn attach_to_running_process_by_pid() {
     let _g = lock();

@@ -348,13 +348,16 @@ fn debian_python3_stack_reaches_main_through_the_interpreter() {
         truth.to_str().unwrap(),
     ]);
     assert_ok(&output);
-    let t = std::fs::read_to_string(&truth).unwrap();
-    let (want_bytes, want_count): (u64, u64) = {
-        let f: Vec<u64> = t.split_whitespace().map(|v| v.parse().unwrap()).collect();
-        (f[0], f[1])
-    };
-    let report = json(&out);
-    let through: Vec<_> = stacks(&report)
+    assert_python_stacks(&json(&out), &truth);
+}
+
+/// The bytearrays' stacks (through `PyByteArray_Resize`) hold exactly what the script says it
+/// kept, and reach from `_start` through the interpreter's entry and evaluation loop.
+fn assert_python_stacks(report: &Value, truth: &Path) {
+    let t = std::fs::read_to_string(truth).unwrap();
+    let f: Vec<u64> = t.split_whitespace().map(|v| v.parse().unwrap()).collect();
+    let (want_bytes, want_count) = (f[0], f[1]);
+    let through: Vec<_> = stacks(report)
         .into_iter()
         .filter(|(f, _, _)| f.iter().any(|n| n == "PyByteArray_Resize"))
         .collect();
@@ -381,6 +384,61 @@ fn debian_python3_stack_reaches_main_through_the_interpreter() {
                 .unwrap_or_else(|| panic!("{want} missing (in order) from {frames:?}"));
         }
     }
+}
+
+/// The same bytearrays in a python3.11 that was already running: tables loaded in the
+/// background while the probes are live.
+#[test]
+fn running_python3_by_pid() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let _g = lock();
+    let dir = scratch("python3-pid");
+    let (truth, out) = (dir.join("truth"), dir.join("r.json"));
+    let script = r#"
+import sys
+print("ready", flush=True)
+sys.stdin.readline()
+kept = [bytearray(1000000 + i) for i in range(20)]
+with open(sys.argv[1], "w") as f:
+    f.write("%d %d\n" % (sum(b.__alloc__() for b in kept), len(kept)))
+print("leaked", flush=True)
+sys.stdin.readline()
+"#;
+    let mut python = Command::new(PYTHON)
+        .args(["-c", script, truth.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = python.stdin.take().unwrap();
+    let mut stdout = BufReader::new(python.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    if line.trim() != "ready" {
+        drop(stdin);
+        let out = python.wait_with_output().unwrap();
+        panic!(
+            "python3 did not start ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let pid = python.id().to_string();
+    let (tracer, _stderr) = start_tracer(&["--pid", &pid, "-o", out.to_str().unwrap()]);
+    // The tables are built off the tracing path; give them time before the allocations (the
+    // report counts any frame walked without them, and the assertions below would fail).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    writeln!(stdin, "go").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "leaked");
+    signal(&tracer, libc::SIGINT);
+    let output = tracer.wait_with_output().unwrap();
+    assert_ok(&output);
+    drop(stdin);
+    assert!(python.wait().unwrap().success(), "python3 was harmed");
+    assert_python_stacks(&json(&out), &truth);
 }
 
 /// gdb's backtrace at the first allocator call matching `condition` (e.g. `malloc if $rdi ==

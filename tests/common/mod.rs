@@ -2,8 +2,9 @@
 //! the real `bridge-trace` binary and reading what it wrote.
 #![allow(dead_code)]
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::{Mutex, MutexGuard},
 };
 
@@ -65,4 +66,26 @@ pub fn assert_ok(out: &Output) {
 
 pub fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Starts `bridge-trace record` and waits for its "tracing" line (probes attached).
+pub fn start_tracer(args: &[&str]) -> (Child, BufReader<std::process::ChildStderr>) {
+    let mut tracer = Command::new(BIN)
+        .arg("record")
+        .arg("--quiet")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(tracer.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("tracing"), "unexpected first line: {line}");
+    (tracer, stderr)
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
 }
