@@ -124,6 +124,7 @@ fn fixed_report() -> Report {
                     "no call-frame information".into(),
                 )],
             }),
+            programs: Vec::new(),
         },
         stacks,
     }

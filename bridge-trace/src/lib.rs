@@ -1,9 +1,10 @@
 //! bridge-trace: find the memory a running process never frees, without restarting it.
 //!
-//! One `record` flows through the modules in the order they are declared here:
+//! One `record` flows through the modules in this order:
 //! [`cli`] turns arguments into a validated [`cli::Config`]; [`target`] finds (or launches) the
 //! process and the allocator it maps; [`attach`] loads the eBPF object and attaches the probes
-//! from one table; [`collect`] is the only reader of the kernel maps and turns them into an owned
+//! from one table; [`unwind`] feeds the kernel half's stack walker with each mapped object's
+//! call-frame information, compiled into tables; [`collect`] is the only reader of the kernel maps and turns them into an owned
 //! [`collect::Snapshot`]; [`symbolize`] names every frame with blazesym, from the memory maps it
 //! kept while the process lived; [`aggregate`] groups live allocations by call stack into a
 //! [`aggregate::Report`]; [`report`] renders it (svg, folded, json, text) and writes it

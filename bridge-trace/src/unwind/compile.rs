@@ -367,3 +367,33 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod system_objects {
+    use super::*;
+
+    /// Debian's glibc, libstdc++ and python3.11, as shipped: their PLT stubs compile to the
+    /// PLT rule, and the kernel half can evaluate all but a handful of their rows.
+    #[test]
+    fn almost_every_rule_is_supported() {
+        for path in [
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+            "/usr/bin/python3.11",
+        ] {
+            let Ok(data) = std::fs::read(path) else {
+                panic!("{path} missing (cargo xtask setup installs it)");
+            };
+            let t = compile(&data).unwrap();
+            let count = |rule| t.rows.iter().filter(|r| r.cfa_rule == rule).count();
+            assert!(count(cfa_rule::PLT) >= 1, "{path}: no PLT row");
+            assert!(count(cfa_rule::RSP) > 10_000, "{path}: {:?}", t.stats);
+            assert!(
+                count(cfa_rule::UNSUPPORTED) * 1000 < t.rows.len(),
+                "{path}: {} unsupported rows of {}",
+                count(cfa_rule::UNSUPPORTED),
+                t.rows.len()
+            );
+        }
+    }
+}
