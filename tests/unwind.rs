@@ -333,10 +333,9 @@ os._exit(0)
 
 const PYTHON: &str = "/usr/bin/python3.11";
 
-#[test]
-fn debian_python3_stack_reaches_main_through_the_interpreter() {
-    let _g = lock();
-    let dir = scratch("python3");
+/// Launches python3.11 with [`PYTHON_SCRIPT`] under `record`: the JSON report and the truth.
+fn record_python(name: &str) -> (Value, PathBuf) {
+    let dir = scratch(name);
     let (truth, out) = (dir.join("truth"), dir.join("r.json"));
     let output = record(&[
         "-o",
@@ -348,7 +347,14 @@ fn debian_python3_stack_reaches_main_through_the_interpreter() {
         truth.to_str().unwrap(),
     ]);
     assert_ok(&output);
-    assert_python_stacks(&json(&out), &truth);
+    (json(&out), truth)
+}
+
+#[test]
+fn debian_python3_stack_reaches_main_through_the_interpreter() {
+    let _g = lock();
+    let (report, truth) = record_python("python3");
+    assert_python_stacks(&report, &truth);
 }
 
 /// The bytearrays' stacks (through `PyByteArray_Resize`) hold exactly what the script says it
@@ -540,20 +546,7 @@ fn gdb_backtrace_at_the_same_call_site_agrees() {
 
     // Debian's python3.11: gdb has no more symbols than bridge-trace (none for its static
     // functions), so unnamed frames must line up too.
-    let dir = scratch("gdb-python");
-    let out = dir.join("r.json");
-    let truth = dir.join("truth");
-    let output = record(&[
-        "-o",
-        out.to_str().unwrap(),
-        "--",
-        PYTHON,
-        "-c",
-        PYTHON_SCRIPT,
-        truth.to_str().unwrap(),
-    ]);
-    assert_ok(&output);
-    let report = json(&out);
+    let (report, truth) = record_python("gdb-python");
     let gdb = gdb_backtrace(
         &["malloc if $rdi == 1000001", "realloc if $rsi == 1000001"],
         &[PYTHON, "-c", PYTHON_SCRIPT, truth.to_str().unwrap()],

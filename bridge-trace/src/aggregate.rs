@@ -63,6 +63,9 @@ pub struct Report {
     pub stacks: Vec<StackReport>,
 }
 
+/// A caveat's wording, given its count.
+type Note = fn(u64) -> String;
+
 impl Report {
     pub fn total_bytes(&self) -> u64 {
         self.stacks.iter().map(|s| s.bytes).sum()
@@ -75,77 +78,66 @@ impl Report {
     /// Lines that say what the numbers miss; empty when nothing was lost.
     pub fn caveats(&self) -> Vec<String> {
         let c = &self.meta.counters;
-        let mut out = Vec::new();
-        if c.map_full_drops > 0 {
-            out.push(format!(
-                "{} allocations were not recorded (live-allocation map full; raise --max-allocs): \
-                 totals are lower bounds",
-                c.map_full_drops
-            ));
-        }
-        if c.inflight_full > 0 {
-            out.push(format!(
-                "{} allocator calls were lost (in-flight map full): totals are lower bounds",
-                c.inflight_full
-            ));
-        }
-        if c.lost_returns > 0 {
-            out.push(format!(
-                "{} allocations were missed (their return probe did not run): totals are lower \
-                 bounds",
-                c.lost_returns
-            ));
-        }
-        if c.missed_probe_runs > 0 {
-            out.push(format!(
-                "{} probe runs were skipped by the kernel (another BPF program was running on \
-                 that CPU): up to that many allocations or frees were not seen",
-                c.missed_probe_runs
-            ));
-        }
-        if c.stack_failures > 0 {
-            out.push(format!(
-                "{} allocations have only their direct caller (stack not stored)",
-                c.stack_failures
-            ));
-        }
-        if c.unknown_frees > 0 {
-            out.push(format!(
-                "{} frees of memory allocated before tracing started (or not recorded)",
-                c.unknown_frees
-            ));
-        }
-        if c.read_faults > 0 {
-            out.push(format!(
-                "{} posix_memalign results could not be read",
-                c.read_faults
-            ));
-        }
-        if c.unwind_no_table > 0 {
-            out.push(format!(
-                "{} frames were walked with frame pointers, no unwind table covering their code \
-                 (yet): a stack through code built without frame pointers may be cut short there",
-                c.unwind_no_table
-            ));
-        }
-        if c.unwind_bad_rule > 0 {
-            out.push(format!(
-                "{} stack walks stopped at a frame whose unwind rule bridge-trace cannot evaluate",
-                c.unwind_bad_rule
-            ));
-        }
-        if c.unwind_read_fault > 0 {
-            out.push(format!(
-                "{} stack walks stopped at a stack slot that could not be read",
-                c.unwind_read_fault
-            ));
-        }
-        if c.unwind_depth_limit > 0 {
-            out.push(format!(
-                "{} stacks were deeper than {MAX_STACK_DEPTH} frames: their root side is cut",
-                c.unwind_depth_limit
-            ));
-        }
+        let notes: [(u64, Note); 11] = [
+            (c.map_full_drops, |n| {
+                format!(
+                    "{n} allocations were not recorded (live-allocation map full; raise \
+                     --max-allocs): totals are lower bounds"
+                )
+            }),
+            (c.inflight_full, |n| {
+                format!(
+                    "{n} allocator calls were lost (in-flight map full): totals are lower bounds"
+                )
+            }),
+            (c.lost_returns, |n| {
+                format!(
+                    "{n} allocations were missed (their return probe did not run): totals are \
+                     lower bounds"
+                )
+            }),
+            (c.missed_probe_runs, |n| {
+                format!(
+                    "{n} probe runs were skipped by the kernel (another BPF program was running \
+                     on that CPU): up to that many allocations or frees were not seen"
+                )
+            }),
+            (c.stack_failures, |n| {
+                format!("{n} allocations have only their direct caller (stack not stored)")
+            }),
+            (c.unknown_frees, |n| {
+                format!("{n} frees of memory allocated before tracing started (or not recorded)")
+            }),
+            (c.read_faults, |n| {
+                format!("{n} posix_memalign results could not be read")
+            }),
+            (c.unwind_no_table, |n| {
+                format!(
+                    "{n} frames were walked with frame pointers, no unwind table covering their \
+                     code (yet): a stack through code built without frame pointers may be cut \
+                     short there"
+                )
+            }),
+            (c.unwind_bad_rule, |n| {
+                format!(
+                    "{n} stack walks stopped at a frame whose unwind rule bridge-trace cannot \
+                     evaluate"
+                )
+            }),
+            (c.unwind_read_fault, |n| {
+                format!("{n} stack walks stopped at a stack slot that could not be read")
+            }),
+            (c.unwind_depth_limit, |n| {
+                format!(
+                    "{n} stacks were deeper than {MAX_STACK_DEPTH} frames: their root side is cut"
+                )
+            }),
+        ];
+        let mut out: Vec<String> = notes
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, note)| note(*n))
+            .collect();
         if let Some(u) = &self.meta.unwind {
             for (object, reason) in &u.missing {
                 out.push(format!("no unwind table for {object}: {reason}"));

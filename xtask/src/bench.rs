@@ -12,7 +12,7 @@ use std::{path::Path, process::Command};
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 
-use crate::{output, root, run};
+use crate::{build_release, output, root, run};
 
 struct Config {
     name: &'static str,
@@ -69,12 +69,7 @@ impl Drop for BpfStats {
 
 pub fn bench(short: bool) -> Result<()> {
     let root = root();
-    run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "bridge-trace",
-    ]))?;
+    let tracer = build_release()?;
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let workload = dir.join("alloc-loop");
@@ -87,7 +82,6 @@ pub fn bench(short: bool) -> Result<()> {
     } else {
         (200_000, 5, 10)
     };
-    let tracer = root.join("target/release/bridge-trace");
     let _stats = BpfStats::enable()?;
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); CONFIGS.len()];
     for round in 0..rounds {

@@ -223,7 +223,8 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn demo(messages: u64) -> Result<()> {
+/// Builds the release bridge-trace binary; returns its path.
+fn build_release() -> Result<PathBuf> {
     let root = root();
     run(Command::new("cargo").current_dir(&root).args([
         "build",
@@ -231,6 +232,12 @@ fn demo(messages: u64) -> Result<()> {
         "-p",
         "bridge-trace",
     ]))?;
+    Ok(root.join("target/release/bridge-trace"))
+}
+
+fn demo(messages: u64) -> Result<()> {
+    let root = root();
+    let tracer = build_release()?;
     let demo_dir = root.join("target/demo");
     std::fs::create_dir_all(&demo_dir)?;
     let demo_bin = demo_dir.join("data-bridge");
@@ -247,7 +254,6 @@ fn demo(messages: u64) -> Result<()> {
         .arg(root.join("demo/data-bridge.c")))?;
     let truth = demo_dir.join("truth.txt");
     let _ = std::fs::remove_file(&truth);
-    let tracer = root.join("target/release/bridge-trace");
     let mut cmd = if is_root() {
         Command::new(&tracer)
     } else {

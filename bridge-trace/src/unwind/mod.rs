@@ -36,6 +36,16 @@ pub struct ObjectRef {
 }
 
 impl ObjectRef {
+    /// The object behind one of `pid`'s mappings.
+    fn of(pid: u32, m: &Mapping) -> ObjectRef {
+        ObjectRef {
+            dev: m.dev.clone(),
+            inode: m.inode,
+            path: m.path.clone(),
+            host_path: target::host_path(pid, &m.path),
+        }
+    }
+
     fn file_key(&self) -> (String, u64) {
         (self.dev.clone(), self.inode)
     }
@@ -295,12 +305,7 @@ impl Tables {
     pub fn wanted(&mut self, pid: u32, maps: &[Mapping]) -> Vec<ObjectRef> {
         let mut out = Vec::new();
         for m in maps.iter().filter(|m| m.executable) {
-            let object = ObjectRef {
-                dev: m.dev.clone(),
-                inode: m.inode,
-                path: m.path.clone(),
-                host_path: target::host_path(pid, &m.path),
-            };
+            let object = ObjectRef::of(pid, m);
             let key = object.file_key();
             if self.by_file.contains_key(&key) {
                 continue;
@@ -423,17 +428,13 @@ impl Tables {
         Ok(())
     }
 
-    /// Objects of `maps` still waiting for their table.
-    pub fn pending(&self, maps: &[Mapping]) -> usize {
+    /// Objects of `maps` requested from the builder and not back yet.
+    fn pending(&self, pid: u32, maps: &[Mapping]) -> Vec<ObjectRef> {
         maps.iter()
             .filter(|m| m.executable)
-            .filter(|m| {
-                matches!(
-                    self.by_file.get(&(m.dev.clone(), m.inode)),
-                    Some(State::Pending)
-                )
-            })
-            .count()
+            .map(|m| ObjectRef::of(pid, m))
+            .filter(|o| matches!(self.by_file.get(&o.file_key()), Some(State::Pending)))
+            .collect()
     }
 
     pub fn summary(&self) -> UnwindSummary {
@@ -460,22 +461,7 @@ pub fn load_now(tables: &mut Tables, pid: u32, maps: &[Mapping]) -> Result<()> {
     let mut objects = tables.wanted(pid, maps);
     // Objects already requested from the builder are compiled again here: waiting for the
     // builder would hold the target for as long as its queue is.
-    objects.extend(
-        maps.iter()
-            .filter(|m| m.executable)
-            .filter(|m| {
-                matches!(
-                    tables.by_file.get(&(m.dev.clone(), m.inode)),
-                    Some(State::Pending)
-                )
-            })
-            .map(|m| ObjectRef {
-                dev: m.dev.clone(),
-                inode: m.inode,
-                path: m.path.clone(),
-                host_path: target::host_path(pid, &m.path),
-            }),
-    );
+    objects.extend(tables.pending(pid, maps));
     objects.dedup();
     for o in &objects {
         if matches!(tables.by_file.get(&o.file_key()), Some(State::Loaded(_))) {
