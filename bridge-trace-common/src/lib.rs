@@ -220,8 +220,11 @@ pub enum UnwindMode {
     Dwarf = 2,
 }
 
-/// Capacity of the unwind-row array shared by every object's table.
-pub const MAX_UNWIND_ROWS: u32 = 1 << 21;
+/// Capacity of the unwind-row array shared by every object's table (32 MiB of 8-byte rows: the
+/// tables of rustc's two largest libraries, libLLVM and librustc_driver, take 2.6 M).
+pub const MAX_UNWIND_ROWS: u32 = 1 << 22;
+/// Capacity of the rule array: the distinct rules of every loaded object (a few thousand).
+pub const MAX_UNWIND_RULES: u32 = 1 << 16;
 /// Capacity of the page index: one entry per 4 KiB page of code with a table.
 pub const MAX_UNWIND_PAGES: u32 = 1 << 20;
 /// log2 of the page size of the page index.
@@ -260,17 +263,29 @@ pub mod rbp_rule {
     pub const UNDEFINED: u8 = 2;
 }
 
-/// One row of a compiled unwind table: the rules from `pc` up to the next row's `pc`, with `pc`
-/// relative to the object's own virtual addresses. The return address is always at CFA - 8.
+/// How to unwind one frame: where the CFA is and where the caller's rbp was saved. The return
+/// address is always at CFA - 8. Rules are shared: a table's rows refer to them by index.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UnwindRow {
-    pub pc: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnwindRule {
     pub cfa_rule: u8,
     pub rbp_rule: u8,
     pub _pad: u16,
     pub cfa_offset: i32,
     pub rbp_offset: i32,
+    pub _pad2: u32,
+}
+
+/// Rule 0 of the rule array: no unwind information (a gap between functions).
+pub const NO_UNWIND_RULE: u32 = 0;
+
+/// One row of a loaded unwind table: rule `rule` applies from `pc` up to the next row's `pc`,
+/// `pc` relative to the object's own virtual addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    pub pc: u32,
+    pub rule: u32,
 }
 
 /// One entry of the page index: the rows to search for an address in one 4 KiB page of code,
@@ -310,7 +325,8 @@ pub struct ProcUnwind {
     pub mappings: [UnwindMapping; MAX_UNWIND_MAPPINGS],
 }
 
-const _: () = assert!(core::mem::size_of::<UnwindRow>() == 16);
+const _: () = assert!(core::mem::size_of::<UnwindRow>() == 8);
+const _: () = assert!(core::mem::size_of::<UnwindRule>() == 16);
 const _: () = assert!(core::mem::size_of::<UnwindPage>() == 8);
 const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 40);
 const _: () = assert!(core::mem::size_of::<ProcUnwind>() == 8 + 40 * MAX_UNWIND_MAPPINGS);
@@ -333,6 +349,7 @@ mod user {
     unsafe impl aya::Pod for StackTotals {}
     unsafe impl aya::Pod for StackFrames {}
     unsafe impl aya::Pod for UnwindRow {}
+    unsafe impl aya::Pod for UnwindRule {}
     unsafe impl aya::Pod for UnwindMapping {}
     unsafe impl aya::Pod for UnwindPage {}
     unsafe impl aya::Pod for ProcUnwind {}

@@ -21,9 +21,10 @@ use aya_ebpf::{
 };
 use bridge_trace_common::{
     cfa_rule, rbp_rule, AllocInfo, AllocKey, AllocKind, Counter, InFlight, ProcUnwind, StackFrames,
-    StackKey, StackTotals, UnwindMode, UnwindPage, UnwindRow, COUNTER_COUNT, DEFAULT_MAX_ALLOCS,
-    MAX_INFLIGHT, MAX_STACKS, MAX_STACK_DEPTH, MAX_UNWIND_MAPPINGS, MAX_UNWIND_PAGES,
-    MAX_UNWIND_PROCS, MAX_UNWIND_ROWS, NESTING_WINDOW, STACK_TRUNCATED, UNWIND_PAGE_SHIFT,
+    StackKey, StackTotals, UnwindMode, UnwindPage, UnwindRow, UnwindRule, COUNTER_COUNT,
+    DEFAULT_MAX_ALLOCS, MAX_INFLIGHT, MAX_STACKS, MAX_STACK_DEPTH, MAX_UNWIND_MAPPINGS,
+    MAX_UNWIND_PAGES, MAX_UNWIND_PROCS, MAX_UNWIND_ROWS, MAX_UNWIND_RULES, NESTING_WINDOW,
+    STACK_TRUNCATED, UNWIND_PAGE_SHIFT,
 };
 
 // ---- Read-only knobs, set by the user half before load. ----
@@ -63,6 +64,11 @@ static UNWIND_PAGES: Array<UnwindPage> = Array::with_max_entries(MAX_UNWIND_PAGE
 /// Per CPU: rows found lately (see [`RowCache`]).
 #[map]
 static ROW_CACHE: PerCpuArray<RowCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// Every distinct unwind rule of the loaded tables, referred to by rows (user-written,
+/// memory-mapped by the user half).
+#[map]
+static UNWIND_RULES: Array<UnwindRule> = Array::with_max_entries(MAX_UNWIND_RULES, BPF_F_MMAPABLE);
 
 /// Per process: its executable mappings and where their tables are in [`UNWIND_ROWS`]
 /// (user-written).
@@ -187,7 +193,7 @@ pub struct CachedRow {
     pc: u64,
     tgid: u32,
     generation: u32,
-    row: UnwindRow,
+    row: UnwindRule,
 }
 
 /// Rows found lately, by return address: a hot allocation site's stack is walked again and
@@ -233,10 +239,10 @@ fn find_mapping(procs: &ProcUnwind, pc: u64, hint: u32) -> Option<usize> {
     Some(opaque(base) as usize & (MAX_UNWIND_MAPPINGS - 1))
 }
 
-/// The unwind row covering `pc` in the target's tables, if any; `hint` is the mapping the
+/// The unwind rule for `pc` from the target's tables, if any; `hint` is the mapping the
 /// previous frame was in, updated to this one's.
 #[inline(always)]
-fn find_row(procs: &ProcUnwind, pc: u64, hint: &mut u32) -> Option<UnwindRow> {
+fn find_row(procs: &ProcUnwind, pc: u64, hint: &mut u32) -> Option<UnwindRule> {
     let i = find_mapping(procs, pc, *hint)?;
     *hint = i as u32;
     let m = &procs.mappings[i];
@@ -275,7 +281,7 @@ fn find_row(procs: &ProcUnwind, pc: u64, hint: &mut u32) -> Option<UnwindRow> {
     if r.pc > rel {
         return None;
     }
-    Some(*r)
+    UNWIND_RULES.get(r.rule).copied()
 }
 
 #[inline(always)]

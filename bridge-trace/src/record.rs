@@ -254,7 +254,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
                             t.maps.refresh();
                             if let Some(u) = t.unwinder.as_mut() {
                                 let started = Instant::now();
-                                u.load_now(pid, &t.maps.current)?;
+                                u.load_now(pid, &t.maps.current).await?;
                                 tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "unwind tables loaded at the entry point");
                             }
                             // SAFETY: plain syscall; resumes our own child.

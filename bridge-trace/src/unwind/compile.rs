@@ -3,7 +3,7 @@
 //! each address range, where the CFA is and where the caller's rbp was saved.
 use std::time::{Duration, Instant};
 
-use bridge_trace_common::{cfa_rule, rbp_rule, UnwindPage, UnwindRow, UNWIND_PAGE_SHIFT};
+use bridge_trace_common::{cfa_rule, rbp_rule, UnwindPage, UnwindRule, UNWIND_PAGE_SHIFT};
 use gimli::{
     BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, LittleEndian, RegisterRule,
     UnwindContext, UnwindSection, UnwindTableRow, X86_64,
@@ -13,7 +13,7 @@ use object::{Object as _, ObjectSection as _};
 /// A compiled table, addresses relative to the object's own virtual addresses.
 #[derive(Clone, Debug, Default)]
 pub struct Table {
-    pub rows: Vec<UnwindRow>,
+    pub rows: Vec<CompiledRow>,
     pub stats: TableStats,
 }
 
@@ -61,21 +61,23 @@ pub enum CompileError {
     TooHigh(u64),
 }
 
-/// The rules of one address range, before it is packed into a row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Rule {
-    cfa_rule: u8,
-    cfa_offset: i32,
-    rbp_rule: u8,
-    rbp_offset: i32,
-}
+type Rule = UnwindRule;
 
 const NO_RULE: Rule = Rule {
     cfa_rule: cfa_rule::NONE,
-    cfa_offset: 0,
     rbp_rule: rbp_rule::SAME,
+    _pad: 0,
+    cfa_offset: 0,
     rbp_offset: 0,
+    _pad2: 0,
 };
+
+/// One row of a compiled table: `rule` from `pc` up to the next row's `pc`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompiledRow {
+    pub pc: u32,
+    pub rule: UnwindRule,
+}
 
 /// Compiles the unwind table of the ELF object in `data`.
 pub fn compile(data: &[u8]) -> Result<Table, CompileError> {
@@ -200,6 +202,7 @@ where
         cfa_offset,
         rbp_rule: rbp,
         rbp_offset,
+        ..NO_RULE
     }
 }
 
@@ -229,21 +232,21 @@ fn expression(bytes: &[u8]) -> Option<(u8, i32)> {
 
 /// Sorts the ranges into rows, marking the gaps between functions with [`cfa_rule::NONE`] and
 /// merging neighbours with the same rule.
-fn pack(mut ranges: Vec<(u64, u64, Rule)>) -> Result<Vec<UnwindRow>, CompileError> {
+fn pack(mut ranges: Vec<(u64, u64, Rule)>) -> Result<Vec<CompiledRow>, CompileError> {
     ranges.sort_by_key(|r| r.0);
-    let mut rows: Vec<UnwindRow> = Vec::with_capacity(ranges.len() + ranges.len() / 4);
+    let mut rows: Vec<CompiledRow> = Vec::with_capacity(ranges.len() + ranges.len() / 4);
     let mut last: Option<Rule> = None;
     let mut end = 0u64;
-    let push = |rows: &mut Vec<UnwindRow>, pc: u64, rule: Rule| -> Result<(), CompileError> {
+    let push = |rows: &mut Vec<CompiledRow>, pc: u64, rule: Rule| -> Result<(), CompileError> {
         let pc = u32::try_from(pc).map_err(|_| CompileError::TooHigh(pc))?;
         if let Some(prev) = rows.last_mut() {
             if prev.pc == pc {
                 // An empty range (or an overlap): the later rule wins.
-                *prev = row(pc, rule);
+                *prev = CompiledRow { pc, rule };
                 return Ok(());
             }
         }
-        rows.push(row(pc, rule));
+        rows.push(CompiledRow { pc, rule });
         Ok(())
     };
     for (start, stop, rule) in ranges {
@@ -266,24 +269,13 @@ fn pack(mut ranges: Vec<(u64, u64, Rule)>) -> Result<Vec<UnwindRow>, CompileErro
     Ok(rows)
 }
 
-fn row(pc: u32, r: Rule) -> UnwindRow {
-    UnwindRow {
-        pc,
-        cfa_rule: r.cfa_rule,
-        rbp_rule: r.rbp_rule,
-        _pad: 0,
-        cfa_offset: r.cfa_offset,
-        rbp_offset: r.rbp_offset,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn rule_at(rows: &[UnwindRow], pc: u32) -> Option<UnwindRow> {
+    fn rule_at(rows: &[CompiledRow], pc: u32) -> Option<UnwindRule> {
         let i = rows.partition_point(|r| r.pc <= pc);
-        (i > 0).then(|| rows[i - 1])
+        (i > 0).then(|| rows[i - 1].rule)
     }
 
     #[test]
@@ -353,7 +345,7 @@ mod tests {
         .unwrap();
         let pcs: Vec<(u32, u8, i32)> = rows
             .iter()
-            .map(|r| (r.pc, r.cfa_rule, r.cfa_offset))
+            .map(|r| (r.pc, r.rule.cfa_rule, r.rule.cfa_offset))
             .collect();
         assert_eq!(
             pcs,
@@ -385,7 +377,7 @@ mod system_objects {
                 panic!("{path} missing (cargo xtask setup installs it)");
             };
             let t = compile(&data).unwrap();
-            let count = |rule| t.rows.iter().filter(|r| r.cfa_rule == rule).count();
+            let count = |rule| t.rows.iter().filter(|r| r.rule.cfa_rule == rule).count();
             assert!(count(cfa_rule::PLT) >= 1, "{path}: no PLT row");
             assert!(count(cfa_rule::RSP) > 10_000, "{path}: {:?}", t.stats);
             assert!(

@@ -10,8 +10,8 @@ use std::{collections::HashMap, fs::File, os::fd::AsFd as _, path::PathBuf, sync
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use bridge_trace_common::{
-    ProcUnwind, UnwindMapping, UnwindPage, UnwindRow, MAX_UNWIND_MAPPINGS, MAX_UNWIND_PAGES,
-    MAX_UNWIND_ROWS,
+    ProcUnwind, UnwindMapping, UnwindPage, UnwindRow, UnwindRule, MAX_UNWIND_MAPPINGS,
+    MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, MAX_UNWIND_RULES, NO_UNWIND_RULE,
 };
 use object::{Object as _, ObjectSegment as _};
 use serde::{Deserialize, Serialize};
@@ -256,6 +256,9 @@ impl<T: Copy> Drop for Mapped<T> {
 /// The owner of the unwind maps.
 pub struct Tables {
     rows: Mapped<UnwindRow>,
+    rules: Mapped<UnwindRule>,
+    /// Index of every rule in `rules`.
+    rule_ids: HashMap<UnwindRule, u32>,
     pages: Mapped<UnwindPage>,
     procs: BpfHashMap<MapData, u32, ProcUnwind>,
     by_file: HashMap<(String, u64), State>,
@@ -284,10 +287,21 @@ impl Tables {
             return Err(Error::Ebpf("UNWIND_PAGES is not an array".into()));
         };
         let pages = Mapped::map(pages, MAX_UNWIND_PAGES, "page index")?;
+        let Map::Array(rules) = take(tracer, "UNWIND_RULES")? else {
+            return Err(Error::Ebpf("UNWIND_RULES is not an array".into()));
+        };
+        let mut rules = Mapped::map(rules, MAX_UNWIND_RULES, "rules")?;
+        // Rule 0: no unwind information.
+        let none = UnwindRule::default();
+        debug_assert_eq!(none.cfa_rule, bridge_trace_common::cfa_rule::NONE);
+        rules.push(&[none]);
+        let rule_ids = HashMap::from([(none, NO_UNWIND_RULE)]);
         let procs = BpfHashMap::try_from(take(tracer, "UNWIND_PROCS")?)
             .map_err(|e| Error::Ebpf(format!("UNWIND_PROCS: {e}")))?;
         Ok(Tables {
             rows,
+            rules,
+            rule_ids,
             pages,
             procs,
             by_file: HashMap::new(),
@@ -316,9 +330,12 @@ impl Tables {
         out
     }
 
-    /// Loads a compiled table into the row array (once per build-id).
+    /// Loads a compiled table into the row array (once per file, and once per build-id).
     pub fn insert(&mut self, compiled: Compiled) {
         let key = compiled.object.file_key();
+        if matches!(self.by_file.get(&key), Some(State::Loaded(_))) {
+            return;
+        }
         let name = compiled.object.path.clone();
         let c = match compiled.result {
             Ok(c) => c,
@@ -346,7 +363,8 @@ impl Tables {
             return;
         }
         let (first_page, mut index) = c.table.page_index();
-        let placed = match self.rows.push(&c.table.rows) {
+        let rows = self.row_ids(&c.table.rows);
+        let placed = match rows.and_then(|rows| self.rows.push(&rows)) {
             Some(row_start) => {
                 for page in index.iter_mut() {
                     page.first += row_start;
@@ -380,6 +398,24 @@ impl Tables {
             self.by_build_id.insert(b, loaded.clone());
         }
         self.by_file.insert(key, State::Loaded(loaded));
+    }
+
+    /// A table's rows as loaded: each rule replaced by its index in the rule array (new rules
+    /// are added). None when the rule array is full.
+    fn row_ids(&mut self, rows: &[compile::CompiledRow]) -> Option<Vec<UnwindRow>> {
+        rows.iter()
+            .map(|r| {
+                let rule = match self.rule_ids.get(&r.rule) {
+                    Some(&id) => id,
+                    None => {
+                        let id = self.rules.push(&[r.rule])?;
+                        self.rule_ids.insert(r.rule, id);
+                        id
+                    }
+                };
+                Some(UnwindRow { pc: r.pc, rule })
+            })
+            .collect()
     }
 
     /// Tells the kernel half which of `pid`'s mappings have tables, and where.
@@ -455,23 +491,6 @@ fn bias(m: &Mapping, segments: &[(u64, u64, u64)]) -> Option<u64> {
     m.start.checked_sub(object_addr)
 }
 
-/// Compiles and loads, right now, the table of every executable object of `maps` that has
-/// none yet (used while a launched target is held before its first instruction).
-pub fn load_now(tables: &mut Tables, pid: u32, maps: &[Mapping]) -> Result<()> {
-    let mut objects = tables.wanted(pid, maps);
-    // Objects already requested from the builder are compiled again here: waiting for the
-    // builder would hold the target for as long as its queue is.
-    objects.extend(tables.pending(pid, maps));
-    objects.dedup();
-    for o in &objects {
-        if matches!(tables.by_file.get(&o.file_key()), Some(State::Loaded(_))) {
-            continue;
-        }
-        tables.insert(compile_object(o));
-    }
-    tables.publish(pid, maps)
-}
-
 /// Unwind tables kept current for traced processes: [`Tables`] fed by a [`Builder`].
 pub struct Unwinder {
     tables: Tables,
@@ -514,9 +533,19 @@ impl Unwinder {
         self.tables.publish(pid, maps)
     }
 
-    /// Loads every missing table of `pid` now (the target is held).
-    pub fn load_now(&mut self, pid: u32, maps: &[Mapping]) -> Result<()> {
-        load_now(&mut self.tables, pid, maps)
+    /// Loads every missing table of `pid` before returning (the target is held meanwhile):
+    /// compiles those never requested here, while the builder finishes those it has.
+    pub async fn load_now(&mut self, pid: u32, maps: &[Mapping]) -> Result<()> {
+        for object in self.tables.wanted(pid, maps) {
+            self.tables.insert(compile_object(&object));
+        }
+        while !self.tables.pending(pid, maps).is_empty() {
+            match self.compiled.recv().await {
+                Some(c) => self.tables.insert(c),
+                None => break,
+            }
+        }
+        self.tables.publish(pid, maps)
     }
 
     pub fn summary(&self) -> UnwindSummary {
