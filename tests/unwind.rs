@@ -561,3 +561,37 @@ fn gdb_backtrace_at_the_same_call_site_agrees() {
         "python3.11: bridge-trace (left) against gdb (right)"
     );
 }
+
+/// rustc maps libLLVM and librustc_driver (hundreds of MB): every table loads (loading a file
+/// twice once filled the row array), and the summary says what it cost.
+#[test]
+fn large_libraries_load_once_and_fit() {
+    let _g = lock();
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .unwrap();
+    let real = PathBuf::from(String::from_utf8(sysroot.stdout).unwrap().trim()).join("bin/rustc");
+    let dir = scratch("rustc");
+    let out = dir.join("r.json");
+    let output = record(&[
+        "-o",
+        out.to_str().unwrap(),
+        "--",
+        real.to_str().unwrap(),
+        "--version",
+    ]);
+    assert_ok(&output);
+    let report = json(&out);
+    let unwind = &report["meta"]["unwind"];
+    assert_eq!(unwind["missing"], serde_json::json!([]), "{unwind}");
+    assert!(unwind["rows"].as_u64().unwrap() > 1_000_000, "{unwind}");
+    let slowest = unwind["slowest"][0].as_str().unwrap();
+    assert!(
+        slowest.contains("libLLVM") || slowest.contains("rustc_driver"),
+        "{unwind}"
+    );
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(summary.contains("stacks: unwind tables"), "{summary}");
+}

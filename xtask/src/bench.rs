@@ -141,8 +141,10 @@ pub fn bench(short: bool) -> Result<()> {
         }
     );
     println!("end to end: dwarf {pair_ratio:.2}x the cost of fp per malloc+free pair");
+    let tables = table_costs(&tracer, &dir)?;
     let out = dir.join("unwind.json");
     let doc = json!({
+        "unwind_tables": tables,
         "workload": {"program": "bench/alloc-loop.c", "iterations": iterations, "depth": depth},
         "rounds": rounds,
         "results": results,
@@ -157,6 +159,48 @@ pub fn bench(short: bool) -> Result<()> {
         bail!("the dwarf stack walk costs {ratio:.2}x the frame-pointer walk (goal {DWARF_GOAL}x)");
     }
     Ok(())
+}
+
+/// What compiling the unwind tables of two real programs costs: Debian's python3.11, and rustc
+/// with its 200 MB libLLVM and 150 MB librustc_driver.
+fn table_costs(tracer: &Path, dir: &Path) -> Result<Vec<Value>> {
+    let sysroot = output(Command::new("rustc").args(["--print", "sysroot"]))?;
+    let rustc = Path::new(sysroot.trim()).join("bin/rustc");
+    let programs: [(&str, Vec<String>); 2] = [
+        (
+            "python3.11",
+            vec!["/usr/bin/python3.11".into(), "-c".into(), "pass".into()],
+        ),
+        (
+            "rustc",
+            vec![rustc.to_string_lossy().into_owned(), "--version".into()],
+        ),
+    ];
+    println!();
+    println!("unwind tables, compiled off the tracing path:");
+    let mut out = Vec::new();
+    for (name, argv) in programs {
+        let report = dir.join("tables.json");
+        output(
+            Command::new(tracer)
+                .args(["record", "--quiet", "-o"])
+                .arg(&report)
+                .arg("--")
+                .args(&argv),
+        )?;
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+        let u = &report["meta"]["unwind"];
+        println!(
+            "  {name:<12} {:>3} objects {:>9} rows {:>6.0} ms (slowest: {} {:.0} ms)",
+            u["objects"],
+            u["rows"],
+            u["build_ms"].as_f64().unwrap_or(0.0),
+            u["slowest"][0].as_str().unwrap_or("-"),
+            u["slowest"][1].as_f64().unwrap_or(0.0),
+        );
+        out.push(json!({"program": name, "unwind": u}));
+    }
+    Ok(out)
 }
 
 fn measure(
