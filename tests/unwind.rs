@@ -277,11 +277,54 @@ fn c_without_frame_pointers_full_chains_through_shared_and_dlopened_libraries() 
         "deep chains: {sites:?}"
     );
     assert_sites(&report, &sites, Some(&LIBC_ROOT), c_allocator_frame);
+    assert_inlined_frame_lines(&report);
     let unwind = &report["meta"]["unwind"];
     assert_eq!(unwind["mode"], "dwarf");
     assert!(
         unwind["objects"].as_u64().unwrap() >= 5,
         "exe, 2 libraries, libc, ld.so: {unwind}"
+    );
+}
+
+/// The always-inline `e06_inline` is a frame of its own, marked inlined, at its own line (its
+/// call to e07), and e06 at the line where it calls it.
+fn assert_inlined_frame_lines(report: &Value) {
+    let source = std::fs::read_to_string(repo().join("tests/fixtures/deep.c")).unwrap();
+    let line_of = |text: &str| {
+        source
+            .lines()
+            .position(|l| l.contains(text))
+            .map(|i| i as u64 + 1)
+            .unwrap()
+    };
+    let frames: Vec<&Value> = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["frames"].as_array().unwrap())
+        .collect();
+    let frame = |name: &str| {
+        *frames
+            .iter()
+            .find(|f| f["function"] == name)
+            .unwrap_or_else(|| panic!("no frame {name}"))
+    };
+    let inlined = frame("e06_inline");
+    assert_eq!(inlined["inlined"], true, "{inlined}");
+    assert!(
+        inlined["file"].as_str().unwrap().ends_with("deep.c"),
+        "{inlined}"
+    );
+    assert_eq!(
+        inlined["line"].as_u64(),
+        Some(line_of("void *p = e07(n);")),
+        "{inlined}"
+    );
+    let outer = frame("e06");
+    assert_eq!(
+        outer["line"].as_u64(),
+        Some(line_of("STEP(e06, e06_inline)")),
+        "{outer}"
     );
 }
 
