@@ -278,6 +278,10 @@ fn c_without_frame_pointers_full_chains_through_shared_and_dlopened_libraries() 
     );
     assert_sites(&report, &sites, Some(&LIBC_ROOT), c_allocator_frame);
     assert_inlined_frame_lines(&report);
+    // Held once its libraries were mapped and at the dlopen: no frame ever lacked its table.
+    let counters = &report["meta"]["counters"];
+    assert_eq!(counters["unwind_no_table"], 0, "{counters}");
+    assert!(counters["start_stops"].as_u64().unwrap() >= 2, "{counters}");
     let unwind = &report["meta"]["unwind"];
     assert_eq!(unwind["mode"], "dwarf");
     assert!(

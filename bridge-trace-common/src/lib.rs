@@ -106,8 +106,8 @@ pub enum Counter {
     UnwindReadFault = 15,
     /// Stack walks stopped at `MAX_STACK_DEPTH` frames (the stack is truncated).
     UnwindDepthLimit = 16,
-    /// Times the target was held at its entry point (launched targets only) so the unwind
-    /// tables of its libraries could be loaded.
+    /// Times the target was held once its libraries were mapped, or at a dlopen (launched
+    /// targets only), so that their unwind tables could be loaded before their code ran.
     StartStops = 17,
 }
 

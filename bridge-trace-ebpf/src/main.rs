@@ -43,8 +43,8 @@ static STOP_AT_EXIT: u32 = 0;
 #[no_mangle]
 static UNWIND_MODE: u32 = UnwindMode::Auto as u32;
 
-/// 1: stop the target with SIGSTOP at its entry point (`_start`), after the dynamic loader has
-/// mapped its libraries, so that the user half can load their unwind tables before `main`.
+/// 1: stop the target with SIGSTOP where it has mapped new objects and not run their code yet
+/// (`start_enter`), so that the user half can load their unwind tables first.
 #[no_mangle]
 static STOP_AT_START: u32 = 0;
 
@@ -798,8 +798,9 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// The program's entry point: in `-- CMD` mode, hold the target once so its libraries' unwind
-/// tables can be loaded before its own code runs.
+/// Where new objects are mapped and none of their code has run (glibc's `__libc_early_init`,
+/// the loader's `_dl_debug_state` at every dlopen, a static program's entry point): in
+/// `-- CMD` mode, hold the target so that their unwind tables are loaded first.
 #[uprobe]
 pub fn start_enter(_ctx: ProbeContext) -> u32 {
     if knob(&STOP_AT_START) == 0 || current_target().is_none() {

@@ -175,18 +175,9 @@ impl Tracer {
         Ok(Tracer { ebpf, attached })
     }
 
-    /// Attaches `start_enter` where a launched program is held once, its libraries mapped
-    /// and none of their code run yet ([`target::start_point`]). False when there is no such
-    /// point (the tables then load at the first look at the maps).
-    pub fn attach_start(
-        &mut self,
-        program: &Path,
-        allocator: &Allocator,
-        pid: u32,
-    ) -> Result<bool> {
-        let Some(point) = target::start_point(program, allocator) else {
-            return Ok(false);
-        };
+    /// Attaches `start_enter` wherever a launched program is to be held while unwind tables
+    /// load ([`target::hold_points`]). Without any, tables load at the next look at the maps.
+    pub fn attach_holds(&mut self, program: &Path, allocator: &Allocator, pid: u32) -> Result<()> {
         let pid = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
         let label = "start_enter";
         let prog: &mut UProbe = self
@@ -197,14 +188,16 @@ impl Tracer {
             .map_err(|e: ProgramError| ebpf_err(label, chain(&e)))?;
         prog.load()
             .map_err(|e| ebpf_err(&format!("loading {label}"), chain(&e)))?;
-        prog.attach(point.offset, &point.object, UProbeScope::OneProcess(pid))
-            .map_err(|e| {
-                ebpf_err(
-                    &format!("attaching {label} to {}", point.object.display()),
-                    chain(&e),
-                )
-            })?;
-        Ok(true)
+        for point in target::hold_points(program, allocator) {
+            prog.attach(point.offset, &point.object, UProbeScope::OneProcess(pid))
+                .map_err(|e| {
+                    ebpf_err(
+                        &format!("attaching {label} to {}", point.object.display()),
+                        chain(&e),
+                    )
+                })?;
+        }
+        Ok(())
     }
 
     /// What each loaded program cost so far, from the kernel's own statistics (run time is

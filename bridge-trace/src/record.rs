@@ -120,8 +120,9 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
     .and_then(|mut tracer| {
         let unwinder = Unwinder::new(&mut tracer, config.unwind)?;
         if unwinder.is_some() {
-            // Held there once, the libraries mapped, to load their tables before main.
-            tracer.attach_start(&program, &allocator, pid)?;
+            // Held once its libraries are mapped, and at each dlopen, to load their tables
+            // before their code runs.
+            tracer.attach_holds(&program, &allocator, pid)?;
         }
         Ok((tracer, unwinder))
     });
@@ -247,15 +248,14 @@ async fn run_async(config: &Config) -> Result<Outcome> {
                     Some(ChildEvent::Stopped(sig)) => {
                         let c = collect::counters(&t.tracer).unwrap_or_default();
                         if sig == libc::SIGSTOP && c.start_stops > starts_released {
-                            // Held at its start: its libraries are mapped, their code has not
-                            // run. Load their tables, then let it go. (A new libc namespace,
-                            // dlmopen, holds it again: released the same way.)
+                            // Held at its start or at a dlopen: new objects are mapped, their
+                            // code has not run. Load their tables, then let it go.
                             starts_released = c.start_stops;
                             t.maps.refresh();
                             if let Some(u) = t.unwinder.as_mut() {
                                 let started = Instant::now();
                                 u.load_now(pid, &t.maps.current).await?;
-                                tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "unwind tables loaded at the entry point");
+                                tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "unwind tables loaded while held");
                             }
                             // SAFETY: plain syscall; resumes our own child.
                             unsafe { libc::kill(pid as i32, libc::SIGCONT) };

@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use object::{Object as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::error::{Error, Result};
 
@@ -31,41 +31,66 @@ pub struct Mapping {
     pub path: String,
 }
 
-/// Where a launched program can be held once, after the dynamic loader has mapped its
-/// libraries and before any of their code (constructors included) or its own runs.
+/// A place where a launched program is held (SIGSTOP from BPF) while the unwind tables of the
+/// objects it has just mapped are loaded, before any code in them runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StartPoint {
+pub struct HoldPoint {
     pub object: PathBuf,
     /// A file offset in `object`.
     pub offset: u64,
 }
 
-/// glibc's `__libc_early_init`, which the dynamic loader calls once every library is mapped
-/// and before their constructors; for a static program, its entry point (`e_entry`). None for
-/// anything else (a script, say).
-pub fn start_point(program: &Path, allocator: &Allocator) -> Option<StartPoint> {
-    let map = |path: &Path| -> Option<memmap2::Mmap> {
-        let file = fs::File::open(path).ok()?;
-        // SAFETY: a read-only mapping of a binary, read once, right now.
-        unsafe { memmap2::Mmap::map(&file) }.ok()
-    };
-    if allocator.host_path != program {
-        let data = map(&allocator.host_path)?;
-        let elf = object::File::parse(&*data).ok()?;
-        let sym = elf
-            .dynamic_symbols()
-            .find(|s| s.name() == Ok("__libc_early_init"))?;
-        return file_offset(&elf, sym.address()).map(|offset| StartPoint {
-            object: allocator.host_path.clone(),
-            offset,
-        });
-    }
-    let data = map(program)?;
+fn map_file(path: &Path) -> Option<memmap2::Mmap> {
+    let file = fs::File::open(path).ok()?;
+    // SAFETY: a read-only mapping of a binary, read once, right now.
+    unsafe { memmap2::Mmap::map(&file) }.ok()
+}
+
+/// The entry of the dynamic symbol `name` of `object`.
+fn symbol_point(object: &Path, name: &str) -> Option<HoldPoint> {
+    let data = map_file(object)?;
     let elf = object::File::parse(&*data).ok()?;
-    file_offset(&elf, elf.entry()).map(|offset| StartPoint {
-        object: program.to_path_buf(),
+    let sym = elf.dynamic_symbols().find(|s| s.name() == Ok(name))?;
+    file_offset(&elf, sym.address()).map(|offset| HoldPoint {
+        object: object.to_path_buf(),
         offset,
     })
+}
+
+/// Where a launched program is held: glibc's `__libc_early_init`, which the dynamic loader
+/// calls once every library is mapped and before their constructors run, and the loader's
+/// `_dl_debug_state` (the hook debuggers use), which it calls whenever `dlopen` or `dlclose`
+/// changed the set of objects; for a static program, its entry point (`e_entry`). Empty for
+/// anything else (a script, say).
+pub fn hold_points(program: &Path, allocator: &Allocator) -> Vec<HoldPoint> {
+    if allocator.host_path == program {
+        let Some(data) = map_file(program) else {
+            return Vec::new();
+        };
+        let Ok(elf) = object::File::parse(&*data) else {
+            return Vec::new();
+        };
+        return file_offset(&elf, elf.entry())
+            .map(|offset| HoldPoint {
+                object: program.to_path_buf(),
+                offset,
+            })
+            .into_iter()
+            .collect();
+    }
+    let interpreter = map_file(program).and_then(|data| {
+        let elf = object::File::parse(&*data).ok()?;
+        let interp = elf.section_by_name(".interp")?.data().ok()?;
+        let interp = interp.split(|&b| b == 0).next()?;
+        Some(PathBuf::from(std::str::from_utf8(interp).ok()?))
+    });
+    [
+        symbol_point(&allocator.host_path, "__libc_early_init"),
+        interpreter.and_then(|ld| symbol_point(&ld, "_dl_debug_state")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 fn file_offset(elf: &object::File<'_>, addr: u64) -> Option<u64> {
