@@ -25,6 +25,155 @@ pub struct Cli {
 pub enum Command {
     /// Trace a process's allocations and report those still outstanding when recording stops.
     Record(RecordArgs),
+    /// Watch a running service continuously: classify call sites as leaking, cache or churn
+    /// window after window, export Prometheus metrics, and say when a site leaks.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  \
+    sudo bridge-trace watch --pid 1234 --interval 30s --alert-growth 1MiB/min")]
+pub struct WatchArgs {
+    /// The process to watch.
+    #[arg(long, short = 'p', value_name = "PID")]
+    pub pid: u32,
+    /// Length of one window: outstanding memory is sampled per call site at each.
+    #[arg(long, short = 'i', value_name = "DURATION", default_value = "10s")]
+    pub interval: String,
+    /// Stop after this long (default: until Ctrl-C, SIGTERM or the process exits).
+    #[arg(long, short = 'd', value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// Where to serve Prometheus metrics (GET /metrics).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Log an alert when a leaking site grows faster than this (e.g. 64KiB/s, 10MB/min).
+    #[arg(long, value_name = "RATE")]
+    pub alert_growth: Option<String>,
+    /// How much of the recent history --alert-growth measures the growth over.
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    pub alert_window: String,
+    /// Overhead tier: `full` traces every allocation and free, as `record` does.
+    #[arg(long, value_enum, default_value_t = Tier::Full)]
+    pub tier: Tier,
+    /// Capacity of the kernel's live-allocation map.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ALLOCS)]
+    pub max_allocs: u32,
+    /// How to walk stacks (see `record --help`).
+    #[arg(long, value_enum, default_value_t = Unwind::Auto)]
+    pub unwind: Unwind,
+}
+
+/// How much `watch` traces (and costs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Tier {
+    /// Every allocation and free, with its stack.
+    Full,
+}
+
+impl Tier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Full => "full",
+        }
+    }
+}
+
+/// What to trace and how, for the stages that `record` and `watch` share.
+#[derive(Clone, Copy, Debug)]
+pub struct TraceOptions {
+    pub max_allocs: u32,
+    pub unwind: Unwind,
+}
+
+/// A validated `watch` request.
+#[derive(Clone, Debug)]
+pub struct WatchConfig {
+    pub pid: u32,
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    pub metrics_addr: std::net::SocketAddr,
+    /// Bytes per second.
+    pub alert_growth: Option<f64>,
+    pub alert_window: Duration,
+    pub tier: Tier,
+    pub trace: TraceOptions,
+}
+
+impl WatchConfig {
+    pub fn from_watch_args(args: WatchArgs) -> Result<WatchConfig> {
+        if args.pid == 0 {
+            return Err(Error::Usage("--pid 0 is not a process".into()));
+        }
+        let interval = parse_duration("--interval", &args.interval)?;
+        if interval < Duration::from_millis(100) {
+            return Err(Error::Usage("--interval must be at least 100ms".into()));
+        }
+        let duration = args
+            .duration
+            .as_deref()
+            .map(|d| parse_duration("--duration", d))
+            .transpose()?;
+        if args.max_allocs == 0 {
+            return Err(Error::Usage("--max-allocs must be at least 1".into()));
+        }
+        Ok(WatchConfig {
+            pid: args.pid,
+            interval,
+            duration,
+            metrics_addr: args.metrics_addr,
+            alert_growth: args
+                .alert_growth
+                .as_deref()
+                .map(|r| parse_rate("--alert-growth", r))
+                .transpose()?,
+            alert_window: parse_duration("--alert-window", &args.alert_window)?,
+            tier: args.tier,
+            trace: TraceOptions {
+                max_allocs: args.max_allocs,
+                unwind: args.unwind,
+            },
+        })
+    }
+}
+
+/// Parses a growth rate such as `64KiB/s`, `10MB/min`, `1GiB/h` into bytes per second; a bare
+/// size is per second.
+pub fn parse_rate(flag: &'static str, value: &str) -> Result<f64> {
+    let bad = |reason: &str| {
+        Error::Usage(format!(
+            "invalid rate '{value}' for {flag}: {reason} (examples: 64KiB/s, 10MB/min, 1GiB/h)"
+        ))
+    };
+    let (size, per) = match value.trim().split_once('/') {
+        Some((size, per)) => (size.trim(), per.trim()),
+        None => (value.trim(), "s"),
+    };
+    let seconds = match per {
+        "s" | "sec" => 1.0,
+        "m" | "min" => 60.0,
+        "h" | "hour" => 3600.0,
+        _ => return Err(bad("the period must be s, min or h")),
+    };
+    let split = size
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(size.len());
+    let (number, unit) = size.split_at(split);
+    let number: f64 = number.parse().map_err(|_| bad("no number"))?;
+    let unit = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" | "K" => 1024.0,
+        "MiB" | "M" => 1024.0 * 1024.0,
+        "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad("unknown unit")),
+    };
+    let rate = number * unit / seconds;
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(bad("must be more than 0"));
+    }
+    Ok(rate)
 }
 
 #[derive(Debug, Args)]
@@ -153,15 +302,23 @@ pub struct Config {
 }
 
 impl Config {
+    /// What `record` traces and how.
+    pub fn trace_options(&self) -> TraceOptions {
+        TraceOptions {
+            max_allocs: self.max_allocs,
+            unwind: self.unwind,
+        }
+    }
+
     /// Parses and validates `bridge-trace record ...` arguments (`args[0]` is the program name).
     pub fn from_args<I, T>(args: I) -> std::result::Result<Config, ArgsError>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let cli = Cli::try_parse_from(args).map_err(ArgsError::Clap)?;
-        match cli.command {
-            Command::Record(args) => Config::from_record_args(args).map_err(ArgsError::Invalid),
+        match Request::from_args(args)? {
+            Request::Record(c) => Ok(c),
+            Request::Watch(_) => Err(ArgsError::Invalid(Error::Usage("not a record".into()))),
         }
     }
 
@@ -232,6 +389,29 @@ impl Config {
     }
 }
 
+/// A validated request, one per subcommand.
+#[derive(Clone, Debug)]
+pub enum Request {
+    Record(Config),
+    Watch(WatchConfig),
+}
+
+impl Request {
+    /// Parses and validates `bridge-trace ...` arguments (`args[0]` is the program name).
+    pub fn from_args<I, T>(args: I) -> std::result::Result<Request, ArgsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args).map_err(ArgsError::Clap)?;
+        match cli.command {
+            Command::Record(a) => Config::from_record_args(a).map(Request::Record),
+            Command::Watch(a) => WatchConfig::from_watch_args(a).map(Request::Watch),
+        }
+        .map_err(ArgsError::Invalid)
+    }
+}
+
 /// Why arguments were rejected: clap's own errors (including --help) or a validation error.
 #[derive(Debug)]
 pub enum ArgsError {
@@ -293,6 +473,43 @@ pub fn check_writable(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("--r", "64KiB/s").unwrap(), 65536.0);
+        assert_eq!(parse_rate("--r", "6MB/min").unwrap(), 100_000.0);
+        assert_eq!(parse_rate("--r", "1000").unwrap(), 1000.0);
+        for bad in ["", "KiB/s", "5XB/s", "5MB/day", "0/s", "-1/s"] {
+            assert!(parse_rate("--r", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn watch_arguments() {
+        let w = |args: &[&str]| {
+            let mut all = vec!["bridge-trace", "watch"];
+            all.extend_from_slice(args);
+            Request::from_args(all)
+        };
+        match w(&[
+            "--pid",
+            "42",
+            "--interval",
+            "2s",
+            "--alert-growth",
+            "1MiB/min",
+        ]) {
+            Ok(Request::Watch(c)) => {
+                assert_eq!(c.interval, Duration::from_secs(2));
+                assert_eq!(c.alert_growth, Some(1024.0 * 1024.0 / 60.0));
+                assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(w(&["--pid", "0"]).is_err());
+        assert!(w(&["--pid", "1", "--interval", "10ms"]).is_err());
+        assert!(w(&["--interval", "1s"]).is_err(), "--pid is required");
+    }
 
     fn config(args: &[&str]) -> std::result::Result<Config, String> {
         let mut full = vec!["bridge-trace", "record"];

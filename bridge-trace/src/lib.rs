@@ -20,5 +20,6 @@ pub mod report;
 pub mod symbolize;
 pub mod target;
 pub mod unwind;
+pub mod watch;
 
 pub use error::Error;

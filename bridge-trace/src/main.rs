@@ -3,12 +3,12 @@
 use std::process::ExitCode;
 
 use bridge_trace::{
-    cli::{ArgsError, Command, Config},
+    cli::{ArgsError, Request},
     error::exit_code,
     record,
     report::human_bytes,
+    watch,
 };
-use clap::Parser as _;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -18,8 +18,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = match parse() {
-        Ok(c) => c,
+    let request = match Request::from_args(std::env::args_os()) {
+        Ok(r) => r,
         Err(ArgsError::Clap(e)) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
             eprintln!("bridge-trace: {}", first.trim_start_matches("error: "));
-            eprintln!("bridge-trace: see `bridge-trace record --help`");
+            eprintln!("bridge-trace: see `bridge-trace --help`");
             return ExitCode::from(exit_code::USAGE as u8);
         }
         Err(ArgsError::Invalid(e)) => {
@@ -38,22 +38,18 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    match record::run(&config) {
-        Ok(outcome) => {
-            print_summary(&outcome, config.top.min(5));
-            ExitCode::SUCCESS
+    let result = match &request {
+        Request::Record(config) => {
+            record::run(config).map(|outcome| print_summary(&outcome, config.top.min(5)))
         }
+        Request::Watch(config) => watch::run(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bridge-trace: {e}");
             ExitCode::from(e.exit_code() as u8)
         }
-    }
-}
-
-fn parse() -> Result<Config, ArgsError> {
-    let cli = bridge_trace::cli::Cli::try_parse().map_err(ArgsError::Clap)?;
-    match cli.command {
-        Command::Record(args) => Config::from_record_args(args).map_err(ArgsError::Invalid),
     }
 }
 

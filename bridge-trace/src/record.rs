@@ -12,7 +12,7 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 use crate::{
     aggregate::{aggregate, Meta, Report, REPORT_VERSION},
     attach::{check_privileges, Knobs, Tracer},
-    cli::{Config, Format, Target},
+    cli::{Config, Format, Target, TraceOptions},
     collect::{self, Snapshot},
     error::{Error, Result},
     report::{self, human_bytes, RenderOptions},
@@ -57,18 +57,21 @@ pub fn run(config: &Config) -> Result<Outcome> {
     rt.block_on(run_async(config))
 }
 
-struct Attached {
-    pid: u32,
-    name: String,
-    tracer: Tracer,
-    allocator: String,
-    maps: ProcessMaps,
-    unwinder: Option<Unwinder>,
+/// A traced process: probes attached, its maps kept, its unwind tables fed.
+pub(crate) struct Attached {
+    pub(crate) pid: u32,
+    pub(crate) name: String,
+    pub(crate) tracer: Tracer,
+    pub(crate) allocator: String,
+    pub(crate) maps: ProcessMaps,
+    pub(crate) unwinder: Option<Unwinder>,
     child: Option<mpsc::UnboundedReceiver<ChildEvent>>,
-    pidfd: Option<AsyncFd<OwnedFd>>,
+    /// Readable once the process has exited (`--pid`).
+    pub(crate) pidfd: Option<AsyncFd<OwnedFd>>,
 }
 
-fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
+/// Attaches to the running process `pid` (`record --pid`, `watch`).
+pub(crate) fn attach_pid(pid: u32, config: &TraceOptions) -> Result<Attached> {
     let maps = target::inspect_pid(pid)?;
     let allocator = target::find_allocator(pid, &maps)?;
     let mut tracer = Tracer::attach(
@@ -207,7 +210,7 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 async fn run_async(config: &Config) -> Result<Outcome> {
     check_privileges()?;
     let mut t = match &config.target {
-        Target::Pid(pid) => attach_pid(*pid, config)?,
+        Target::Pid(pid) => attach_pid(*pid, &config.trace_options())?,
         Target::Command(argv) => launch(argv, config)?,
     };
     let pid = t.pid;

@@ -1,0 +1,168 @@
+//! Tells leaks from caches and churn, per call site, from its outstanding memory window after
+//! window. A site is:
+//! - **leaking** when, over the last [`LEAK_WINDOWS`] windows, its *old* allocations (older
+//!   than two windows, past any request's lifetime) kept piling up — more of them in (nearly)
+//!   every window — and its oldest allocation stayed, aging all along: nothing old is ever
+//!   freed;
+//! - **cache** when it holds old allocations but either their number stopped growing (a cache
+//!   that filled, state kept for the process's life) or the oldest ones are being replaced (an
+//!   LRU cache: its oldest allocation's age stops growing);
+//! - **churn** when everything it holds is young (allocated and freed within a request).
+//!
+//! Memory allocated before watching started is invisible, so a cache whose entries live longer
+//! than the watch so far looks like a leak until its first entries are replaced; a cache that
+//! is still filling is flagged only if it fills for longer than [`LEAK_WINDOWS`] windows.
+use std::collections::VecDeque;
+
+use serde::Serialize;
+
+/// Consecutive windows of growth of old memory that make a leak.
+pub const LEAK_WINDOWS: usize = 5;
+/// Windows of history kept per site.
+pub const HISTORY: usize = 64;
+/// An allocation is old once it has lived this many windows.
+pub const OLD_AFTER_WINDOWS: f64 = 2.0;
+
+/// One site's live allocations at the end of one window.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Window {
+    /// Seconds since watching started.
+    pub at_secs: f64,
+    pub bytes: u64,
+    pub count: u64,
+    /// Bytes held by allocations older than [`OLD_AFTER_WINDOWS`] windows.
+    pub old_bytes: u64,
+    pub old_count: u64,
+    pub oldest_age_secs: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    /// Not enough history yet.
+    Undecided,
+    Leaking,
+    Cache,
+    Churn,
+}
+
+impl Class {
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Undecided => "undecided",
+            Class::Leaking => "leaking",
+            Class::Cache => "cache",
+            Class::Churn => "churn",
+        }
+    }
+}
+
+/// A site's recent windows.
+#[derive(Clone, Debug, Default)]
+pub struct Trend {
+    windows: VecDeque<Window>,
+}
+
+impl Trend {
+    pub fn push(&mut self, w: Window) {
+        if self.windows.len() == HISTORY {
+            self.windows.pop_front();
+        }
+        self.windows.push_back(w);
+    }
+
+    pub fn latest(&self) -> Window {
+        self.windows.back().copied().unwrap_or_default()
+    }
+
+    pub fn class(&self) -> Class {
+        let latest = self.latest();
+        if self.windows.len() < LEAK_WINDOWS + 1 {
+            if !self.windows.is_empty() && latest.old_bytes == 0 && self.windows.len() > 2 {
+                return Class::Churn;
+            }
+            return Class::Undecided;
+        }
+        if latest.old_bytes == 0 {
+            return Class::Churn;
+        }
+        // recent[0] is the latest, recent[LEAK_WINDOWS] the start of the span.
+        let recent: Vec<&Window> = self.windows.iter().rev().take(LEAK_WINDOWS + 1).collect();
+        let (now, then) = (recent[0], recent[LEAK_WINDOWS]);
+        let growing_steps = recent
+            .windows(2)
+            .filter(|p| p[0].old_count > p[1].old_count)
+            .count();
+        let piling_up = growing_steps + 1 >= LEAK_WINDOWS
+            && now.old_count >= then.old_count + LEAK_WINDOWS as u64;
+        let span = now.at_secs - then.at_secs;
+        let oldest_stays = now.oldest_age_secs - then.oldest_age_secs >= 0.8 * span;
+        if piling_up && oldest_stays {
+            Class::Leaking
+        } else {
+            Class::Cache
+        }
+    }
+
+    /// Growth of the site's memory in bytes per second over about the last `span_secs`.
+    pub fn growth_rate(&self, span_secs: f64) -> f64 {
+        let Some(last) = self.windows.back() else {
+            return 0.0;
+        };
+        let first = self
+            .windows
+            .iter()
+            .find(|w| last.at_secs - w.at_secs <= span_secs)
+            .unwrap_or(last);
+        let dt = last.at_secs - first.at_secs;
+        if dt <= 0.0 {
+            return 0.0;
+        }
+        (last.bytes as f64 - first.bytes as f64) / dt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Windows one second apart of (count of old allocations, age of the oldest); bytes are
+    /// 100 per allocation.
+    fn trend(series: &[(u64, f64)]) -> Trend {
+        let mut t = Trend::default();
+        for (i, &(old_count, oldest)) in series.iter().enumerate() {
+            t.push(Window {
+                at_secs: i as f64,
+                bytes: (old_count + 2) * 100,
+                count: old_count + 2,
+                old_bytes: old_count * 100,
+                old_count,
+                oldest_age_secs: oldest,
+            });
+        }
+        t
+    }
+
+    #[test]
+    fn leak_cache_churn() {
+        // A leak: one allocation a window, never freed; the first stays and ages.
+        let leak: Vec<(u64, f64)> = (0..10).map(|i| (i.max(2) - 2, i as f64)).collect();
+        assert_eq!(trend(&leak).class(), Class::Leaking);
+        assert!((trend(&leak).growth_rate(4.0) - 100.0).abs() < 1e-9);
+        // A cache that filled in three windows and keeps its entries.
+        let filled: Vec<(u64, f64)> = (0..10).map(|i: u64| (i.min(3), i as f64)).collect();
+        assert_eq!(trend(&filled).class(), Class::Cache);
+        // An LRU cache: as many old entries each window, the oldest replaced (its age bounded).
+        let lru: Vec<(u64, f64)> = (0..10).map(|i| (i.min(4), (i as f64).min(4.5))).collect();
+        assert_eq!(trend(&lru).class(), Class::Cache);
+        // An LRU cache whose count of old entries wobbles upwards by chance: the oldest entry
+        // is still replaced.
+        let lucky = [(3, 4.2), (3, 4.4), (4, 4.1), (5, 4.3), (6, 4.4), (7, 4.2), (8, 4.5)];
+        assert_eq!(trend(&lucky).class(), Class::Cache);
+        // Churn: nothing old.
+        let churn: Vec<(u64, f64)> = (0..8).map(|i| (0, 0.1 * i as f64)).collect();
+        assert_eq!(trend(&churn).class(), Class::Churn);
+        // Too early to tell.
+        assert_eq!(trend(&leak[..2]).class(), Class::Undecided);
+    }
+}

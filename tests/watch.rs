@@ -1,0 +1,156 @@
+//! `watch` against a running service with a leak, a cache and churn (tests/fixtures/patterns.c):
+//! the leak is flagged within a few windows, on stderr and in the Prometheus metrics it serves;
+//! the cache and the churn never are; the service is unharmed.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+mod common;
+use common::*;
+
+fn patterns() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = Path::new(TMP).join("watch");
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("patterns");
+        gcc(&[
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-o",
+            out.to_str().unwrap(),
+            repo().join("tests/fixtures/patterns.c").to_str().unwrap(),
+        ]);
+        out
+    })
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET /metrics, the body (empty while nothing listens yet).
+fn scrape(port: u16) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// (site, class) of every `site_outstanding_bytes` series.
+fn classes(metrics: &str) -> Vec<(String, String)> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("bridge_trace_site_outstanding_bytes{"))
+        .filter_map(|l| {
+            let labels = &l[l.find('{')? + 1..l.find('}')?];
+            let get = |name: &str| {
+                let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+                let end = start + labels[start..].find('"')?;
+                Some(labels[start..end].to_string())
+            };
+            Some((get("site")?, get("class")?))
+        })
+        .collect()
+}
+
+/// Kills the child when a failed assertion unwinds past it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn leak_is_flagged_cache_and_churn_are_not() {
+    let _g = lock();
+    let mut service = KillOnDrop(
+        Command::new(patterns())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(service.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let pid = service.0.id().to_string();
+    let watch = Command::new(BIN)
+        .args([
+            "watch",
+            "--pid",
+            &pid,
+            "--interval",
+            "1s",
+            "--duration",
+            "14s",
+        ])
+        .args(["--metrics-addr", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut seen: Vec<(f64, String, String)> = Vec::new();
+    while started.elapsed() < Duration::from_secs(13) {
+        std::thread::sleep(Duration::from_millis(500));
+        let at = started.elapsed().as_secs_f64();
+        seen.extend(classes(&scrape(port)).into_iter().map(|(s, c)| (at, s, c)));
+    }
+    let output = watch.wait_with_output().unwrap();
+    assert_ok(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    let is = |site: &str, class: &str| {
+        seen.iter()
+            .filter(|(_, s, c)| s.starts_with(site) && c == class)
+            .map(|(at, _, _)| *at)
+            .next()
+    };
+    let flagged = is("leak_site (patterns.c:", "leaking")
+        .unwrap_or_else(|| panic!("the leak was never flagged: {seen:#?}\n{stderr}"));
+    // Five windows of growth of allocations older than two windows: flagged by about 8 s.
+    assert!(flagged < 10.0, "flagged after {flagged:.1} s");
+    assert!(
+        stderr.contains("leak at leak_site (patterns.c:"),
+        "no log line: {stderr}"
+    );
+    for site in ["cache_put", "churn_site"] {
+        assert_eq!(
+            is(site, "leaking"),
+            None,
+            "{site} flagged as a leak: {seen:#?}"
+        );
+    }
+    assert!(
+        is("cache_put (patterns.c:", "cache").is_some(),
+        "the cache was never recognized: {seen:#?}"
+    );
+
+    // The service is unharmed and stops cleanly.
+    assert!(service.0.try_wait().unwrap().is_none(), "the service died");
+    signal(&service.0, libc::SIGTERM);
+    assert!(service.0.wait().unwrap().success());
+}
