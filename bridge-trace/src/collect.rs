@@ -185,10 +185,14 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
     let allocs_map: BpfHashMap<&MapData, AllocKey, AllocInfo> =
         BpfHashMap::try_from(map(tracer, "ALLOCS")?).map_err(|e| map_err("ALLOCS", e))?;
     let mut allocs = Vec::new();
+    // The kernel's key-by-key walk of a hash map restarts from the first bucket when the key it
+    // continues from was deleted meanwhile (a free, in a live process): entries already read
+    // come again, and would be counted twice.
+    let mut seen = std::collections::HashSet::new();
     for item in allocs_map.iter() {
         // An entry deleted while iterating is simply skipped.
         let Ok((key, info)) = item else { continue };
-        if key.tgid != tgid {
+        if key.tgid != tgid || !seen.insert(key.addr) {
             continue;
         }
         allocs.push(LiveAlloc {

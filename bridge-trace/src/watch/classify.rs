@@ -157,7 +157,15 @@ mod tests {
         assert_eq!(trend(&lru).class(), Class::Cache);
         // An LRU cache whose count of old entries wobbles upwards by chance: the oldest entry
         // is still replaced.
-        let lucky = [(3, 4.2), (3, 4.4), (4, 4.1), (5, 4.3), (6, 4.4), (7, 4.2), (8, 4.5)];
+        let lucky = [
+            (3, 4.2),
+            (3, 4.4),
+            (4, 4.1),
+            (5, 4.3),
+            (6, 4.4),
+            (7, 4.2),
+            (8, 4.5),
+        ];
         assert_eq!(trend(&lucky).class(), Class::Cache);
         // Churn: nothing old.
         let churn: Vec<(u64, f64)> = (0..8).map(|i| (0, 0.1 * i as f64)).collect();

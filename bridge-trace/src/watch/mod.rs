@@ -201,6 +201,14 @@ fn window(
         });
         let class = trend.class();
         let growth = trend.growth_rate(span);
+        tracing::debug!(
+            site = %label,
+            bytes = h.bytes,
+            old_count = h.old_count,
+            oldest_secs = h.oldest_ns as f64 / 1e9,
+            class = class.name(),
+            "window"
+        );
         if class == Class::Leaking && state.flagged.insert(label.clone()) {
             eprintln!(
                 "bridge-trace: leak at {label}: holds {} in {} allocations; its allocations older \
