@@ -154,3 +154,106 @@ fn leak_is_flagged_cache_and_churn_are_not() {
     signal(&service.0, libc::SIGTERM);
     assert!(service.0.wait().unwrap().success());
 }
+
+/// GET `path` on 127.0.0.1:`port`: the body.
+fn get(port: u16, path: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let _ = s.write_all(request.as_bytes());
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// A real Prometheus server (Debian's) scrapes `watch`; the leak is read back through its own
+/// query API.
+#[test]
+fn prometheus_scrapes_the_leak() {
+    let _g = lock();
+    let dir = scratch("prometheus");
+    let mut service = KillOnDrop(
+        Command::new(patterns())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(service.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let (metrics_port, prometheus_port) = (free_port(), free_port());
+    let watch = KillOnDrop(
+        Command::new(BIN)
+            .args([
+                "watch",
+                "--pid",
+                &service.0.id().to_string(),
+                "--interval",
+                "1s",
+            ])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: bridge-trace\n    \
+             static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        ),
+    )
+    .unwrap();
+    let _prometheus = KillOnDrop(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (cargo xtask setup installs it)"),
+    );
+    // The leak needs about 8 windows; Prometheus then scrapes it within a second.
+    let query =
+        "/api/v1/query?query=bridge_trace_site_outstanding_bytes%7Bclass%3D%22leaking%22%7D";
+    let started = Instant::now();
+    let mut answer = String::new();
+    while started.elapsed() < Duration::from_secs(25) {
+        std::thread::sleep(Duration::from_secs(1));
+        answer = get(prometheus_port, query);
+        if answer.contains("leak_site") {
+            break;
+        }
+    }
+    drop(watch);
+    let v: serde_json::Value = serde_json::from_str(&answer)
+        .unwrap_or_else(|e| panic!("Prometheus answered {answer:?}: {e}"));
+    assert_eq!(v["status"], "success", "{v}");
+    let results = v["data"]["result"].as_array().unwrap();
+    let leak = results
+        .iter()
+        .find(|r| {
+            r["metric"]["site"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("leak_site (patterns.c:"))
+        })
+        .unwrap_or_else(|| panic!("Prometheus has no leaking leak_site: {v}"));
+    assert_eq!(leak["metric"]["job"], "bridge-trace");
+    let bytes: f64 = leak["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(bytes >= 5.0 * 1000.0, "{leak}");
+    assert!(
+        results.iter().all(|r| r["metric"]["site"]
+            .as_str()
+            .is_some_and(|s| !s.starts_with("cache_put") && !s.starts_with("churn_site"))),
+        "{v}"
+    );
+}

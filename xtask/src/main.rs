@@ -47,7 +47,8 @@ enum Task {
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// gcc and g++ build the fixtures, libc6-dbg gives glibc's frames names, gdb checks our stacks, and
-/// python3.11 is a real program built without frame pointers (Debian's, as shipped).
+/// python3.11 is a real program built without frame pointers (Debian's, as shipped), and
+/// prometheus scrapes `watch` in a test.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -57,6 +58,7 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "gdb",
     "python3.11",
+    "prometheus",
 ];
 
 fn main() -> Result<()> {
