@@ -97,6 +97,12 @@ fn leak_is_flagged_cache_and_churn_are_not() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let pid = service.0.id().to_string();
+    let dir = scratch("watch-bundles");
+    let hook_log = dir.join("hook.log");
+    let hook = format!(
+        "echo \"$BRIDGE_TRACE_REASON|$BRIDGE_TRACE_SITE|$BRIDGE_TRACE_BUNDLE\" >> {}",
+        hook_log.display()
+    );
     let watch = Command::new(BIN)
         .args([
             "watch",
@@ -108,6 +114,16 @@ fn leak_is_flagged_cache_and_churn_are_not() {
             "14s",
         ])
         .args(["--metrics-addr", &addr])
+        .args(["--out-dir", dir.to_str().unwrap(), "--snapshot-every", "3s"])
+        .args([
+            "--keep",
+            "2",
+            "--alert-growth",
+            "10KiB/s",
+            "--alert-window",
+            "5s",
+        ])
+        .args(["--on-alert", &hook])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -148,6 +164,42 @@ fn leak_is_flagged_cache_and_churn_are_not() {
         is("cache_put (patterns.c:", "cache").is_some(),
         "the cache was never recognized: {seen:#?}"
     );
+
+    // The alerts: an incident bundle with the leak in its flamegraph, and the hook, run for
+    // the leak and for its growth past 10 KiB/s.
+    let hooks = std::fs::read_to_string(&hook_log).unwrap_or_default();
+    for reason in ["leaking", "growth"] {
+        assert!(
+            hooks
+                .lines()
+                .any(|l| l.starts_with(&format!("{reason}|leak_site (patterns.c:"))),
+            "hook not run for {reason}: {hooks:?}\n{stderr}"
+        );
+    }
+    let bundle = PathBuf::from(hooks.lines().next().unwrap().rsplit('|').next().unwrap());
+    assert!(bundle.starts_with(&dir), "{bundle:?}");
+    let folded = std::fs::read_to_string(bundle.join("leaks.folded")).unwrap();
+    assert!(
+        folded.lines().any(|l| l.contains(";leak_site ")),
+        "{folded}"
+    );
+    let alert = std::fs::read_to_string(bundle.join("alert.txt")).unwrap();
+    assert!(alert.contains("leak at leak_site"), "{alert}");
+    for file in ["leaks.svg", "report.json", "report.txt"] {
+        assert!(
+            bundle.join(file).is_file(),
+            "{file} missing from {bundle:?}"
+        );
+    }
+    // Snapshots every 3 s for 14 s, the newest two kept.
+    let snapshots = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("snapshot-")
+        })
+        .count();
+    assert_eq!(snapshots, 2, "retention");
 
     // The service is unharmed and stops cleanly.
     assert!(service.0.try_wait().unwrap().is_none(), "the service died");

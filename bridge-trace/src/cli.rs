@@ -52,6 +52,20 @@ pub struct WatchArgs {
     /// How much of the recent history --alert-growth measures the growth over.
     #[arg(long, value_name = "DURATION", default_value = "5m")]
     pub alert_window: String,
+    /// Shell command run (`sh -c`) when a site starts leaking or passes --alert-growth, with
+    /// BRIDGE_TRACE_SITE, BRIDGE_TRACE_REASON and BRIDGE_TRACE_BUNDLE (with --out-dir) set.
+    #[arg(long, value_name = "CMD")]
+    pub on_alert: Option<String>,
+    /// Directory for snapshots (every --snapshot-every) and incident bundles (at each alert):
+    /// flamegraph, folded stacks, JSON and text report.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// How often a snapshot is written to --out-dir.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub snapshot_every: String,
+    /// Snapshots kept in --out-dir (the oldest go first; incident bundles are kept).
+    #[arg(long, value_name = "N", default_value_t = 24)]
+    pub keep: usize,
     /// Overhead tier: `full` traces every allocation and free, as `record` does.
     #[arg(long, value_enum, default_value_t = Tier::Full)]
     pub tier: Tier,
@@ -95,6 +109,10 @@ pub struct WatchConfig {
     /// Bytes per second.
     pub alert_growth: Option<f64>,
     pub alert_window: Duration,
+    pub on_alert: Option<String>,
+    pub out_dir: Option<PathBuf>,
+    pub snapshot_every: Duration,
+    pub keep: usize,
     pub tier: Tier,
     pub trace: TraceOptions,
 }
@@ -127,6 +145,16 @@ impl WatchConfig {
                 .map(|r| parse_rate("--alert-growth", r))
                 .transpose()?,
             alert_window: parse_duration("--alert-window", &args.alert_window)?,
+            on_alert: args.on_alert,
+            out_dir: match args.out_dir {
+                Some(dir) => {
+                    check_dir(&dir)?;
+                    Some(dir)
+                }
+                None => None,
+            },
+            snapshot_every: parse_duration("--snapshot-every", &args.snapshot_every)?,
+            keep: args.keep.max(1),
             tier: args.tier,
             trace: TraceOptions {
                 max_allocs: args.max_allocs,
@@ -134,6 +162,22 @@ impl WatchConfig {
             },
         })
     }
+}
+
+/// Fails unless `dir` is an existing, writable directory.
+fn check_dir(dir: &Path) -> Result<()> {
+    let err = |reason: &str| Error::Output {
+        path: dir.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(err("not a directory")),
+        Err(_) => return Err(err("no such directory")),
+    }
+    tempfile::tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| err(&format!("not writable: {e}")))
 }
 
 /// Parses a growth rate such as `64KiB/s`, `10MB/min`, `1GiB/h` into bytes per second; a bare

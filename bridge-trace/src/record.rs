@@ -424,7 +424,7 @@ pub fn default_output(name: &str, pid: u32, format: Format) -> PathBuf {
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC.
-fn utc_stamp(secs: u64) -> String {
+pub(crate) fn utc_stamp(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

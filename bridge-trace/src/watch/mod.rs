@@ -2,6 +2,7 @@
 //! which call sites leak ([`classify`]), exports it all as Prometheus metrics ([`metrics`]) and
 //! says so on stderr when a site starts leaking or grows past `--alert-growth`. It reuses the
 //! record pipeline's stages: attach, collect, symbolize.
+pub mod bundle;
 pub mod classify;
 pub mod metrics;
 
@@ -14,11 +15,12 @@ use std::{
 use tokio::{net::TcpListener, signal::unix::SignalKind};
 
 use crate::{
+    aggregate::{aggregate, Meta, Report, REPORT_VERSION},
     attach::check_privileges,
     cli::WatchConfig,
     collect::{self, Snapshot},
     error::{Error, Result},
-    record::{self, Attached},
+    record::{self, utc_stamp, Attached},
     report::human_bytes,
     symbolize::{Blazesym, Frame, Symbolize as _},
 };
@@ -84,6 +86,10 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         tokio::time::Instant::now() + config.interval,
         config.interval,
     );
+    let mut snapshots = tokio::time::interval_at(
+        tokio::time::Instant::now() + config.snapshot_every,
+        config.snapshot_every,
+    );
     let mut state = State {
         started: Instant::now(),
         windows: 0,
@@ -117,8 +123,15 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
             }
             _ = windows.tick() => {
                 let snapshot = collect::snapshot(&t.tracer, t.pid)?;
-                let sample = window(&t, &snapshot, config, &mut state);
+                let (sample, alerts) = window(&t, &snapshot, config, &mut state);
                 let _ = metrics_tx.send(Arc::new(metrics::encode_sample(&sample)));
+                if !alerts.is_empty() {
+                    raise(&t, &snapshot, config, &state, &alerts);
+                }
+            }
+            _ = snapshots.tick(), if config.out_dir.is_some() => {
+                let snapshot = collect::snapshot(&t.tracer, t.pid)?;
+                snapshot_bundle(&t, &snapshot, config, &state);
             }
         }
     }
@@ -135,13 +148,23 @@ struct Held {
     oldest_ns: u64,
 }
 
-/// Closes one window: per-site windows, classes, log lines, and the metrics sample.
+/// A site that just started leaking, or grows past `--alert-growth`.
+struct Alert {
+    site: String,
+    /// `leaking` or `growth`.
+    reason: &'static str,
+    /// The line logged.
+    line: String,
+}
+
+/// Closes one window: per-site windows, classes, log lines, alerts, and the metrics sample.
 fn window(
     t: &Attached,
     snap: &Snapshot,
     config: &WatchConfig,
     state: &mut State,
-) -> metrics::Sample {
+) -> (metrics::Sample, Vec<Alert>) {
+    let mut alerts = Vec::new();
     state.windows += 1;
     let at_secs = state.started.elapsed().as_secs_f64();
     let old_ns = (config.interval.as_secs_f64() * OLD_AFTER_WINDOWS * 1e9) as u64;
@@ -210,23 +233,35 @@ fn window(
             "window"
         );
         if class == Class::Leaking && state.flagged.insert(label.clone()) {
-            eprintln!(
+            let line = format!(
                 "bridge-trace: leak at {label}: holds {} in {} allocations; its allocations older \
-                 than {OLD_AFTER_WINDOWS} windows grew in each of the last {LEAK_WINDOWS} windows \
+                 than {OLD_AFTER_WINDOWS} windows piled up in the last {LEAK_WINDOWS} windows \
                  ({}/s)",
                 human_bytes(h.bytes),
                 h.count,
                 human_bytes(growth.max(0.0) as u64)
             );
+            eprintln!("{line}");
+            alerts.push(Alert {
+                site: label.clone(),
+                reason: "leaking",
+                line,
+            });
         }
         if let Some(limit) = config.alert_growth {
             if class == Class::Leaking && growth >= limit && state.alerted.insert(label.clone()) {
-                eprintln!(
+                let line = format!(
                     "bridge-trace: ALERT: {label} grows {}/s over the last {}, above {}/s",
                     human_bytes(growth as u64),
                     humantime::format_duration(config.alert_window),
                     human_bytes(limit as u64)
                 );
+                eprintln!("{line}");
+                alerts.push(Alert {
+                    site: label.clone(),
+                    reason: "growth",
+                    line,
+                });
             }
         }
         sites.push(metrics::SiteSample {
@@ -251,7 +286,7 @@ fn window(
     });
     let c = &snap.counters;
     let programs = t.tracer.program_costs();
-    metrics::Sample {
+    let sample = metrics::Sample {
         pid: t.pid,
         rss_bytes: rss_bytes(t.pid),
         outstanding_bytes: snap.allocs.iter().map(|a| a.size).sum(),
@@ -265,7 +300,92 @@ fn window(
         windows: state.windows,
         bpf_cpu_seconds: programs.iter().map(|p| p.run_time_ns).sum::<u64>() as f64 / 1e9,
         sites,
+    };
+    (sample, alerts)
+}
+
+/// The full report of one snapshot, as `record` would write it.
+fn report(t: &Attached, snap: &Snapshot, state: &State) -> Report {
+    let meta = Meta {
+        version: REPORT_VERSION,
+        target: t.name.clone(),
+        pid: t.pid,
+        duration_secs: state.started.elapsed().as_secs_f64(),
+        target_exited: false,
+        min_age_secs: None,
+        allocator: t.allocator.clone(),
+        counters: snap.counters,
+        younger_than_min_age: 0,
+        unwind: t.unwinder.as_ref().map(|u| u.summary()),
+        programs: t.tracer.program_costs(),
+    };
+    aggregate(snap, &mut Blazesym::new(&t.maps), None, meta)
+}
+
+/// Writes an incident bundle for `alerts` (with --out-dir) and runs --on-alert for each.
+fn raise(t: &Attached, snap: &Snapshot, config: &WatchConfig, state: &State, alerts: &[Alert]) {
+    let stamp = utc_stamp(unix_secs());
+    let bundle = config.out_dir.as_ref().and_then(|dir| {
+        let text: Vec<&str> = alerts.iter().map(|a| a.line.as_str()).collect();
+        let r = report(t, snap, state);
+        match bundle::write(
+            dir,
+            &format!("incident-{stamp}"),
+            &r,
+            Some(&text.join("\n")),
+        ) {
+            Ok(path) => {
+                eprintln!("bridge-trace: incident bundle {}", path.display());
+                Some(path)
+            }
+            Err(e) => {
+                eprintln!("bridge-trace: {e}");
+                None
+            }
+        }
+    });
+    let Some(cmd) = &config.on_alert else {
+        return;
+    };
+    for a in alerts {
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg(cmd)
+            .env("BRIDGE_TRACE_SITE", &a.site)
+            .env("BRIDGE_TRACE_REASON", a.reason)
+            .env("BRIDGE_TRACE_PID", t.pid.to_string())
+            .stdin(std::process::Stdio::null());
+        if let Some(b) = &bundle {
+            c.env("BRIDGE_TRACE_BUNDLE", b);
+        }
+        match c.spawn() {
+            // Reaped by a thread of its own: a slow hook never holds the watch up.
+            Ok(mut child) => {
+                std::thread::spawn(move || child.wait());
+            }
+            Err(e) => eprintln!("bridge-trace: --on-alert: {e}"),
+        }
     }
+}
+
+/// Writes a periodic snapshot to --out-dir and prunes the oldest.
+fn snapshot_bundle(t: &Attached, snap: &Snapshot, config: &WatchConfig, state: &State) {
+    let Some(dir) = &config.out_dir else {
+        return;
+    };
+    let r = report(t, snap, state);
+    let name = format!("snapshot-{}", utc_stamp(unix_secs()));
+    match bundle::write(dir, &name, &r, None) {
+        Ok(_) => bundle::prune(dir, "snapshot-", config.keep),
+        Err(e) => eprintln!("bridge-trace: {e}"),
+    }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Names the stacks not seen before by their allocation site: the innermost frame of the

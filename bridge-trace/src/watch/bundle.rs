@@ -1,0 +1,90 @@
+//! What a watch writes to `--out-dir`: periodic snapshots, the oldest pruned past `--keep`, and
+//! an incident bundle at every alert. Each is a directory of the usual reports (flamegraph,
+//! folded stacks, JSON, text), written under a temporary name and renamed whole, so that a
+//! reader never sees half a bundle.
+use std::path::{Path, PathBuf};
+
+use crate::{
+    aggregate::Report,
+    cli::Format,
+    error::{Error, Result},
+    report::{render_to_vec, RenderOptions},
+};
+
+const FILES: [(&str, Format); 4] = [
+    ("leaks.svg", Format::Svg),
+    ("leaks.folded", Format::Folded),
+    ("report.json", Format::Json),
+    ("report.txt", Format::Text),
+];
+
+/// Writes `dir/name/` with every report of `report`, and `alert.txt` when `alert` is given.
+pub fn write(dir: &Path, name: &str, report: &Report, alert: Option<&str>) -> Result<PathBuf> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let target = dir.join(name);
+    let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| io("creating", e))?;
+    let written = (|| {
+        for (file, format) in FILES {
+            let bytes = render_to_vec(report, format, RenderOptions::default())?;
+            std::fs::write(tmp.join(file), bytes).map_err(|e| io("writing into", e))?;
+        }
+        if let Some(alert) = alert {
+            std::fs::write(tmp.join("alert.txt"), format!("{alert}\n"))
+                .map_err(|e| io("writing into", e))?;
+        }
+        std::fs::rename(&tmp, &target).map_err(|e| io("renaming", e))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written.map(|()| target)
+}
+
+/// Removes the oldest `prefix*` bundles of `dir` beyond the newest `keep`.
+pub fn prune(dir: &Path, prefix: &str, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    // Names end in a UTC time stamp: their order is their age.
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    let excess = names.len().saturating_sub(keep);
+    for name in &names[..excess] {
+        if let Err(e) = std::fs::remove_dir_all(dir.join(name)) {
+            tracing::warn!(bundle = %name, error = %e, "could not prune an old snapshot");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        for stamp in ["20260101-000003", "20260101-000001", "20260101-000002"] {
+            std::fs::create_dir(dir.path().join(format!("snapshot-{stamp}"))).unwrap();
+        }
+        std::fs::create_dir(dir.path().join("incident-20260101-000000")).unwrap();
+        prune(dir.path(), "snapshot-", 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "incident-20260101-000000",
+                "snapshot-20260101-000002",
+                "snapshot-20260101-000003"
+            ]
+        );
+    }
+}
