@@ -190,3 +190,54 @@ pub async fn serve(listener: TcpListener, latest: watch::Receiver<Arc<String>>) 
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sites_are_labelled_and_escaped() {
+        let sample = Sample {
+            pid: 7,
+            rss_bytes: 4096,
+            outstanding_bytes: 3000,
+            allocs: 10,
+            frees: 4,
+            tier: "full",
+            windows: 6,
+            sites: vec![
+                SiteSample {
+                    label: "reject_message (data-bridge.c:193)".into(),
+                    class: Class::Leaking,
+                    bytes: 2000,
+                    count: 2,
+                    old_bytes: 1000,
+                    growth_bytes_per_second: 100.0,
+                },
+                SiteSample {
+                    label: "quote\"d".into(),
+                    class: Class::Cache,
+                    bytes: 1000,
+                    count: 1,
+                    old_bytes: 1000,
+                    growth_bytes_per_second: 0.0,
+                },
+            ],
+            ..Sample::default()
+        };
+        let text = encode_sample(&sample);
+        for line in [
+            "bridge_trace_rss_bytes{pid=\"7\"} 4096.0",
+            "bridge_trace_allocations_total{pid=\"7\"} 10",
+            "bridge_trace_tier{pid=\"7\",tier=\"full\"} 1",
+            "bridge_trace_leaking_sites{pid=\"7\"} 1",
+            "bridge_trace_site_outstanding_bytes{pid=\"7\",site=\"reject_message \
+             (data-bridge.c:193)\",class=\"leaking\"} 2000.0",
+            "bridge_trace_site_outstanding_bytes{pid=\"7\",site=\"quote\\\"d\",class=\"cache\"} \
+             1000.0",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
+}
