@@ -309,3 +309,39 @@ fn prometheus_scrapes_the_leak() {
         "{v}"
     );
 }
+
+/// `top` prints a frame per window; the leak rises to the top, marked as such.
+#[test]
+fn top_shows_the_leak_first() {
+    let _g = lock();
+    let mut service = KillOnDrop(
+        Command::new(patterns())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(service.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid = service.0.id().to_string();
+    let output = Command::new(BIN)
+        .args(["top", "--pid", &pid, "--interval", "1s", "--duration", "9s"])
+        .output()
+        .unwrap();
+    assert_ok(&output);
+    let text = String::from_utf8_lossy(&output.stdout);
+    let frames: Vec<&str> = text.split("bridge-trace top: ").skip(1).collect();
+    assert!(frames.len() >= 7, "one frame per window: {text}");
+    let last = frames.last().unwrap();
+    let first_site = last.lines().nth(2).unwrap_or_default();
+    assert!(
+        first_site.starts_with("leaking") && first_site.contains("leak_site (patterns.c:"),
+        "{last}"
+    );
+    assert!(
+        !last
+            .lines()
+            .any(|l| l.starts_with("leaking") && l.contains("cache_put")),
+        "{last}"
+    );
+}

@@ -28,6 +28,28 @@ pub enum Command {
     /// Watch a running service continuously: classify call sites as leaking, cache or churn
     /// window after window, export Prometheus metrics, and say when a site leaks.
     Watch(WatchArgs),
+    /// A live view of a running process's call sites by memory held and growth, refreshed
+    /// every window (what `watch` sees, in the terminal).
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The process to look at.
+    #[arg(long, short = 'p', value_name = "PID")]
+    pub pid: u32,
+    /// How often the view is refreshed (one window).
+    #[arg(long, short = 'i', value_name = "DURATION", default_value = "2s")]
+    pub interval: String,
+    /// Stop after this long (default: until Ctrl-C or the process exits).
+    #[arg(long, short = 'd', value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// Rows shown.
+    #[arg(long, value_name = "N", default_value_t = 15)]
+    pub rows: usize,
+    /// How to walk stacks (see `record --help`).
+    #[arg(long, value_enum, default_value_t = Unwind::Auto)]
+    pub unwind: Unwind,
 }
 
 #[derive(Debug, Args)]
@@ -105,7 +127,10 @@ pub struct WatchConfig {
     pub pid: u32,
     pub interval: Duration,
     pub duration: Option<Duration>,
-    pub metrics_addr: std::net::SocketAddr,
+    /// None: no metrics served (`top`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `top`: rows of the live view printed every window.
+    pub view_rows: Option<usize>,
     /// Bytes per second.
     pub alert_growth: Option<f64>,
     pub alert_window: Duration,
@@ -138,7 +163,8 @@ impl WatchConfig {
             pid: args.pid,
             interval,
             duration,
-            metrics_addr: args.metrics_addr,
+            metrics_addr: Some(args.metrics_addr),
+            view_rows: None,
             alert_growth: args
                 .alert_growth
                 .as_deref()
@@ -160,6 +186,32 @@ impl WatchConfig {
                 max_allocs: args.max_allocs,
                 unwind: args.unwind,
             },
+        })
+    }
+}
+
+impl WatchConfig {
+    /// `top`: a watch without metrics or alerts, printing its view every window.
+    pub fn from_top_args(args: TopArgs) -> Result<WatchConfig> {
+        let watch = WatchArgs {
+            pid: args.pid,
+            interval: args.interval,
+            duration: args.duration,
+            metrics_addr: ([127, 0, 0, 1], 0).into(),
+            alert_growth: None,
+            alert_window: "5m".into(),
+            on_alert: None,
+            out_dir: None,
+            snapshot_every: "10m".into(),
+            keep: 1,
+            tier: Tier::Full,
+            max_allocs: DEFAULT_MAX_ALLOCS,
+            unwind: args.unwind,
+        };
+        Ok(WatchConfig {
+            metrics_addr: None,
+            view_rows: Some(args.rows.max(1)),
+            ..WatchConfig::from_watch_args(watch)?
         })
     }
 }
@@ -451,6 +503,7 @@ impl Request {
         match cli.command {
             Command::Record(a) => Config::from_record_args(a).map(Request::Record),
             Command::Watch(a) => WatchConfig::from_watch_args(a).map(Request::Watch),
+            Command::Top(a) => WatchConfig::from_top_args(a).map(Request::Watch),
         }
         .map_err(ArgsError::Invalid)
     }
@@ -546,7 +599,7 @@ mod tests {
             Ok(Request::Watch(c)) => {
                 assert_eq!(c.interval, Duration::from_secs(2));
                 assert_eq!(c.alert_growth, Some(1024.0 * 1024.0 / 60.0));
-                assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
+                assert_eq!(c.metrics_addr.unwrap().to_string(), "127.0.0.1:9464");
             }
             other => panic!("{other:?}"),
         }

@@ -5,6 +5,7 @@
 pub mod bundle;
 pub mod classify;
 pub mod metrics;
+pub mod view;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -56,24 +57,30 @@ struct State {
 async fn run_async(config: &WatchConfig) -> Result<()> {
     check_privileges()?;
     // Bound before attaching: a taken or bad address fails before anything is traced.
-    let listener = TcpListener::bind(config.metrics_addr).await.map_err(|e| {
-        Error::Usage(format!(
-            "cannot serve metrics on {}: {e}",
-            config.metrics_addr
-        ))
-    })?;
+    let listener = match config.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Usage(format!("cannot serve metrics on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     let mut t = record::attach_pid(config.pid, &config.trace)?;
     let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(String::new()));
-    tokio::spawn(metrics::serve(listener, metrics_rx));
+    if let Some(listener) = listener {
+        tokio::spawn(metrics::serve(listener, metrics_rx));
+    }
     eprintln!(
-        "bridge-trace: watching {} (pid {}) through {} [tier {}], a window every {}, metrics on \
-         http://{}/metrics",
+        "bridge-trace: watching {} (pid {}) through {} [tier {}], a window every {}{}",
         t.name,
         t.pid,
         t.allocator,
         config.tier.name(),
         humantime::format_duration(config.interval),
-        config.metrics_addr
+        match config.metrics_addr {
+            Some(addr) => format!(", metrics on http://{addr}/metrics"),
+            None => String::new(),
+        }
     );
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
@@ -125,6 +132,9 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
                 let snapshot = collect::snapshot(&t.tracer, t.pid)?;
                 let (sample, alerts) = window(&t, &snapshot, config, &mut state);
                 let _ = metrics_tx.send(Arc::new(metrics::encode_sample(&sample)));
+                if let Some(rows) = config.view_rows {
+                    view::show(&sample, &t.name, state.started.elapsed(), rows);
+                }
                 if !alerts.is_empty() {
                     raise(&t, &snapshot, config, &state, &alerts);
                 }
