@@ -345,3 +345,38 @@ fn top_shows_the_leak_first() {
         "{last}"
     );
 }
+
+/// Bad input: one line on stderr, exit code 2, nothing traced.
+#[test]
+fn watch_errors_are_one_line() {
+    let _g = lock();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let me = std::process::id().to_string();
+    let addr = format!("127.0.0.1:{port}");
+    for (args, needle) in [
+        (
+            vec!["watch", "--pid", &me, "--metrics-addr", &addr],
+            "cannot serve metrics on",
+        ),
+        (
+            vec!["watch", "--pid", &me, "--out-dir", "/nonexistent/dir"],
+            "no such directory",
+        ),
+        (
+            vec!["watch", "--pid", &me, "--alert-growth", "fast"],
+            "invalid rate 'fast'",
+        ),
+        (
+            vec!["watch", "--pid", &me, "--interval", "1ms"],
+            "--interval",
+        ),
+        (vec!["top", "--pid", "0"], "--pid 0"),
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
