@@ -31,6 +31,21 @@ fn patterns() -> &'static Path {
     })
 }
 
+/// Starts the fixture and waits until it runs; killed if a failed assertion unwinds.
+fn start_patterns() -> KillOnDrop {
+    let mut service = KillOnDrop(
+        Command::new(patterns())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(service.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    service
+}
+
 /// A port nobody listens on right now.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -83,16 +98,7 @@ impl Drop for KillOnDrop {
 #[test]
 fn leak_is_flagged_cache_and_churn_are_not() {
     let _g = lock();
-    let mut service = KillOnDrop(
-        Command::new(patterns())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut out = BufReader::new(service.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+    let mut service = start_patterns();
 
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
@@ -227,16 +233,7 @@ fn get(port: u16, path: &str) -> String {
 fn prometheus_scrapes_the_leak() {
     let _g = lock();
     let dir = scratch("prometheus");
-    let mut service = KillOnDrop(
-        Command::new(patterns())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut out = BufReader::new(service.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+    let service = start_patterns();
     let (metrics_port, prometheus_port) = (free_port(), free_port());
     let watch = KillOnDrop(
         Command::new(BIN)
@@ -314,15 +311,7 @@ fn prometheus_scrapes_the_leak() {
 #[test]
 fn top_shows_the_leak_first() {
     let _g = lock();
-    let mut service = KillOnDrop(
-        Command::new(patterns())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut out = BufReader::new(service.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let service = start_patterns();
     let pid = service.0.id().to_string();
     let output = Command::new(BIN)
         .args(["top", "--pid", &pid, "--interval", "1s", "--duration", "9s"])

@@ -7,7 +7,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{Signal, SignalKind},
+    sync::mpsc,
+};
 
 use crate::{
     aggregate::{aggregate, Meta, Report, REPORT_VERSION},
@@ -166,6 +170,18 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
     })
 }
 
+/// SIGINT and SIGTERM as streams: both stop a recording (or a watch) cleanly.
+pub(crate) fn stop_signals() -> Result<(Signal, Signal)> {
+    let install = |kind: SignalKind, name: &str| {
+        tokio::signal::unix::signal(kind)
+            .map_err(|e| Error::io(format!("installing the {name} handler"), e))
+    };
+    Ok((
+        install(SignalKind::interrupt(), "SIGINT")?,
+        install(SignalKind::terminate(), "SIGTERM")?,
+    ))
+}
+
 fn reap(pid: u32) {
     let mut status = 0;
     // SAFETY: plain syscall on our own child.
@@ -227,10 +243,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     );
 
     let started = Instant::now();
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
-        .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
-        .map_err(|e| Error::io("installing the SIGINT handler", e))?;
+    let (mut sigint, mut sigterm) = stop_signals()?;
     let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
     let mut refresh = tokio::time::interval(MAPS_REFRESH);
     let mut last_status = Instant::now();

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{net::TcpListener, signal::unix::SignalKind};
+use tokio::net::TcpListener;
 
 use crate::{
     aggregate::{aggregate, Meta, Report, REPORT_VERSION},
@@ -83,10 +83,7 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         }
     );
 
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
-        .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
-        .map_err(|e| Error::io("installing the SIGINT handler", e))?;
+    let (mut sigint, mut sigterm) = record::stop_signals()?;
     let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
     let mut refresh = tokio::time::interval(MAPS_REFRESH);
     let mut windows = tokio::time::interval_at(
