@@ -369,3 +369,75 @@ fn watch_errors_are_one_line() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+/// `--exe`: the service is restarted while watched; the new process is picked up and its
+/// leak flagged.
+#[test]
+fn exe_restarted_service_is_picked_up() {
+    let _g = lock();
+    let dir = scratch("watch-exe");
+    // A copy of its own, so that no other test's fixture runs the same executable.
+    let exe = dir.join("patterns-service");
+    std::fs::copy(patterns(), &exe).unwrap();
+    let port = free_port();
+    let watch = Command::new(BIN)
+        .args(["watch", "--exe", exe.to_str().unwrap(), "--interval", "1s"])
+        .args([
+            "--duration",
+            "20s",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = || {
+        let mut child = KillOnDrop(Command::new(&exe).stdout(Stdio::piped()).spawn().unwrap());
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        child
+    };
+    let pid_series = |pid: u32| format!("bridge_trace_rss_bytes{{pid=\"{pid}\"}}");
+    let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(secs) {
+            if what(&scrape(port)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        false
+    };
+    let first = start();
+    let first_pid = first.0.id();
+    assert!(
+        wait_for(&|m| m.contains(&pid_series(first_pid)), 6),
+        "the first process was not watched"
+    );
+    signal(&first.0, libc::SIGTERM);
+    drop(first);
+    let second = start();
+    let second_pid = second.0.id();
+    let leak = format!("pid=\"{second_pid}\",site=\"leak_site (patterns.c:");
+    assert!(
+        wait_for(
+            &|m| m
+                .lines()
+                .any(|l| l.contains(&leak) && l.contains("class=\"leaking\"")),
+            12
+        ),
+        "the restarted process's leak was not flagged: {}",
+        scrape(port)
+    );
+    drop(second);
+    let output = watch.wait_with_output().unwrap();
+    assert_ok(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("pid {first_pid} exited")),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("(pid {second_pid})")), "{stderr}");
+}

@@ -57,8 +57,12 @@ pub struct TopArgs {
     sudo bridge-trace watch --pid 1234 --interval 30s --alert-growth 1MiB/min")]
 pub struct WatchArgs {
     /// The process to watch.
-    #[arg(long, short = 'p', value_name = "PID")]
-    pub pid: u32,
+    #[arg(long, short = 'p', value_name = "PID", conflicts_with = "exe")]
+    pub pid: Option<u32>,
+    /// Watch the process running this executable, and the next one when it exits (a service
+    /// that restarts).
+    #[arg(long, value_name = "PATH")]
+    pub exe: Option<PathBuf>,
     /// Length of one window: outstanding memory is sampled per call site at each.
     #[arg(long, short = 'i', value_name = "DURATION", default_value = "10s")]
     pub interval: String,
@@ -124,7 +128,7 @@ pub struct TraceOptions {
 /// A validated `watch` request.
 #[derive(Clone, Debug)]
 pub struct WatchConfig {
-    pub pid: u32,
+    pub target: WatchTarget,
     pub interval: Duration,
     pub duration: Option<Duration>,
     /// None: no metrics served (`top`).
@@ -142,11 +146,25 @@ pub struct WatchConfig {
     pub trace: TraceOptions,
 }
 
+/// What `watch` follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchTarget {
+    Pid(u32),
+    /// The process running this executable (canonical path), and its successors.
+    Exe(PathBuf),
+}
+
 impl WatchConfig {
     pub fn from_watch_args(args: WatchArgs) -> Result<WatchConfig> {
-        if args.pid == 0 {
-            return Err(Error::Usage("--pid 0 is not a process".into()));
-        }
+        let target = match (args.pid, args.exe) {
+            (Some(0), _) => return Err(Error::Usage("--pid 0 is not a process".into())),
+            (Some(pid), None) => WatchTarget::Pid(pid),
+            (None, Some(exe)) => WatchTarget::Exe(
+                exe.canonicalize()
+                    .map_err(|e| Error::Usage(format!("--exe {}: {e}", exe.display())))?,
+            ),
+            _ => return Err(Error::Usage("give --pid PID or --exe PATH".into())),
+        };
         let interval = parse_duration("--interval", &args.interval)?;
         if interval < Duration::from_millis(100) {
             return Err(Error::Usage("--interval must be at least 100ms".into()));
@@ -160,7 +178,7 @@ impl WatchConfig {
             return Err(Error::Usage("--max-allocs must be at least 1".into()));
         }
         Ok(WatchConfig {
-            pid: args.pid,
+            target,
             interval,
             duration,
             metrics_addr: Some(args.metrics_addr),
@@ -194,7 +212,8 @@ impl WatchConfig {
     /// `top`: a watch without metrics or alerts, printing its view every window.
     pub fn from_top_args(args: TopArgs) -> Result<WatchConfig> {
         let watch = WatchArgs {
-            pid: args.pid,
+            pid: Some(args.pid),
+            exe: None,
             interval: args.interval,
             duration: args.duration,
             metrics_addr: ([127, 0, 0, 1], 0).into(),
@@ -605,7 +624,21 @@ mod tests {
         }
         assert!(w(&["--pid", "0"]).is_err());
         assert!(w(&["--pid", "1", "--interval", "10ms"]).is_err());
-        assert!(w(&["--interval", "1s"]).is_err(), "--pid is required");
+        assert!(
+            w(&["--interval", "1s"]).is_err(),
+            "--pid or --exe is required"
+        );
+        assert!(
+            w(&["--pid", "1", "--exe", "/bin/true"]).is_err(),
+            "not both"
+        );
+        assert!(w(&["--exe", "/no/such/program"]).is_err());
+        match w(&["--exe", "/bin/../bin/true"]) {
+            Ok(Request::Watch(c)) => {
+                assert_eq!(c.target, WatchTarget::Exe("/usr/bin/true".into()))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     fn config(args: &[&str]) -> std::result::Result<Config, String> {

@@ -102,6 +102,26 @@ fn file_offset(elf: &object::File<'_>, addr: u64) -> Option<u64> {
     })
 }
 
+/// The processes running `exe` (a canonical path), lowest pid first. A process whose file was
+/// replaced since it started (an upgrade: `exe (deleted)`) still counts.
+pub fn processes_of(exe: &Path) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| {
+                let p = p.to_string_lossy();
+                p == exe.to_string_lossy()
+                    || p.strip_suffix(" (deleted)") == Some(&*exe.to_string_lossy())
+            })
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 /// Parses the text of `/proc/PID/maps`, keeping the file-backed mappings.
 pub fn parse_maps(text: &str) -> Vec<Mapping> {
     text.lines().filter_map(parse_maps_line).collect()

@@ -13,17 +13,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, signal::unix::Signal};
 
 use crate::{
     aggregate::{aggregate, Meta, Report, REPORT_VERSION},
     attach::check_privileges,
-    cli::WatchConfig,
+    cli::{WatchConfig, WatchTarget},
     collect::{self, Snapshot},
     error::{Error, Result},
     record::{self, utc_stamp, Attached},
     report::human_bytes,
     symbolize::{Blazesym, Frame, Symbolize as _},
+    target,
 };
 use classify::{Class, Trend, Window, LEAK_WINDOWS, OLD_AFTER_WINDOWS};
 
@@ -65,11 +66,110 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         ),
         None => None,
     };
-    let mut t = record::attach_pid(config.pid, &config.trace)?;
     let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(String::new()));
     if let Some(listener) = listener {
         tokio::spawn(metrics::serve(listener, metrics_rx));
     }
+    let mut stop = Stop {
+        signals: record::stop_signals()?,
+        deadline: config.duration.map(|d| tokio::time::Instant::now() + d),
+    };
+    loop {
+        let pid = match &config.target {
+            WatchTarget::Pid(pid) => *pid,
+            WatchTarget::Exe(exe) => match wait_for(exe, &mut stop).await {
+                Some(pid) => pid,
+                None => return Ok(()),
+            },
+        };
+        let t = match attach(pid, config).await {
+            Ok(t) => t,
+            // It exited meanwhile: wait for the next one.
+            Err(Error::ExitedBeforeAttach(_) | Error::NoSuchProcess(_))
+                if matches!(config.target, WatchTarget::Exe(_)) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        match watch_process(t, config, &metrics_tx, &mut stop).await? {
+            Ended::Stopped => return Ok(()),
+            Ended::Exited if matches!(config.target, WatchTarget::Exe(_)) => {
+                eprintln!("bridge-trace: waiting for the next process of the executable");
+            }
+            Ended::Exited => return Ok(()),
+        }
+    }
+}
+
+/// What ends a watch: the duration, SIGINT or SIGTERM.
+struct Stop {
+    signals: (Signal, Signal),
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Stop {
+    /// Resolves when the watch must stop.
+    async fn wait(&mut self) {
+        let deadline = self.deadline;
+        let (sigint, sigterm) = &mut self.signals;
+        tokio::select! {
+            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {}
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+    }
+}
+
+/// The first process running `exe`, polled every 200 ms; None when the watch must stop first.
+async fn wait_for(exe: &std::path::Path, stop: &mut Stop) -> Option<u32> {
+    let mut said = false;
+    loop {
+        if let Some(&pid) = target::processes_of(exe).first() {
+            return Some(pid);
+        }
+        if !said {
+            eprintln!(
+                "bridge-trace: no process runs {} yet: waiting",
+                exe.display()
+            );
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.wait() => return None,
+        }
+    }
+}
+
+/// Attaches to `pid`; a process that has only just started (its loader has not mapped the
+/// allocator yet) is given a few tries.
+async fn attach(pid: u32, config: &WatchConfig) -> Result<Attached> {
+    let mut tries = 0;
+    loop {
+        match record::attach_pid(pid, &config.trace) {
+            Err(Error::NoAllocator { .. }) if tries < 10 && target::alive(pid) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Why watching one process ended.
+enum Ended {
+    Stopped,
+    Exited,
+}
+
+/// Watches one process until it exits or the watch stops.
+async fn watch_process(
+    mut t: Attached,
+    config: &WatchConfig,
+    metrics_tx: &tokio::sync::watch::Sender<Arc<String>>,
+    stop: &mut Stop,
+) -> Result<Ended> {
     eprintln!(
         "bridge-trace: watching {} (pid {}) through {} [tier {}], a window every {}{}",
         t.name,
@@ -82,9 +182,6 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
             None => String::new(),
         }
     );
-
-    let (mut sigint, mut sigterm) = record::stop_signals()?;
-    let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
     let mut refresh = tokio::time::interval(MAPS_REFRESH);
     let mut windows = tokio::time::interval_at(
         tokio::time::Instant::now() + config.interval,
@@ -105,13 +202,11 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
     };
     loop {
         tokio::select! {
-            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break,
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = stop.wait() => return Ok(Ended::Stopped),
             r = async { t.pidfd.as_ref().unwrap().readable().await }, if t.pidfd.is_some() => {
                 let _ = r;
                 eprintln!("bridge-trace: pid {} exited", t.pid);
-                break;
+                return Ok(Ended::Exited);
             }
             c = async { t.unwinder.as_mut().unwrap().next_compiled().await }, if t.unwinder.is_some() => {
                 if let (Some(c), Some(u)) = (c, t.unwinder.as_mut()) {
@@ -142,7 +237,6 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 /// Bytes, counts and ages per stack in one snapshot.
