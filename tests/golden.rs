@@ -181,3 +181,76 @@ fn json_round_trips() {
     let back: Report = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(back, r);
 }
+
+#[test]
+fn pprof() {
+    check(Format::Pprof, "report.pb.gz");
+}
+
+/// `go tool pprof` (Debian's golang-go) reads the profile and agrees with the text report:
+/// the same total and, per leaf function, the same bytes.
+#[test]
+fn go_tool_pprof_agrees_with_the_text_report() {
+    let report = fixed_report();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leaks.pb.gz");
+    std::fs::write(
+        &path,
+        render_to_vec(&report, Format::Pprof, RenderOptions::default()).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-unit=B",
+            "-nodecount=50",
+            "-nodefraction=0",
+        ])
+        .arg(&path)
+        .output()
+        .expect("go (cargo xtask setup installs golang-go)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let total = report.total_bytes();
+    assert!(
+        text.contains(&format!("{total}B total")),
+        "total {total}: {text}"
+    );
+    // Flat bytes per leaf function, as pprof's table has them.
+    let mut by_leaf: std::collections::BTreeMap<String, u64> = Default::default();
+    for s in &report.stacks {
+        let leaf = s.frames.last().unwrap().display_name().to_string();
+        *by_leaf.entry(leaf).or_default() += s.bytes;
+    }
+    // pprof shows names without template arguments, inlined ones marked "(inline)".
+    let simple = |name: &str| {
+        let mut depth = 0;
+        name.chars()
+            .filter(|&c| {
+                match c {
+                    '<' => depth += 1,
+                    '>' => depth -= 1,
+                    _ => return depth == 0,
+                }
+                false
+            })
+            .collect::<String>()
+    };
+    for (leaf, bytes) in by_leaf {
+        let leaf = simple(&leaf);
+        let row = text
+            .lines()
+            .find(|l| l.trim_end().trim_end_matches(" (inline)").ends_with(&leaf))
+            .unwrap_or_else(|| panic!("{leaf} missing: {text}"));
+        assert!(
+            row.trim_start().starts_with(&format!("{bytes}B")),
+            "{leaf}: {row}"
+        );
+    }
+}

@@ -191,7 +191,7 @@ fn leak_is_flagged_cache_and_churn_are_not() {
     );
     let alert = std::fs::read_to_string(bundle.join("alert.txt")).unwrap();
     assert!(alert.contains("leak at leak_site"), "{alert}");
-    for file in ["leaks.svg", "report.json", "report.txt"] {
+    for file in ["leaks.svg", "leaks.pb.gz", "report.json", "report.txt"] {
         assert!(
             bundle.join(file).is_file(),
             "{file} missing from {bundle:?}"

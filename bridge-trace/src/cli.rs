@@ -303,7 +303,7 @@ pub struct RecordArgs {
     #[arg(long, short = 'd', value_name = "DURATION")]
     pub duration: Option<String>,
     /// Where to write the report; repeat for several formats. The format comes from the
-    /// extension (.svg, .folded, .json, .txt) unless --format is given.
+    /// extension (.svg, .folded, .json, .txt, .pb.gz) unless --format is given.
     /// Default: <program>-<pid>-<time>.svg in the current directory.
     #[arg(long, short = 'o', value_name = "PATH")]
     pub output: Vec<PathBuf>,
@@ -343,15 +343,21 @@ pub enum Format {
     Json,
     /// The top stacks, readable in a terminal or a ticket.
     Text,
+    /// Gzipped profile.proto for `go tool pprof`, Pyroscope and other pprof tools.
+    Pprof,
 }
 
 impl Format {
     pub fn from_extension(path: &Path) -> Option<Format> {
+        if path.to_str()?.ends_with(".pb.gz") {
+            return Some(Format::Pprof);
+        }
         match path.extension()?.to_str()? {
             "svg" => Some(Format::Svg),
             "folded" | "collapsed" => Some(Format::Folded),
             "json" => Some(Format::Json),
             "txt" | "text" => Some(Format::Text),
+            "pprof" => Some(Format::Pprof),
             _ => None,
         }
     }
@@ -362,6 +368,7 @@ impl Format {
             Format::Folded => "folded",
             Format::Json => "json",
             Format::Text => "txt",
+            Format::Pprof => "pb.gz",
         }
     }
 }
@@ -482,7 +489,7 @@ impl Config {
                 None => {
                     return Err(Error::Usage(format!(
                         "cannot tell the format of {} from its extension: use .svg, .folded, \
-                         .json or .txt, or --format",
+                         .json, .txt or .pb.gz, or --format",
                         path.display()
                     )))
                 }

@@ -48,7 +48,7 @@ enum Task {
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// gcc and g++ build the fixtures, libc6-dbg gives glibc's frames names, gdb checks our stacks, and
 /// python3.11 is a real program built without frame pointers (Debian's, as shipped), and
-/// prometheus scrapes `watch` in a test.
+/// prometheus scrapes `watch` in a test, and golang-go brings `go tool pprof`.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -59,6 +59,7 @@ const APT_PACKAGES: &[&str] = &[
     "gdb",
     "python3.11",
     "prometheus",
+    "golang-go",
 ];
 
 fn main() -> Result<()> {

@@ -2,6 +2,7 @@
 //! writes it atomically (a temporary file in the same directory, renamed into place).
 mod folded;
 mod json;
+pub mod pprof;
 mod svg;
 mod text;
 
@@ -15,6 +16,7 @@ use crate::{
 
 pub use folded::Folded;
 pub use json::Json;
+pub use pprof::Pprof;
 pub use svg::Svg;
 pub use text::Text;
 
@@ -43,6 +45,7 @@ pub fn renderer(format: Format, options: RenderOptions) -> Box<dyn Render> {
         Format::Folded => Box::new(Folded),
         Format::Json => Box::new(Json),
         Format::Text => Box::new(Text { top: options.top }),
+        Format::Pprof => Box::new(Pprof),
     }
 }
 

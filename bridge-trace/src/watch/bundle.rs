@@ -1,6 +1,6 @@
 //! What a watch writes to `--out-dir`: periodic snapshots, the oldest pruned past `--keep`, and
 //! an incident bundle at every alert. Each is a directory of the usual reports (flamegraph,
-//! folded stacks, JSON, text), written under a temporary name and renamed whole, so that a
+//! folded stacks, pprof, JSON, text), written under a temporary name and renamed whole, so that a
 //! reader never sees half a bundle.
 use std::path::{Path, PathBuf};
 
@@ -11,9 +11,10 @@ use crate::{
     report::{render_to_vec, RenderOptions},
 };
 
-const FILES: [(&str, Format); 4] = [
+const FILES: [(&str, Format); 5] = [
     ("leaks.svg", Format::Svg),
     ("leaks.folded", Format::Folded),
+    ("leaks.pb.gz", Format::Pprof),
     ("report.json", Format::Json),
     ("report.txt", Format::Text),
 ];
