@@ -276,6 +276,8 @@ fn demo(messages: u64) -> Result<()> {
             "leaks.txt",
             "-o",
             "leaks.json",
+            "-o",
+            "leaks.pb.gz",
             "--",
         ])
         .arg(&demo_bin)
