@@ -66,7 +66,8 @@ pub struct WatchArgs {
     /// Length of one window: outstanding memory is sampled per call site at each.
     #[arg(long, short = 'i', value_name = "DURATION", default_value = "10s")]
     pub interval: String,
-    /// Stop after this long (default: until Ctrl-C, SIGTERM or the process exits).
+    /// Stop after this long (default: until Ctrl-C or SIGTERM, or with --pid the process's
+    /// exit).
     #[arg(long, short = 'd', value_name = "DURATION")]
     pub duration: Option<String>,
     /// Where to serve Prometheus metrics (GET /metrics).
@@ -79,11 +80,12 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DURATION", default_value = "5m")]
     pub alert_window: String,
     /// Shell command run (`sh -c`) when a site starts leaking or passes --alert-growth, with
-    /// BRIDGE_TRACE_SITE, BRIDGE_TRACE_REASON and BRIDGE_TRACE_BUNDLE (with --out-dir) set.
+    /// BRIDGE_TRACE_SITE, BRIDGE_TRACE_REASON, BRIDGE_TRACE_PID and BRIDGE_TRACE_BUNDLE (with
+    /// --out-dir) set.
     #[arg(long, value_name = "CMD")]
     pub on_alert: Option<String>,
     /// Directory for snapshots (every --snapshot-every) and incident bundles (at each alert):
-    /// flamegraph, folded stacks, JSON and text report.
+    /// flamegraph, folded stacks, pprof, JSON and text report.
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
     /// How often a snapshot is written to --out-dir.
