@@ -33,6 +33,8 @@ pub struct Sample {
     pub tier: &'static str,
     pub windows: u64,
     pub bpf_cpu_seconds: f64,
+    /// CPU time of bridge-trace's own process (user and system) so far.
+    pub tracer_cpu_seconds: f64,
     pub sites: Vec<SiteSample>,
 }
 
@@ -94,6 +96,13 @@ pub fn encode_sample(s: &Sample) -> String {
         "bpf_cpu_seconds",
         "CPU time of bridge-trace's eBPF programs (with kernel.bpf_stats_enabled)",
         cpu,
+    );
+    let own = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    own.get_or_create(&pid).inc_by(s.tracer_cpu_seconds);
+    registry.register(
+        "tracer_cpu_seconds",
+        "CPU time of bridge-trace's own process, user and system",
+        own,
     );
     let tier = Family::<Labels, Gauge>::default();
     tier.get_or_create(&vec![
@@ -205,6 +214,7 @@ mod tests {
             frees: 4,
             tier: "full",
             windows: 6,
+            tracer_cpu_seconds: 1.5,
             sites: vec![
                 SiteSample {
                     label: "reject_message (data-bridge.c:193)".into(),
@@ -231,6 +241,7 @@ mod tests {
             "bridge_trace_allocations_total{pid=\"7\"} 10",
             "bridge_trace_tier{pid=\"7\",tier=\"full\"} 1",
             "bridge_trace_leaking_sites{pid=\"7\"} 1",
+            "bridge_trace_tracer_cpu_seconds_total{pid=\"7\"} 1.5",
             "bridge_trace_site_outstanding_bytes{pid=\"7\",site=\"reject_message \
              (data-bridge.c:193)\",class=\"leaking\"} 2000.0",
             "bridge_trace_site_outstanding_bytes{pid=\"7\",site=\"quote\\\"d\",class=\"cache\"} \

@@ -400,6 +400,7 @@ fn window(
         tier: config.tier.name(),
         windows: state.windows,
         bpf_cpu_seconds: programs.iter().map(|p| p.run_time_ns).sum::<u64>() as f64 / 1e9,
+        tracer_cpu_seconds: own_cpu_seconds(),
         sites,
     };
     (sample, alerts)
@@ -544,6 +545,18 @@ fn site_label(f: &Frame) -> String {
         }
         _ => name.to_string(),
     }
+}
+
+/// CPU time of this process so far, user and system.
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: all zeroes is a valid rusage; getrusage fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscall with a valid out-struct.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// The process's resident set size, from /proc/PID/statm.
