@@ -50,16 +50,9 @@ fn fixtures() -> &'static Path {
         let o = |name: &str| dir.join(name).to_str().unwrap().to_string();
         let flags = ["-O2", "-g", "-fomit-frame-pointer"];
         let cc = |compiler: &str, args: &[&str]| {
-            let out = Command::new(compiler)
-                .args(flags)
-                .args(args)
-                .output()
-                .unwrap_or_else(|e| panic!("{compiler} (cargo xtask setup installs it): {e}"));
-            assert!(
-                out.status.success(),
-                "{compiler} {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let mut all = flags.to_vec();
+            all.extend_from_slice(args);
+            compile(compiler, &all);
         };
         cc(
             "gcc",
@@ -92,16 +85,18 @@ fn fixtures() -> &'static Path {
         // The toolchain that builds bridge-trace builds the Rust fixture; its standard library
         // has no frame pointers either.
         let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-        let out = Command::new(rustc)
-            .args(["--edition", "2021", "-C", "opt-level=3", "-g", "-o"])
-            .arg(o("deep_rust"))
-            .arg(s("deep_rust.rs"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rustc: {}",
-            String::from_utf8_lossy(&out.stderr)
+        compile(
+            &rustc,
+            &[
+                "--edition",
+                "2021",
+                "-C",
+                "opt-level=3",
+                "-g",
+                "-o",
+                &o("deep_rust"),
+                &s("deep_rust.rs"),
+            ],
         );
         dir
     })

@@ -329,14 +329,16 @@ fn step_frame(w: &mut Walk, c: &WalkCtx, first: bool) -> Option<(u64, u64, u64)>
         None
     };
     let Some(row) = row else {
-        if c.mode == UnwindMode::Dwarf as u32 {
-            count(Counter::UnwindNoTable);
-            return None;
+        if c.mode == UnwindMode::Fp as u32 {
+            return fp_step(w, first);
         }
-        if c.mode == UnwindMode::Auto as u32 {
-            count(Counter::UnwindNoTable);
-        }
-        return fp_step(w, first);
+        count(Counter::UnwindNoTable);
+        // `--unwind dwarf`: no table, no frame; `auto`: frame pointers here.
+        return if c.mode == UnwindMode::Dwarf as u32 {
+            None
+        } else {
+            fp_step(w, first)
+        };
     };
     let cfa = match row.cfa_rule {
         cfa_rule::RSP => w.sp.wrapping_add(row.cfa_offset as i64 as u64),
@@ -362,6 +364,10 @@ fn step_frame(w: &mut Walk, c: &WalkCtx, first: bool) -> Option<(u64, u64, u64)>
             return None;
         }
     };
+    if cfa <= w.sp {
+        // The stack grows down: a caller's frame is always above. Anything else is garbage.
+        return None;
+    }
     if row.rbp_rule == rbp_rule::OFFSET && row.rbp_offset == -16 {
         // The usual prologue (push %rbp first): one read for the saved rbp and the return
         // address, which sit side by side.
@@ -370,9 +376,6 @@ fn step_frame(w: &mut Walk, c: &WalkCtx, first: bool) -> Option<(u64, u64, u64)>
             count(Counter::UnwindReadFault);
             return None;
         };
-        if cfa <= w.sp {
-            return None;
-        }
         return Some((pair[1], cfa, pair[0]));
     }
     let Some(ret) = read_user(cfa.wrapping_sub(8)) else {
@@ -390,10 +393,6 @@ fn step_frame(w: &mut Walk, c: &WalkCtx, first: bool) -> Option<(u64, u64, u64)>
         rbp_rule::UNDEFINED => 0,
         _ => w.bp,
     };
-    if cfa <= w.sp {
-        // The stack grows down: a caller's frame is always above. Anything else is garbage.
-        return None;
-    }
     Some((ret, cfa, bp))
 }
 

@@ -180,14 +180,7 @@ impl Tracer {
     pub fn attach_holds(&mut self, program: &Path, allocator: &Allocator, pid: u32) -> Result<()> {
         let pid = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
         let label = "start_enter";
-        let prog: &mut UProbe = self
-            .ebpf
-            .program_mut(label)
-            .ok_or_else(|| Error::Ebpf(format!("program {label} missing from the object")))?
-            .try_into()
-            .map_err(|e: ProgramError| ebpf_err(label, chain(&e)))?;
-        prog.load()
-            .map_err(|e| ebpf_err(&format!("loading {label}"), chain(&e)))?;
+        let prog = loaded_uprobe(&mut self.ebpf, label)?;
         for point in target::hold_points(program, allocator) {
             prog.attach(point.offset, &point.object, UProbeScope::OneProcess(pid))
                 .map_err(|e| {
@@ -261,17 +254,23 @@ fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_
     (r == 0).then_some(info)
 }
 
-fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Result<()> {
+/// The uprobe program `name` of the object, loaded into the kernel (once).
+fn loaded_uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
     let program: &mut UProbe = ebpf
-        .program_mut(p.program)
-        .ok_or_else(|| Error::Ebpf(format!("program {} missing from the object", p.program)))?
+        .program_mut(name)
+        .ok_or_else(|| Error::Ebpf(format!("program {name} missing from the object")))?
         .try_into()
-        .map_err(|e: ProgramError| ebpf_err(p.program, chain(&e)))?;
+        .map_err(|e: ProgramError| ebpf_err(name, chain(&e)))?;
     if program.fd().is_err() {
         program
             .load()
-            .map_err(|e| ebpf_err(&format!("loading {}", p.program), chain(&e)))?;
+            .map_err(|e| ebpf_err(&format!("loading {name}"), chain(&e)))?;
     }
+    Ok(program)
+}
+
+fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Result<()> {
+    let program = loaded_uprobe(ebpf, p.program)?;
     program
         .attach(p.symbol, object, UProbeScope::OneProcess(pid))
         .map_err(|e| {

@@ -22,7 +22,7 @@ use crate::{
     report::{self, human_bytes, RenderOptions},
     symbolize::{Blazesym, ProcessMaps},
     target::{self, Launched},
-    unwind::{UnwindSummary, Unwinder},
+    unwind::{Compiled, UnwindSummary, Unwinder},
 };
 
 /// How often the target's memory maps are re-read (to keep libraries it loads and unloads).
@@ -72,6 +72,28 @@ pub(crate) struct Attached {
     child: Option<mpsc::UnboundedReceiver<ChildEvent>>,
     /// Readable once the process has exited (`--pid`).
     pub(crate) pidfd: Option<AsyncFd<OwnedFd>>,
+}
+
+impl Attached {
+    /// Re-reads the process's maps and asks for the unwind tables of objects it has newly
+    /// mapped. False once the process is gone.
+    pub(crate) fn refresh_maps(&mut self) -> Result<bool> {
+        if !self.maps.refresh() {
+            return Ok(false);
+        }
+        if let Some(u) = self.unwinder.as_mut() {
+            u.track(self.pid, &self.maps.current)?;
+        }
+        Ok(true)
+    }
+
+    /// Loads a table the builder finished (`None`: the builder is gone).
+    pub(crate) fn table_compiled(&mut self, compiled: Option<Compiled>) -> Result<()> {
+        if let (Some(c), Some(u)) = (compiled, self.unwinder.as_mut()) {
+            u.loaded(c, self.pid, &self.maps.current)?;
+        }
+        Ok(())
+    }
 }
 
 /// Attaches to the running process `pid` (`record --pid`, `watch`).
@@ -298,16 +320,10 @@ async fn run_async(config: &Config) -> Result<Outcome> {
                 break StopReason::TargetExited;
             }
             c = async { t.unwinder.as_mut().unwrap().next_compiled().await }, if t.unwinder.is_some() => {
-                if let (Some(c), Some(u)) = (c, t.unwinder.as_mut()) {
-                    u.loaded(c, pid, &t.maps.current)?;
-                }
+                t.table_compiled(c)?;
             }
             _ = refresh.tick() => {
-                if t.maps.refresh() {
-                    if let Some(u) = t.unwinder.as_mut() {
-                        u.track(pid, &t.maps.current)?;
-                    }
-                }
+                t.refresh_maps()?;
                 if show_status && last_status.elapsed() >= STATUS_EVERY {
                     if let Ok(s) = collect::status(&t.tracer, pid) {
                         let rate = (s.counters.allocs - last_allocs.min(s.counters.allocs)) as f64
@@ -415,10 +431,6 @@ async fn run_async(config: &Config) -> Result<Outcome> {
 
 /// `<program>-<pid>-<UTC time>.<ext>` in the current directory.
 pub fn default_output(name: &str, pid: u32, format: Format) -> PathBuf {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     let safe: String = name
         .chars()
         .map(|c| {
@@ -429,15 +441,20 @@ pub fn default_output(name: &str, pid: u32, format: Format) -> PathBuf {
             }
         })
         .collect();
-    PathBuf::from(format!(
-        "{safe}-{pid}-{}.{}",
-        utc_stamp(secs),
-        format.extension()
-    ))
+    PathBuf::from(format!("{safe}-{pid}-{}.{}", utc_now(), format.extension()))
+}
+
+/// Now, as [`utc_stamp`] writes it.
+pub(crate) fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    utc_stamp(secs)
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC.
-pub(crate) fn utc_stamp(secs: u64) -> String {
+fn utc_stamp(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

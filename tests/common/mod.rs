@@ -26,13 +26,18 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn gcc(args: &[&str]) {
-    let out = Command::new("gcc")
+    compile("gcc", args);
+}
+
+/// Runs a compiler (gcc, g++, rustc) and fails the test with its errors.
+pub fn compile(compiler: &str, args: &[&str]) {
+    let out = Command::new(compiler)
         .args(args)
         .output()
-        .expect("gcc (cargo xtask setup installs it)");
+        .unwrap_or_else(|e| panic!("{compiler} (cargo xtask setup installs it): {e}"));
     assert!(
         out.status.success(),
-        "gcc {args:?}: {}",
+        "{compiler} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -21,7 +21,7 @@ use crate::{
     cli::{WatchConfig, WatchTarget},
     collect::{self, Snapshot},
     error::{Error, Result},
-    record::{self, utc_stamp, Attached},
+    record::{self, utc_now, Attached},
     report::human_bytes,
     symbolize::{Blazesym, Frame, Symbolize as _},
     target,
@@ -209,16 +209,10 @@ async fn watch_process(
                 return Ok(Ended::Exited);
             }
             c = async { t.unwinder.as_mut().unwrap().next_compiled().await }, if t.unwinder.is_some() => {
-                if let (Some(c), Some(u)) = (c, t.unwinder.as_mut()) {
-                    u.loaded(c, t.pid, &t.maps.current)?;
-                }
+                t.table_compiled(c)?;
             }
             _ = refresh.tick() => {
-                if t.maps.refresh() {
-                    if let Some(u) = t.unwinder.as_mut() {
-                        u.track(t.pid, &t.maps.current)?;
-                    }
-                }
+                t.refresh_maps()?;
             }
             _ = windows.tick() => {
                 let snapshot = collect::snapshot(&t.tracer, t.pid)?;
@@ -426,7 +420,7 @@ fn report(t: &Attached, snap: &Snapshot, state: &State) -> Report {
 
 /// Writes an incident bundle for `alerts` (with --out-dir) and runs --on-alert for each.
 fn raise(t: &Attached, snap: &Snapshot, config: &WatchConfig, state: &State, alerts: &[Alert]) {
-    let stamp = utc_stamp(unix_secs());
+    let stamp = utc_now();
     let bundle = config.out_dir.as_ref().and_then(|dir| {
         let text: Vec<&str> = alerts.iter().map(|a| a.line.as_str()).collect();
         let r = report(t, snap, state);
@@ -476,18 +470,11 @@ fn snapshot_bundle(t: &Attached, snap: &Snapshot, config: &WatchConfig, state: &
         return;
     };
     let r = report(t, snap, state);
-    let name = format!("snapshot-{}", utc_stamp(unix_secs()));
+    let name = format!("snapshot-{}", utc_now());
     match bundle::write(dir, &name, &r, None) {
         Ok(_) => bundle::prune(dir, "snapshot-", config.keep),
         Err(e) => eprintln!("bridge-trace: {e}"),
     }
-}
-
-fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Names the stacks not seen before by their allocation site: the innermost frame of the
