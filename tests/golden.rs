@@ -125,6 +125,7 @@ fn fixed_report() -> Report {
                 )],
             }),
             programs: Vec::new(),
+            sample_interval: None,
         },
         stacks,
     }

@@ -1,6 +1,8 @@
 //! `watch` against a running service with a leak, a cache and churn (tests/fixtures/patterns.c):
 //! the leak is flagged within a few windows, on stderr and in the Prometheus metrics it serves;
-//! the cache and the churn never are; the service is unharmed.
+//! the cache and the churn never are; the service is unharmed. In every tier: `full`, `sampled`
+//! (estimates against the leak's own count), and the default `growth`, which steps up to name
+//! the leak; and the overhead budget is kept.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
@@ -33,6 +35,11 @@ fn patterns() -> &'static Path {
 
 /// Starts the fixture and waits until it runs; killed if a failed assertion unwinds.
 fn start_patterns() -> KillOnDrop {
+    start_patterns_with_output().0
+}
+
+/// The fixture and its stdout, for its "leaked N" answers to SIGUSR1.
+fn start_patterns_with_output() -> (KillOnDrop, BufReader<std::process::ChildStdout>) {
     let mut service = KillOnDrop(
         Command::new(patterns())
             .stdout(Stdio::piped())
@@ -43,7 +50,27 @@ fn start_patterns() -> KillOnDrop {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
-    service
+    (service, out)
+}
+
+/// Bytes the fixture's leak_site has kept so far, in its own count.
+fn leaked(service: &KillOnDrop, out: &mut BufReader<std::process::ChildStdout>) -> f64 {
+    signal(&service.0, libc::SIGUSR1);
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    line.trim()
+        .strip_prefix("leaked ")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// The value of the first series of `metrics` whose line starts with `prefix`.
+fn value(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// A port nobody listens on right now.
@@ -119,6 +146,7 @@ fn leak_is_flagged_cache_and_churn_are_not() {
             "--duration",
             "14s",
         ])
+        .args(["--tier", "full", "--max-overhead", "off"])
         .args(["--metrics-addr", &addr])
         .args(["--out-dir", dir.to_str().unwrap(), "--snapshot-every", "3s"])
         .args([
@@ -227,14 +255,16 @@ fn get(port: u16, path: &str) -> String {
         .unwrap_or_default()
 }
 
-/// A real Prometheus server (Debian's) scrapes `watch`; the leak is read back through its own
-/// query API.
+/// A real Prometheus server (Debian's) scrapes `watch` in its default tier, `growth`: it sees
+/// the heap grow, steps up to sampling to name the allocation site, and the named leak is read
+/// back through Prometheus's own query API.
 #[test]
 fn prometheus_scrapes_the_leak() {
     let _g = lock();
     let dir = scratch("prometheus");
     let service = start_patterns();
     let (metrics_port, prometheus_port) = (free_port(), free_port());
+    let log = dir.join("watch.log");
     let watch = KillOnDrop(
         Command::new(BIN)
             .args([
@@ -245,7 +275,7 @@ fn prometheus_scrapes_the_leak() {
                 "1s",
             ])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -271,12 +301,13 @@ fn prometheus_scrapes_the_leak() {
             .spawn()
             .expect("prometheus (cargo xtask setup installs it)"),
     );
-    // The leak needs about 8 windows; Prometheus then scrapes it within a second.
+    // Six windows to see the growth, about eight more to name the leak; Prometheus then
+    // scrapes it within a second.
     let query =
         "/api/v1/query?query=bridge_trace_site_outstanding_bytes%7Bclass%3D%22leaking%22%7D";
     let started = Instant::now();
     let mut answer = String::new();
-    while started.elapsed() < Duration::from_secs(25) {
+    while started.elapsed() < Duration::from_secs(40) {
         std::thread::sleep(Duration::from_secs(1));
         answer = get(prometheus_port, query);
         if answer.contains("leak_site") {
@@ -284,8 +315,17 @@ fn prometheus_scrapes_the_leak() {
         }
     }
     drop(watch);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    for line in [
+        "tier growth, budget 1.00% of a CPU",
+        "keeps growing",
+        "tier sampled (one sample per",
+        "leak at leak_site (patterns.c:",
+    ] {
+        assert!(stderr.contains(line), "no {line:?} in {stderr}");
+    }
     let v: serde_json::Value = serde_json::from_str(&answer)
-        .unwrap_or_else(|e| panic!("Prometheus answered {answer:?}: {e}"));
+        .unwrap_or_else(|e| panic!("Prometheus answered {answer:?}: {e}\n{stderr}"));
     assert_eq!(v["status"], "success", "{v}");
     let results = v["data"]["result"].as_array().unwrap();
     let leak = results
@@ -382,9 +422,10 @@ fn exe_restarted_service_is_picked_up() {
     let port = free_port();
     let watch = Command::new(BIN)
         .args(["watch", "--exe", exe.to_str().unwrap(), "--interval", "1s"])
+        .args(["--tier", "full", "--max-overhead", "off"])
         .args([
             "--duration",
-            "20s",
+            "24s",
             "--metrics-addr",
             &format!("127.0.0.1:{port}"),
         ])
@@ -410,14 +451,29 @@ fn exe_restarted_service_is_picked_up() {
         }
         false
     };
+    // Two processes of the executable at once: both watched.
     let first = start();
-    let first_pid = first.0.id();
+    let other = start();
+    let (first_pid, other_pid) = (first.0.id(), other.0.id());
     assert!(
-        wait_for(&|m| m.contains(&pid_series(first_pid)), 6),
-        "the first process was not watched"
+        wait_for(
+            &|m| m.contains(&pid_series(first_pid)) && m.contains(&pid_series(other_pid)),
+            6
+        ),
+        "the two processes were not both watched: {}",
+        scrape(port)
     );
     signal(&first.0, libc::SIGTERM);
     drop(first);
+    // The one that stays is followed on its own.
+    assert!(
+        wait_for(
+            &|m| !m.contains(&pid_series(first_pid)) && m.contains(&pid_series(other_pid)),
+            4
+        ),
+        "{}",
+        scrape(port)
+    );
     let second = start();
     let second_pid = second.0.id();
     let leak = format!("pid=\"{second_pid}\",site=\"leak_site (patterns.c:");
@@ -432,6 +488,7 @@ fn exe_restarted_service_is_picked_up() {
         scrape(port)
     );
     drop(second);
+    drop(other);
     let output = watch.wait_with_output().unwrap();
     assert_ok(&output);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -440,4 +497,110 @@ fn exe_restarted_service_is_picked_up() {
         "{stderr}"
     );
     assert!(stderr.contains(&format!("(pid {second_pid})")), "{stderr}");
+}
+
+/// `--tier sampled`: one allocation in about every 4 KiB allocated is recorded, and the leak's
+/// estimated bytes agree with what the fixture itself says it leaked meanwhile.
+#[test]
+fn sampled_estimates_match_the_truth() {
+    let _g = lock();
+    let (service, mut out) = start_patterns_with_output();
+    let port = free_port();
+    let log = scratch("watch-sampled").join("watch.log");
+    let watch = KillOnDrop(
+        Command::new(BIN)
+            .args(["watch", "--pid", &service.0.id().to_string()])
+            .args(["--interval", "1s", "--tier", "sampled"])
+            .args(["--sample-interval", "4KiB", "--max-overhead", "off"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Attached once the first window's metrics are out.
+    let started = Instant::now();
+    while value(&scrape(port), "bridge_trace_windows{").is_none() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no metrics");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = leaked(&service, &mut out);
+    std::thread::sleep(Duration::from_secs(12));
+    let metrics = scrape(port);
+    let after = leaked(&service, &mut out);
+    drop(watch);
+    let site = "bridge_trace_site_outstanding_bytes{pid=";
+    let estimate = metrics
+        .lines()
+        .filter(|l| l.starts_with(site) && l.contains("site=\"leak_site (patterns.c:"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    // The leak the watch saw began when it attached, up to about two windows before the first
+    // count (the fixture leaks about 100 KB/s), and ended at the last window, up to one before
+    // the second. 1000-byte allocations are sampled with probability 1 - exp(-1000/4096) =
+    // 0.22: about 260 samples, a relative error of about 6 %.
+    let truth = after - before;
+    assert!(
+        estimate > 0.8 * (truth - 100_000.0) && estimate < 1.2 * (truth + 200_000.0),
+        "estimated {estimate} bytes for leak_site, truth about {truth}\n{metrics}"
+    );
+    assert!(
+        value(&metrics, "bridge_trace_sample_interval_bytes") == Some(4096.0),
+        "{metrics}"
+    );
+    let unsampled = value(&metrics, "bridge_trace_unsampled_allocations_total").unwrap();
+    let allocs = value(&metrics, "bridge_trace_allocations_total").unwrap();
+    assert!(unsampled > allocs, "{allocs} sampled, {unsampled} not");
+}
+
+/// A tight budget on a high allocation rate: `full` steps down to `sampled` and then to
+/// `growth` (here the probes' traps alone, paid whatever the sampling interval, are over the
+/// budget), each change logged and exported, and the measured cost ends inside the budget.
+#[test]
+fn overhead_budget_is_kept() {
+    let _g = lock();
+    let dir = scratch("watch-budget");
+    let exe = dir.join("alloc-loop");
+    gcc(&[
+        "-O2",
+        "-o",
+        exe.to_str().unwrap(),
+        repo().join("bench/alloc-loop.c").to_str().unwrap(),
+    ]);
+    let target = KillOnDrop(
+        Command::new(&exe)
+            .args(["1000000000000", "4"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let port = free_port();
+    let watch = Command::new(BIN)
+        .args(["watch", "--pid", &target.0.id().to_string()])
+        .args(["--interval", "1s", "--duration", "9s", "--tier", "full"])
+        .args(["--max-overhead", "1%"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    let metrics = scrape(port);
+    let output = watch.wait_with_output().unwrap();
+    assert_ok(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let sampled = stderr
+        .find("tier sampled")
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let growth = stderr
+        .find("tier growth")
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(sampled < growth, "{stderr}");
+    assert!(stderr.contains("over the budget of 1.00%"), "{stderr}");
+    assert!(
+        metrics.contains("bridge_trace_tier{tier=\"growth\"} 1"),
+        "{metrics}"
+    );
+    assert!(value(&metrics, "bridge_trace_tier_changes_total") >= Some(2.0));
+    let overhead = value(&metrics, "bridge_trace_overhead_cpus").unwrap();
+    assert!(overhead <= 0.01, "{overhead} CPUs\n{stderr}");
+    assert!(target.0.id() > 0);
 }

@@ -109,9 +109,18 @@ pub enum Counter {
     /// Times the target was held once its libraries were mapped, or at a dlopen (launched
     /// targets only), so that their unwind tables could be loaded before their code ran.
     StartStops = 17,
+    /// Allocations the byte sampler let pass unrecorded (`watch --tier sampled`).
+    Unsampled = 18,
+    /// Heap growth events seen: brk, anonymous mmap/munmap/mremap, first-touch page faults.
+    GrowthEvents = 19,
+    /// munmap/mremap of an address bridge-trace did not see mapped (mapped before attaching,
+    /// a part of a region, or dropped when the region map was full).
+    UnmatchedUnmaps = 20,
+    /// Growth that could not be recorded because the region or per-stack growth map was full.
+    GrowthMapFull = 21,
 }
 
-pub const COUNTER_COUNT: u32 = 18;
+pub const COUNTER_COUNT: u32 = 22;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -133,6 +142,10 @@ impl Counter {
         Counter::UnwindReadFault,
         Counter::UnwindDepthLimit,
         Counter::StartStops,
+        Counter::Unsampled,
+        Counter::GrowthEvents,
+        Counter::UnmatchedUnmaps,
+        Counter::GrowthMapFull,
     ];
 }
 
@@ -181,6 +194,9 @@ pub struct AllocInfo {
     pub stack: StackKey,
     pub kind: u32,
     pub tid: u32,
+    /// Mean sampling interval in bytes when this allocation was sampled; 0: every allocation
+    /// was recorded (its weight is 1).
+    pub interval: u64,
 }
 
 /// An allocator call between its entry and its return, per thread.
@@ -196,7 +212,63 @@ pub struct InFlight {
     pub kind: u32,
     /// Allocator calls nested inside this one that have not returned yet.
     pub depth: u32,
+    /// As [`AllocInfo::interval`]; [`NOT_SAMPLED`] for a realloc the sampler skipped, whose
+    /// return only forgets the old block if it moved.
+    pub interval: u64,
 }
+
+/// [`InFlight::interval`] of a call the sampler skipped.
+pub const NOT_SAMPLED: u64 = u64::MAX;
+
+/// Indices of the `CONFIG` array: settings the user half changes while tracing.
+pub mod config {
+    /// Mean bytes between sampled allocations (a Poisson process over allocated bytes);
+    /// 0: record every allocation.
+    pub const SAMPLE_INTERVAL: u32 = 0;
+    pub const COUNT: u32 = 1;
+}
+
+/// Largest sampling interval (1 TiB): keeps the kernel's fixed-point product in range.
+pub const MAX_SAMPLE_INTERVAL: u64 = 1 << 40;
+/// Entries of the table of exponential quantiles the sampler draws its intervals from.
+pub const EXP_QUANTILES: u32 = 4096;
+/// Fixed-point shift of those quantiles: entry i is -ln((i + 0.5) / N) << 16.
+pub const EXP_QUANTILE_SHIFT: u32 = 16;
+
+/// Heap growth attributed to one stack, per CPU (`watch --tier growth`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrowthTotals {
+    /// Bytes the stack added to the heap: brk growth and anonymous mmap/mremap growth.
+    pub mapped: u64,
+    /// Bytes given back: brk shrink, munmap, mremap shrink of regions this stack mapped.
+    pub unmapped: u64,
+    /// Bytes of pages touched for the first time (page faults on absent pages).
+    pub faulted: u64,
+    pub events: u64,
+}
+
+/// An anonymous region mapped by the target, by its start address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmapRegion {
+    pub len: u64,
+    pub stack: StackKey,
+}
+
+/// A growth syscall between its entry and its exit, per thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSyscall {
+    pub nr: u64,
+    pub args: [u64; 4],
+    pub stack: StackKey,
+}
+
+/// Capacity of the map of anonymous regions (per traced process set).
+pub const MAX_REGIONS: u32 = 1 << 16;
+/// Processes traced at once by one tracer (`watch --exe`).
+pub const MAX_TARGETS: u32 = 1024;
 
 /// Running totals for one stack, per CPU (summed in user space; no atomics on bpfel).
 #[repr(C)]
@@ -332,8 +404,11 @@ const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 40);
 const _: () = assert!(core::mem::size_of::<ProcUnwind>() == 8 + 40 * MAX_UNWIND_MAPPINGS);
 const _: () = assert!(core::mem::size_of::<AllocKey>() == 16);
 const _: () = assert!(core::mem::size_of::<StackKey>() == 24);
-const _: () = assert!(core::mem::size_of::<AllocInfo>() == 48);
-const _: () = assert!(core::mem::size_of::<InFlight>() == 56);
+const _: () = assert!(core::mem::size_of::<AllocInfo>() == 56);
+const _: () = assert!(core::mem::size_of::<InFlight>() == 64);
+const _: () = assert!(core::mem::size_of::<GrowthTotals>() == 32);
+const _: () = assert!(core::mem::size_of::<MmapRegion>() == 32);
+const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 64);
 const _: () = assert!(core::mem::size_of::<StackTotals>() == 32);
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 + 8 * MAX_STACK_DEPTH);
 
@@ -353,4 +428,7 @@ mod user {
     unsafe impl aya::Pod for UnwindMapping {}
     unsafe impl aya::Pod for UnwindPage {}
     unsafe impl aya::Pod for ProcUnwind {}
+    unsafe impl aya::Pod for GrowthTotals {}
+    unsafe impl aya::Pod for MmapRegion {}
+    unsafe impl aya::Pod for PendingSyscall {}
 }

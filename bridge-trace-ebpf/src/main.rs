@@ -1,10 +1,11 @@
 //! The kernel half of bridge-trace: uprobes and uretprobes on the allocator's entry points that
-//! keep, in kernel maps, every live allocation of the target process (address → size, stack,
-//! time) and running totals per call stack.
+//! keep, in kernel maps, every live allocation of the target processes (address → size, stack,
+//! time) and running totals per call stack; and raw tracepoints on the syscalls and page faults
+//! through which a heap grows, attributing that growth to user stacks (`watch --tier growth`).
 //!
 //! Every entry probe is a one-line wrapper over [`alloc_enter`]; one return probe,
 //! [`alloc_return`], serves them all; [`free_enter`] handles `free`. The user half reads the maps;
-//! only this file writes them (see the list below).
+//! only this file writes them, except the few listed as user-written below.
 #![no_std]
 #![no_main]
 
@@ -13,26 +14,23 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user, bpf_send_signal,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_send_signal,
     },
-    macros::{map, uprobe, uretprobe},
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
-    programs::{ProbeContext, RetProbeContext},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use bridge_trace_common::{
-    cfa_rule, rbp_rule, AllocInfo, AllocKey, AllocKind, Counter, InFlight, ProcUnwind, StackFrames,
-    StackKey, StackTotals, UnwindMode, UnwindPage, UnwindRow, UnwindRule, COUNTER_COUNT,
-    DEFAULT_MAX_ALLOCS, MAX_INFLIGHT, MAX_STACKS, MAX_STACK_DEPTH, MAX_UNWIND_MAPPINGS,
-    MAX_UNWIND_PAGES, MAX_UNWIND_PROCS, MAX_UNWIND_ROWS, MAX_UNWIND_RULES, NESTING_WINDOW,
-    STACK_TRUNCATED, UNWIND_PAGE_SHIFT,
+    cfa_rule, config, rbp_rule, AllocInfo, AllocKey, AllocKind, Counter, GrowthTotals, InFlight,
+    MmapRegion, PendingSyscall, ProcUnwind, StackFrames, StackKey, StackTotals, UnwindMode,
+    UnwindPage, UnwindRow, UnwindRule, COUNTER_COUNT, DEFAULT_MAX_ALLOCS, EXP_QUANTILES,
+    EXP_QUANTILE_SHIFT, MAX_INFLIGHT, MAX_REGIONS, MAX_STACKS, MAX_STACK_DEPTH, MAX_TARGETS,
+    MAX_UNWIND_MAPPINGS, MAX_UNWIND_PAGES, MAX_UNWIND_PROCS, MAX_UNWIND_ROWS, MAX_UNWIND_RULES,
+    NESTING_WINDOW, NOT_SAMPLED, STACK_TRUNCATED, UNWIND_PAGE_SHIFT,
 };
 
 // ---- Read-only knobs, set by the user half before load. ----
-
-/// The process being traced (its tgid). Probes are also attached for this pid only; this check
-/// keeps a stray event from another process out of the maps.
-#[no_mangle]
-static TARGET_TGID: u32 = 0;
 
 /// 1: stop the target with SIGSTOP when it calls `_exit`, so that the user half (its parent, in
 /// `-- CMD` mode) can read its memory maps before they disappear, then SIGCONT it.
@@ -48,8 +46,45 @@ static UNWIND_MODE: u32 = UnwindMode::Auto as u32;
 #[no_mangle]
 static STOP_AT_START: u32 = 0;
 
-// ---- Maps. The unwind maps are written by the user half's `unwind` module and only read here;
-// every other map is written here only, and the user half only reads (and sizes) it. ----
+// ---- Maps. TARGETS, CONFIG and EXP_TABLE are written by the user half's `attach` module, the
+// unwind maps by its `unwind` module, and only read here; every other map is written here only,
+// and the user half only reads (and sizes) it. ----
+
+/// The processes being traced (tgid → 1; user-written). Uprobes are also attached for these
+/// pids only; the check keeps a stray event from another process out of the maps, and is what
+/// the system-wide tracepoints filter on.
+#[map]
+static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Settings changed while tracing, indexed by [`config`] (user-written).
+#[map]
+static CONFIG: Array<u64> = Array::with_max_entries(config::COUNT, 0);
+
+/// Quantiles of the unit exponential distribution, fixed point (user-written once): the
+/// sampler's intervals are drawn from them.
+#[map]
+static EXP_TABLE: Array<u32> = Array::with_max_entries(EXP_QUANTILES, 0);
+
+/// Per CPU: bytes still to be allocated before the next sampled allocation (0: not drawn yet).
+#[map]
+static SAMPLER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Heap growth per stack, per CPU: written by the growth tracepoints.
+#[map]
+static GROWTH: PerCpuHashMap<StackKey, GrowthTotals> =
+    PerCpuHashMap::with_max_entries(MAX_STACKS, 0);
+
+/// Anonymous regions the targets mapped while traced: (tgid, start) → length, stack.
+#[map]
+static REGIONS: HashMap<AllocKey, MmapRegion> = HashMap::with_max_entries(MAX_REGIONS, 0);
+
+/// Growth syscalls in progress, per thread id: written at entry, consumed at exit.
+#[map]
+static SYSCALLS: HashMap<u32, PendingSyscall> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// Each target's program break as last seen (tgid → address).
+#[map]
+static BREAKS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_TARGETS, 0);
 
 /// Rows of every loaded object's unwind table, each table sorted by address (user-written,
 /// memory-mapped by the user half).
@@ -118,15 +153,48 @@ fn count(c: Counter) {
     }
 }
 
-/// Returns (tgid, tid) when the current task belongs to the target.
+/// Returns (tgid, tid) when the current task belongs to a target.
 #[inline(always)]
 fn current_target() -> Option<(u32, u32)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if tgid != knob(&TARGET_TGID) {
-        return None;
-    }
+    // SAFETY: the value is not kept.
+    unsafe { TARGETS.get(&tgid) }?;
     Some((tgid, pid_tgid as u32))
+}
+
+/// The mean sampling interval in bytes; 0 when every allocation is recorded.
+#[inline(always)]
+fn sample_interval() -> u64 {
+    CONFIG.get(config::SAMPLE_INTERVAL).copied().unwrap_or(0)
+}
+
+/// Whether an allocation of `size` bytes is sampled: a Poisson process over allocated bytes with
+/// mean `interval` (as jemalloc and tcmalloc sample), so an allocation is sampled with
+/// probability 1 - exp(-size / interval), which the user half inverts into its weight.
+#[inline(always)]
+fn sampled(size: u64, interval: u64) -> bool {
+    let Some(left) = SAMPLER.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: per-CPU slot, exclusive while the program runs.
+    let left = unsafe { &mut *left };
+    let first = *left == 0;
+    if !first && *left > size {
+        *left -= size;
+        return false;
+    }
+    // SAFETY: plain helper call.
+    let i = unsafe { bpf_get_prandom_u32() } & (EXP_QUANTILES - 1);
+    let q = EXP_TABLE.get(i).copied().unwrap_or(1 << EXP_QUANTILE_SHIFT) as u64;
+    // Memoryless: the distance from here to the next sample point is a fresh draw.
+    let next = ((q * interval) >> EXP_QUANTILE_SHIFT).max(1);
+    if first && next > size {
+        *left = next - size;
+        return false;
+    }
+    *left = next;
+    true
 }
 
 /// What this thread's in-flight entry, if any, means for a call entering at `sp`.
@@ -182,6 +250,9 @@ struct WalkCtx {
     cache: *mut RowCache,
     mode: u32,
     tgid: u32,
+    /// 1: the walk starts at a function's first instruction (an allocator's entry), whose
+    /// frame is not built yet; 0: anywhere in a function (a syscall, a page fault).
+    at_entry: u32,
 }
 
 const ROW_CACHE_SLOTS: usize = 256;
@@ -293,7 +364,7 @@ fn read_user(addr: u64) -> Option<u64> {
 /// Where the walk goes from the current frame: (return address, caller's sp, caller's rbp), or
 /// None when the stack ends here.
 #[inline(always)]
-fn step_frame(w: &mut Walk, c: &WalkCtx, first: bool) -> Option<(u64, u64, u64)> {
+fn step_frame(w: &mut Walk, c: &WalkCtx, first: bool, at_entry: bool) -> Option<(u64, u64, u64)> {
     let row = if c.mode != UnwindMode::Fp as u32 && !c.procs.is_null() {
         // A return address points after its call: look up the call itself.
         let pc = if first { w.pc } else { w.pc - 1 };
@@ -330,14 +401,14 @@ fn step_frame(w: &mut Walk, c: &WalkCtx, first: bool) -> Option<(u64, u64, u64)>
     };
     let Some(row) = row else {
         if c.mode == UnwindMode::Fp as u32 {
-            return fp_step(w, first);
+            return fp_step(w, first && at_entry);
         }
         count(Counter::UnwindNoTable);
         // `--unwind dwarf`: no table, no frame; `auto`: frame pointers here.
         return if c.mode == UnwindMode::Dwarf as u32 {
             None
         } else {
-            fp_step(w, first)
+            fp_step(w, first && at_entry)
         };
     };
     let cfa = match row.cfa_rule {
@@ -427,7 +498,7 @@ extern "C" fn unwind_step(index: u64, ctx: *mut c_void) -> i64 {
     if len >= MAX_STACK_DEPTH {
         return 1;
     }
-    let Some((ret, sp, bp)) = step_frame(w, c, index == 0) else {
+    let Some((ret, sp, bp)) = step_frame(w, c, index == 0, c.at_entry != 0) else {
         w.done = 1;
         return 1;
     };
@@ -444,11 +515,12 @@ extern "C" fn unwind_step(index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// Walks the user stack from the allocator's entry (`regs`): with the target's unwind tables
-/// where they cover the code, with frame pointers elsewhere (see [`UnwindMode`]). Stores the
-/// frames (return addresses, the direct caller first) once per distinct stack.
+/// Walks the user stack from `pc`, `sp`, `bp`: with the target's unwind tables where they cover
+/// the code, with frame pointers elsewhere (see [`UnwindMode`]). Stores the frames once per
+/// distinct stack: at an allocator's entry (`at_entry`) the return addresses, the direct caller
+/// first; elsewhere `pc` itself, then the return addresses.
 #[inline(always)]
-fn capture_stack(tgid: u32, pc: u64, sp: u64, bp: u64) -> StackKey {
+fn capture_stack(tgid: u32, pc: u64, sp: u64, bp: u64, at_entry: bool) -> StackKey {
     let mut key = StackKey {
         tgid,
         _pad: 0,
@@ -480,6 +552,11 @@ fn capture_stack(tgid: u32, pc: u64, sp: u64, bp: u64) -> StackKey {
         w.mapping = 0;
         w.frames.len = 0;
         w.frames.flags = 0;
+        if !at_entry {
+            w.frames.frames[0] = pc;
+            w.frames.len = 1;
+            w.hash = (w.hash ^ pc).wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
     let cache = match ROW_CACHE.get_ptr_mut(0) {
         Some(c) if !procs.is_null() => c,
@@ -490,6 +567,7 @@ fn capture_stack(tgid: u32, pc: u64, sp: u64, bp: u64) -> StackKey {
         cache,
         mode,
         tgid,
+        at_entry: u32::from(at_entry),
     };
     // SAFETY: the callback is a BPF subprogram; `ctx` outlives the call.
     unsafe {
@@ -541,7 +619,26 @@ fn alloc_enter(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -> 
         Pending::Stale => count(Counter::LostReturns),
         Pending::None => {}
     }
-    let stack = capture_stack(tgid, regs.rip, sp, regs.rbp);
+    let interval = sample_interval();
+    if interval != 0 && !sampled(size, interval) {
+        count(Counter::Unsampled);
+        if matches!(kind, AllocKind::Realloc | AllocKind::Reallocarray) && ptr_arg != 0 {
+            // The old block may be a sampled one: its return forgets it if it moved.
+            let call = InFlight {
+                size,
+                ptr_arg,
+                sp,
+                kind: kind as u32,
+                interval: NOT_SAMPLED,
+                ..InFlight::default()
+            };
+            if INFLIGHT.insert(tid, &call, 0).is_err() {
+                count(Counter::InflightFull);
+            }
+        }
+        return 0;
+    }
+    let stack = capture_stack(tgid, regs.rip, sp, regs.rbp, true);
     let call = InFlight {
         size,
         ptr_arg,
@@ -549,6 +646,7 @@ fn alloc_enter(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -> 
         stack,
         kind: kind as u32,
         depth: 0,
+        interval,
     };
     if INFLIGHT.insert(tid, &call, 0).is_err() {
         count(Counter::InflightFull);
@@ -630,7 +728,8 @@ pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
     alloc_enter(&ctx, AllocKind::Pvalloc, arg(&ctx, 0), 0)
 }
 
-/// Forgets a live allocation and credits its stack. Returns false when the address is unknown.
+/// Forgets a live allocation and credits its stack. Returns false when the address is unknown
+/// (counted unless sampling, where most addresses are unknown by design).
 #[inline(always)]
 fn release(tgid: u32, addr: u64) -> bool {
     let key = AllocKey {
@@ -640,7 +739,9 @@ fn release(tgid: u32, addr: u64) -> bool {
     };
     // SAFETY: value copied out before the delete.
     let Some(info) = (unsafe { ALLOCS.get(&key) }).copied() else {
-        count(Counter::UnknownFrees);
+        if sample_interval() == 0 {
+            count(Counter::UnknownFrees);
+        }
         return false;
     };
     let _ = ALLOCS.remove(&key);
@@ -678,6 +779,7 @@ fn record(tgid: u32, tid: u32, addr: u64, size: u64, call: &InFlight) {
         stack: call.stack,
         kind: call.kind,
         tid,
+        interval: call.interval,
     };
     if ALLOCS.insert(&key, &info, 0).is_err() {
         count(Counter::AllocMapFull);
@@ -710,7 +812,10 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let Some(p) = INFLIGHT.get_ptr_mut(tid) else {
-        count(Counter::OrphanReturns);
+        // When sampling, the calls the sampler skipped have no entry.
+        if sample_interval() == 0 {
+            count(Counter::OrphanReturns);
+        }
         return 0;
     };
     // SAFETY: pointer from a successful map lookup.
@@ -726,6 +831,13 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let Some(kind) = AllocKind::from_u32(call.kind) else {
         return 0;
     };
+    if call.interval == NOT_SAMPLED {
+        // A realloc the sampler skipped: only its old block matters, if it moved or was freed.
+        if call.ptr_arg != 0 && ret != call.ptr_arg && (ret != 0 || call.size == 0) {
+            release(tgid, call.ptr_arg);
+        }
+        return 0;
+    }
     match kind {
         AllocKind::Realloc | AllocKind::Reallocarray => {
             let old = call.ptr_arg;
@@ -794,6 +906,188 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         return 0;
     }
     release(tgid, addr);
+    0
+}
+
+// ---- Heap growth (`watch --tier growth`): syscalls and first-touch page faults. ----
+
+const SYS_MMAP: u64 = 9;
+const SYS_MUNMAP: u64 = 11;
+const SYS_BRK: u64 = 12;
+const SYS_MREMAP: u64 = 25;
+const MAP_ANONYMOUS: u64 = 0x20;
+/// x86 page-fault error code: the page was present (a protection fault, not a first touch).
+const PF_PROT: u64 = 1;
+
+/// The user registers a raw tracepoint passed as a `struct pt_regs *`.
+#[inline(always)]
+fn user_regs(ptr: u64) -> Option<aya_ebpf::bindings::pt_regs> {
+    // SAFETY: a fault-tolerant read of kernel memory.
+    unsafe { bpf_probe_read_kernel(ptr as *const aya_ebpf::bindings::pt_regs) }.ok()
+}
+
+/// Adds growth to a stack's totals.
+#[inline(always)]
+fn grow(stack: &StackKey, mapped: u64, unmapped: u64, faulted: u64) {
+    count(Counter::GrowthEvents);
+    if let Some(t) = GROWTH.get_ptr_mut(stack) {
+        // SAFETY: per-CPU value of a successful lookup.
+        unsafe {
+            (*t).mapped += mapped;
+            (*t).unmapped += unmapped;
+            (*t).faulted += faulted;
+            (*t).events += 1;
+        }
+    } else {
+        let t = GrowthTotals {
+            mapped,
+            unmapped,
+            faulted,
+            events: 1,
+        };
+        if GROWTH.insert(stack, &t, 0).is_err() {
+            count(Counter::GrowthMapFull);
+        }
+    }
+}
+
+/// Every syscall entry, system-wide: keeps the arguments and stack of a target's growth
+/// syscalls until their exit. Anything else returns at the first comparison.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
+    // sys_enter's arguments are (struct pt_regs *regs, long id).
+    let nr: u64 = ctx.arg(1);
+    if !matches!(nr, SYS_MMAP | SYS_MUNMAP | SYS_BRK | SYS_MREMAP) {
+        return 0;
+    }
+    let Some((tgid, tid)) = current_target() else {
+        return 0;
+    };
+    let Some(regs) = user_regs(ctx.arg(0)) else {
+        return 0;
+    };
+    if nr == SYS_MMAP && regs.r10 & MAP_ANONYMOUS == 0 {
+        return 0;
+    }
+    let call = PendingSyscall {
+        nr,
+        args: [regs.rdi, regs.rsi, regs.rdx, regs.r10],
+        stack: capture_stack(tgid, regs.rip, regs.rsp, regs.rbp, false),
+    };
+    if SYSCALLS.insert(tid, &call, 0).is_err() {
+        count(Counter::InflightFull);
+    }
+    0
+}
+
+/// Every syscall exit, system-wide: turns a target's growth syscall into growth of its stack.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    // sys_exit's arguments are (struct pt_regs *regs, long ret).
+    let Some(regs) = user_regs(ctx.arg(0)) else {
+        return 0;
+    };
+    if !matches!(regs.orig_rax, SYS_MMAP | SYS_MUNMAP | SYS_BRK | SYS_MREMAP) {
+        return 0;
+    }
+    let Some((tgid, tid)) = current_target() else {
+        return 0;
+    };
+    // SAFETY: value copied out before the delete.
+    let Some(call) = (unsafe { SYSCALLS.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = SYSCALLS.remove(&tid);
+    let ret: u64 = ctx.arg(1);
+    if ret > u64::MAX - 4095 {
+        return 0; // -errno
+    }
+    match call.nr {
+        SYS_BRK => {
+            // SAFETY: value copied out.
+            let before = unsafe { BREAKS.get(&tgid) }.copied();
+            let _ = BREAKS.insert(&tgid, &ret, 0);
+            match before {
+                Some(b) if ret > b => grow(&call.stack, ret - b, 0, 0),
+                Some(b) if ret < b => grow(&call.stack, 0, b - ret, 0),
+                _ => {}
+            }
+        }
+        SYS_MMAP => {
+            let key = AllocKey {
+                tgid,
+                _pad: 0,
+                addr: ret,
+            };
+            let region = MmapRegion {
+                len: call.args[1],
+                stack: call.stack,
+            };
+            if REGIONS.insert(&key, &region, 0).is_err() {
+                count(Counter::GrowthMapFull);
+            }
+            grow(&call.stack, call.args[1], 0, 0);
+        }
+        SYS_MUNMAP => unmap(tgid, call.args[0], call.args[1]),
+        _ => {
+            // mremap(old, old_len, new_len, ...): the region moves to the caller's stack.
+            let (old, old_len, new_len) = (call.args[0], call.args[1], call.args[2]);
+            unmap(tgid, old, old_len);
+            let key = AllocKey {
+                tgid,
+                _pad: 0,
+                addr: ret,
+            };
+            let region = MmapRegion {
+                len: new_len,
+                stack: call.stack,
+            };
+            if REGIONS.insert(&key, &region, 0).is_err() {
+                count(Counter::GrowthMapFull);
+            }
+            grow(&call.stack, new_len, 0, 0);
+        }
+    }
+    0
+}
+
+/// Gives back a region the target mapped while traced (whole regions only: a partial unmap is
+/// counted as unmatched).
+#[inline(always)]
+fn unmap(tgid: u32, addr: u64, len: u64) {
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    // SAFETY: value copied out before the delete.
+    match unsafe { REGIONS.get(&key) }.copied() {
+        Some(r) if r.len <= len => {
+            let _ = REGIONS.remove(&key);
+            grow(&r.stack, 0, r.len, 0);
+        }
+        _ => count(Counter::UnmatchedUnmaps),
+    }
+}
+
+/// Every user page fault, system-wide: a target's first touch of a page is resident growth,
+/// attributed to the code that touched it.
+#[raw_tracepoint(tracepoint = "page_fault_user")]
+pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
+    // page_fault_user's arguments are (unsigned long address, struct pt_regs *regs,
+    // unsigned long error_code).
+    let error_code: u64 = ctx.arg(2);
+    if error_code & PF_PROT != 0 {
+        return 0;
+    }
+    let Some((tgid, _)) = current_target() else {
+        return 0;
+    };
+    let Some(regs) = user_regs(ctx.arg(1)) else {
+        return 0;
+    };
+    let stack = capture_stack(tgid, regs.rip, regs.rsp, regs.rbp, false);
+    grow(&stack, 0, 0, PAGE_SIZE);
     0
 }
 

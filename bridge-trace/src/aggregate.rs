@@ -37,6 +37,10 @@ pub struct Meta {
     /// What each eBPF program cost while tracing (run time only with kernel.bpf_stats_enabled).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub programs: Vec<ProgramCost>,
+    /// Mean bytes between sampled allocations when allocations were sampled (`watch --tier
+    /// sampled`): bytes and counts are then unbiased estimates, not exact figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_interval: Option<u64>,
 }
 
 /// One call stack holding memory.
@@ -138,6 +142,14 @@ impl Report {
             .filter(|(n, _)| *n > 0)
             .map(|(n, note)| note(*n))
             .collect();
+        if let Some(interval) = self.meta.sample_interval {
+            out.push(format!(
+                "allocations were sampled (one per {} allocated, on average; {} calls passed \
+                 unrecorded): bytes and counts are unbiased estimates, not exact",
+                crate::report::human_bytes(interval),
+                c.unsampled
+            ));
+        }
         if let Some(u) = &self.meta.unwind {
             for (object, reason) in &u.missing {
                 out.push(format!("no unwind table for {object}: {reason}"));
@@ -183,7 +195,8 @@ pub fn aggregate(
     addrs.dedup();
     let names = symbolizer.symbolize(&addrs);
 
-    let mut groups: HashMap<Vec<Frame>, StackReport> = HashMap::new();
+    // Estimates are summed unrounded (sampled allocations stand for fractions of several).
+    let mut groups: HashMap<Vec<Frame>, (StackReport, f64, f64)> = HashMap::new();
     for a in kept {
         let (frames, truncated, partial) = raw(a);
         // Leaf first in the kernel's order; reverse to root first.
@@ -195,19 +208,30 @@ pub fn aggregate(
             }
         }
         let age = now.saturating_sub(a.ts_ns) as f64 / 1e9;
-        let entry = groups.entry(named.clone()).or_insert_with(|| StackReport {
-            bytes: 0,
-            count: 0,
-            oldest_age_secs: 0.0,
-            frames: named,
-            truncated,
-            partial,
+        let (entry, bytes, count) = groups.entry(named.clone()).or_insert_with(|| {
+            let r = StackReport {
+                bytes: 0,
+                count: 0,
+                oldest_age_secs: 0.0,
+                frames: named,
+                truncated,
+                partial,
+            };
+            (r, 0.0, 0.0)
         });
-        entry.bytes += a.size;
-        entry.count += 1;
+        let (b, c) = a.estimate();
+        *bytes += b;
+        *count += c;
         entry.oldest_age_secs = entry.oldest_age_secs.max(age);
     }
-    let mut stacks: Vec<StackReport> = groups.into_values().collect();
+    let mut stacks: Vec<StackReport> = groups
+        .into_values()
+        .map(|(mut r, bytes, count)| {
+            r.bytes = bytes.round() as u64;
+            r.count = count.round() as u64;
+            r
+        })
+        .collect();
     sort_stacks(&mut stacks);
     Report {
         meta: Meta {
@@ -256,6 +280,7 @@ mod tests {
             ret_addr,
             kind: None,
             tid: 1,
+            interval: 0,
         }
     }
 
@@ -272,6 +297,7 @@ mod tests {
             younger_than_min_age: 0,
             unwind: None,
             programs: Vec::new(),
+            sample_interval: None,
         }
     }
 

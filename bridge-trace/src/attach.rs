@@ -1,15 +1,21 @@
 //! Loads the eBPF object, sets its read-only knobs and map sizes, and attaches every probe from
-//! one declarative table ([`PROBES`]) to the allocator object of one process. Dropping the
-//! [`Tracer`] detaches everything; the links are file descriptors, so the kernel also detaches
-//! them if bridge-trace is killed.
-use std::{num::NonZeroU32, os::fd::AsFd as _, path::Path};
+//! one declarative table ([`PROBES`]) to the allocator object of each traced process, and the
+//! heap-growth tracepoints ([`GROWTH_TRACEPOINTS`]). Owns the user-written control maps
+//! (TARGETS, CONFIG, EXP_TABLE) and purges a process's entries from the other maps once it is no
+//! longer traced. Dropping the [`Tracer`] detaches everything; the links are file descriptors,
+//! so the kernel also detaches them if bridge-trace is killed.
+use std::{collections::HashMap, num::NonZeroU32, os::fd::AsFd as _, path::Path};
 
 use aya::{
-    programs::{uprobe::UProbeScope, ProgramError, UProbe},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
+    programs::{uprobe::UProbeLinkId, uprobe::UProbeScope, ProgramError, RawTracePoint, UProbe},
     Ebpf, EbpfLoader,
 };
 
-use bridge_trace_common::UnwindMode;
+use bridge_trace_common::{
+    config, AllocInfo, AllocKey, GrowthTotals, MmapRegion, StackKey, StackTotals, UnwindMode,
+    EXP_QUANTILES, EXP_QUANTILE_SHIFT, MAX_SAMPLE_INTERVAL,
+};
 
 use crate::{
     error::{Error, Result},
@@ -38,17 +44,19 @@ const fn probe(program: &'static str, symbol: &'static str, required: bool) -> P
 
 /// Every probe bridge-trace attaches, in attach order. Entry programs read the arguments and
 /// capture the stack; `alloc_return` (one program for all allocation functions) records the
-/// result. Each return probe is attached before its entry probe, so that no call is seen
-/// entering without being seen returning.
+/// result. What releases memory (`free`, then realloc) comes first and each return probe before
+/// its entry probe, so that no allocation is recorded whose release or return could still be
+/// missed.
 pub const PROBES: &[Probe] = &[
-    probe("alloc_return", "malloc", true),
-    probe("malloc_enter", "malloc", true),
-    probe("alloc_return", "calloc", false),
-    probe("calloc_enter", "calloc", false),
+    probe("free_enter", "free", true),
     probe("alloc_return", "realloc", false),
     probe("realloc_enter", "realloc", false),
     probe("alloc_return", "reallocarray", false),
     probe("reallocarray_enter", "reallocarray", false),
+    probe("alloc_return", "malloc", true),
+    probe("malloc_enter", "malloc", true),
+    probe("alloc_return", "calloc", false),
+    probe("calloc_enter", "calloc", false),
     probe("alloc_return", "posix_memalign", false),
     probe("posix_memalign_enter", "posix_memalign", false),
     probe("alloc_return", "aligned_alloc", false),
@@ -59,13 +67,20 @@ pub const PROBES: &[Probe] = &[
     probe("valloc_enter", "valloc", false),
     probe("alloc_return", "pvalloc", false),
     probe("pvalloc_enter", "pvalloc", false),
-    probe("free_enter", "free", true),
     probe("exit_enter", "_exit", false),
+];
+
+/// The raw tracepoints of the growth tier: (program, tracepoint).
+pub const GROWTH_TRACEPOINTS: &[(&str, &str)] = &[
+    ("sys_exit", "sys_exit"),
+    ("sys_enter", "sys_enter"),
+    ("page_fault_user", "page_fault_user"),
 ];
 
 /// Knobs of the eBPF object, fixed at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct Knobs {
+    /// The first process traced.
     pub tgid: u32,
     /// Launched targets: hold them at `_exit` (to read their maps) and at their entry point
     /// (to load unwind tables before their code runs).
@@ -77,8 +92,12 @@ pub struct Knobs {
 /// The loaded and attached eBPF object. Maps are read through [`crate::collect`].
 pub struct Tracer {
     pub(crate) ebpf: Ebpf,
-    /// Symbols actually probed (an alias shows as `alias=symbol`).
+    /// Symbols actually probed (an alias shows as `alias=symbol`), for the last process whose
+    /// allocator was attached.
     pub attached: Vec<String>,
+    /// The allocator probes' links, per process.
+    links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    growth: bool,
 }
 
 /// Fails with a clear message when the process lacks the privileges to trace.
@@ -136,33 +155,63 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Tracer {
-    /// Loads the object and attaches every probe of [`PROBES`] that the allocator exports.
+    /// Loads the object and attaches every probe of [`PROBES`] that the allocator exports, for
+    /// process `knobs.tgid`.
     pub fn attach(allocator: &Allocator, knobs: Knobs) -> Result<Tracer> {
+        let mut tracer = Tracer::load(knobs)?;
+        tracer.trace_allocator(knobs.tgid, allocator)?;
+        Ok(tracer)
+    }
+
+    /// Loads the object, nothing attached, no process traced yet.
+    pub fn load(knobs: Knobs) -> Result<Tracer> {
         check_privileges()?;
         let launched = u32::from(knobs.launched);
         let unwind = knobs.unwind as u32;
-        let mut ebpf = EbpfLoader::new()
-            .override_global("TARGET_TGID", &knobs.tgid, true)
+        let ebpf = EbpfLoader::new()
             .override_global("STOP_AT_EXIT", &launched, true)
             .override_global("STOP_AT_START", &launched, true)
             .override_global("UNWIND_MODE", &unwind, true)
             .map_max_entries("ALLOCS", knobs.max_allocs)
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_err("loading the eBPF object", chain(&e)))?;
-        let pid =
-            NonZeroU32::new(knobs.tgid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
+        let mut tracer = Tracer {
+            ebpf,
+            attached: Vec::new(),
+            links: HashMap::new(),
+            growth: false,
+        };
+        tracer.fill_exp_table()?;
+        Ok(tracer)
+    }
+
+    /// Starts tracing `pid`'s allocator: the process joins the targets and every probe of
+    /// [`PROBES`] its allocator exports is attached for it.
+    pub fn trace_allocator(&mut self, pid: u32, allocator: &Allocator) -> Result<()> {
+        let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
+        if let Some(p) = PROBES
+            .iter()
+            .find(|p| p.required && !allocator.symbols.iter().any(|s| s == p.symbol))
+        {
+            return Err(Error::NoAllocator {
+                pid,
+                searched: format!("{} (no `{}` symbol)", allocator.path, p.symbol),
+            });
+        }
+        self.add_target(pid)?;
         let mut attached: Vec<String> = Vec::new();
         for p in PROBES {
             if !allocator.symbols.iter().any(|s| s == p.symbol) {
-                if p.required {
-                    return Err(Error::NoAllocator {
-                        pid: knobs.tgid,
-                        searched: format!("{} (no `{}` symbol)", allocator.path, p.symbol),
-                    });
-                }
                 continue;
             }
-            attach_one(&mut ebpf, p, &allocator.host_path, pid)?;
+            let link = match attach_one(&mut self.ebpf, p, &allocator.host_path, nz) {
+                Ok(link) => link,
+                Err(e) => {
+                    self.untrace_allocator(pid);
+                    return Err(e);
+                }
+            };
+            self.links.entry(pid).or_default().push((p.program, link));
             if !attached.iter().any(|a| a == p.symbol) {
                 attached.push(p.symbol.to_string());
             }
@@ -172,7 +221,176 @@ impl Tracer {
                 attached.push(format!("{alias}={target}"));
             }
         }
-        Ok(Tracer { ebpf, attached })
+        self.attached = attached;
+        Ok(())
+    }
+
+    /// Detaches `pid`'s allocator probes and forgets its live allocations and per-stack totals
+    /// (their frees would no longer be seen). The process stays a target (for growth).
+    pub fn untrace_allocator(&mut self, pid: u32) {
+        for (program, link) in self.links.remove(&pid).unwrap_or_default() {
+            if let Ok(p) = loaded_uprobe(&mut self.ebpf, program) {
+                let _ = p.detach(link);
+            }
+        }
+        self.purge::<AllocKey, AllocInfo>("ALLOCS", |k| k.tgid == pid);
+        self.purge_per_cpu::<StackKey, StackTotals>("STACK_TOTALS", |k| k.tgid == pid);
+    }
+
+    /// Whether `pid`'s allocator probes are attached.
+    pub fn traces_allocator(&self, pid: u32) -> bool {
+        self.links.contains_key(&pid)
+    }
+
+    /// Makes `pid` a target: the probes and tracepoints record its events.
+    pub fn add_target(&mut self, pid: u32) -> Result<()> {
+        let mut targets: BpfHashMap<&mut MapData, u32, u32> = self.map_mut("TARGETS")?;
+        targets
+            .insert(pid, 1, 0)
+            .map_err(|e| ebpf_err("adding a target", chain(&e)))
+    }
+
+    /// Stops tracing `pid` (it exited): detaches its probes and purges all its entries.
+    pub fn remove_target(&mut self, pid: u32) {
+        self.untrace_allocator(pid);
+        if let Ok(mut targets) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>("TARGETS") {
+            let _ = targets.remove(&pid);
+        }
+        if let Ok(mut breaks) = self.map_mut::<BpfHashMap<&mut MapData, u32, u64>>("BREAKS") {
+            let _ = breaks.remove(&pid);
+        }
+        self.purge::<AllocKey, MmapRegion>("REGIONS", |k| k.tgid == pid);
+        self.purge_per_cpu::<StackKey, GrowthTotals>("GROWTH", |k| k.tgid == pid);
+    }
+
+    /// Attaches the heap-growth tracepoints (once): every target's brk, anonymous mmap, munmap,
+    /// mremap and first-touch page faults are attributed to its stacks.
+    pub fn trace_growth(&mut self) -> Result<()> {
+        if self.growth {
+            return Ok(());
+        }
+        for &(name, tracepoint) in GROWTH_TRACEPOINTS {
+            let program: &mut RawTracePoint = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| Error::Ebpf(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e: ProgramError| ebpf_err(name, chain(&e)))?;
+            program
+                .load()
+                .map_err(|e| ebpf_err(&format!("loading {name}"), chain(&e)))?;
+            program
+                .attach(tracepoint)
+                .map_err(|e| ebpf_err(&format!("attaching {name} to {tracepoint}"), chain(&e)))?;
+        }
+        self.growth = true;
+        Ok(())
+    }
+
+    /// Sets the sampler's mean interval in bytes (0: record every allocation).
+    pub fn set_sample_interval(&mut self, bytes: u64) -> Result<()> {
+        let mut cfg: Array<&mut MapData, u64> = self.map_mut("CONFIG")?;
+        cfg.set(config::SAMPLE_INTERVAL, bytes.min(MAX_SAMPLE_INTERVAL), 0)
+            .map_err(|e| ebpf_err("setting the sampling interval", chain(&e)))
+    }
+
+    /// Measures what the allocator probes cost per call on this machine, beyond what their
+    /// programs' run time shows: the trap into the kernel (and, for an instruction the kernel
+    /// cannot emulate, a single step). Attaches the same programs to bridge-trace's own
+    /// malloc and free (not a target: the programs return at once), times a malloc+free loop
+    /// without, with the free probe, and with the malloc probes, and detaches them again.
+    pub fn calibrate(&mut self) -> Result<ProbeCosts> {
+        const CALLS: u32 = 20_000;
+        let me = std::process::id();
+        let nz = NonZeroU32::new(me).ok_or_else(|| Error::Usage("no pid".into()))?;
+        let maps = target::read_maps(me)?;
+        let allocator = target::find_allocator(me, &maps)?;
+        let per_call = || {
+            let started = std::time::Instant::now();
+            for i in 0..CALLS {
+                // SAFETY: a plain allocation, freed at once.
+                unsafe {
+                    let p = libc::malloc(64 + (i as usize & 63));
+                    std::hint::black_box(p);
+                    libc::free(p);
+                }
+            }
+            started.elapsed().as_nanos() as f64 / CALLS as f64
+        };
+        let with = |programs: &[(&'static str, &'static str)], ebpf: &mut Ebpf| {
+            let mut links = Vec::new();
+            for &(program, symbol) in programs {
+                let p = probe(program, symbol, true);
+                links.push((program, attach_one(ebpf, &p, &allocator.host_path, nz)?));
+            }
+            let ns = per_call();
+            for (program, link) in links {
+                let _ = loaded_uprobe(ebpf, program)?.detach(link);
+            }
+            Ok::<f64, Error>(ns)
+        };
+        let base = per_call();
+        let free = with(&[("free_enter", "free")], &mut self.ebpf)?;
+        let malloc = with(
+            &[("alloc_return", "malloc"), ("malloc_enter", "malloc")],
+            &mut self.ebpf,
+        )?;
+        let costs = ProbeCosts {
+            alloc_ns: (malloc - base).max(0.0),
+            free_ns: (free - base).max(0.0),
+        };
+        tracing::info!(?costs, base_ns = base, "probe costs measured");
+        Ok(costs)
+    }
+
+    /// Quantiles of the unit exponential distribution for the kernel's sampler.
+    fn fill_exp_table(&mut self) -> Result<()> {
+        let mut table: Array<&mut MapData, u32> = self.map_mut("EXP_TABLE")?;
+        for i in 0..EXP_QUANTILES {
+            let u = (i as f64 + 0.5) / EXP_QUANTILES as f64;
+            let q = (-u.ln() * (1u64 << EXP_QUANTILE_SHIFT) as f64).round() as u32;
+            table
+                .set(i, q, 0)
+                .map_err(|e| ebpf_err("filling the sampler's table", chain(&e)))?;
+        }
+        Ok(())
+    }
+
+    fn map_mut<'a, M>(&'a mut self, name: &str) -> Result<M>
+    where
+        M: TryFrom<&'a mut aya::maps::Map>,
+        M::Error: std::fmt::Display,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| Error::Ebpf(format!("map {name} missing from the object")))?;
+        M::try_from(map).map_err(|e| Error::Ebpf(format!("map {name}: {e}")))
+    }
+
+    /// Deletes the entries of hash map `name` whose key matches.
+    fn purge<K: aya::Pod, V: aya::Pod>(&mut self, name: &str, matches: impl Fn(&K) -> bool) {
+        let Ok(mut map) = self.map_mut::<BpfHashMap<&mut MapData, K, V>>(name) else {
+            return;
+        };
+        let doomed: Vec<K> = map.keys().filter_map(|k| k.ok()).filter(&matches).collect();
+        for k in doomed {
+            let _ = map.remove(&k);
+        }
+    }
+
+    fn purge_per_cpu<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+        matches: impl Fn(&K) -> bool,
+    ) {
+        let Ok(mut map) = self.map_mut::<PerCpuHashMap<&mut MapData, K, V>>(name) else {
+            return;
+        };
+        let doomed: Vec<K> = map.keys().filter_map(|k| k.ok()).filter(&matches).collect();
+        for k in doomed {
+            let _ = map.remove(&k);
+        }
     }
 
     /// Attaches `start_enter` wherever a launched program is to be held while unwind tables
@@ -213,6 +431,14 @@ impl Tracer {
             })
             .collect()
     }
+}
+
+/// What one call costs the traced program beyond the probes' own run time, in nanoseconds:
+/// an allocation (entry and return probe) and a free.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProbeCosts {
+    pub alloc_ns: f64,
+    pub free_ns: f64,
 }
 
 /// One eBPF program's cost, as the kernel counted it.
@@ -269,7 +495,7 @@ fn loaded_uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
     Ok(program)
 }
 
-fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Result<()> {
+fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Result<UProbeLinkId> {
     let program = loaded_uprobe(ebpf, p.program)?;
     program
         .attach(p.symbol, object, UProbeScope::OneProcess(pid))
@@ -288,6 +514,5 @@ fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Res
                     msg,
                 )
             }
-        })?;
-    Ok(())
+        })
 }

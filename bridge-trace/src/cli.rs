@@ -94,9 +94,22 @@ pub struct WatchArgs {
     /// Snapshots kept in --out-dir (the oldest go first; incident bundles are kept).
     #[arg(long, value_name = "N", default_value_t = 24)]
     pub keep: usize,
-    /// Overhead tier: `full` traces every allocation and free, as `record` does.
-    #[arg(long, value_enum, default_value_t = Tier::Full)]
+    /// Overhead tier to start in (see the tiers above); --max-overhead may change it.
+    #[arg(long, value_enum, default_value_t = Tier::Growth)]
     pub tier: Tier,
+    /// Mean bytes allocated between two sampled allocations, in the sampled tier (e.g. 512KiB,
+    /// 64KiB): smaller sees smaller leaks sooner and costs more.
+    #[arg(long, value_name = "SIZE", default_value = "512KiB")]
+    pub sample_interval: String,
+    /// Overhead budget, in percent of one CPU (e.g. 1%, 0.5%), or `off`. The cost of the
+    /// probes is measured every window; over budget, the sampling interval grows or the tier
+    /// steps down, and every change is logged and exported.
+    #[arg(long, value_name = "PERCENT", default_value = "1%")]
+    pub max_overhead: String,
+    /// Push each snapshot, as pprof, to a Pyroscope-compatible ingest endpoint (e.g.
+    /// http://pyroscope:4040).
+    #[arg(long, value_name = "URL")]
+    pub push: Option<String>,
     /// Capacity of the kernel's live-allocation map.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ALLOCS)]
     pub max_allocs: u32,
@@ -108,13 +121,21 @@ pub struct WatchArgs {
 /// How much `watch` traces (and costs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Tier {
-    /// Every allocation and free, with its stack.
+    /// Heap growth only (brk, anonymous mmap/munmap/mremap, first-touch page faults), with
+    /// stacks: no allocator probes, the cheapest.
+    Growth,
+    /// Allocations sampled by bytes (one per --sample-interval on average), estimates scaled
+    /// back.
+    Sampled,
+    /// Every allocation and free, with its stack, as `record` does.
     Full,
 }
 
 impl Tier {
     pub fn name(self) -> &'static str {
         match self {
+            Tier::Growth => "growth",
+            Tier::Sampled => "sampled",
             Tier::Full => "full",
         }
     }
@@ -145,6 +166,12 @@ pub struct WatchConfig {
     pub snapshot_every: Duration,
     pub keep: usize,
     pub tier: Tier,
+    /// Mean bytes between sampled allocations (sampled tier).
+    pub sample_interval: u64,
+    /// Overhead budget in CPUs (0.01 = 1 % of one CPU); None: no budget.
+    pub max_overhead: Option<f64>,
+    /// Pyroscope-compatible base URL snapshots are pushed to.
+    pub push: Option<String>,
     pub trace: TraceOptions,
 }
 
@@ -202,6 +229,27 @@ impl WatchConfig {
             snapshot_every: parse_duration("--snapshot-every", &args.snapshot_every)?,
             keep: args.keep.max(1),
             tier: args.tier,
+            sample_interval: {
+                let v = parse_size("--sample-interval", &args.sample_interval)?;
+                if v == 0 || v > bridge_trace_common::MAX_SAMPLE_INTERVAL {
+                    return Err(Error::Usage(
+                        "--sample-interval must be between 1B and 1TiB".into(),
+                    ));
+                }
+                v
+            },
+            max_overhead: parse_budget(&args.max_overhead)?,
+            push: match args.push {
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                    Some(url.trim_end_matches('/').to_string())
+                }
+                Some(url) => {
+                    return Err(Error::Usage(format!(
+                        "--push {url}: give an http:// or https:// URL"
+                    )))
+                }
+                None => None,
+            },
             trace: TraceOptions {
                 max_allocs: args.max_allocs,
                 unwind: args.unwind,
@@ -226,6 +274,9 @@ impl WatchConfig {
             snapshot_every: "10m".into(),
             keep: 1,
             tier: Tier::Full,
+            sample_interval: "512KiB".into(),
+            max_overhead: "off".into(),
+            push: None,
             max_allocs: DEFAULT_MAX_ALLOCS,
             unwind: args.unwind,
         };
@@ -253,6 +304,64 @@ fn check_dir(dir: &Path) -> Result<()> {
         .map_err(|e| err(&format!("not writable: {e}")))
 }
 
+/// A size such as `512KiB`, `4MB` or `100` (bytes), as a number of bytes.
+fn size_bytes(size: &str) -> std::result::Result<f64, &'static str> {
+    let size = size.trim();
+    let split = size
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(size.len());
+    let (number, unit) = size.split_at(split);
+    let number: f64 = number.parse().map_err(|_| "no number")?;
+    let unit = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" | "K" => 1024.0,
+        "MiB" | "M" => 1024.0 * 1024.0,
+        "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err("unknown unit"),
+    };
+    Ok(number * unit)
+}
+
+/// Parses a size such as `512KiB`, `64K`, `1MB` or `4096` into bytes.
+pub fn parse_size(flag: &'static str, value: &str) -> Result<u64> {
+    match size_bytes(value) {
+        Ok(v) if (0.0..1.8e19).contains(&v) => Ok(v.round() as u64),
+        Ok(_) => Err(Error::Usage(format!(
+            "invalid size '{value}' for {flag}: too large"
+        ))),
+        Err(reason) => Err(Error::Usage(format!(
+            "invalid size '{value}' for {flag}: {reason} (examples: 512KiB, 64K, 1MB)"
+        ))),
+    }
+}
+
+/// Parses `--max-overhead`: a percentage of one CPU (`1%`, `0.5%`), or `off`.
+pub fn parse_budget(value: &str) -> Result<Option<f64>> {
+    let v = value.trim();
+    if v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let bad = || {
+        Error::Usage(format!(
+            "invalid --max-overhead '{value}': give a percentage of one CPU such as 1% or \
+             0.5%, or off"
+        ))
+    };
+    let pct: f64 = v
+        .strip_suffix('%')
+        .ok_or_else(bad)?
+        .trim()
+        .parse()
+        .map_err(|_| bad())?;
+    if !(pct > 0.0 && pct <= 100.0) {
+        return Err(bad());
+    }
+    Ok(Some(pct / 100.0))
+}
+
 /// Parses a growth rate such as `64KiB/s`, `10MB/min`, `1GiB/h` into bytes per second; a bare
 /// size is per second.
 pub fn parse_rate(flag: &'static str, value: &str) -> Result<f64> {
@@ -271,22 +380,7 @@ pub fn parse_rate(flag: &'static str, value: &str) -> Result<f64> {
         "h" | "hour" => 3600.0,
         _ => return Err(bad("the period must be s, min or h")),
     };
-    let split = size
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(size.len());
-    let (number, unit) = size.split_at(split);
-    let number: f64 = number.parse().map_err(|_| bad("no number"))?;
-    let unit = match unit.trim() {
-        "" | "B" => 1.0,
-        "KB" | "kB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KiB" | "K" => 1024.0,
-        "MiB" | "M" => 1024.0 * 1024.0,
-        "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(bad("unknown unit")),
-    };
-    let rate = number * unit / seconds;
+    let rate = size_bytes(size).map_err(bad)? / seconds;
     if !(rate.is_finite() && rate > 0.0) {
         return Err(bad("must be more than 0"));
     }

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
 use bridge_trace_common::{
-    AllocInfo, AllocKey, AllocKind, Counter, StackFrames, StackKey, StackTotals, STACK_TRUNCATED,
+    AllocInfo, AllocKey, AllocKind, Counter, GrowthTotals, StackFrames, StackKey, StackTotals,
+    STACK_TRUNCATED,
 };
 use serde::{Deserialize, Serialize};
 
@@ -24,8 +25,48 @@ pub struct LiveAlloc {
     pub ret_addr: u64,
     pub kind: Option<AllocKind>,
     pub tid: u32,
+    /// Mean sampling interval in bytes when this allocation was sampled; 0: every allocation
+    /// was recorded.
+    pub interval: u64,
 }
 
+impl LiveAlloc {
+    /// The probability that the byte sampler picked this allocation: 1 - exp(-size / interval),
+    /// or 1 when every allocation was recorded.
+    pub fn sample_probability(&self) -> f64 {
+        if self.interval == 0 {
+            return 1.0;
+        }
+        let p = -(-(self.size as f64) / self.interval as f64).exp_m1();
+        if p > 0.0 {
+            p
+        } else {
+            1.0
+        }
+    }
+
+    /// The (bytes, allocations) this allocation stands for: itself when every allocation was
+    /// recorded, else its size and 1 divided by the probability it was sampled (the unbiased
+    /// estimate jemalloc and tcmalloc use).
+    pub fn estimate(&self) -> (f64, f64) {
+        let p = self.sample_probability();
+        (self.size as f64 / p, 1.0 / p)
+    }
+}
+
+/// Heap growth attributed to one stack of one process (`watch --tier growth`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackGrowth {
+    pub stack_id: u64,
+    pub ret_addr: u64,
+    /// Bytes added by brk and anonymous mmap/mremap.
+    pub mapped: u64,
+    /// Bytes given back by brk, munmap and mremap.
+    pub unmapped: u64,
+    /// Bytes of pages touched for the first time.
+    pub faulted: u64,
+    pub events: u64,
+}
 /// A captured call stack: return addresses, the direct caller first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawStack {
@@ -72,6 +113,15 @@ pub struct Counters {
     pub unwind_depth_limit: u64,
     #[serde(default)]
     pub start_stops: u64,
+    /// Allocations the byte sampler let pass (sampled tier).
+    #[serde(default)]
+    pub unsampled: u64,
+    #[serde(default)]
+    pub growth_events: u64,
+    #[serde(default)]
+    pub unmatched_unmaps: u64,
+    #[serde(default)]
+    pub growth_map_full: u64,
 }
 
 impl Counters {
@@ -95,6 +145,10 @@ impl Counters {
             Counter::UnwindReadFault => &mut self.unwind_read_fault,
             Counter::UnwindDepthLimit => &mut self.unwind_depth_limit,
             Counter::StartStops => &mut self.start_stops,
+            Counter::Unsampled => &mut self.unsampled,
+            Counter::GrowthEvents => &mut self.growth_events,
+            Counter::UnmatchedUnmaps => &mut self.unmatched_unmaps,
+            Counter::GrowthMapFull => &mut self.growth_map_full,
         };
         *slot = v;
     }
@@ -109,6 +163,8 @@ impl Counters {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub allocs: Vec<LiveAlloc>,
+    /// Heap growth per stack since tracing began (growth tracepoints attached).
+    pub growth: Vec<StackGrowth>,
     pub stacks: HashMap<u64, RawStack>,
     pub counters: Counters,
     /// CLOCK_MONOTONIC nanoseconds when the snapshot was taken.
@@ -203,19 +259,46 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
             ret_addr: info.stack.ret_addr,
             kind: AllocKind::from_u32(info.kind),
             tid: info.tid,
+            interval: info.interval,
         });
+    }
+    let growth_map: PerCpuHashMap<&MapData, StackKey, GrowthTotals> =
+        PerCpuHashMap::try_from(map(tracer, "GROWTH")?).map_err(|e| map_err("GROWTH", e))?;
+    let mut growth = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for item in growth_map.iter() {
+        let Ok((key, values)) = item else { continue };
+        if key.tgid != tgid || !seen.insert((key.stack_id, key.ret_addr)) {
+            continue;
+        }
+        let mut g = StackGrowth {
+            stack_id: key.stack_id,
+            ret_addr: key.ret_addr,
+            ..StackGrowth::default()
+        };
+        for v in values.iter() {
+            g.mapped += v.mapped;
+            g.unmapped += v.unmapped;
+            g.faulted += v.faulted;
+            g.events += v.events;
+        }
+        growth.push(g);
     }
     let stacks_map: BpfHashMap<&MapData, u64, StackFrames> =
         BpfHashMap::try_from(map(tracer, "STACKS")?).map_err(|e| map_err("STACKS", e))?;
     let mut stacks = HashMap::new();
-    for a in &allocs {
-        if a.stack_id == 0 || stacks.contains_key(&a.stack_id) {
+    let ids = allocs
+        .iter()
+        .map(|a| a.stack_id)
+        .chain(growth.iter().map(|g| g.stack_id));
+    for id in ids {
+        if id == 0 || stacks.contains_key(&id) {
             continue;
         }
-        if let Ok(s) = stacks_map.get(&a.stack_id, 0) {
+        if let Ok(s) = stacks_map.get(&id, 0) {
             let len = (s.len as usize).min(s.frames.len());
             stacks.insert(
-                a.stack_id,
+                id,
                 RawStack {
                     frames: s.frames[..len].to_vec(),
                     truncated: s.flags & STACK_TRUNCATED != 0,
@@ -224,8 +307,10 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
         }
     }
     allocs.sort_by_key(|a| (a.ts_ns, a.addr));
+    growth.sort_by_key(|g| (g.stack_id, g.ret_addr));
     Ok(Snapshot {
         allocs,
+        growth,
         stacks,
         counters: counters(tracer)?,
         taken_ns,

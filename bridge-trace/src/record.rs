@@ -235,7 +235,7 @@ fn wait_child(pid: u32, tx: mpsc::UnboundedSender<ChildEvent>) {
     }
 }
 
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     // SAFETY: plain syscall.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) };
     if fd < 0 {
@@ -388,6 +388,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         counters: snapshot.counters,
         younger_than_min_age: 0,
         programs,
+        sample_interval: None,
         unwind: Some(match &t.unwinder {
             Some(u) => u.summary(),
             None => UnwindSummary {

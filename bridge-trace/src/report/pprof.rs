@@ -281,6 +281,7 @@ mod tests {
                 younger_than_min_age: 0,
                 unwind: None,
                 programs: Vec::new(),
+                sample_interval: None,
             },
             stacks: vec![StackReport {
                 bytes: 300,

@@ -464,6 +464,12 @@ impl Tables {
         Ok(())
     }
 
+    /// Removes `pid`'s mappings from the kernel's map.
+    pub fn forget(&mut self, pid: u32) {
+        let _ = self.procs.remove(&pid);
+        self.published.remove(&pid);
+    }
+
     /// Objects of `maps` requested from the builder and not back yet.
     fn pending(&self, pid: u32, maps: &[Mapping]) -> Vec<ObjectRef> {
         maps.iter()
@@ -525,6 +531,16 @@ impl Unwinder {
     /// The next table the builder finished.
     pub async fn next_compiled(&mut self) -> Option<Compiled> {
         self.compiled.recv().await
+    }
+
+    /// Loads a finished table (publish it with [`Unwinder::track`]).
+    pub fn insert(&mut self, compiled: Compiled) {
+        self.tables.insert(compiled);
+    }
+
+    /// Forgets a process that exited: its mappings leave the kernel's map.
+    pub fn forget(&mut self, pid: u32) {
+        self.tables.forget(pid);
     }
 
     /// Loads a finished table and republishes `pid`'s mappings.

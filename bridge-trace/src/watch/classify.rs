@@ -9,6 +9,10 @@
 //!   LRU cache: its oldest allocation's age stops growing);
 //! - **churn** when everything it holds is young (allocated and freed within a request).
 //!
+//! In the growth tier, where single allocations are not seen, a site's figure is the heap
+//! growth attributed to it, and it is **growing** when that grew in (nearly) every one of the
+//! last [`LEAK_WINDOWS`] windows, **steady** otherwise.
+//!
 //! Memory allocated before watching started is invisible, so a cache whose entries live longer
 //! than the watch so far looks like a leak until its first entries are replaced; a cache that
 //! is still filling is flagged only if it fills for longer than [`LEAK_WINDOWS`] windows.
@@ -44,6 +48,10 @@ pub enum Class {
     Leaking,
     Cache,
     Churn,
+    /// Growth tier: the heap keeps growing from this site.
+    Growing,
+    /// Growth tier: no sustained growth from this site.
+    Steady,
 }
 
 impl Class {
@@ -53,6 +61,8 @@ impl Class {
             Class::Leaking => "leaking",
             Class::Cache => "cache",
             Class::Churn => "churn",
+            Class::Growing => "growing",
+            Class::Steady => "steady",
         }
     }
 }
@@ -101,6 +111,25 @@ impl Trend {
             Class::Leaking
         } else {
             Class::Cache
+        }
+    }
+
+    /// The class of a growth-tier site, whose `bytes` are the growth attributed to it so far.
+    pub fn growth_class(&self) -> Class {
+        if self.windows.len() < LEAK_WINDOWS + 1 {
+            return Class::Undecided;
+        }
+        let recent: Vec<&Window> = self.windows.iter().rev().take(LEAK_WINDOWS + 1).collect();
+        let steps = recent
+            .windows(2)
+            .filter(|p| p[0].bytes > p[1].bytes)
+            .count();
+        // At least a page a step on average: a single late fault is not growth.
+        let grown = recent[0].bytes >= recent[LEAK_WINDOWS].bytes + 4096 * LEAK_WINDOWS as u64;
+        if steps + 1 >= LEAK_WINDOWS && grown {
+            Class::Growing
+        } else {
+            Class::Steady
         }
     }
 
@@ -172,5 +201,36 @@ mod tests {
         assert_eq!(trend(&churn).class(), Class::Churn);
         // Too early to tell.
         assert_eq!(trend(&leak[..2]).class(), Class::Undecided);
+    }
+
+    #[test]
+    fn growth() {
+        let series = |bytes: &[u64]| {
+            let mut t = Trend::default();
+            for (i, &b) in bytes.iter().enumerate() {
+                t.push(Window {
+                    at_secs: i as f64,
+                    bytes: b,
+                    ..Window::default()
+                });
+            }
+            t
+        };
+        let pages = |n: &[u64]| n.iter().map(|p| p * 4096).collect::<Vec<_>>();
+        assert_eq!(
+            series(&pages(&[0, 2, 4, 6, 8, 10, 12])).growth_class(),
+            Class::Growing
+        );
+        // One quiet window among five is still growth.
+        assert_eq!(
+            series(&pages(&[0, 2, 4, 4, 6, 8, 10])).growth_class(),
+            Class::Growing
+        );
+        // A cache that filled, then nothing.
+        assert_eq!(
+            series(&pages(&[0, 30, 60, 61, 61, 61, 61])).growth_class(),
+            Class::Steady
+        );
+        assert_eq!(series(&pages(&[0, 1, 2])).growth_class(), Class::Undecided);
     }
 }

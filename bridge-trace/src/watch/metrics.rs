@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use prometheus_client::{
-    encoding::text::encode,
+    encoding::text::encode as encode_text,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
@@ -20,22 +20,41 @@ use super::classify::Class;
 /// Sites exported per window.
 pub const TOP_SITES: usize = 20;
 
-/// What one window's metrics say.
+/// What one window's metrics say about one process.
 #[derive(Clone, Debug, Default)]
 pub struct Sample {
     pub pid: u32,
     pub rss_bytes: u64,
+    /// Estimated bytes allocated and not freed since its allocations were traced (0 in the
+    /// growth tier).
     pub outstanding_bytes: u64,
+    /// Heap growth seen since watching started: brk and anonymous mappings (net of what was
+    /// given back), and pages touched for the first time.
+    pub heap_growth_bytes: i64,
+    pub faulted_bytes: u64,
+    pub windows: u64,
+    pub sites: Vec<SiteSample>,
+}
+
+/// What one window's metrics say about the tracer itself.
+#[derive(Clone, Debug, Default)]
+pub struct TracerSample {
     pub allocs: u64,
     pub frees: u64,
+    pub unsampled: u64,
+    pub growth_events: u64,
     /// Allocations and stacks lost (maps full, lost returns, missed probe runs).
     pub dropped: u64,
     pub tier: &'static str,
-    pub windows: u64,
+    pub sample_interval_bytes: u64,
+    /// The tracer's measured cost to the traced processes, in CPUs (0.01 = 1 % of one CPU).
+    pub overhead: f64,
+    pub overhead_budget: Option<f64>,
+    pub tier_changes: u64,
     pub bpf_cpu_seconds: f64,
     /// CPU time of bridge-trace's own process (user and system) so far.
     pub tracer_cpu_seconds: f64,
-    pub sites: Vec<SiteSample>,
+    pub processes: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -49,94 +68,165 @@ pub struct SiteSample {
 }
 
 type Labels = Vec<(String, String)>;
+type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
+type CounterF = Counter<f64, std::sync::atomic::AtomicU64>;
 
-/// The OpenMetrics text of one sample.
-pub fn encode_sample(s: &Sample) -> String {
+fn pid_label(pid: u32) -> Labels {
+    vec![("pid".to_string(), pid.to_string())]
+}
+
+/// The OpenMetrics text of one window: the tracer's own figures, then each process's.
+pub fn encode(t: &TracerSample, samples: &[Sample]) -> String {
     let mut registry = Registry::with_prefix("bridge_trace");
-    let pid = vec![("pid".to_string(), s.pid.to_string())];
+    let none: Labels = Vec::new();
     let gauge = |registry: &mut Registry, name: &str, help: &str, value: f64| {
-        let family = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        family.get_or_create(&pid).set(value);
+        let family = Family::<Labels, GaugeF>::default();
+        family.get_or_create(&none).set(value);
         registry.register(name, help, family);
     };
-    gauge(
-        &mut registry,
-        "rss_bytes",
-        "Resident set size of the process",
-        s.rss_bytes as f64,
-    );
-    gauge(
-        &mut registry,
-        "outstanding_bytes",
-        "Bytes allocated and not freed since watching started",
-        s.outstanding_bytes as f64,
-    );
-    gauge(
-        &mut registry,
-        "windows",
-        "Windows observed",
-        s.windows as f64,
-    );
     let counter = |registry: &mut Registry, name: &str, help: &str, value: u64| {
         let family = Family::<Labels, Counter>::default();
-        family.get_or_create(&pid).inc_by(value);
+        family.get_or_create(&none).inc_by(value);
         registry.register(name, help, family);
     };
-    counter(&mut registry, "allocations", "Allocations seen", s.allocs);
-    counter(&mut registry, "frees", "Frees seen", s.frees);
+    let seconds = |registry: &mut Registry, name: &str, help: &str, value: f64| {
+        let family = Family::<Labels, CounterF>::default();
+        family.get_or_create(&none).inc_by(value);
+        registry.register(name, help, family);
+    };
+    counter(
+        &mut registry,
+        "allocations",
+        "Allocations recorded",
+        t.allocs,
+    );
+    counter(
+        &mut registry,
+        "frees",
+        "Frees of recorded allocations",
+        t.frees,
+    );
+    counter(
+        &mut registry,
+        "unsampled_allocations",
+        "Allocations the byte sampler let pass unrecorded",
+        t.unsampled,
+    );
+    counter(
+        &mut registry,
+        "growth_events",
+        "Heap growth events seen (brk, anonymous mmap/munmap/mremap, first-touch faults)",
+        t.growth_events,
+    );
     counter(
         &mut registry,
         "dropped_events",
         "Events not accounted (maps full, lost returns, skipped probe runs)",
-        s.dropped,
+        t.dropped,
     );
-    let cpu = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
-    cpu.get_or_create(&pid).inc_by(s.bpf_cpu_seconds);
-    registry.register(
+    counter(
+        &mut registry,
+        "tier_changes",
+        "Changes of tier or sampling interval made to stay inside the overhead budget",
+        t.tier_changes,
+    );
+    seconds(
+        &mut registry,
         "bpf_cpu_seconds",
-        "CPU time of bridge-trace's eBPF programs (with kernel.bpf_stats_enabled)",
-        cpu,
+        "Run time of bridge-trace's eBPF programs",
+        t.bpf_cpu_seconds,
     );
-    let own = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
-    own.get_or_create(&pid).inc_by(s.tracer_cpu_seconds);
-    registry.register(
+    seconds(
+        &mut registry,
         "tracer_cpu_seconds",
         "CPU time of bridge-trace's own process, user and system",
-        own,
+        t.tracer_cpu_seconds,
+    );
+    gauge(
+        &mut registry,
+        "overhead_cpus",
+        "Measured cost of tracing to the traced processes, in CPUs (probe traps and programs)",
+        t.overhead,
+    );
+    if let Some(budget) = t.overhead_budget {
+        gauge(
+            &mut registry,
+            "overhead_budget_cpus",
+            "The overhead budget (--max-overhead), in CPUs",
+            budget,
+        );
+    }
+    gauge(
+        &mut registry,
+        "sample_interval_bytes",
+        "Mean bytes between sampled allocations (0: every allocation)",
+        t.sample_interval_bytes as f64,
+    );
+    gauge(
+        &mut registry,
+        "processes",
+        "Processes watched",
+        t.processes as f64,
     );
     let tier = Family::<Labels, Gauge>::default();
-    tier.get_or_create(&vec![
-        ("pid".to_string(), s.pid.to_string()),
-        ("tier".to_string(), s.tier.to_string()),
-    ])
-    .set(1);
+    tier.get_or_create(&vec![("tier".to_string(), t.tier.to_string())])
+        .set(1);
     registry.register("tier", "Overhead tier in use", tier);
 
-    let site_gauge = || Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let per_pid = || Family::<Labels, GaugeF>::default();
+    let (rss, outstanding, heap, faulted, windows) =
+        (per_pid(), per_pid(), per_pid(), per_pid(), per_pid());
+    let site_gauge = || Family::<Labels, GaugeF>::default();
     let (bytes, old, growth) = (site_gauge(), site_gauge(), site_gauge());
     let leaking = Family::<Labels, Gauge>::default();
-    let mut leaking_sites = 0;
-    for site in s.sites.iter().take(TOP_SITES) {
-        let labels = vec![
-            ("pid".to_string(), s.pid.to_string()),
-            ("site".to_string(), site.label.clone()),
-            ("class".to_string(), site.class.name().to_string()),
-        ];
-        bytes.get_or_create(&labels).set(site.bytes as f64);
-        old.get_or_create(&labels).set(site.old_bytes as f64);
-        growth
-            .get_or_create(&labels)
-            .set(site.growth_bytes_per_second);
-    }
-    for site in &s.sites {
-        if site.class == Class::Leaking {
-            leaking_sites += 1;
+    for s in samples {
+        let pid = pid_label(s.pid);
+        rss.get_or_create(&pid).set(s.rss_bytes as f64);
+        outstanding
+            .get_or_create(&pid)
+            .set(s.outstanding_bytes as f64);
+        heap.get_or_create(&pid).set(s.heap_growth_bytes as f64);
+        faulted.get_or_create(&pid).set(s.faulted_bytes as f64);
+        windows.get_or_create(&pid).set(s.windows as f64);
+        for site in s.sites.iter().take(TOP_SITES) {
+            let labels = vec![
+                ("pid".to_string(), s.pid.to_string()),
+                ("site".to_string(), site.label.clone()),
+                ("class".to_string(), site.class.name().to_string()),
+            ];
+            bytes.get_or_create(&labels).set(site.bytes as f64);
+            old.get_or_create(&labels).set(site.old_bytes as f64);
+            growth
+                .get_or_create(&labels)
+                .set(site.growth_bytes_per_second);
         }
+        let n = s
+            .sites
+            .iter()
+            .filter(|site| matches!(site.class, Class::Leaking | Class::Growing))
+            .count();
+        leaking.get_or_create(&pid).set(n as i64);
     }
-    leaking.get_or_create(&pid).set(leaking_sites);
+    registry.register("rss_bytes", "Resident set size of the process", rss);
+    registry.register(
+        "outstanding_bytes",
+        "Bytes allocated and not freed since allocations were traced (estimated when sampled)",
+        outstanding,
+    );
+    registry.register(
+        "heap_growth_bytes",
+        "Net bytes the heap grew by brk and anonymous mappings since watching started",
+        heap,
+    );
+    registry.register(
+        "faulted_bytes",
+        "Bytes of memory touched for the first time since watching started",
+        faulted,
+    );
+    registry.register("windows", "Windows observed", windows);
     registry.register(
         "site_outstanding_bytes",
-        "Bytes a call site holds, for the sites growing fastest",
+        "Bytes a call site holds (growth tier: its heap growth), for the top sites",
         bytes,
     );
     registry.register(
@@ -149,10 +239,14 @@ pub fn encode_sample(s: &Sample) -> String {
         "Growth of a call site's memory over the alert window",
         growth,
     );
-    registry.register("leaking_sites", "Call sites classified as leaking", leaking);
+    registry.register(
+        "leaking_sites",
+        "Call sites classified as leaking (or, in the growth tier, growing)",
+        leaking,
+    );
     let mut text = String::new();
     // Encoding into a String cannot fail.
-    let _ = encode(&mut text, &registry);
+    let _ = encode_text(&mut text, &registry);
     text
 }
 
@@ -210,11 +304,7 @@ mod tests {
             pid: 7,
             rss_bytes: 4096,
             outstanding_bytes: 3000,
-            allocs: 10,
-            frees: 4,
-            tier: "full",
             windows: 6,
-            tracer_cpu_seconds: 1.5,
             sites: vec![
                 SiteSample {
                     label: "reject_message (data-bridge.c:193)".into(),
@@ -235,13 +325,26 @@ mod tests {
             ],
             ..Sample::default()
         };
-        let text = encode_sample(&sample);
+        let tracer = TracerSample {
+            allocs: 10,
+            frees: 4,
+            tier: "sampled",
+            sample_interval_bytes: 524288,
+            tracer_cpu_seconds: 1.5,
+            overhead: 0.004,
+            overhead_budget: Some(0.01),
+            ..TracerSample::default()
+        };
+        let text = encode(&tracer, &[sample]);
         for line in [
             "bridge_trace_rss_bytes{pid=\"7\"} 4096.0",
-            "bridge_trace_allocations_total{pid=\"7\"} 10",
-            "bridge_trace_tier{pid=\"7\",tier=\"full\"} 1",
+            "bridge_trace_allocations_total 10",
+            "bridge_trace_tier{tier=\"sampled\"} 1",
+            "bridge_trace_sample_interval_bytes 524288.0",
+            "bridge_trace_overhead_cpus 0.004",
+            "bridge_trace_overhead_budget_cpus 0.01",
             "bridge_trace_leaking_sites{pid=\"7\"} 1",
-            "bridge_trace_tracer_cpu_seconds_total{pid=\"7\"} 1.5",
+            "bridge_trace_tracer_cpu_seconds_total 1.5",
             "bridge_trace_site_outstanding_bytes{pid=\"7\",site=\"reject_message \
              (data-bridge.c:193)\",class=\"leaking\"} 2000.0",
             "bridge_trace_site_outstanding_bytes{pid=\"7\",site=\"quote\\\"d\",class=\"cache\"} \

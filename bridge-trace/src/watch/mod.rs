@@ -1,39 +1,49 @@
-//! `watch`: traces a running service for as long as it runs and, window after window, tells
-//! which call sites leak ([`classify`]), exports it all as Prometheus metrics ([`metrics`]) and
-//! says so on stderr when a site starts leaking or grows past `--alert-growth`. It reuses the
-//! record pipeline's stages: attach, collect, symbolize.
+//! `watch`: traces running services for as long as they run and, window after window, tells
+//! which call sites leak ([`classify`]), exports it all as Prometheus metrics ([`metrics`]),
+//! says so on stderr when a site starts leaking or grows past `--alert-growth`, and keeps its
+//! cost inside the overhead budget by changing tier ([`govern`]). It reuses the record
+//! pipeline's stages: attach, collect, symbolize, aggregate, render.
+//!
+//! One tracer serves every process watched (`--exe`: all processes of an executable, those
+//! started later included); each process has its own windows, sites and classes.
 pub mod bundle;
 pub mod classify;
+pub mod govern;
 pub mod metrics;
+pub mod push;
 pub mod view;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::{net::TcpListener, signal::unix::Signal};
+use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::Signal, sync::mpsc};
 
 use crate::{
     aggregate::{aggregate, Meta, Report, REPORT_VERSION},
-    attach::check_privileges,
-    cli::{WatchConfig, WatchTarget},
-    collect::{self, Snapshot},
+    attach::{check_privileges, Knobs, ProbeCosts, Tracer},
+    cli::{Tier, WatchConfig, WatchTarget},
+    collect::{self, LiveAlloc, Snapshot},
     error::{Error, Result},
-    record::{self, utc_now, Attached},
+    record::{self, utc_now},
     report::human_bytes,
-    symbolize::{Blazesym, Frame, Symbolize as _},
-    target,
+    symbolize::{Blazesym, Frame, ProcessMaps, Symbolize as _},
+    target::{self, Allocator},
+    unwind::Unwinder,
 };
 use classify::{Class, Trend, Window, LEAK_WINDOWS, OLD_AFTER_WINDOWS};
+use govern::{Change, Governor};
 
-/// How often the target's memory maps are re-read (for libraries it loads).
+/// How often the targets' memory maps are re-read (for libraries they load).
 const MAPS_REFRESH: Duration = Duration::from_millis(200);
+/// How often `--exe` looks for new processes of the executable.
+const DISCOVER_EVERY: Duration = Duration::from_secs(1);
 /// A site that has held nothing for this many windows is forgotten.
 const FORGET_AFTER_WINDOWS: usize = 60;
 
-/// Runs a `watch` until the duration, Ctrl-C/SIGTERM, or the process's exit.
+/// Runs a `watch` until the duration, Ctrl-C/SIGTERM, or (with `--pid`) the process's exit.
 pub fn run(config: &WatchConfig) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -42,10 +52,9 @@ pub fn run(config: &WatchConfig) -> Result<()> {
     rt.block_on(run_async(config))
 }
 
-/// What a watch keeps between windows.
-struct State {
-    started: Instant,
-    windows: u64,
+/// The windows of one kind of site (allocation sites, or growth sites) of one process.
+#[derive(Default)]
+struct Sites {
     trends: HashMap<String, Trend>,
     /// Windows since each site last held memory.
     idle: HashMap<String, usize>,
@@ -53,6 +62,33 @@ struct State {
     labels: HashMap<(u64, u64), String>,
     flagged: HashSet<String>,
     alerted: HashSet<String>,
+}
+
+/// A process being watched.
+struct Proc {
+    name: String,
+    allocator: Allocator,
+    maps: ProcessMaps,
+    started: Instant,
+    windows: u64,
+    allocs: Sites,
+    growth: Sites,
+    /// Allocation sites found leaking, as last seen: still exported once the allocator is no
+    /// longer traced (the growth tier), so that a named leak stays on the dashboards.
+    named: BTreeMap<String, metrics::SiteSample>,
+}
+
+/// Everything a watch holds.
+struct Session<'c> {
+    config: &'c WatchConfig,
+    tracer: Tracer,
+    unwinder: Option<Unwinder>,
+    procs: BTreeMap<u32, Proc>,
+    governor: Governor,
+    exited: mpsc::UnboundedSender<u32>,
+    /// Processes of `--exe` that could not be attached (not tried again).
+    skipped: HashSet<u32>,
+    windows: u64,
 }
 
 async fn run_async(config: &WatchConfig) -> Result<()> {
@@ -74,30 +110,114 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         signals: record::stop_signals()?,
         deadline: config.duration.map(|d| tokio::time::Instant::now() + d),
     };
+    if let WatchTarget::Pid(pid) = config.target {
+        // A clear error before anything is loaded.
+        target::inspect_pid(pid)?;
+    }
+    let mut tracer = Tracer::load(Knobs {
+        tgid: 0,
+        launched: false,
+        max_allocs: config.trace.max_allocs,
+        unwind: config.trace.unwind.mode(),
+    })?;
+    let probe_costs = tracer.calibrate().unwrap_or_else(|e| {
+        tracing::warn!("could not measure the probes' cost: {e}");
+        ProbeCosts::default()
+    });
+    tracer.trace_growth()?;
+    let governor = Governor::new(
+        config.tier,
+        config.sample_interval,
+        config.max_overhead,
+        probe_costs,
+    );
+    tracer.set_sample_interval(governor.interval)?;
+    let unwinder = Unwinder::new(&mut tracer, config.trace.unwind)?;
+    let (exited_tx, mut exited_rx) = mpsc::unbounded_channel();
+    let mut s = Session {
+        config,
+        tracer,
+        unwinder,
+        procs: BTreeMap::new(),
+        governor,
+        exited: exited_tx,
+        skipped: HashSet::new(),
+        windows: 0,
+    };
+    eprintln!(
+        "bridge-trace: probes cost {:.2} µs per allocation and {:.2} µs per free here; tier {}{}{}",
+        probe_costs.alloc_ns / 1e3,
+        probe_costs.free_ns / 1e3,
+        config.tier.name(),
+        match config.max_overhead {
+            Some(b) => format!(", budget {:.2}% of a CPU", b * 100.0),
+            None => ", no overhead budget".into(),
+        },
+        match config.metrics_addr {
+            Some(addr) => format!(", metrics on http://{addr}/metrics"),
+            None => String::new(),
+        }
+    );
+    match &config.target {
+        WatchTarget::Pid(pid) => s.add(*pid).await?,
+        WatchTarget::Exe(exe) => {
+            s.discover(exe).await;
+            if s.procs.is_empty() {
+                eprintln!(
+                    "bridge-trace: no process runs {} yet: waiting",
+                    exe.display()
+                );
+            }
+        }
+    }
+    let now = tokio::time::Instant::now();
+    let mut refresh = tokio::time::interval(MAPS_REFRESH);
+    let mut discover = tokio::time::interval_at(now + DISCOVER_EVERY, DISCOVER_EVERY);
+    let mut windows = tokio::time::interval_at(now + config.interval, config.interval);
+    let mut snapshots =
+        tokio::time::interval_at(now + config.snapshot_every, config.snapshot_every);
+    let exe = match &config.target {
+        WatchTarget::Exe(exe) => Some(exe.clone()),
+        WatchTarget::Pid(_) => None,
+    };
     loop {
-        let pid = match &config.target {
-            WatchTarget::Pid(pid) => *pid,
-            WatchTarget::Exe(exe) => match wait_for(exe, &mut stop).await {
-                Some(pid) => pid,
-                None => return Ok(()),
-            },
-        };
-        let t = match attach(pid, config).await {
-            Ok(t) => t,
-            // It exited meanwhile: wait for the next one.
-            Err(Error::ExitedBeforeAttach(_) | Error::NoSuchProcess(_))
-                if matches!(config.target, WatchTarget::Exe(_)) =>
-            {
-                continue
+        tokio::select! {
+            _ = stop.wait() => return Ok(()),
+            Some(pid) = exited_rx.recv() => {
+                s.remove(pid);
+                eprintln!("bridge-trace: pid {pid} exited");
+                match &exe {
+                    None => return Ok(()),
+                    Some(exe) if s.procs.is_empty() => eprintln!(
+                        "bridge-trace: waiting for the next process of {}",
+                        exe.display()
+                    ),
+                    Some(_) => {}
+                }
             }
-            Err(e) => return Err(e),
-        };
-        match watch_process(t, config, &metrics_tx, &mut stop).await? {
-            Ended::Stopped => return Ok(()),
-            Ended::Exited if matches!(config.target, WatchTarget::Exe(_)) => {
-                eprintln!("bridge-trace: waiting for the next process of the executable");
+            c = async { s.unwinder.as_mut().unwrap().next_compiled().await }, if s.unwinder.is_some() => {
+                if let (Some(c), Some(u)) = (c, s.unwinder.as_mut()) {
+                    u.insert(c);
+                    for (&pid, p) in &s.procs {
+                        u.track(pid, &p.maps.current)?;
+                    }
+                }
             }
-            Ended::Exited => return Ok(()),
+            _ = refresh.tick() => s.refresh_maps()?,
+            _ = discover.tick(), if exe.is_some() => s.discover(exe.as_ref().unwrap()).await,
+            _ = windows.tick() => {
+                let (tracer_sample, samples) = s.window()?;
+                let _ = metrics_tx.send(Arc::new(metrics::encode(&tracer_sample, &samples)));
+                if let Some(rows) = config.view_rows {
+                    for sample in &samples {
+                        let p = &s.procs[&sample.pid];
+                        view::show(&tracer_sample, sample, &p.name, p.started.elapsed(), rows);
+                    }
+                }
+            }
+            _ = snapshots.tick(), if config.out_dir.is_some() || config.push.is_some() => {
+                s.snapshots().await;
+            }
         }
     }
 }
@@ -121,113 +241,218 @@ impl Stop {
     }
 }
 
-/// The first process running `exe`, polled every 200 ms; None when the watch must stop first.
-async fn wait_for(exe: &std::path::Path, stop: &mut Stop) -> Option<u32> {
-    let mut said = false;
-    loop {
-        if let Some(&pid) = target::processes_of(exe).first() {
-            return Some(pid);
-        }
-        if !said {
-            eprintln!(
-                "bridge-trace: no process runs {} yet: waiting",
-                exe.display()
-            );
-            said = true;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = stop.wait() => return None,
-        }
-    }
-}
-
-/// Attaches to `pid`; a process that has only just started (its loader has not mapped the
-/// allocator yet) is given a few tries.
-async fn attach(pid: u32, config: &WatchConfig) -> Result<Attached> {
-    let mut tries = 0;
-    loop {
-        match record::attach_pid(pid, &config.trace) {
-            Err(Error::NoAllocator { .. }) if tries < 10 && target::alive(pid) => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Why watching one process ended.
-enum Ended {
-    Stopped,
-    Exited,
-}
-
-/// Watches one process until it exits or the watch stops.
-async fn watch_process(
-    mut t: Attached,
-    config: &WatchConfig,
-    metrics_tx: &tokio::sync::watch::Sender<Arc<String>>,
-    stop: &mut Stop,
-) -> Result<Ended> {
-    eprintln!(
-        "bridge-trace: watching {} (pid {}) through {} [tier {}], a window every {}{}",
-        t.name,
-        t.pid,
-        t.allocator,
-        config.tier.name(),
-        humantime::format_duration(config.interval),
-        match config.metrics_addr {
-            Some(addr) => format!(", metrics on http://{addr}/metrics"),
-            None => String::new(),
-        }
-    );
-    let mut refresh = tokio::time::interval(MAPS_REFRESH);
-    let mut windows = tokio::time::interval_at(
-        tokio::time::Instant::now() + config.interval,
-        config.interval,
-    );
-    let mut snapshots = tokio::time::interval_at(
-        tokio::time::Instant::now() + config.snapshot_every,
-        config.snapshot_every,
-    );
-    let mut state = State {
-        started: Instant::now(),
-        windows: 0,
-        trends: HashMap::new(),
-        idle: HashMap::new(),
-        labels: HashMap::new(),
-        flagged: HashSet::new(),
-        alerted: HashSet::new(),
-    };
-    loop {
-        tokio::select! {
-            _ = stop.wait() => return Ok(Ended::Stopped),
-            r = async { t.pidfd.as_ref().unwrap().readable().await }, if t.pidfd.is_some() => {
-                let _ = r;
-                eprintln!("bridge-trace: pid {} exited", t.pid);
-                return Ok(Ended::Exited);
-            }
-            c = async { t.unwinder.as_mut().unwrap().next_compiled().await }, if t.unwinder.is_some() => {
-                t.table_compiled(c)?;
-            }
-            _ = refresh.tick() => {
-                t.refresh_maps()?;
-            }
-            _ = windows.tick() => {
-                let snapshot = collect::snapshot(&t.tracer, t.pid)?;
-                let (sample, alerts) = window(&t, &snapshot, config, &mut state);
-                let _ = metrics_tx.send(Arc::new(metrics::encode_sample(&sample)));
-                if let Some(rows) = config.view_rows {
-                    view::show(&sample, &t.name, state.started.elapsed(), rows);
+impl Session<'_> {
+    /// Starts watching `pid`. A process that has only just started (its loader has not mapped
+    /// the allocator yet) is given a few tries.
+    async fn add(&mut self, pid: u32) -> Result<()> {
+        let mut tries = 0;
+        let (maps, allocator) = loop {
+            let found = target::inspect_pid(pid)
+                .and_then(|maps| target::find_allocator(pid, &maps).map(|a| (maps, a)));
+            match found {
+                Err(Error::NoAllocator { .. }) if tries < 10 && target::alive(pid) => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                if !alerts.is_empty() {
-                    raise(&t, &snapshot, config, &state, &alerts);
+                other => break other?,
+            }
+        };
+        // Readable once the process has exited.
+        let pidfd = record::pidfd_open(pid)
+            // SAFETY: the OwnedFd stays open, unchanged, for as long as the AsyncFd owns it.
+            .and_then(|fd| unsafe { AsyncFd::register(fd) }.ok())
+            .ok_or(Error::NoSuchProcess(pid))?;
+        self.tracer.add_target(pid)?;
+        if self.governor.tier != Tier::Growth {
+            if let Err(e) = self.tracer.trace_allocator(pid, &allocator) {
+                self.tracer.remove_target(pid);
+                return Err(e);
+            }
+        }
+        if let Some(u) = self.unwinder.as_mut() {
+            u.track(pid, &maps)?;
+        }
+        let tx = self.exited.clone();
+        tokio::spawn(async move {
+            let _ = pidfd.readable().await;
+            let _ = tx.send(pid);
+        });
+        let name = target::comm(pid).unwrap_or_else(|| format!("pid{pid}"));
+        eprintln!(
+            "bridge-trace: watching {name} (pid {pid}) through {} [tier {}], a window every {}",
+            allocator.path,
+            self.governor.tier.name(),
+            humantime::format_duration(self.config.interval),
+        );
+        self.procs.insert(
+            pid,
+            Proc {
+                name,
+                allocator,
+                maps: ProcessMaps::new(pid, maps),
+                started: Instant::now(),
+                windows: 0,
+                allocs: Sites::default(),
+                growth: Sites::default(),
+                named: BTreeMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Starts watching the processes of `exe` not watched yet.
+    async fn discover(&mut self, exe: &std::path::Path) {
+        for pid in target::processes_of(exe) {
+            if self.procs.contains_key(&pid) || self.skipped.contains(&pid) {
+                continue;
+            }
+            match self.add(pid).await {
+                Ok(()) => {}
+                // It exited meanwhile.
+                Err(Error::ExitedBeforeAttach(_) | Error::NoSuchProcess(_)) => {}
+                Err(e) => {
+                    eprintln!("bridge-trace: not watching pid {pid}: {e}");
+                    self.skipped.insert(pid);
                 }
             }
-            _ = snapshots.tick(), if config.out_dir.is_some() => {
-                let snapshot = collect::snapshot(&t.tracer, t.pid)?;
-                snapshot_bundle(&t, &snapshot, config, &state);
+        }
+    }
+
+    /// Stops watching `pid` (it exited): its probes and kernel state go.
+    fn remove(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+        self.tracer.remove_target(pid);
+        if let Some(u) = self.unwinder.as_mut() {
+            u.forget(pid);
+        }
+    }
+
+    fn refresh_maps(&mut self) -> Result<()> {
+        for (&pid, p) in self.procs.iter_mut() {
+            if p.maps.refresh() {
+                if let Some(u) = self.unwinder.as_mut() {
+                    u.track(pid, &p.maps.current)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes one window for every process, then lets the governor keep the cost in budget.
+    fn window(&mut self) -> Result<(metrics::TracerSample, Vec<metrics::Sample>)> {
+        self.windows += 1;
+        let mut samples = Vec::new();
+        let mut growing: Option<f64> = None;
+        let mut named = false;
+        let pids: Vec<u32> = self.procs.keys().copied().collect();
+        for pid in pids {
+            let snap = match collect::snapshot(&self.tracer, pid) {
+                Ok(snap) => snap,
+                Err(e) => {
+                    tracing::warn!(pid, "snapshot failed: {e}");
+                    continue;
+                }
+            };
+            let traced = self.tracer.traces_allocator(pid);
+            let p = self.procs.get_mut(&pid).expect("listed above");
+            let (sample, alerts) = process_window(pid, p, &snap, self.config, traced);
+            for site in &sample.sites {
+                match site.class {
+                    Class::Growing => {
+                        let rate = site.growth_bytes_per_second.max(0.0);
+                        growing = Some(growing.unwrap_or(0.0).max(rate));
+                    }
+                    Class::Leaking => named = true,
+                    _ => {}
+                }
+            }
+            if !alerts.is_empty() {
+                raise(pid, p, &snap, self.config, &self.governor, &alerts);
+            }
+            samples.push(sample);
+        }
+        let programs = self.tracer.program_costs();
+        self.governor.measure(&programs);
+        let secs = self.config.interval.as_secs_f64();
+        if let Some(change) = self.governor.decide(self.windows, secs, growing, named) {
+            self.apply(change)?;
+        }
+        let c = collect::counters(&self.tracer)?;
+        let tracer_sample = metrics::TracerSample {
+            allocs: c.allocs,
+            frees: c.frees,
+            unsampled: c.unsampled,
+            growth_events: c.growth_events,
+            dropped: c.map_full_drops
+                + c.inflight_full
+                + c.lost_returns
+                + c.growth_map_full
+                + programs.iter().map(|p| p.missed_runs).sum::<u64>(),
+            tier: self.governor.tier.name(),
+            sample_interval_bytes: self.governor.interval,
+            overhead: self.governor.overhead,
+            overhead_budget: self.governor.budget(),
+            tier_changes: self.governor.changes,
+            bpf_cpu_seconds: programs.iter().map(|p| p.run_time_ns).sum::<u64>() as f64 / 1e9,
+            tracer_cpu_seconds: own_cpu_seconds(),
+            processes: self.procs.len(),
+        };
+        Ok((tracer_sample, samples))
+    }
+
+    /// Applies a change of tier or sampling interval to every process.
+    fn apply(&mut self, change: Change) -> Result<()> {
+        eprintln!(
+            "bridge-trace: tier {}{}: {}",
+            change.tier.name(),
+            match change.tier {
+                Tier::Sampled => format!(" (one sample per {})", human_bytes(change.interval)),
+                _ => String::new(),
+            },
+            change.reason
+        );
+        self.tracer.set_sample_interval(change.interval)?;
+        for (&pid, p) in self.procs.iter_mut() {
+            match change.tier {
+                Tier::Growth => {
+                    self.tracer.untrace_allocator(pid);
+                    p.allocs = Sites::default();
+                }
+                Tier::Sampled | Tier::Full if !self.tracer.traces_allocator(pid) => {
+                    if let Err(e) = self.tracer.trace_allocator(pid, &p.allocator) {
+                        eprintln!("bridge-trace: pid {pid}: {e}");
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot of every process to --out-dir and pushes it to --push.
+    async fn snapshots(&mut self) {
+        for (&pid, p) in &self.procs {
+            let snap = match collect::snapshot(&self.tracer, pid) {
+                Ok(snap) => snap,
+                Err(e) => {
+                    eprintln!("bridge-trace: {e}");
+                    continue;
+                }
+            };
+            let r = report(pid, p, &snap, &self.governor);
+            if let Some(dir) = &self.config.out_dir {
+                let name = format!("snapshot-{}-{pid}", utc_now());
+                match bundle::write(dir, &name, &r, None) {
+                    Ok(_) => bundle::prune(dir, "snapshot-", self.config.keep),
+                    Err(e) => eprintln!("bridge-trace: {e}"),
+                }
+            }
+            if let Some(url) = &self.config.push {
+                let until = std::time::SystemTime::now();
+                let from = until - self.config.snapshot_every;
+                if let Err(e) = push::push(url, &p.name, pid, &r, from, until).await {
+                    eprintln!("bridge-trace: --push: {e}");
+                }
             }
         }
     }
@@ -236,73 +461,172 @@ async fn watch_process(
 /// Bytes, counts and ages per stack in one snapshot.
 #[derive(Clone, Copy, Default)]
 struct Held {
-    bytes: u64,
-    count: u64,
-    old_bytes: u64,
-    old_count: u64,
+    bytes: f64,
+    count: f64,
+    old_bytes: f64,
+    old_count: f64,
     oldest_ns: u64,
 }
 
 /// A site that just started leaking, or grows past `--alert-growth`.
 struct Alert {
     site: String,
-    /// `leaking` or `growth`.
+    /// `leaking`, `growing` or `growth`.
     reason: &'static str,
     /// The line logged.
     line: String,
 }
 
-/// Closes one window: per-site windows, classes, log lines, alerts, and the metrics sample.
-fn window(
-    t: &Attached,
+/// Closes one window of one process: its sites' windows, classes, log lines and alerts.
+fn process_window(
+    pid: u32,
+    p: &mut Proc,
     snap: &Snapshot,
     config: &WatchConfig,
-    state: &mut State,
+    traced: bool,
 ) -> (metrics::Sample, Vec<Alert>) {
+    p.windows += 1;
+    let at_secs = p.started.elapsed().as_secs_f64();
     let mut alerts = Vec::new();
-    state.windows += 1;
-    let at_secs = state.started.elapsed().as_secs_f64();
-    let old_ns = (config.interval.as_secs_f64() * OLD_AFTER_WINDOWS * 1e9) as u64;
-    let mut by_stack: HashMap<(u64, u64), Held> = HashMap::new();
-    for a in &snap.allocs {
-        let key = if a.stack_id != 0 {
-            (a.stack_id, 0)
-        } else {
-            (0, a.ret_addr)
-        };
-        let h = by_stack.entry(key).or_default();
-        let age = snap.taken_ns.saturating_sub(a.ts_ns);
-        h.bytes += a.size;
-        h.count += 1;
-        if age >= old_ns {
-            h.old_bytes += a.size;
-            h.old_count += 1;
+    let mut sites = Vec::new();
+    if traced {
+        let old_ns = (config.interval.as_secs_f64() * OLD_AFTER_WINDOWS * 1e9) as u64;
+        let mut by_stack: HashMap<(u64, u64), Held> = HashMap::new();
+        for a in &snap.allocs {
+            let h = by_stack
+                .entry(stack_key(a.stack_id, a.ret_addr))
+                .or_default();
+            let age = snap.taken_ns.saturating_sub(a.ts_ns);
+            let (bytes, count) = a.estimate();
+            h.bytes += bytes;
+            h.count += count;
+            if age >= old_ns {
+                h.old_bytes += bytes;
+                h.old_count += count;
+            }
+            h.oldest_ns = h.oldest_ns.max(age);
         }
-        h.oldest_ns = h.oldest_ns.max(age);
+        label_new_stacks(p, snap, by_stack.keys(), false);
+        let held = by_site(&p.allocs.labels, &by_stack);
+        classify_sites(
+            pid,
+            &mut p.allocs,
+            held,
+            at_secs,
+            config,
+            false,
+            &mut sites,
+            &mut alerts,
+        );
+        for s in sites.iter().filter(|s| s.class == Class::Leaking) {
+            p.named.insert(s.label.clone(), s.clone());
+        }
     }
-    label_new_stacks(t, snap, by_stack.keys(), &mut state.labels);
+    let mut by_stack: HashMap<(u64, u64), Held> = HashMap::new();
+    for g in &snap.growth {
+        let h = by_stack
+            .entry(stack_key(g.stack_id, g.ret_addr))
+            .or_default();
+        h.bytes += g.faulted as f64;
+        h.count += g.events as f64;
+    }
+    label_new_stacks(p, snap, by_stack.keys(), true);
+    let held = by_site(&p.growth.labels, &by_stack);
+    // Growth sites are followed in every tier (their history must not break) but shown only
+    // in the growth tier, where they are all there is.
+    let mut growth_sites = Vec::new();
+    let mut growth_alerts = Vec::new();
+    classify_sites(
+        pid,
+        &mut p.growth,
+        held,
+        at_secs,
+        config,
+        true,
+        &mut growth_sites,
+        &mut growth_alerts,
+    );
+    if !traced {
+        sites.extend(growth_sites);
+        alerts.extend(growth_alerts);
+        sites.extend(p.named.values().cloned());
+    }
 
-    let mut by_site: HashMap<String, Held> = HashMap::new();
-    for (key, h) in &by_stack {
-        let label = state
-            .labels
+    // Leaking or growing first, then fastest growing, then largest: the exported top sites.
+    sites.sort_by(|a, b| {
+        let bad = |s: &metrics::SiteSample| matches!(s.class, Class::Leaking | Class::Growing);
+        bad(b)
+            .cmp(&bad(a))
+            .then(
+                b.growth_bytes_per_second
+                    .total_cmp(&a.growth_bytes_per_second),
+            )
+            .then(b.bytes.cmp(&a.bytes))
+            .then(a.label.cmp(&b.label))
+    });
+    let sample = metrics::Sample {
+        pid,
+        rss_bytes: rss_bytes(pid),
+        outstanding_bytes: snap.allocs.iter().map(|a| a.estimate().0).sum::<f64>() as u64,
+        heap_growth_bytes: snap
+            .growth
+            .iter()
+            .map(|g| g.mapped as i64 - g.unmapped as i64)
+            .sum(),
+        faulted_bytes: snap.growth.iter().map(|g| g.faulted).sum(),
+        windows: p.windows,
+        sites,
+    };
+    (sample, alerts)
+}
+
+fn stack_key(stack_id: u64, ret_addr: u64) -> (u64, u64) {
+    if stack_id != 0 {
+        (stack_id, 0)
+    } else {
+        (0, ret_addr)
+    }
+}
+
+/// Sums stacks into sites by their labels.
+fn by_site(
+    labels: &HashMap<(u64, u64), String>,
+    by_stack: &HashMap<(u64, u64), Held>,
+) -> HashMap<String, Held> {
+    let mut out: HashMap<String, Held> = HashMap::new();
+    for (key, h) in by_stack {
+        let label = labels
             .get(key)
             .cloned()
             .unwrap_or_else(|| "[unknown]".into());
-        let s = by_site.entry(label).or_default();
+        let s = out.entry(label).or_default();
         s.bytes += h.bytes;
         s.count += h.count;
         s.old_bytes += h.old_bytes;
         s.old_count += h.old_count;
         s.oldest_ns = s.oldest_ns.max(h.oldest_ns);
     }
-    let labels: HashSet<String> = state.trends.keys().chain(by_site.keys()).cloned().collect();
+    out
+}
+
+/// Pushes one window of each site, classifies it, and logs and alerts on what changed.
+#[allow(clippy::too_many_arguments)]
+fn classify_sites(
+    pid: u32,
+    state: &mut Sites,
+    held: HashMap<String, Held>,
+    at_secs: f64,
+    config: &WatchConfig,
+    growth_tier: bool,
+    sites: &mut Vec<metrics::SiteSample>,
+    alerts: &mut Vec<Alert>,
+) {
+    let labels: HashSet<String> = state.trends.keys().chain(held.keys()).cloned().collect();
     let span = config.alert_window.as_secs_f64();
-    let mut sites = Vec::new();
     for label in labels {
-        let h = by_site.get(&label).copied().unwrap_or_default();
+        let h = held.get(&label).copied().unwrap_or_default();
         let idle = state.idle.entry(label.clone()).or_default();
-        *idle = if h.bytes == 0 { *idle + 1 } else { 0 };
+        *idle = if h.bytes == 0.0 { *idle + 1 } else { 0 };
         if *idle > FORGET_AFTER_WINDOWS {
             state.trends.remove(&label);
             state.idle.remove(&label);
@@ -311,42 +635,58 @@ fn window(
         let trend = state.trends.entry(label.clone()).or_default();
         trend.push(Window {
             at_secs,
-            bytes: h.bytes,
-            count: h.count,
-            old_bytes: h.old_bytes,
-            old_count: h.old_count,
+            bytes: h.bytes.round() as u64,
+            count: h.count.round() as u64,
+            old_bytes: h.old_bytes.round() as u64,
+            old_count: h.old_count.round() as u64,
             oldest_age_secs: h.oldest_ns as f64 / 1e9,
         });
-        let class = trend.class();
+        let class = if growth_tier {
+            trend.growth_class()
+        } else {
+            trend.class()
+        };
         let growth = trend.growth_rate(span);
         tracing::debug!(
+            pid,
             site = %label,
             bytes = h.bytes,
             old_count = h.old_count,
-            oldest_secs = h.oldest_ns as f64 / 1e9,
             class = class.name(),
             "window"
         );
-        if class == Class::Leaking && state.flagged.insert(label.clone()) {
-            let line = format!(
-                "bridge-trace: leak at {label}: holds {} in {} allocations; its allocations older \
-                 than {OLD_AFTER_WINDOWS} windows piled up in the last {LEAK_WINDOWS} windows \
-                 ({}/s)",
-                human_bytes(h.bytes),
-                h.count,
-                human_bytes(growth.max(0.0) as u64)
-            );
+        let flagged = matches!(class, Class::Leaking | Class::Growing);
+        if flagged && state.flagged.insert(label.clone()) {
+            let line = if growth_tier {
+                format!(
+                    "bridge-trace: the heap of pid {pid} keeps growing: new memory first touched \
+                     at {label}, {}/s over the last {LEAK_WINDOWS} windows ({} so far; the code \
+                     that first touches new memory is not always the code that holds it)",
+                    human_bytes(growth.max(0.0) as u64),
+                    human_bytes(h.bytes as u64),
+                )
+            } else {
+                format!(
+                    "bridge-trace: leak at {label} (pid {pid}): holds {} in {} allocations; its \
+                     allocations older than {OLD_AFTER_WINDOWS} windows piled up in the last \
+                     {LEAK_WINDOWS} windows ({}/s)",
+                    human_bytes(h.bytes as u64),
+                    h.count.round(),
+                    human_bytes(growth.max(0.0) as u64)
+                )
+            };
             eprintln!("{line}");
             alerts.push(Alert {
                 site: label.clone(),
-                reason: "leaking",
+                reason: if growth_tier { "growing" } else { "leaking" },
                 line,
             });
         }
         if let Some(limit) = config.alert_growth {
-            if class == Class::Leaking && growth >= limit && state.alerted.insert(label.clone()) {
+            if flagged && growth >= limit && state.alerted.insert(label.clone()) {
                 let line = format!(
-                    "bridge-trace: ALERT: {label} grows {}/s over the last {}, above {}/s",
+                    "bridge-trace: ALERT: {label} (pid {pid}) grows {}/s over the last {}, above \
+                     {}/s",
                     human_bytes(growth as u64),
                     humantime::format_duration(config.alert_window),
                     human_bytes(limit as u64)
@@ -362,71 +702,74 @@ fn window(
         sites.push(metrics::SiteSample {
             label,
             class,
-            bytes: h.bytes,
-            count: h.count,
-            old_bytes: h.old_bytes,
+            bytes: h.bytes.round() as u64,
+            count: h.count.round() as u64,
+            old_bytes: h.old_bytes.round() as u64,
             growth_bytes_per_second: growth,
         });
     }
-    // Leaking first, then fastest growing, then largest: the exported top sites.
-    sites.sort_by(|a, b| {
-        (b.class == Class::Leaking)
-            .cmp(&(a.class == Class::Leaking))
-            .then(
-                b.growth_bytes_per_second
-                    .total_cmp(&a.growth_bytes_per_second),
-            )
-            .then(b.bytes.cmp(&a.bytes))
-            .then(a.label.cmp(&b.label))
-    });
-    let c = &snap.counters;
-    let programs = t.tracer.program_costs();
-    let sample = metrics::Sample {
-        pid: t.pid,
-        rss_bytes: rss_bytes(t.pid),
-        outstanding_bytes: snap.allocs.iter().map(|a| a.size).sum(),
-        allocs: c.allocs,
-        frees: c.frees,
-        dropped: c.map_full_drops
-            + c.inflight_full
-            + c.lost_returns
-            + programs.iter().map(|p| p.missed_runs).sum::<u64>(),
-        tier: config.tier.name(),
-        windows: state.windows,
-        bpf_cpu_seconds: programs.iter().map(|p| p.run_time_ns).sum::<u64>() as f64 / 1e9,
-        tracer_cpu_seconds: own_cpu_seconds(),
-        sites,
-    };
-    (sample, alerts)
 }
 
-/// The full report of one snapshot, as `record` would write it.
-fn report(t: &Attached, snap: &Snapshot, state: &State) -> Report {
+/// The report of one snapshot: live allocations when they are traced, else the stacks that
+/// touched new memory (growth tier), weighted by the bytes they touched.
+fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
+    let growth_view;
+    let (snap, interval) = if governor.tier == Tier::Growth {
+        growth_view = Snapshot {
+            allocs: snap
+                .growth
+                .iter()
+                .filter(|g| g.faulted > 0)
+                .map(|g| LiveAlloc {
+                    addr: 0,
+                    size: g.faulted,
+                    ts_ns: snap.taken_ns,
+                    stack_id: g.stack_id,
+                    ret_addr: g.ret_addr,
+                    kind: None,
+                    tid: 0,
+                    interval: 0,
+                })
+                .collect(),
+            ..snap.clone()
+        };
+        (&growth_view, None)
+    } else {
+        (snap, (governor.interval > 0).then_some(governor.interval))
+    };
     let meta = Meta {
         version: REPORT_VERSION,
-        target: t.name.clone(),
-        pid: t.pid,
-        duration_secs: state.started.elapsed().as_secs_f64(),
+        target: p.name.clone(),
+        pid,
+        duration_secs: p.started.elapsed().as_secs_f64(),
         target_exited: false,
         min_age_secs: None,
-        allocator: t.allocator.clone(),
+        allocator: p.allocator.path.clone(),
         counters: snap.counters,
         younger_than_min_age: 0,
-        unwind: t.unwinder.as_ref().map(|u| u.summary()),
-        programs: t.tracer.program_costs(),
+        unwind: None,
+        programs: Vec::new(),
+        sample_interval: interval,
     };
-    aggregate(snap, &mut Blazesym::new(&t.maps), None, meta)
+    aggregate(snap, &mut Blazesym::new(&p.maps), None, meta)
 }
 
 /// Writes an incident bundle for `alerts` (with --out-dir) and runs --on-alert for each.
-fn raise(t: &Attached, snap: &Snapshot, config: &WatchConfig, state: &State, alerts: &[Alert]) {
+fn raise(
+    pid: u32,
+    p: &Proc,
+    snap: &Snapshot,
+    config: &WatchConfig,
+    governor: &Governor,
+    alerts: &[Alert],
+) {
     let stamp = utc_now();
     let bundle = config.out_dir.as_ref().and_then(|dir| {
         let text: Vec<&str> = alerts.iter().map(|a| a.line.as_str()).collect();
-        let r = report(t, snap, state);
+        let r = report(pid, p, snap, governor);
         match bundle::write(
             dir,
-            &format!("incident-{stamp}"),
+            &format!("incident-{stamp}-{pid}"),
             &r,
             Some(&text.join("\n")),
         ) {
@@ -449,7 +792,7 @@ fn raise(t: &Attached, snap: &Snapshot, config: &WatchConfig, state: &State, ale
             .arg(cmd)
             .env("BRIDGE_TRACE_SITE", &a.site)
             .env("BRIDGE_TRACE_REASON", a.reason)
-            .env("BRIDGE_TRACE_PID", t.pid.to_string())
+            .env("BRIDGE_TRACE_PID", pid.to_string())
             .stdin(std::process::Stdio::null());
         if let Some(b) = &bundle {
             c.env("BRIDGE_TRACE_BUNDLE", b);
@@ -464,51 +807,62 @@ fn raise(t: &Attached, snap: &Snapshot, config: &WatchConfig, state: &State, ale
     }
 }
 
-/// Writes a periodic snapshot to --out-dir and prunes the oldest.
-fn snapshot_bundle(t: &Attached, snap: &Snapshot, config: &WatchConfig, state: &State) {
-    let Some(dir) = &config.out_dir else {
-        return;
-    };
-    let r = report(t, snap, state);
-    let name = format!("snapshot-{}", utc_now());
-    match bundle::write(dir, &name, &r, None) {
-        Ok(_) => bundle::prune(dir, "snapshot-", config.keep),
-        Err(e) => eprintln!("bridge-trace: {e}"),
-    }
-}
-
-/// Names the stacks not seen before by their allocation site: the innermost frame of the
-/// allocator's direct caller, `function (file:line)`.
+/// Names the stacks not seen before by their site: the innermost frame outside the allocator's
+/// object (for allocations: the allocator's direct caller; for growth: the code that made the
+/// heap grow, through malloc or not), as `function (file:line)`.
 fn label_new_stacks<'a>(
-    t: &Attached,
+    p: &mut Proc,
     snap: &Snapshot,
     keys: impl Iterator<Item = &'a (u64, u64)>,
-    labels: &mut HashMap<(u64, u64), String>,
+    growth: bool,
 ) {
-    let new: Vec<((u64, u64), u64)> = keys
+    let labels = if growth {
+        &mut p.growth.labels
+    } else {
+        &mut p.allocs.labels
+    };
+    let new: Vec<((u64, u64), Vec<u64>)> = keys
         .filter(|k| !labels.contains_key(k))
         .map(|&k| {
-            let leaf = match k {
-                (0, ret) => ret,
+            let frames = match k {
+                (0, ret) => vec![ret],
                 (id, _) => snap
                     .stacks
                     .get(&id)
-                    .and_then(|s| s.frames.first().copied())
-                    .unwrap_or(0),
+                    .map(|s| s.frames.clone())
+                    .unwrap_or_default(),
             };
-            (k, leaf)
+            (k, frames)
         })
         .collect();
     if new.is_empty() {
         return;
     }
-    let addrs: Vec<u64> = new.iter().map(|&(_, a)| a).collect();
-    let named = Blazesym::new(&t.maps).symbolize(&addrs);
-    for (key, addr) in new {
-        let label = named
-            .get(&addr)
-            .and_then(|frames| frames.last())
-            .map(site_label)
+    let mut addrs: Vec<u64> = new.iter().flat_map(|(_, f)| f.iter().copied()).collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    let named = Blazesym::new(&p.maps).symbolize(&addrs);
+    let allocator_file = p.allocator.path.rsplit('/').next().unwrap_or_default();
+    let in_allocator = |f: &Frame| {
+        f.module
+            .as_deref()
+            .is_some_and(|m| m.rsplit('/').next() == Some(allocator_file))
+    };
+    for (key, frames) in new {
+        // Innermost frame first; inlined frames are listed outermost first per address. A
+        // frame in no mapping (a return through a uretprobe's trampoline, whose real return
+        // address only the kernel knows) ends what can be said about the stack.
+        let known: Vec<&Frame> = frames
+            .iter()
+            .filter_map(|a| named.get(a).and_then(|fs| fs.last()))
+            .take_while(|f| f.module.is_some() || f.function.is_some())
+            .collect();
+        let site = known
+            .iter()
+            .find(|f| !growth || !in_allocator(f))
+            .or_else(|| known.first());
+        let label = site
+            .map(|f| site_label(f))
             .unwrap_or_else(|| "[unknown]".into());
         labels.insert(key, label);
     }

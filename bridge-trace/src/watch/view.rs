@@ -6,23 +6,31 @@ use std::{
     time::Duration,
 };
 
-use super::metrics::Sample;
+use super::metrics::{Sample, TracerSample};
 use crate::report::human_bytes;
 
 /// The table of one window.
-pub fn render(sample: &Sample, name: &str, elapsed: Duration, rows: usize) -> String {
+pub fn render(
+    tracer: &TracerSample,
+    sample: &Sample,
+    name: &str,
+    elapsed: Duration,
+    rows: usize,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "bridge-trace top: {name} (pid {}), {:.0}s, window {}  RSS {}  outstanding {}  \
-         allocs {}  frees {}",
+         allocs {}  frees {}  tier {}  overhead {:.2}% of a CPU",
         sample.pid,
         elapsed.as_secs_f64(),
         sample.windows,
         human_bytes(sample.rss_bytes),
         human_bytes(sample.outstanding_bytes),
-        sample.allocs,
-        sample.frees
+        tracer.allocs,
+        tracer.frees,
+        tracer.tier,
+        tracer.overhead * 100.0
     );
     let _ = writeln!(
         out,
@@ -50,8 +58,8 @@ pub fn render(sample: &Sample, name: &str, elapsed: Duration, rows: usize) -> St
 }
 
 /// Prints the table: in place on a terminal, as a new frame otherwise.
-pub fn show(sample: &Sample, name: &str, elapsed: Duration, rows: usize) {
-    let text = render(sample, name, elapsed, rows);
+pub fn show(tracer: &TracerSample, sample: &Sample, name: &str, elapsed: Duration, rows: usize) {
+    let text = render(tracer, sample, name, elapsed, rows);
     let mut stdout = std::io::stdout().lock();
     let _ = if stdout.is_terminal() {
         write!(stdout, "\x1b[H\x1b[2J{text}")
