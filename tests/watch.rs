@@ -604,3 +604,114 @@ fn overhead_budget_is_kept() {
     assert!(overhead <= 0.01, "{overhead} CPUs\n{stderr}");
     assert!(target.0.id() > 0);
 }
+
+/// One HTTP request received: its request line and body.
+struct Received {
+    line: String,
+    body: Vec<u8>,
+}
+
+/// Accepts HTTP requests on `listener`, answering 200 to each, until `n` arrived or `secs`.
+fn receive(listener: TcpListener, n: usize, secs: u64) -> Vec<Received> {
+    listener.set_nonblocking(true).unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < n && started.elapsed() < Duration::from_secs(secs) {
+        let Ok((stream, _)) = listener.accept() else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        stream.set_nonblocking(false).unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let mut length = 0;
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header).unwrap();
+            if header.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        let mut stream = reader.into_inner();
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        out.push(Received { line, body });
+    }
+    out
+}
+
+/// `--push`: each snapshot goes to a Pyroscope-compatible ingest endpoint (`POST /ingest`,
+/// pprof in a multipart `profile` field); what arrives loads in `go tool pprof` with the leak
+/// in it.
+#[test]
+fn snapshots_are_pushed_as_pprof() {
+    let _g = lock();
+    let service = start_patterns();
+    let pid = service.0.id();
+    let receiver = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", receiver.local_addr().unwrap());
+    let got = std::thread::spawn(move || receive(receiver, 2, 20));
+    let watch = Command::new(BIN)
+        .args(["watch", "--pid", &pid.to_string(), "--interval", "1s"])
+        .args(["--tier", "full", "--max-overhead", "off"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--snapshot-every", "3s", "--duration", "8s", "--push", &url])
+        .output()
+        .unwrap();
+    assert_ok(&watch);
+    let got = got.join().unwrap();
+    assert_eq!(got.len(), 2, "{}", String::from_utf8_lossy(&watch.stderr));
+    let last = got.last().unwrap();
+    let name = format!("name=bridge-trace.patterns%7Bpid%3D{pid}%7D&from=");
+    assert!(
+        last.line.starts_with("POST /ingest?") && last.line.contains(&name),
+        "{}",
+        last.line
+    );
+    assert!(last.line.contains("&format=pprof"), "{}", last.line);
+    // The multipart body's one field, `profile`.
+    let body = &last.body;
+    let start = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let end = body.windows(4).rposition(|w| w == b"\r\n--").unwrap();
+    assert!(String::from_utf8_lossy(&body[..start]).contains("name=\"profile\""));
+    let dir = scratch("watch-push");
+    let profile = dir.join("pushed.pb.gz");
+    std::fs::write(&profile, &body[start..end]).unwrap();
+    let out = Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-unit=B",
+            "-sample_index=inuse_space",
+        ])
+        .arg(&profile)
+        .output()
+        .expect("go (cargo xtask setup installs golang-go)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // About 6 s of a 100 KB/s leak held at leak_site.
+    let row = text
+        .lines()
+        .find(|l| l.trim_end().ends_with("leak_site"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let flat: f64 = row
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_end_matches('B')
+        .parse()
+        .unwrap();
+    assert!(flat >= 200_000.0, "{row}");
+}

@@ -27,6 +27,8 @@ pub enum Error {
     Output { path: PathBuf, reason: String },
     #[error("{0}")]
     Permission(String),
+    #[error("cannot push to {url}: {reason}")]
+    Push { url: String, reason: String },
     #[error("no process with PID {0}")]
     NoSuchProcess(u32),
     #[error("process {0} exited before bridge-trace could attach")]
@@ -65,7 +67,7 @@ impl Error {
             | Error::KernelThread(_)
             | Error::NoAllocator { .. }
             | Error::Spawn { .. } => exit_code::TARGET,
-            Error::Ebpf(_) | Error::Io { .. } => exit_code::FAILURE,
+            Error::Ebpf(_) | Error::Io { .. } | Error::Push { .. } => exit_code::FAILURE,
         }
     }
 }

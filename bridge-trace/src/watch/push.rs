@@ -1,16 +1,116 @@
-//! `--push`: sends each snapshot, as pprof, to a Pyroscope-compatible ingest endpoint.
-use std::time::SystemTime;
+//! `--push`: sends each snapshot, as gzipped pprof (inuse_space / inuse_objects), to a
+//! Pyroscope-compatible ingest endpoint (`POST /ingest?name=…&from=…&until=…&format=pprof`, the
+//! profile in a multipart form field named `profile`), the HTTP API that Grafana Pyroscope and
+//! Grafana Alloy's `pyroscope.receive_http` accept.
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{aggregate::Report, error::Result};
+use crate::{
+    aggregate::Report,
+    cli::Format,
+    error::{Error, Result},
+    report::{render_to_vec, RenderOptions},
+};
 
-/// Pushes one report.
+/// The application name a process's profiles are stored under: `bridge-trace.NAME` with its
+/// pid as a label, in Pyroscope's `name{label=value}` form.
+pub fn app_name(process: &str, pid: u32) -> String {
+    let clean: String = process
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("bridge-trace.{clean}{{pid={pid}}}")
+}
+
+/// The ingest URL for one profile of `name` covering `[from, until]`.
+pub fn ingest_url(base: &str, name: &str, from: SystemTime, until: SystemTime) -> String {
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let encoded: String = name
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!(
+        "{base}/ingest?name={encoded}&from={}&until={}&format=pprof&spyName=bridge-trace",
+        secs(from),
+        secs(until)
+    )
+}
+
+/// A multipart/form-data body with one file field, `profile`; returns (content type, body).
+pub fn multipart(profile: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "bridge-trace-profile-boundary-4f1c9a";
+    let mut body = Vec::with_capacity(profile.len() + 256);
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"profile\"; \
+             filename=\"profile.pb.gz\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(profile);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// Pushes one report of process `name` (`pid`), covering `[from, until]`.
 pub async fn push(
-    _url: &str,
-    _name: &str,
-    _pid: u32,
-    _report: &Report,
-    _from: SystemTime,
-    _until: SystemTime,
+    url: &str,
+    name: &str,
+    pid: u32,
+    report: &Report,
+    from: SystemTime,
+    until: SystemTime,
 ) -> Result<()> {
-    Ok(())
+    let profile = render_to_vec(report, Format::Pprof, RenderOptions::default())?;
+    let (content_type, body) = multipart(&profile);
+    let target = ingest_url(url, &app_name(name, pid), from, until);
+    let shown = url.to_string();
+    tokio::task::spawn_blocking(move || {
+        ureq::post(&target)
+            .timeout(Duration::from_secs(10))
+            .set("Content-Type", &content_type)
+            .send_bytes(&body)
+            .map(drop)
+            .map_err(|e| Error::Push {
+                url: shown,
+                reason: e.to_string(),
+            })
+    })
+    .await
+    .map_err(|e| Error::Push {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_urls() {
+        let name = app_name("data bridge", 42);
+        assert_eq!(name, "bridge-trace.data_bridge{pid=42}");
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            ingest_url("http://p:4040", &name, t, t + Duration::from_secs(60)),
+            "http://p:4040/ingest?name=bridge-trace.data_bridge%7Bpid%3D42%7D&from=1700000000\
+             &until=1700000060&format=pprof&spyName=bridge-trace"
+        );
+        let (ct, body) = multipart(b"PPROF");
+        assert!(ct.starts_with("multipart/form-data; boundary="));
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.contains("name=\"profile\""));
+        assert!(text.contains("\r\n\r\nPPROF\r\n--"));
+    }
 }
