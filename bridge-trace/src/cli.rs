@@ -53,8 +53,17 @@ pub struct TopArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  \
-    sudo bridge-trace watch --pid 1234 --interval 30s --alert-growth 1MiB/min")]
+#[command(after_help = "Tiers (--tier), cheapest first:\n  \
+    growth   heap growth only (brk, anonymous mmap/munmap/mremap, first-touch page faults), with\n           \
+    stacks; when the heap keeps growing, steps up to sampled until the leaking site is named\n  \
+    sampled  one allocation in about every --sample-interval bytes, estimates scaled back\n  \
+    full     every allocation and free, as record does\n\
+    Over --max-overhead the sampling interval grows or the tier steps down; each change is\n\
+    logged and exported (bridge_trace_tier, bridge_trace_overhead_cpus).\n\n\
+    Examples:\n  \
+    sudo bridge-trace watch --pid 1234 --interval 30s --alert-growth 1MiB/min\n  \
+    sudo bridge-trace watch --exe /usr/bin/data-bridge --out-dir /var/lib/bridge-trace \\\n      \
+    --push http://pyroscope:4040")]
 pub struct WatchArgs {
     /// The process to watch.
     #[arg(long, short = 'p', value_name = "PID", conflicts_with = "exe")]
@@ -94,6 +103,9 @@ pub struct WatchArgs {
     /// Snapshots kept in --out-dir (the oldest go first; incident bundles are kept).
     #[arg(long, value_name = "N", default_value_t = 24)]
     pub keep: usize,
+    /// Largest total size of the snapshots kept in --out-dir (the oldest go first).
+    #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+    pub keep_size: String,
     /// Overhead tier to start in (see the tiers above); --max-overhead may change it.
     #[arg(long, value_enum, default_value_t = Tier::Growth)]
     pub tier: Tier,
@@ -165,6 +177,7 @@ pub struct WatchConfig {
     pub out_dir: Option<PathBuf>,
     pub snapshot_every: Duration,
     pub keep: usize,
+    pub keep_size: u64,
     pub tier: Tier,
     /// Mean bytes between sampled allocations (sampled tier).
     pub sample_interval: u64,
@@ -228,6 +241,7 @@ impl WatchConfig {
             },
             snapshot_every: parse_duration("--snapshot-every", &args.snapshot_every)?,
             keep: args.keep.max(1),
+            keep_size: parse_size("--keep-size", &args.keep_size)?,
             tier: args.tier,
             sample_interval: {
                 let v = parse_size("--sample-interval", &args.sample_interval)?;
@@ -273,6 +287,7 @@ impl WatchConfig {
             out_dir: None,
             snapshot_every: "10m".into(),
             keep: 1,
+            keep_size: "1GiB".into(),
             tier: Tier::Full,
             sample_interval: "512KiB".into(),
             max_overhead: "off".into(),

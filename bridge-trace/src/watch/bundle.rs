@@ -43,8 +43,9 @@ pub fn write(dir: &Path, name: &str, report: &Report, alert: Option<&str>) -> Re
     written.map(|()| target)
 }
 
-/// Removes the oldest `prefix*` bundles of `dir` beyond the newest `keep`.
-pub fn prune(dir: &Path, prefix: &str, keep: usize) {
+/// Removes the oldest `prefix*` bundles of `dir` beyond the newest `keep`, and then while they
+/// take more than `max_bytes` together (the newest always stays).
+pub fn prune(dir: &Path, prefix: &str, keep: usize, max_bytes: u64) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -55,11 +56,36 @@ pub fn prune(dir: &Path, prefix: &str, keep: usize) {
         .collect();
     names.sort();
     let excess = names.len().saturating_sub(keep);
-    for name in &names[..excess] {
+    let remove = |name: &str| {
         if let Err(e) = std::fs::remove_dir_all(dir.join(name)) {
             tracing::warn!(bundle = %name, error = %e, "could not prune an old snapshot");
         }
+    };
+    for name in &names[..excess] {
+        remove(name);
     }
+    let kept = &names[excess..];
+    let sizes: Vec<u64> = kept.iter().map(|n| dir_size(&dir.join(n))).collect();
+    let mut total: u64 = sizes.iter().sum();
+    for (name, size) in kept.iter().zip(&sizes).take(kept.len().saturating_sub(1)) {
+        if total <= max_bytes {
+            break;
+        }
+        remove(name);
+        total -= size;
+    }
+}
+
+/// Bytes of the files directly in `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -73,7 +99,7 @@ mod tests {
             std::fs::create_dir(dir.path().join(format!("snapshot-{stamp}"))).unwrap();
         }
         std::fs::create_dir(dir.path().join("incident-20260101-000000")).unwrap();
-        prune(dir.path(), "snapshot-", 2);
+        prune(dir.path(), "snapshot-", 2, u64::MAX);
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -87,5 +113,15 @@ mod tests {
                 "snapshot-20260101-000003"
             ]
         );
+        // Over the size limit: the oldest go until it fits, the newest stays.
+        for stamp in ["20260101-000002", "20260101-000003"] {
+            let file = dir.path().join(format!("snapshot-{stamp}/leaks.svg"));
+            std::fs::write(file, vec![0u8; 1000]).unwrap();
+        }
+        prune(dir.path(), "snapshot-", 2, 1500);
+        assert!(!dir.path().join("snapshot-20260101-000002").exists());
+        assert!(dir.path().join("snapshot-20260101-000003").exists());
+        prune(dir.path(), "snapshot-", 2, 10);
+        assert!(dir.path().join("snapshot-20260101-000003").exists());
     }
 }

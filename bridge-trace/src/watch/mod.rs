@@ -443,7 +443,9 @@ impl Session<'_> {
             if let Some(dir) = &self.config.out_dir {
                 let name = format!("snapshot-{}-{pid}", utc_now());
                 match bundle::write(dir, &name, &r, None) {
-                    Ok(_) => bundle::prune(dir, "snapshot-", self.config.keep),
+                    Ok(_) => {
+                        bundle::prune(dir, "snapshot-", self.config.keep, self.config.keep_size)
+                    }
                     Err(e) => eprintln!("bridge-trace: {e}"),
                 }
             }
