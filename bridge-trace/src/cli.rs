@@ -25,9 +25,10 @@ pub struct Cli {
 pub enum Command {
     /// Trace a process's allocations and report those still outstanding when recording stops.
     Record(RecordArgs),
-    /// Watch a running service continuously: classify call sites as leaking, cache or churn
-    /// window after window, export Prometheus metrics, and say when a site leaks.
-    Watch(WatchArgs),
+    /// Watch running services continuously, inside an overhead budget: classify call sites as
+    /// leaking, cache or churn window after window, export Prometheus metrics and pprof
+    /// snapshots, and say when a site leaks.
+    Watch(Box<WatchArgs>),
     /// A live view of a running process's call sites by memory held and growth, refreshed
     /// every window (what `watch` sees, in the terminal).
     Top(TopArgs),
@@ -639,7 +640,7 @@ impl Request {
         let cli = Cli::try_parse_from(args).map_err(ArgsError::Clap)?;
         match cli.command {
             Command::Record(a) => Config::from_record_args(a).map(Request::Record),
-            Command::Watch(a) => WatchConfig::from_watch_args(a).map(Request::Watch),
+            Command::Watch(a) => WatchConfig::from_watch_args(*a).map(Request::Watch),
             Command::Top(a) => WatchConfig::from_top_args(a).map(Request::Watch),
         }
         .map_err(ArgsError::Invalid)
