@@ -4,7 +4,9 @@
  * only, after a warm-up). Built with frame pointers, so that a frame-pointer walk and an
  * unwind-table walk see the same stack and their costs compare like for like.
  *
- *   alloc-loop ITERATIONS DEPTH
+ *   alloc-loop ITERATIONS DEPTH [DELAY_MS]
+ *
+ * DELAY_MS: sleep that long first (so that a tracer attaching by pid is in place).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,12 +39,17 @@ static double now_ns(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: alloc-loop ITERATIONS DEPTH\n");
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: alloc-loop ITERATIONS DEPTH [DELAY_MS]\n");
         return 2;
     }
     long iterations = atol(argv[1]);
     int depth = atoi(argv[2]);
+    if (argc == 4) {
+        long ms = atol(argv[3]);
+        struct timespec delay = {ms / 1000, (ms % 1000) * 1000000L};
+        nanosleep(&delay, NULL);
+    }
     descend(iterations / 10 + 1, depth); /* warm-up */
     double t0 = now_ns();
     descend(iterations, depth);

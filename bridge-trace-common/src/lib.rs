@@ -256,7 +256,7 @@ pub struct MmapRegion {
     pub stack: StackKey,
 }
 
-/// A growth syscall between its entry and its exit, per thread.
+/// A heap-growth call (brk, mmap, munmap, mremap) between its entry and its return, per thread.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PendingSyscall {

@@ -1,7 +1,8 @@
 //! The kernel half of bridge-trace: uprobes and uretprobes on the allocator's entry points that
 //! keep, in kernel maps, every live allocation of the target processes (address → size, stack,
-//! time) and running totals per call stack; and raw tracepoints on the syscalls and page faults
-//! through which a heap grows, attributing that growth to user stacks (`watch --tier growth`).
+//! time) and running totals per call stack; and probes on what makes a heap grow (libc's
+//! brk/mmap/munmap/mremap, and first-touch page faults through their raw tracepoint),
+//! attributing that growth to user stacks (`watch --tier growth`).
 //!
 //! Every entry probe is a one-line wrapper over [`alloc_enter`]; one return probe,
 //! [`alloc_return`], serves them all; [`free_enter`] handles `free`. The user half reads the maps;
@@ -78,7 +79,7 @@ static GROWTH: PerCpuHashMap<StackKey, GrowthTotals> =
 #[map]
 static REGIONS: HashMap<AllocKey, MmapRegion> = HashMap::with_max_entries(MAX_REGIONS, 0);
 
-/// Growth syscalls in progress, per thread id: written at entry, consumed at exit.
+/// Heap-growth calls in progress, per thread id: written at entry, consumed at return.
 #[map]
 static SYSCALLS: HashMap<u32, PendingSyscall> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 
@@ -909,7 +910,8 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-// ---- Heap growth (`watch --tier growth`): syscalls and first-touch page faults. ----
+// ---- Heap growth (`watch --tier growth`): libc's brk/mmap/munmap/mremap, and first-touch
+// page faults. ----
 
 const SYS_MMAP: u64 = 9;
 const SYS_MUNMAP: u64 = 11;
@@ -919,7 +921,7 @@ const MAP_ANONYMOUS: u64 = 0x20;
 /// x86 page-fault error code: the page was present (a protection fault, not a first touch).
 const PF_PROT: u64 = 1;
 
-/// The user registers a raw tracepoint passed as a `struct pt_regs *`.
+/// The user registers the page-fault tracepoint passes as a `struct pt_regs *`.
 #[inline(always)]
 fn user_regs(ptr: u64) -> Option<aya_ebpf::bindings::pt_regs> {
     // SAFETY: a fault-tolerant read of kernel memory.
@@ -951,28 +953,24 @@ fn grow(stack: &StackKey, mapped: u64, unmapped: u64, faulted: u64) {
     }
 }
 
-/// Every syscall entry, system-wide: keeps the arguments and stack of a target's growth
-/// syscalls until their exit. Anything else returns at the first comparison.
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
-    // sys_enter's arguments are (struct pt_regs *regs, long id).
-    let nr: u64 = ctx.arg(1);
-    if !matches!(nr, SYS_MMAP | SYS_MUNMAP | SYS_BRK | SYS_MREMAP) {
-        return 0;
-    }
+/// Entry of one of libc's heap-growth wrappers (`brk`, `mmap`, `munmap`, `mremap`, probed in
+/// the traced processes only, so that nothing else on the machine pays): keeps the arguments
+/// and the caller's stack until the return.
+#[inline(always)]
+fn growth_enter(ctx: &ProbeContext, nr: u64) -> u32 {
     let Some((tgid, tid)) = current_target() else {
         return 0;
     };
-    let Some(regs) = user_regs(ctx.arg(0)) else {
-        return 0;
-    };
-    if nr == SYS_MMAP && regs.r10 & MAP_ANONYMOUS == 0 {
+    let args = [arg(ctx, 0), arg(ctx, 1), arg(ctx, 2), arg(ctx, 3)];
+    if nr == SYS_MMAP && args[3] & MAP_ANONYMOUS == 0 {
         return 0;
     }
+    // SAFETY: the context's registers are valid for the duration of the program.
+    let regs = unsafe { &*ctx.regs };
     let call = PendingSyscall {
         nr,
-        args: [regs.rdi, regs.rsi, regs.rdx, regs.r10],
-        stack: capture_stack(tgid, regs.rip, regs.rsp, regs.rbp, false),
+        args,
+        stack: capture_stack(tgid, regs.rip, regs.rsp, regs.rbp, true),
     };
     if SYSCALLS.insert(tid, &call, 0).is_err() {
         count(Counter::InflightFull);
@@ -980,16 +978,31 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// Every syscall exit, system-wide: turns a target's growth syscall into growth of its stack.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
-    // sys_exit's arguments are (struct pt_regs *regs, long ret).
-    let Some(regs) = user_regs(ctx.arg(0)) else {
-        return 0;
-    };
-    if !matches!(regs.orig_rax, SYS_MMAP | SYS_MUNMAP | SYS_BRK | SYS_MREMAP) {
-        return 0;
-    }
+#[uprobe]
+pub fn brk_enter(ctx: ProbeContext) -> u32 {
+    growth_enter(&ctx, SYS_BRK)
+}
+
+#[uprobe]
+pub fn mmap_enter(ctx: ProbeContext) -> u32 {
+    growth_enter(&ctx, SYS_MMAP)
+}
+
+#[uprobe]
+pub fn munmap_enter(ctx: ProbeContext) -> u32 {
+    growth_enter(&ctx, SYS_MUNMAP)
+}
+
+#[uprobe]
+pub fn mremap_enter(ctx: ProbeContext) -> u32 {
+    growth_enter(&ctx, SYS_MREMAP)
+}
+
+const MAP_FAILED: u64 = u64::MAX;
+
+/// Return of a heap-growth wrapper: turns the call into growth (or shrinkage) of its stack.
+#[uretprobe]
+pub fn growth_return(ctx: RetProbeContext) -> u32 {
     let Some((tgid, tid)) = current_target() else {
         return 0;
     };
@@ -998,22 +1011,27 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let _ = SYSCALLS.remove(&tid);
-    let ret: u64 = ctx.arg(1);
-    if ret > u64::MAX - 4095 {
-        return 0; // -errno
-    }
+    let ret: u64 = ctx.ret();
     match call.nr {
         SYS_BRK => {
+            // brk(addr) returns 0 once the break is at addr; brk(0) only asks where it is.
+            let now = call.args[0];
+            if ret as u32 != 0 || now == 0 {
+                return 0;
+            }
             // SAFETY: value copied out.
             let before = unsafe { BREAKS.get(&tgid) }.copied();
-            let _ = BREAKS.insert(&tgid, &ret, 0);
+            let _ = BREAKS.insert(&tgid, &now, 0);
             match before {
-                Some(b) if ret > b => grow(&call.stack, ret - b, 0, 0),
-                Some(b) if ret < b => grow(&call.stack, 0, b - ret, 0),
+                Some(b) if now > b => grow(&call.stack, now - b, 0, 0),
+                Some(b) if now < b => grow(&call.stack, 0, b - now, 0),
                 _ => {}
             }
         }
         SYS_MMAP => {
+            if ret == MAP_FAILED {
+                return 0;
+            }
             let key = AllocKey {
                 tgid,
                 _pad: 0,
@@ -1028,9 +1046,16 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
             }
             grow(&call.stack, call.args[1], 0, 0);
         }
-        SYS_MUNMAP => unmap(tgid, call.args[0], call.args[1]),
+        SYS_MUNMAP => {
+            if ret as u32 == 0 {
+                unmap(tgid, call.args[0], call.args[1]);
+            }
+        }
         _ => {
             // mremap(old, old_len, new_len, ...): the region moves to the caller's stack.
+            if ret == MAP_FAILED {
+                return 0;
+            }
             let (old, old_len, new_len) = (call.args[0], call.args[1], call.args[2]);
             unmap(tgid, old, old_len);
             let key = AllocKey {

@@ -70,12 +70,23 @@ pub const PROBES: &[Probe] = &[
     probe("exit_enter", "_exit", false),
 ];
 
-/// The raw tracepoints of the growth tier: (program, tracepoint).
-pub const GROWTH_TRACEPOINTS: &[(&str, &str)] = &[
-    ("sys_exit", "sys_exit"),
-    ("sys_enter", "sys_enter"),
-    ("page_fault_user", "page_fault_user"),
+/// The growth tier's probes on libc's heap-growth wrappers, per process: cheaper for the
+/// machine than syscall tracepoints, which would put every syscall of every process on the
+/// kernel's slow path. (Each return probe before its entry probe.)
+pub const GROWTH_PROBES: &[Probe] = &[
+    probe("growth_return", "munmap", false),
+    probe("munmap_enter", "munmap", false),
+    probe("growth_return", "mremap", false),
+    probe("mremap_enter", "mremap", false),
+    probe("growth_return", "brk", false),
+    probe("brk_enter", "brk", false),
+    probe("growth_return", "mmap", false),
+    probe("mmap_enter", "mmap", false),
 ];
+
+/// The growth tier's raw tracepoint, system-wide (a user page fault anywhere runs it; it
+/// returns at once outside the targets): first touches of new memory.
+pub const GROWTH_TRACEPOINT: (&str, &str) = ("page_fault_user", "page_fault_user");
 
 /// Knobs of the eBPF object, fixed at load time.
 #[derive(Clone, Copy, Debug)]
@@ -97,7 +108,9 @@ pub struct Tracer {
     pub attached: Vec<String>,
     /// The allocator probes' links, per process.
     links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
-    growth: bool,
+    /// The growth probes' links, per process.
+    growth_links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    page_faults: bool,
 }
 
 /// Fails with a clear message when the process lacks the privileges to trace.
@@ -179,7 +192,8 @@ impl Tracer {
             ebpf,
             attached: Vec::new(),
             links: HashMap::new(),
-            growth: false,
+            growth_links: HashMap::new(),
+            page_faults: false,
         };
         tracer.fill_exp_table()?;
         Ok(tracer)
@@ -253,6 +267,11 @@ impl Tracer {
     /// Stops tracing `pid` (it exited): detaches its probes and purges all its entries.
     pub fn remove_target(&mut self, pid: u32) {
         self.untrace_allocator(pid);
+        for (program, link) in self.growth_links.remove(&pid).unwrap_or_default() {
+            if let Ok(p) = loaded_uprobe(&mut self.ebpf, program) {
+                let _ = p.detach(link);
+            }
+        }
         if let Ok(mut targets) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>("TARGETS") {
             let _ = targets.remove(&pid);
         }
@@ -263,13 +282,12 @@ impl Tracer {
         self.purge_per_cpu::<StackKey, GrowthTotals>("GROWTH", |k| k.tgid == pid);
     }
 
-    /// Attaches the heap-growth tracepoints (once): every target's brk, anonymous mmap, munmap,
-    /// mremap and first-touch page faults are attributed to its stacks.
-    pub fn trace_growth(&mut self) -> Result<()> {
-        if self.growth {
-            return Ok(());
-        }
-        for &(name, tracepoint) in GROWTH_TRACEPOINTS {
+    /// Starts following `pid`'s heap growth: its brk, anonymous mmap, munmap and mremap calls
+    /// through `object` (its libc, see [`target::growth_object`]), and its first-touch page
+    /// faults, are attributed to its stacks. The process must be a target already.
+    pub fn trace_growth(&mut self, pid: u32, object: &Path) -> Result<()> {
+        if !self.page_faults {
+            let (name, tracepoint) = GROWTH_TRACEPOINT;
             let program: &mut RawTracePoint = self
                 .ebpf
                 .program_mut(name)
@@ -282,8 +300,21 @@ impl Tracer {
             program
                 .attach(tracepoint)
                 .map_err(|e| ebpf_err(&format!("attaching {name} to {tracepoint}"), chain(&e)))?;
+            self.page_faults = true;
         }
-        self.growth = true;
+        let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
+        for p in GROWTH_PROBES {
+            match attach_one(&mut self.ebpf, p, object, nz) {
+                Ok(link) => self
+                    .growth_links
+                    .entry(pid)
+                    .or_default()
+                    .push((p.program, link)),
+                Err(e @ Error::ExitedBeforeAttach(_)) => return Err(e),
+                // A libc without this wrapper: its growth is still seen through page faults.
+                Err(e) => tracing::debug!(pid, symbol = p.symbol, "no growth probe: {e}"),
+            }
+        }
         Ok(())
     }
 

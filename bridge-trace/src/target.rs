@@ -298,6 +298,21 @@ pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Result<Allocator> {
     Err(Error::NoAllocator { pid, searched })
 }
 
+/// The object holding `pid`'s heap-growth wrappers (brk, mmap, munmap, mremap): its libc, or
+/// the executable itself when it is statically linked; reachable from here.
+pub fn growth_object(pid: u32, maps: &[Mapping]) -> Option<PathBuf> {
+    let path = maps
+        .iter()
+        .find(|m| is_libc_name(&m.path))
+        .map(|m| m.path.clone())
+        .or_else(|| {
+            let exe = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+            let exe = exe.to_string_lossy().into_owned();
+            maps.iter().any(|m| m.path == exe).then_some(exe)
+        })?;
+    Some(host_path(pid, &path))
+}
+
 /// Checks that `pid` can be traced and returns its maps.
 pub fn inspect_pid(pid: u32) -> Result<Vec<Mapping>> {
     if !Path::new(&format!("/proc/{pid}")).exists() {

@@ -142,6 +142,10 @@ pub fn bench(short: bool) -> Result<()> {
     );
     println!("end to end: dwarf {pair_ratio:.2}x the cost of fp per malloc+free pair");
     let tables = table_costs(&tracer, &dir)?;
+    let tiers = crate::tiers::tiers(&tracer, &dir, short)?;
+    let watch_out = dir.join("watch.json");
+    std::fs::write(&watch_out, serde_json::to_string_pretty(&tiers)? + "\n")?;
+    println!("bench: wrote {}", watch_out.display());
     let out = dir.join("unwind.json");
     let doc = json!({
         "unwind_tables": tables,
@@ -252,7 +256,7 @@ fn first_number(text: &str) -> Result<f64> {
         .with_context(|| format!("no measurement in the workload's output: {text}"))
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     if v.is_empty() {
         return f64::NAN;

@@ -14,6 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod tiers;
 
 #[derive(Parser)]
 struct Cli {

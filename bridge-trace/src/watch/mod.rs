@@ -124,7 +124,6 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         tracing::warn!("could not measure the probes' cost: {e}");
         ProbeCosts::default()
     });
-    tracer.trace_growth()?;
     let governor = Governor::new(
         config.tier,
         config.sample_interval,
@@ -263,6 +262,12 @@ impl Session<'_> {
             .and_then(|fd| unsafe { AsyncFd::register(fd) }.ok())
             .ok_or(Error::NoSuchProcess(pid))?;
         self.tracer.add_target(pid)?;
+        let growth = target::growth_object(pid, &maps)
+            .map_or(Ok(()), |object| self.tracer.trace_growth(pid, &object));
+        if let Err(e) = growth {
+            self.tracer.remove_target(pid);
+            return Err(e);
+        }
         if self.governor.tier != Tier::Growth {
             if let Err(e) = self.tracer.trace_allocator(pid, &allocator) {
                 self.tracer.remove_target(pid);
