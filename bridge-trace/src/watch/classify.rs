@@ -24,6 +24,8 @@ use serde::Serialize;
 pub const LEAK_WINDOWS: usize = 5;
 /// Windows of history kept per site.
 pub const HISTORY: usize = 64;
+/// Growth over the last [`LEAK_WINDOWS`] windows below which a growth-tier site is steady.
+pub const GROWTH_MIN_BYTES: u64 = 64 * 1024;
 /// An allocation is old once it has lived this many windows.
 pub const OLD_AFTER_WINDOWS: f64 = 2.0;
 
@@ -124,8 +126,9 @@ impl Trend {
             .windows(2)
             .filter(|p| p[0].bytes > p[1].bytes)
             .count();
-        // At least a page a step on average: a single late fault is not growth.
-        let grown = recent[0].bytes >= recent[LEAK_WINDOWS].bytes + 4096 * LEAK_WINDOWS as u64;
+        // At least GROWTH_MIN_BYTES over the span: a stack or a thread arena touching a page
+        // now and then is not a leak.
+        let grown = recent[0].bytes >= recent[LEAK_WINDOWS].bytes + GROWTH_MIN_BYTES;
         if steps + 1 >= LEAK_WINDOWS && grown {
             Class::Growing
         } else {
@@ -218,13 +221,18 @@ mod tests {
         };
         let pages = |n: &[u64]| n.iter().map(|p| p * 4096).collect::<Vec<_>>();
         assert_eq!(
-            series(&pages(&[0, 2, 4, 6, 8, 10, 12])).growth_class(),
+            series(&pages(&[0, 4, 8, 12, 16, 20, 24])).growth_class(),
             Class::Growing
         );
         // One quiet window among five is still growth.
         assert_eq!(
-            series(&pages(&[0, 2, 4, 4, 6, 8, 10])).growth_class(),
+            series(&pages(&[0, 4, 8, 8, 12, 16, 26])).growth_class(),
             Class::Growing
+        );
+        // A page now and then is not growth.
+        assert_eq!(
+            series(&pages(&[0, 1, 2, 3, 4, 5, 6])).growth_class(),
+            Class::Steady
         );
         // A cache that filled, then nothing.
         assert_eq!(

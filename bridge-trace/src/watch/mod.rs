@@ -379,7 +379,13 @@ impl Session<'_> {
         let programs = self.tracer.program_costs();
         self.governor.measure(&programs);
         let secs = self.config.interval.as_secs_f64();
+        let stepped_up = self.governor.stepped_up.is_some();
         if let Some(change) = self.governor.decide(self.windows, secs, growing, named) {
+            if stepped_up && !named {
+                for sample in &samples {
+                    suspects(&self.procs[&sample.pid], sample);
+                }
+            }
             self.apply(change)?;
         }
         let c = collect::counters(&self.tracer)?;
@@ -714,6 +720,29 @@ fn classify_sites(
             old_bytes: h.old_bytes.round() as u64,
             growth_bytes_per_second: growth,
         });
+    }
+}
+
+/// When sampling stops before a leak could be named: the allocation sites holding the most of
+/// what was allocated while sampling, as leads (one or a few windows cannot tell a leak from a
+/// cache's turnover).
+fn suspects(p: &Proc, sample: &metrics::Sample) {
+    let mut held: Vec<&metrics::SiteSample> = sample
+        .sites
+        .iter()
+        .filter(|s| !matches!(s.class, Class::Growing | Class::Steady) && s.bytes > 0)
+        .collect();
+    held.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.label.cmp(&b.label)));
+    for s in held.iter().take(3) {
+        eprintln!(
+            "bridge-trace: {} (pid {}): allocated while sampling and still held: ~{} in ~{} \
+             allocations at {} (a lead, not a verdict)",
+            p.name,
+            sample.pid,
+            human_bytes(s.bytes),
+            s.count,
+            s.label
+        );
     }
 }
 
