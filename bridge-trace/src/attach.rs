@@ -13,8 +13,8 @@ use aya::{
 };
 
 use bridge_trace_common::{
-    config, AllocInfo, AllocKey, GrowthTotals, MmapRegion, StackKey, StackTotals, UnwindMode,
-    EXP_QUANTILES, EXP_QUANTILE_SHIFT, MAX_SAMPLE_INTERVAL,
+    config, AllocInfo, AllocKey, GrowthTotals, InFlight, MmapRegion, StackKey, StackTotals,
+    UnwindMode, EXP_QUANTILES, EXP_QUANTILE_SHIFT, MAX_SAMPLE_INTERVAL,
 };
 
 use crate::{
@@ -249,6 +249,10 @@ impl Tracer {
         }
         self.purge::<AllocKey, AllocInfo>("ALLOCS", |k| k.tgid == pid);
         self.purge_per_cpu::<StackKey, StackTotals>("STACK_TOTALS", |k| k.tgid == pid);
+        // Calls that were inside the allocator when their return probe went: left behind, their
+        // entries would make the thread's next calls look nested in them, and go unrecorded.
+        let threads = target::threads(pid);
+        self.purge::<u32, InFlight>("INFLIGHT", |tid| threads.contains(tid));
     }
 
     /// Whether `pid`'s allocator probes are attached.

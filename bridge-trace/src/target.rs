@@ -298,6 +298,17 @@ pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Result<Allocator> {
     Err(Error::NoAllocator { pid, searched })
 }
 
+/// The thread ids of process `pid` (empty once it is gone).
+pub fn threads(pid: u32) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The object holding `pid`'s heap-growth wrappers (brk, mmap, munmap, mremap): its libc, or
 /// the executable itself when it is statically linked; reachable from here.
 pub fn growth_object(pid: u32, maps: &[Mapping]) -> Option<PathBuf> {

@@ -22,8 +22,10 @@ use crate::{
 pub const MAX_ADAPTIVE_INTERVAL: u64 = 64 << 20;
 /// Windows between two step-ups from `growth` when no budget is set.
 const STEP_UP_COOLDOWN: u64 = 5;
-/// The longest step-up: enough windows for the leak classifier to decide.
-pub const STEP_UP_WINDOWS: u64 = super::classify::LEAK_WINDOWS as u64 + 3;
+/// The longest step-up: enough windows for the leak classifier to decide (allocations must
+/// first grow old, then pile up for LEAK_WINDOWS windows).
+pub const STEP_UP_WINDOWS: u64 =
+    super::classify::LEAK_WINDOWS as u64 + super::classify::OLD_AFTER_WINDOWS as u64 + 3;
 /// Sampled allocations wanted per window from a site growing at the rate the growth tier saw.
 const STEP_UP_SAMPLES: f64 = 8.0;
 

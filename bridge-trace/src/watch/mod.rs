@@ -40,6 +40,8 @@ use govern::{Change, Governor};
 const MAPS_REFRESH: Duration = Duration::from_millis(200);
 /// How often `--exe` looks for new processes of the executable.
 const DISCOVER_EVERY: Duration = Duration::from_secs(1);
+/// The growth site of stacks that never leave the allocator: never classified as growing.
+const INSIDE_ALLOCATOR: &str = "[inside the allocator]";
 /// A site that has held nothing for this many windows is forgotten.
 const FORGET_AFTER_WINDOWS: usize = 60;
 
@@ -76,6 +78,8 @@ struct Proc {
     /// Allocation sites found leaking, as last seen: still exported once the allocator is no
     /// longer traced (the growth tier), so that a named leak stays on the dashboards.
     named: BTreeMap<String, metrics::SiteSample>,
+    /// Growth sites explained by a leak named while they grew.
+    explained: HashSet<String>,
 }
 
 /// Everything a watch holds.
@@ -300,6 +304,7 @@ impl Session<'_> {
                 allocs: Sites::default(),
                 growth: Sites::default(),
                 named: BTreeMap::new(),
+                explained: HashSet::new(),
             },
         );
         Ok(())
@@ -361,16 +366,22 @@ impl Session<'_> {
             let traced = self.tracer.traces_allocator(pid);
             let p = self.procs.get_mut(&pid).expect("listed above");
             let (sample, alerts) = process_window(pid, p, &snap, self.config, traced);
-            for site in &sample.sites {
-                match site.class {
-                    Class::Growing => {
-                        let rate = site.growth_bytes_per_second.max(0.0);
-                        growing = Some(growing.unwrap_or(0.0).max(rate));
-                    }
-                    Class::Leaking => named = true,
-                    _ => {}
+            let leak_named = traced && sample.sites.iter().any(|s| s.class == Class::Leaking);
+            // The growth sites flagged so far are explained by a leak named while sampling;
+            // a step-up is for growth not explained yet.
+            if leak_named {
+                p.explained.extend(p.growth.flagged.iter().cloned());
+            }
+            for (label, trend) in &p.growth.trends {
+                if label == INSIDE_ALLOCATOR || trend.growth_class() != Class::Growing {
+                    continue;
+                }
+                if !p.explained.contains(label) {
+                    let rate = trend.growth_rate(self.config.alert_window.as_secs_f64());
+                    growing = Some(growing.unwrap_or(0.0).max(rate.max(0.0)));
                 }
             }
+            named |= leak_named;
             if !alerts.is_empty() {
                 raise(pid, p, &snap, self.config, &self.governor, &alerts);
             }
@@ -654,7 +665,9 @@ fn classify_sites(
             old_count: h.old_count.round() as u64,
             oldest_age_secs: h.oldest_ns as f64 / 1e9,
         });
-        let class = if growth_tier {
+        let class = if growth_tier && label == INSIDE_ALLOCATOR {
+            Class::Steady
+        } else if growth_tier {
             trend.growth_class()
         } else {
             trend.class()
@@ -893,13 +906,19 @@ fn label_new_stacks<'a>(
             .filter_map(|a| named.get(a).and_then(|fs| fs.last()))
             .take_while(|f| f.module.is_some() || f.function.is_some())
             .collect();
-        let site = known
-            .iter()
-            .find(|f| !growth || !in_allocator(f))
-            .or_else(|| known.first());
-        let label = site
-            .map(|f| site_label(f))
-            .unwrap_or_else(|| "[unknown]".into());
+        let label = if growth {
+            // Growth whose stack never leaves the allocator (cut short by a return probe's
+            // trampoline while allocations are sampled) says nothing about who grew the heap.
+            match known.iter().find(|f| !in_allocator(f)) {
+                Some(f) => site_label(f),
+                None => INSIDE_ALLOCATOR.to_string(),
+            }
+        } else {
+            known
+                .first()
+                .map(|f| site_label(f))
+                .unwrap_or_else(|| "[unknown]".into())
+        };
         labels.insert(key, label);
     }
 }
