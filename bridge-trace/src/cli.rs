@@ -119,6 +119,9 @@ pub struct WatchArgs {
     /// steps down, and every change is logged and exported.
     #[arg(long, value_name = "PERCENT", default_value = "1%")]
     pub max_overhead: String,
+    /// Stay in --tier whatever happens: no stepping up to name a leak, nor down for the budget.
+    #[arg(long)]
+    pub fixed_tier: bool,
     /// Push each snapshot, as pprof, to a Pyroscope-compatible ingest endpoint (e.g.
     /// http://pyroscope:4040).
     #[arg(long, value_name = "URL")]
@@ -184,6 +187,8 @@ pub struct WatchConfig {
     pub sample_interval: u64,
     /// Overhead budget in CPUs (0.01 = 1 % of one CPU); None: no budget.
     pub max_overhead: Option<f64>,
+    /// Never change tier.
+    pub fixed_tier: bool,
     /// Pyroscope-compatible base URL snapshots are pushed to.
     pub push: Option<String>,
     pub trace: TraceOptions,
@@ -254,6 +259,7 @@ impl WatchConfig {
                 v
             },
             max_overhead: parse_budget(&args.max_overhead)?,
+            fixed_tier: args.fixed_tier,
             push: match args.push {
                 Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
                     Some(url.trim_end_matches('/').to_string())
@@ -292,6 +298,7 @@ impl WatchConfig {
             tier: Tier::Full,
             sample_interval: "512KiB".into(),
             max_overhead: "off".into(),
+            fixed_tier: true,
             push: None,
             max_allocs: DEFAULT_MAX_ALLOCS,
             unwind: args.unwind,

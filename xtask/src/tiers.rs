@@ -4,8 +4,8 @@
 //!   time the service itself spends (from /proc/PID/stat) over a fixed stretch of wall time;
 //! - the allocation-heavy loop (`bench/alloc-loop.c`), as nanoseconds per malloc+free pair.
 //!
-//! Every tier runs with `--max-overhead off`, so that what is measured is the tier itself, not
-//! the governor stepping down. Results go to `target/bench/watch.json`.
+//! Every tier runs with `--max-overhead off --fixed-tier`, so that what is measured is the tier
+//! itself, not the governor stepping up or down. Results go to `target/bench/watch.json`.
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
@@ -55,7 +55,7 @@ fn watch(tracer: &Path, pid: u32, tier: &str) -> Result<Killed> {
     Ok(Killed(
         Command::new(tracer)
             .args(["watch", "--pid", &pid.to_string(), "--tier", tier])
-            .args(["--max-overhead", "off", "--interval", "1s"])
+            .args(["--max-overhead", "off", "--fixed-tier", "--interval", "1s"])
             .args(["--metrics-addr", "127.0.0.1:0"])
             .stderr(Stdio::null())
             .spawn()

@@ -391,7 +391,11 @@ impl Session<'_> {
         self.governor.measure(&programs);
         let secs = self.config.interval.as_secs_f64();
         let stepped_up = self.governor.stepped_up.is_some();
-        if let Some(change) = self.governor.decide(self.windows, secs, growing, named) {
+        let change = match self.config.fixed_tier {
+            true => None,
+            false => self.governor.decide(self.windows, secs, growing, named),
+        };
+        if let Some(change) = change {
             if stepped_up && !named {
                 for sample in &samples {
                     suspects(&self.procs[&sample.pid], sample);
