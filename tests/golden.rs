@@ -3,6 +3,8 @@
 //! `BLESS=1 cargo xtask test -- --test golden` and review the diff.
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use bridge_trace::{
     aggregate::{Meta, Report, StackReport, REPORT_VERSION},
     cli::Format,
@@ -200,24 +202,7 @@ fn go_tool_pprof_agrees_with_the_text_report() {
         render_to_vec(&report, Format::Pprof, RenderOptions::default()).unwrap(),
     )
     .unwrap();
-    let out = std::process::Command::new("go")
-        .args([
-            "tool",
-            "pprof",
-            "-top",
-            "-unit=B",
-            "-nodecount=50",
-            "-nodefraction=0",
-        ])
-        .arg(&path)
-        .output()
-        .expect("go (cargo xtask setup installs golang-go)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::pprof_top(&path, &["-nodecount=50", "-nodefraction=0"]);
     let total = report.total_bytes();
     assert!(
         text.contains(&format!("{total}B total")),

@@ -684,23 +684,7 @@ fn snapshots_are_pushed_as_pprof() {
     let dir = scratch("watch-push");
     let profile = dir.join("pushed.pb.gz");
     std::fs::write(&profile, &body[start..end]).unwrap();
-    let out = Command::new("go")
-        .args([
-            "tool",
-            "pprof",
-            "-top",
-            "-unit=B",
-            "-sample_index=inuse_space",
-        ])
-        .arg(&profile)
-        .output()
-        .expect("go (cargo xtask setup installs golang-go)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = pprof_top(&profile, &["-sample_index=inuse_space"]);
     // About 6 s of a 100 KB/s leak held at leak_site.
     let row = text
         .lines()

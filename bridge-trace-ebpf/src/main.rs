@@ -1029,22 +1029,9 @@ pub fn growth_return(ctx: RetProbeContext) -> u32 {
             }
         }
         SYS_MMAP => {
-            if ret == MAP_FAILED {
-                return 0;
+            if ret != MAP_FAILED {
+                map_region(tgid, ret, call.args[1], &call.stack);
             }
-            let key = AllocKey {
-                tgid,
-                _pad: 0,
-                addr: ret,
-            };
-            let region = MmapRegion {
-                len: call.args[1],
-                stack: call.stack,
-            };
-            if REGIONS.insert(&key, &region, 0).is_err() {
-                count(Counter::GrowthMapFull);
-            }
-            grow(&call.stack, call.args[1], 0, 0);
         }
         SYS_MUNMAP => {
             if ret as u32 == 0 {
@@ -1058,22 +1045,25 @@ pub fn growth_return(ctx: RetProbeContext) -> u32 {
             }
             let (old, old_len, new_len) = (call.args[0], call.args[1], call.args[2]);
             unmap(tgid, old, old_len);
-            let key = AllocKey {
-                tgid,
-                _pad: 0,
-                addr: ret,
-            };
-            let region = MmapRegion {
-                len: new_len,
-                stack: call.stack,
-            };
-            if REGIONS.insert(&key, &region, 0).is_err() {
-                count(Counter::GrowthMapFull);
-            }
-            grow(&call.stack, new_len, 0, 0);
+            map_region(tgid, ret, new_len, &call.stack);
         }
     }
     0
+}
+
+/// Remembers a region the target mapped, and credits its stack with the growth.
+#[inline(always)]
+fn map_region(tgid: u32, addr: u64, len: u64, stack: &StackKey) {
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let region = MmapRegion { len, stack: *stack };
+    if REGIONS.insert(&key, &region, 0).is_err() {
+        count(Counter::GrowthMapFull);
+    }
+    grow(stack, len, 0, 0);
 }
 
 /// Gives back a region the target mapped while traced (whole regions only: a partial unmap is

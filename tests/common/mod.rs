@@ -94,3 +94,21 @@ pub fn signal(child: &Child, sig: i32) {
     // SAFETY: plain syscall on our own child.
     unsafe { libc::kill(child.id() as i32, sig) };
 }
+
+/// `go tool pprof -top -unit=B` with `extra` flags on a profile: its table (panics, with the
+/// output, unless pprof succeeds).
+pub fn pprof_top(profile: &Path, extra: &[&str]) -> String {
+    let out = Command::new("go")
+        .args(["tool", "pprof", "-top", "-unit=B"])
+        .args(extra)
+        .arg(profile)
+        .output()
+        .expect("go (cargo xtask setup installs golang-go)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
