@@ -8,7 +8,10 @@ use std::{collections::HashMap, num::NonZeroU32, os::fd::AsFd as _, path::Path};
 
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    programs::{uprobe::UProbeLinkId, uprobe::UProbeScope, ProgramError, RawTracePoint, UProbe},
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+        ProgramError, RawTracePoint, UProbe,
+    },
     Ebpf, EbpfLoader,
 };
 
@@ -19,6 +22,7 @@ use bridge_trace_common::{
 
 use crate::{
     error::{Error, Result},
+    placement::{self, Reads},
     target::{self, Allocator},
 };
 
@@ -32,13 +36,28 @@ pub struct Probe {
     pub symbol: &'static str,
     /// Without it nothing sensible can be traced (malloc and free).
     pub required: bool,
+    /// An entry program, and what it reads of the call: placed where the kernel emulates the
+    /// probed instruction ([`placement`]). None: a return probe, placed with its entry probe.
+    pub reads: Option<Reads>,
 }
 
-const fn probe(program: &'static str, symbol: &'static str, required: bool) -> Probe {
+/// A return probe.
+const fn ret(program: &'static str, symbol: &'static str, required: bool) -> Probe {
     Probe {
         program,
         symbol,
         required,
+        reads: None,
+    }
+}
+
+/// An entry probe whose program reads `args` arguments.
+const fn entry(program: &'static str, symbol: &'static str, required: bool, args: usize) -> Probe {
+    Probe {
+        program,
+        symbol,
+        required,
+        reads: Some(Reads { args }),
     }
 }
 
@@ -48,40 +67,40 @@ const fn probe(program: &'static str, symbol: &'static str, required: bool) -> P
 /// its entry probe, so that no allocation is recorded whose release or return could still be
 /// missed.
 pub const PROBES: &[Probe] = &[
-    probe("free_enter", "free", true),
-    probe("alloc_return", "realloc", false),
-    probe("realloc_enter", "realloc", false),
-    probe("alloc_return", "reallocarray", false),
-    probe("reallocarray_enter", "reallocarray", false),
-    probe("alloc_return", "malloc", true),
-    probe("malloc_enter", "malloc", true),
-    probe("alloc_return", "calloc", false),
-    probe("calloc_enter", "calloc", false),
-    probe("alloc_return", "posix_memalign", false),
-    probe("posix_memalign_enter", "posix_memalign", false),
-    probe("alloc_return", "aligned_alloc", false),
-    probe("aligned_alloc_enter", "aligned_alloc", false),
-    probe("alloc_return", "memalign", false),
-    probe("memalign_enter", "memalign", false),
-    probe("alloc_return", "valloc", false),
-    probe("valloc_enter", "valloc", false),
-    probe("alloc_return", "pvalloc", false),
-    probe("pvalloc_enter", "pvalloc", false),
-    probe("exit_enter", "_exit", false),
+    entry("free_enter", "free", true, 1),
+    ret("alloc_return", "realloc", false),
+    entry("realloc_enter", "realloc", false, 2),
+    ret("alloc_return", "reallocarray", false),
+    entry("reallocarray_enter", "reallocarray", false, 3),
+    ret("alloc_return", "malloc", true),
+    entry("malloc_enter", "malloc", true, 1),
+    ret("alloc_return", "calloc", false),
+    entry("calloc_enter", "calloc", false, 2),
+    ret("alloc_return", "posix_memalign", false),
+    entry("posix_memalign_enter", "posix_memalign", false, 3),
+    ret("alloc_return", "aligned_alloc", false),
+    entry("aligned_alloc_enter", "aligned_alloc", false, 2),
+    ret("alloc_return", "memalign", false),
+    entry("memalign_enter", "memalign", false, 2),
+    ret("alloc_return", "valloc", false),
+    entry("valloc_enter", "valloc", false, 1),
+    ret("alloc_return", "pvalloc", false),
+    entry("pvalloc_enter", "pvalloc", false, 1),
+    entry("exit_enter", "_exit", false, 0),
 ];
 
 /// The growth tier's probes on libc's heap-growth wrappers, per process: cheaper for the
 /// machine than syscall tracepoints, which would put every syscall of every process on the
 /// kernel's slow path. (Each return probe before its entry probe.)
 pub const GROWTH_PROBES: &[Probe] = &[
-    probe("growth_return", "munmap", false),
-    probe("munmap_enter", "munmap", false),
-    probe("growth_return", "mremap", false),
-    probe("mremap_enter", "mremap", false),
-    probe("growth_return", "brk", false),
-    probe("brk_enter", "brk", false),
-    probe("growth_return", "mmap", false),
-    probe("mmap_enter", "mmap", false),
+    ret("growth_return", "munmap", false),
+    entry("munmap_enter", "munmap", false, 2),
+    ret("growth_return", "mremap", false),
+    entry("mremap_enter", "mremap", false, 3),
+    ret("growth_return", "brk", false),
+    entry("brk_enter", "brk", false, 1),
+    ret("growth_return", "mmap", false),
+    entry("mmap_enter", "mmap", false, 4),
 ];
 
 /// The growth tier's raw tracepoint, system-wide (a user page fault anywhere runs it; it
@@ -214,18 +233,22 @@ impl Tracer {
         }
         self.add_target(pid)?;
         let mut attached: Vec<String> = Vec::new();
+        let mut moved: Vec<(&str, u64)> = Vec::new();
         for p in PROBES {
             if !allocator.symbols.iter().any(|s| s == p.symbol) {
                 continue;
             }
-            let link = match attach_one(&mut self.ebpf, p, &allocator.host_path, nz) {
-                Ok(link) => link,
+            let (link, offset) = match attach_one(&mut self.ebpf, p, &allocator.host_path, nz) {
+                Ok(attached) => attached,
                 Err(e) => {
                     self.untrace_allocator(pid);
                     return Err(e);
                 }
             };
             self.links.entry(pid).or_default().push((p.program, link));
+            if offset > 0 {
+                moved.push((p.symbol, offset));
+            }
             if !attached.iter().any(|a| a == p.symbol) {
                 attached.push(p.symbol.to_string());
             }
@@ -233,6 +256,12 @@ impl Tracer {
         for (alias, target) in &allocator.aliases {
             if attached.iter().any(|a| a == target) {
                 attached.push(format!("{alias}={target}"));
+            }
+        }
+        // Entry probes moved past an instruction the kernel would single-step: `free+9`.
+        for a in attached.iter_mut() {
+            if let Some((_, offset)) = moved.iter().find(|(s, _)| s == a) {
+                a.push_str(&format!("+{offset}"));
             }
         }
         self.attached = attached;
@@ -309,7 +338,7 @@ impl Tracer {
         let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
         for p in GROWTH_PROBES {
             match attach_one(&mut self.ebpf, p, object, nz) {
-                Ok(link) => self
+                Ok((link, _)) => self
                     .growth_links
                     .entry(pid)
                     .or_default()
@@ -352,11 +381,10 @@ impl Tracer {
             }
             started.elapsed().as_nanos() as f64 / CALLS as f64
         };
-        let with = |programs: &[(&'static str, &'static str)], ebpf: &mut Ebpf| {
+        let with = |programs: &[Probe], ebpf: &mut Ebpf| {
             let mut links = Vec::new();
-            for &(program, symbol) in programs {
-                let p = probe(program, symbol, true);
-                links.push((program, attach_one(ebpf, &p, &allocator.host_path, nz)?));
+            for p in programs {
+                links.push((p.program, attach_one(ebpf, p, &allocator.host_path, nz)?.0));
             }
             let ns = per_call();
             for (program, link) in links {
@@ -365,11 +393,15 @@ impl Tracer {
             Ok::<f64, Error>(ns)
         };
         let base = per_call();
-        let free = with(&[("free_enter", "free")], &mut self.ebpf)?;
-        let malloc = with(
-            &[("alloc_return", "malloc"), ("malloc_enter", "malloc")],
-            &mut self.ebpf,
-        )?;
+        let probes = |symbol: &str| -> Vec<Probe> {
+            PROBES
+                .iter()
+                .filter(|p| p.symbol == symbol)
+                .copied()
+                .collect()
+        };
+        let free = with(&probes("free"), &mut self.ebpf)?;
+        let malloc = with(&probes("malloc"), &mut self.ebpf)?;
         let costs = ProbeCosts {
             alloc_ns: (malloc - base).max(0.0),
             free_ns: (free - base).max(0.0),
@@ -530,10 +562,34 @@ fn loaded_uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
     Ok(program)
 }
 
-fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Result<UProbeLinkId> {
+/// Attaches `p` for `pid` to `object` where [`placement::place`] puts the symbol's entry probe;
+/// its return probe goes to the same place, so that the entry program still finds the real
+/// return address at `[rsp]` (a return probe replaces it with its trampoline's as soon as it
+/// fires). Returns the link and the offset past the symbol.
+fn attach_one(
+    ebpf: &mut Ebpf,
+    p: &Probe,
+    object: &Path,
+    pid: NonZeroU32,
+) -> Result<(UProbeLinkId, u64)> {
+    let reads = p.reads.or_else(|| {
+        PROBES
+            .iter()
+            .chain(GROWTH_PROBES)
+            .find(|e| e.symbol == p.symbol && e.reads.is_some())
+            .and_then(|e| e.reads)
+    });
+    let offset = reads
+        .and_then(|reads| placement::place_symbol(object, p.symbol, reads))
+        .unwrap_or(0);
     let program = loaded_uprobe(ebpf, p.program)?;
     program
-        .attach(p.symbol, object, UProbeScope::OneProcess(pid))
+        .attach(
+            UProbeAttachLocation::SymbolOffset(p.symbol, offset),
+            object,
+            UProbeScope::OneProcess(pid),
+        )
+        .map(|link| (link, offset))
         .map_err(|e| {
             let msg = chain(&e);
             if msg.contains("No such process") || msg.contains("ESRCH") {
@@ -541,7 +597,7 @@ fn attach_one(ebpf: &mut Ebpf, p: &Probe, object: &Path, pid: NonZeroU32) -> Res
             } else {
                 ebpf_err(
                     &format!(
-                        "attaching {} to {}:{}",
+                        "attaching {} to {}:{}+{offset}",
                         p.program,
                         object.display(),
                         p.symbol
