@@ -21,6 +21,7 @@ use aya_ebpf::{
     macros::{map, raw_tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+    EbpfContext as _,
 };
 use bridge_trace_common::{
     cfa_rule, config, rbp_rule, AllocInfo, AllocKey, AllocKind, Counter, GrowthTotals, InFlight,
@@ -1103,6 +1104,43 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
     };
     let stack = capture_stack(tgid, regs.rip, regs.rsp, regs.rbp, false);
     grow(&stack, 0, 0, PAGE_SIZE);
+    0
+}
+
+// ---- The floor (`cargo xtask bench`): what any uprobe-based allocation tracer pays at least
+// on this machine. Not used by record or watch. ----
+
+/// Per CPU: where the floor's return probe puts the user stack it captures.
+#[map]
+static FLOOR_STACK: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(1, 0);
+
+/// The floor's allocation entry probe: nothing.
+#[uprobe]
+pub fn floor_enter(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+/// The floor's return probe: the kernel's own user stack capture (frame pointers), nothing else.
+#[uretprobe]
+pub fn floor_return(ctx: RetProbeContext) -> u32 {
+    if let Some(s) = FLOOR_STACK.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, exclusive while the program runs; the helper writes at most
+        // the size given.
+        unsafe {
+            aya_ebpf::helpers::bpf_get_stack(
+                ctx.as_ptr(),
+                (*s).frames.as_mut_ptr() as *mut c_void,
+                (MAX_STACK_DEPTH * 8) as u32,
+                aya_ebpf::bindings::BPF_F_USER_STACK as u64,
+            )
+        };
+    }
+    0
+}
+
+/// The floor's free probe: nothing.
+#[uprobe]
+pub fn floor_free(_ctx: ProbeContext) -> u32 {
     0
 }
 

@@ -103,6 +103,14 @@ pub const GROWTH_PROBES: &[Probe] = &[
     entry("mmap_enter", "mmap", false, 4),
 ];
 
+/// The floor of `cargo xtask bench`: empty programs at the same places as the allocator
+/// probes, and the kernel's own user stack capture in the return probe.
+pub const FLOOR_PROBES: &[Probe] = &[
+    entry("floor_free", "free", true, 1),
+    ret("floor_return", "malloc", true),
+    entry("floor_enter", "malloc", true, 1),
+];
+
 /// The growth tier's raw tracepoint, system-wide (a user page fault anywhere runs it; it
 /// returns at once outside the targets): first touches of new memory.
 pub const GROWTH_TRACEPOINT: (&str, &str) = ("page_fault_user", "page_fault_user");
@@ -265,6 +273,16 @@ impl Tracer {
             }
         }
         self.attached = attached;
+        Ok(())
+    }
+
+    /// Attaches the floor's programs ([`FLOOR_PROBES`]) for `pid` (`bridge-trace floor`).
+    pub fn attach_floor(&mut self, pid: u32, allocator: &Allocator) -> Result<()> {
+        let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
+        for p in FLOOR_PROBES {
+            let (link, _) = attach_one(&mut self.ebpf, p, &allocator.host_path, nz)?;
+            self.links.entry(pid).or_default().push((p.program, link));
+        }
         Ok(())
     }
 

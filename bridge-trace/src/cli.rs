@@ -32,6 +32,16 @@ pub enum Command {
     /// A live view of a running process's call sites by memory held and growth, refreshed
     /// every window (what `watch` sees, in the terminal).
     Top(TopArgs),
+    /// The benchmark's floor: empty probes on malloc and free (hidden; `cargo xtask bench`).
+    #[command(hide = true)]
+    Floor(FloorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FloorArgs {
+    /// The process to attach the floor's probes to, until it exits or Ctrl-C.
+    #[arg(long, short = 'p', value_name = "PID")]
+    pub pid: u32,
 }
 
 #[derive(Debug, Args)]
@@ -559,7 +569,7 @@ impl Config {
     {
         match Request::from_args(args)? {
             Request::Record(c) => Ok(c),
-            Request::Watch(_) => Err(ArgsError::Invalid(Error::Usage("not a record".into()))),
+            _ => Err(ArgsError::Invalid(Error::Usage("not a record".into()))),
         }
     }
 
@@ -635,6 +645,8 @@ impl Config {
 pub enum Request {
     Record(Config),
     Watch(WatchConfig),
+    /// The benchmark's floor, on this pid.
+    Floor(u32),
 }
 
 impl Request {
@@ -649,6 +661,7 @@ impl Request {
             Command::Record(a) => Config::from_record_args(a).map(Request::Record),
             Command::Watch(a) => WatchConfig::from_watch_args(*a).map(Request::Watch),
             Command::Top(a) => WatchConfig::from_top_args(a).map(Request::Watch),
+            Command::Floor(a) => Ok(Request::Floor(a.pid)),
         }
         .map_err(ArgsError::Invalid)
     }
