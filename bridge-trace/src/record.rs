@@ -360,7 +360,10 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     let programs = t.tracer.program_costs();
     snapshot.counters.missed_probe_runs = programs.iter().map(|p| p.missed_runs).sum();
     let attached_symbols = t.tracer.attached.clone();
-    drop(t.tracer); // detach every probe before the (slow) symbolization
+    // Detach every probe now, on a thread of its own: the kernel waits for a grace period per
+    // uprobe (about 0.1 s each here), and the report need not wait for that.
+    let tracer = t.tracer;
+    let detaching = std::thread::spawn(move || drop(tracer));
     if !exited {
         t.maps.refresh();
     }
@@ -422,6 +425,8 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     for (path, bytes) in &rendered {
         report::write_atomic(path, bytes)?;
     }
+    // Nothing of ours stays in the kernel once record returns.
+    let _ = detaching.join();
     Ok(Outcome {
         report,
         written: outputs,

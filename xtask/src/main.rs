@@ -14,6 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod peers;
 mod tiers;
 
 #[derive(Parser)]
@@ -48,8 +49,9 @@ enum Task {
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// gcc and g++ build the fixtures, libc6-dbg gives glibc's frames names, gdb checks our stacks, and
-/// python3.11 is a real program built without frame pointers (Debian's, as shipped), and
-/// prometheus scrapes `watch` in a test, and golang-go brings `go tool pprof`.
+/// python3.11 is a real program built without frame pointers (Debian's, as shipped),
+/// prometheus scrapes `watch` in a test, golang-go brings `go tool pprof`, and bpftrace and
+/// heaptrack are the peers `cargo xtask bench` measures bridge-trace against.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -61,6 +63,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3.11",
     "prometheus",
     "golang-go",
+    "bpftrace",
+    "heaptrack",
 ];
 
 fn main() -> Result<()> {
