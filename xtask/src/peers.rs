@@ -81,7 +81,13 @@ fn ns_per_pair(text: &str) -> Result<f64> {
 }
 
 /// Runs the loop under `config`; None when the peer is not installed.
-fn measure(config: Config, tracer: &Path, workload: &Path, dir: &Path, n: u64) -> Result<Option<f64>> {
+fn measure(
+    config: Config,
+    tracer: &Path,
+    workload: &Path,
+    dir: &Path,
+    n: u64,
+) -> Result<Option<f64>> {
     let n = n.to_string();
     // Tools that attach to a running pid get the loop with a delay first.
     let delayed = |delay_ms: &str| -> Result<std::process::Child> {
@@ -111,7 +117,11 @@ fn measure(config: Config, tracer: &Path, workload: &Path, dir: &Path, n: u64) -
             finish(child, tool)?
         }
         Config::RecordFp | Config::RecordDwarf => {
-            let unwind = if config == Config::RecordFp { "fp" } else { "dwarf" };
+            let unwind = if config == Config::RecordFp {
+                "fp"
+            } else {
+                "dwarf"
+            };
             let out = Command::new(tracer)
                 .args(["record", "--quiet", "--unwind", unwind, "-o"])
                 .arg(dir.join("peers-run.json"))
@@ -129,7 +139,13 @@ fn measure(config: Config, tracer: &Path, workload: &Path, dir: &Path, n: u64) -
             // bpftrace compiles and attaches in about a second.
             let child = delayed("4000")?;
             let tool = Command::new("bpftrace")
-                .args(["-q", "-p", &child.id().to_string(), "-e", &bpftrace_script()])
+                .args([
+                    "-q",
+                    "-p",
+                    &child.id().to_string(),
+                    "-e",
+                    &bpftrace_script(),
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
@@ -195,7 +211,9 @@ pub fn peers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
         }
         let (lo, hi) = samples[i]
             .iter()
-            .fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            .fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| {
+                (lo.min(x), hi.max(x))
+            });
         println!(
             "{:<36} {:>12.0} {:>18} {:>11.1}x {:>9.2}x",
             c.name(),
@@ -222,13 +240,21 @@ pub fn peers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     println!();
     println!(
         "record fp is {fp_over_floor:.2}x the floor (goal: at most {FLOOR_GOAL}x){}",
-        if fp_over_floor <= FLOOR_GOAL { "" } else { "  ABOVE GOAL" }
+        if fp_over_floor <= FLOOR_GOAL {
+            ""
+        } else {
+            "  ABOVE GOAL"
+        }
     );
     if let Some(r) = bpftrace_over_fp {
         println!(
             "the memleak-style bpftrace script adds {r:.1}x what record fp adds (goal: at least \
              {BPFTRACE_GOAL}x){}",
-            if r >= BPFTRACE_GOAL { "" } else { "  BELOW GOAL" }
+            if r >= BPFTRACE_GOAL {
+                ""
+            } else {
+                "  BELOW GOAL"
+            }
         );
     }
 
@@ -236,7 +262,11 @@ pub fn peers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     let stacks = dir.join("stacks");
     for (out, src, flags) in [
         (&hold, "bench/hold.c", vec!["-O2", "-g"]),
-        (&stacks, "bench/stacks.c", vec!["-O2", "-g", "-fno-omit-frame-pointer"]),
+        (
+            &stacks,
+            "bench/stacks.c",
+            vec!["-O2", "-g", "-fno-omit-frame-pointer"],
+        ),
     ] {
         run(Command::new("gcc")
             .args(&flags)
@@ -259,7 +289,11 @@ pub fn peers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     println!(
         "Ctrl-C to a written flamegraph with {distinct} distinct stacks: {ctrl_c:.2} s (goal: \
          under {CTRL_C_GOAL_SECS} s){}; to exit, every probe detached: {exited:.2} s",
-        if ctrl_c < CTRL_C_GOAL_SECS { "" } else { "  ABOVE GOAL" }
+        if ctrl_c < CTRL_C_GOAL_SECS {
+            ""
+        } else {
+            "  ABOVE GOAL"
+        }
     );
     Ok(json!({
         "workload": {"program": "bench/alloc-loop.c", "iterations": n, "depth": 10},
