@@ -92,8 +92,12 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Runs `cmd` to completion; nothing it starts reads this process's stdin.
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd
+        .stdin(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -101,7 +105,10 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed: {}\n{}",
@@ -339,6 +346,7 @@ fn test(args: &[String]) -> Result<()> {
         .current_dir(&root)
         .args(["test", "--workspace", "--exclude", "bridge-trace-ebpf"])
         .args(args)
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?;
