@@ -11,6 +11,11 @@ fn main() -> anyhow::Result<()> {
     if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) } < 0 {
         anyhow::bail!("redirecting stdin: {}", std::io::Error::last_os_error());
     }
+    // Nor does it share the outer build's jobserver, whose descriptors it may not hold.
+    for var in ["CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"] {
+        // SAFETY: single-threaded at this point: nothing else reads the environment.
+        unsafe { std::env::remove_var(var) };
+    }
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../bridge-trace-ebpf");
     println!("cargo:rerun-if-changed=../bridge-trace-common/src");
     aya_build::build_ebpf(
