@@ -238,16 +238,28 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Runs `cargo ARGS` in the workspace, a second and third time if it fails. The first build
+/// from a fresh clone has been seen to fail in the nested eBPF build (its cargo's probe of
+/// rustc read other compilers' output: "unknown start of token"), and the next to succeed;
+/// a real build error fails all three.
+fn cargo_retrying(args: &[&str]) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match run(Command::new("cargo").current_dir(root()).args(args)) {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 3 => {
+                eprintln!("xtask: {e}; building again");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Builds the release bridge-trace binary; returns its path.
 fn build_release() -> Result<PathBuf> {
-    let root = root();
-    run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "bridge-trace",
-    ]))?;
-    Ok(root.join("target/release/bridge-trace"))
+    cargo_retrying(&["build", "--release", "-p", "bridge-trace"])?;
+    Ok(root().join("target/release/bridge-trace"))
 }
 
 fn demo(messages: u64) -> Result<()> {
@@ -342,6 +354,13 @@ fn demo(messages: u64) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     use std::io::{BufRead as _, BufReader};
     let root = root();
+    cargo_retrying(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "bridge-trace-ebpf",
+        "--no-run",
+    ])?;
     let mut child = Command::new("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--exclude", "bridge-trace-ebpf"])
