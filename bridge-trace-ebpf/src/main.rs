@@ -510,7 +510,7 @@ extern "C" fn unwind_step(index: u64, ctx: *mut c_void) -> i64 {
     }
     w.frames.frames[len] = ret;
     w.frames.len += 1;
-    w.hash = (w.hash ^ ret).wrapping_mul(0x0000_0100_0000_01b3);
+    w.hash = fnv_step(w.hash, ret);
     w.pc = ret;
     w.sp = sp;
     w.bp = bp;
@@ -550,16 +550,31 @@ fn fp_stack(ctx: *mut c_void, mut key: StackKey, sp: u64) -> StackKey {
         w.frames.flags = STACK_TRUNCATED;
         count(Counter::UnwindDepthLimit);
     }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut hash = FNV_BASIS;
     for i in 0..MAX_STACK_DEPTH {
         if i >= len {
             break;
         }
-        hash = (hash ^ w.frames.frames[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        hash = fnv_step(hash, w.frames.frames[i]);
     }
     key.ret_addr = caller;
+    store_stack(&w.frames, hash, key)
+}
+
+const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// One step of the FNV-1a-like hash of a stack's frames (the key of [`STACKS`]).
+#[inline(always)]
+fn fnv_step(hash: u64, frame: u64) -> u64 {
+    (hash ^ frame).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+/// Stores `frames` in [`STACKS`] under `hash` (once per distinct stack) and returns `key` with
+/// its stack id; a stack that cannot be stored is counted and keeps only its direct caller.
+#[inline(always)]
+fn store_stack(frames: &StackFrames, hash: u64, mut key: StackKey) -> StackKey {
     let hash = if hash == 0 { 1 } else { hash };
-    match STACKS.insert(hash, &w.frames, BPF_NOEXIST as u64) {
+    match STACKS.insert(hash, frames, BPF_NOEXIST as u64) {
         Ok(()) => key.stack_id = hash,
         // -EEXIST: this stack is already stored.
         Err(e) if e == -17 => key.stack_id = hash,
@@ -610,7 +625,7 @@ fn capture_stack(
         w.pc = pc;
         w.sp = sp;
         w.bp = bp;
-        w.hash = 0xcbf2_9ce4_8422_2325;
+        w.hash = FNV_BASIS;
         w.done = 0;
         w.mapping = 0;
         w.frames.len = 0;
@@ -618,7 +633,7 @@ fn capture_stack(
         if !at_entry {
             w.frames.frames[0] = pc;
             w.frames.len = 1;
-            w.hash = (w.hash ^ pc).wrapping_mul(0x0000_0100_0000_01b3);
+            w.hash = fnv_step(w.hash, pc);
         }
     }
     let cache = match ROW_CACHE.get_ptr_mut(0) {
@@ -652,14 +667,7 @@ fn capture_stack(
         w.frames.flags = STACK_TRUNCATED;
         count(Counter::UnwindDepthLimit);
     }
-    let hash = if w.hash == 0 { 1 } else { w.hash };
-    match STACKS.insert(hash, &w.frames, BPF_NOEXIST as u64) {
-        Ok(()) => key.stack_id = hash,
-        // -EEXIST: this stack is already stored.
-        Err(e) if e == -17 => key.stack_id = hash,
-        Err(_) => count(Counter::StackFailures),
-    }
-    key
+    store_stack(&w.frames, w.hash, key)
 }
 
 #[inline(always)]

@@ -289,11 +289,8 @@ impl Tracer {
     /// Detaches `pid`'s allocator probes and forgets its live allocations and per-stack totals
     /// (their frees would no longer be seen). The process stays a target (for growth).
     pub fn untrace_allocator(&mut self, pid: u32) {
-        for (program, link) in self.links.remove(&pid).unwrap_or_default() {
-            if let Ok(p) = loaded_uprobe(&mut self.ebpf, program) {
-                let _ = p.detach(link);
-            }
-        }
+        let links = self.links.remove(&pid).unwrap_or_default();
+        self.detach(links);
         self.purge::<AllocKey, AllocInfo>("ALLOCS", |k| k.tgid == pid);
         self.purge_per_cpu::<StackKey, StackTotals>("STACK_TOTALS", |k| k.tgid == pid);
         // Calls that were inside the allocator when their return probe went: left behind, their
@@ -318,11 +315,8 @@ impl Tracer {
     /// Stops tracing `pid` (it exited): detaches its probes and purges all its entries.
     pub fn remove_target(&mut self, pid: u32) {
         self.untrace_allocator(pid);
-        for (program, link) in self.growth_links.remove(&pid).unwrap_or_default() {
-            if let Ok(p) = loaded_uprobe(&mut self.ebpf, program) {
-                let _ = p.detach(link);
-            }
-        }
+        let links = self.growth_links.remove(&pid).unwrap_or_default();
+        self.detach(links);
         if let Ok(mut targets) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>("TARGETS") {
             let _ = targets.remove(&pid);
         }
@@ -451,6 +445,15 @@ impl Tracer {
             .map_mut(name)
             .ok_or_else(|| Error::Ebpf(format!("map {name} missing from the object")))?;
         M::try_from(map).map_err(|e| Error::Ebpf(format!("map {name}: {e}")))
+    }
+
+    /// Detaches uprobe links of this object's programs.
+    fn detach(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
+        for (program, link) in links {
+            if let Ok(p) = loaded_uprobe(&mut self.ebpf, program) {
+                let _ = p.detach(link);
+            }
+        }
     }
 
     /// Deletes the entries of hash map `name` whose key matches.

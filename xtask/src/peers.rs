@@ -209,11 +209,7 @@ pub fn peers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
             results.push(json!({"configuration": c.name(), "skipped": "not installed"}));
             continue;
         }
-        let (lo, hi) = samples[i]
-            .iter()
-            .fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| {
-                (lo.min(x), hi.max(x))
-            });
+        let (lo, hi) = crate::bench::min_max(&samples[i]);
         println!(
             "{:<36} {:>12.0} {:>18} {:>11.1}x {:>9.2}x",
             c.name(),
