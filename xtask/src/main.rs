@@ -120,6 +120,7 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 fn setup() -> Result<()> {
+    dev_null_is_the_null_device()?;
     rust_src()?;
     bpf_linker()?;
     apt_packages()?;
@@ -238,28 +239,34 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Runs `cargo ARGS` in the workspace, a second and third time if it fails. The first build
-/// from a fresh clone has been seen to fail in the nested eBPF build (its cargo's probe of
-/// rustc read other compilers' output: "unknown start of token"), and the next to succeed;
-/// a real build error fails all three.
-fn cargo_retrying(args: &[&str]) -> Result<()> {
-    let mut attempt = 1;
-    loop {
-        match run(Command::new("cargo").current_dir(root()).args(args)) {
-            Ok(()) => return Ok(()),
-            Err(e) if attempt < 3 => {
-                eprintln!("xtask: {e}; building again");
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
+/// Checks that `/dev/null` is the null device. Builds lean on it: build scripts send their
+/// probes' diagnostics there and cargo's probe of rustc reads its source from it, so a regular
+/// file at `/dev/null` (left by anything that renamed a file over it) fails every first build
+/// with "unknown start of token" in a nested cargo.
+fn dev_null_is_the_null_device() -> Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let kind = std::fs::symlink_metadata("/dev/null")
+        .context("reading /dev/null")?
+        .file_type();
+    if !kind.is_char_device() {
+        bail!(
+            "/dev/null is not the null device (something replaced it with a file); \
+             restore it with: rm /dev/null && mknod -m 666 /dev/null c 1 3"
+        );
     }
+    Ok(())
 }
 
 /// Builds the release bridge-trace binary; returns its path.
 fn build_release() -> Result<PathBuf> {
-    cargo_retrying(&["build", "--release", "-p", "bridge-trace"])?;
-    Ok(root().join("target/release/bridge-trace"))
+    let root = root();
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "bridge-trace",
+    ]))?;
+    Ok(root.join("target/release/bridge-trace"))
 }
 
 fn demo(messages: u64) -> Result<()> {
@@ -354,13 +361,6 @@ fn demo(messages: u64) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     use std::io::{BufRead as _, BufReader};
     let root = root();
-    cargo_retrying(&[
-        "test",
-        "--workspace",
-        "--exclude",
-        "bridge-trace-ebpf",
-        "--no-run",
-    ])?;
     let mut child = Command::new("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--exclude", "bridge-trace-ebpf"])

@@ -59,12 +59,33 @@ pub fn render_to_vec(report: &Report, format: Format, options: RenderOptions) ->
 }
 
 /// Writes `bytes` to `path` atomically: never a half-written file at `path`.
+///
+/// A regular file (or a new one) is written under a temporary name in the same directory and
+/// renamed into place. A path that names a stream instead — a device such as `/dev/null` or
+/// `/dev/stdout`, a FIFO, a socket — is written directly: renaming over it would replace the
+/// device node with a regular file. A symbolic link is followed, so the rename replaces the file
+/// it points to and the link stays.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let out_err = |reason: String| Error::Output {
         path: path.to_path_buf(),
         reason,
     };
-    let dir = match path.parent() {
+    let resolved;
+    let path_in_place = match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
+            let mut stream = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| out_err(e.to_string()))?;
+            return stream.write_all(bytes).map_err(|e| out_err(e.to_string()));
+        }
+        Ok(_) => {
+            resolved = std::fs::canonicalize(path).map_err(|e| out_err(e.to_string()))?;
+            resolved.as_path()
+        }
+        Err(_) => path,
+    };
+    let dir = match path_in_place.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
@@ -83,7 +104,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.as_file()
         .sync_all()
         .map_err(|e| out_err(e.to_string()))?;
-    tmp.persist(path)
+    tmp.persist(path_in_place)
         .map_err(|e| out_err(e.error.to_string()))?;
     Ok(())
 }
@@ -132,5 +153,36 @@ mod tests {
         assert_eq!(mode & 0o777, 0o644);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1);
+    }
+
+    #[test]
+    fn a_stream_is_written_in_place_not_replaced() {
+        use std::os::unix::fs::FileTypeExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("out.fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        write_atomic(&fifo, b"report").unwrap();
+        assert_eq!(reader.join().unwrap(), b"report");
+        let kind = std::fs::symlink_metadata(&fifo).unwrap().file_type();
+        assert!(kind.is_fifo(), "the FIFO was replaced: {kind:?}");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1);
+    }
+
+    #[test]
+    fn a_symlink_keeps_pointing_at_the_new_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.txt");
+        let link = dir.path().join("link.txt");
+        std::fs::write(&real, b"old").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        write_atomic(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&real).unwrap(), b"new");
     }
 }
