@@ -155,6 +155,17 @@ fn count(c: Counter) {
     }
 }
 
+/// (tgid, tid) of the current task, for the allocator probes' hot path. Those probes need no
+/// [`TARGETS`] lookup: their links are attached per process (`UProbeScope::OneProcess`), and
+/// the kernel runs a per-process uprobe only for tasks sharing that process's memory (its
+/// threads; a forked child has its own), and user space detaches them before it forgets a
+/// target.
+#[inline(always)]
+fn current_task() -> (u32, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ((pid_tgid >> 32) as u32, pid_tgid as u32)
+}
+
 /// Returns (tgid, tid) when the current task belongs to a target.
 #[inline(always)]
 fn current_target() -> Option<(u32, u32)> {
@@ -672,9 +683,7 @@ fn capture_stack(
 
 #[inline(always)]
 fn alloc_enter(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -> u32 {
-    let Some((tgid, tid)) = current_target() else {
-        return 0;
-    };
+    let (tgid, tid) = current_task();
     // SAFETY: the context's registers are valid for the duration of the program.
     let regs = unsafe { &*ctx.regs };
     let sp = regs.rsp;
@@ -799,10 +808,10 @@ pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
     alloc_enter(&ctx, AllocKind::Pvalloc, arg(&ctx, 0), 0)
 }
 
-/// Forgets a live allocation and credits its stack. Returns false when the address is unknown
-/// (counted unless sampling, where most addresses are unknown by design).
+/// Forgets a live allocation and credits its stack. Returns false when the address is unknown,
+/// counted when `count_unknown` and not sampling (where most addresses are unknown by design).
 #[inline(always)]
-fn release(tgid: u32, addr: u64) -> bool {
+fn release(tgid: u32, addr: u64, count_unknown: bool) -> bool {
     let key = AllocKey {
         tgid,
         _pad: 0,
@@ -810,7 +819,7 @@ fn release(tgid: u32, addr: u64) -> bool {
     };
     // SAFETY: value copied out before the delete.
     let Some(info) = (unsafe { ALLOCS.get(&key) }).copied() else {
-        if sample_interval() == 0 {
+        if count_unknown && sample_interval() == 0 {
             count(Counter::UnknownFrees);
         }
         return false;
@@ -879,9 +888,7 @@ const PAGE_SIZE: u64 = 4096;
 
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
-    let Some((tgid, tid)) = current_target() else {
-        return 0;
-    };
+    let (tgid, tid) = current_task();
     let Some(p) = INFLIGHT.get_ptr_mut(tid) else {
         // When sampling, the calls the sampler skipped have no entry.
         if sample_interval() == 0 {
@@ -905,7 +912,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     if call.interval == NOT_SAMPLED {
         // A realloc the sampler skipped: only its old block matters, if it moved or was freed.
         if call.ptr_arg != 0 && ret != call.ptr_arg && (ret != 0 || call.size == 0) {
-            release(tgid, call.ptr_arg);
+            release(tgid, call.ptr_arg, false);
         }
         return 0;
     }
@@ -914,12 +921,12 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
             let old = call.ptr_arg;
             if ret != 0 {
                 if old != 0 {
-                    release(tgid, old);
+                    release(tgid, old, false);
                 }
                 record(tgid, tid, ret, call.size, &call);
             } else if call.size == 0 && old != 0 && kind == AllocKind::Realloc {
                 // realloc(p, 0) frees p and returns NULL.
-                release(tgid, old);
+                release(tgid, old, false);
             } else {
                 // Failure: the old block is untouched.
                 count(Counter::FailedAllocs);
@@ -960,23 +967,17 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// free: the map delete and the per-stack update, nothing else. A free the allocator makes
+/// itself (glibc's `realloc(p, 0)` calls `free(p)`) releases the block here, and the realloc's
+/// return then finds it gone ([`release`] with `count_unknown` false).
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
-    let Some((tgid, tid)) = current_target() else {
-        return 0;
-    };
     let addr = arg(&ctx, 0);
     if addr == 0 {
         return 0;
     }
-    // SAFETY: the context's registers are valid for the duration of the program.
-    let sp = unsafe { (*ctx.regs).rsp };
-    if let Pending::Outer(_) = pending_call(tid, sp) {
-        // A free made by realloc itself: its return probe accounts for the old block.
-        count(Counter::Nested);
-        return 0;
-    }
-    release(tgid, addr);
+    let (tgid, _) = current_task();
+    release(tgid, addr, true);
     0
 }
 
@@ -1218,6 +1219,12 @@ pub fn floor_return(ctx: RetProbeContext) -> u32 {
             )
         };
     }
+    0
+}
+
+/// A return probe that does nothing (the floor's parts, measured alone).
+#[uretprobe]
+pub fn floor_return_empty(_ctx: RetProbeContext) -> u32 {
     0
 }
 

@@ -21,6 +21,7 @@ use bridge_trace_common::{
 };
 
 use crate::{
+    cli::FloorParts,
     error::{Error, Result},
     placement::{self, Reads},
     target::{self, Allocator},
@@ -36,9 +37,19 @@ pub struct Probe {
     pub symbol: &'static str,
     /// Without it nothing sensible can be traced (malloc and free).
     pub required: bool,
-    /// An entry program, and what it reads of the call: placed where the kernel emulates the
-    /// probed instruction ([`placement`]). None: a return probe, placed with its entry probe.
-    pub reads: Option<Reads>,
+    pub place: Place,
+}
+
+/// Where in its function a probe goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// An entry program that reads this much of the call: on the first instruction the kernel
+    /// emulates rather than single-steps ([`placement`]).
+    Emulated(Reads),
+    /// A return probe: where its function's entry probe goes.
+    WithEntry,
+    /// The function's first instruction, whatever it costs (the bench's floor rows only).
+    FirstInstruction,
 }
 
 /// A return probe.
@@ -47,7 +58,7 @@ const fn ret(program: &'static str, symbol: &'static str, required: bool) -> Pro
         program,
         symbol,
         required,
-        reads: None,
+        place: Place::WithEntry,
     }
 }
 
@@ -57,7 +68,7 @@ const fn entry(program: &'static str, symbol: &'static str, required: bool, args
         program,
         symbol,
         required,
-        reads: Some(Reads { args }),
+        place: Place::Emulated(Reads { args }),
     }
 }
 
@@ -103,13 +114,28 @@ pub const GROWTH_PROBES: &[Probe] = &[
     entry("mmap_enter", "mmap", false, 4),
 ];
 
-/// The floor of `cargo xtask bench`: empty programs at the same places as the allocator
-/// probes, and the kernel's own user stack capture in the return probe.
-pub const FLOOR_PROBES: &[Probe] = &[
-    entry("floor_free", "free", true, 1),
-    ret("floor_return", "malloc", true),
-    entry("floor_enter", "malloc", true, 1),
-];
+// The floor of `cargo xtask bench` and of the overhead calibration: empty programs at the
+// same places as the allocator probes, and the kernel's own user stack capture in a return
+// probe.
+const FLOOR_ENTRY: Probe = entry("floor_enter", "malloc", true, 1);
+const FLOOR_RETURN: Probe = ret("floor_return_empty", "malloc", true);
+const FLOOR_STACK: Probe = ret("floor_return", "malloc", true);
+const FLOOR_FREE: Probe = entry("floor_free", "free", true, 1);
+const FLOOR_FREE_AT_ENTRY: Probe = Probe {
+    place: Place::FirstInstruction,
+    ..FLOOR_FREE
+};
+
+/// The floor's probes, whole or in parts.
+pub fn floor_probes(parts: FloorParts) -> &'static [Probe] {
+    match parts {
+        FloorParts::MallocEntry => &[FLOOR_ENTRY],
+        FloorParts::MallocReturn => &[FLOOR_RETURN, FLOOR_ENTRY],
+        FloorParts::MallocStack => &[FLOOR_STACK, FLOOR_ENTRY],
+        FloorParts::FreeEntry => &[FLOOR_FREE_AT_ENTRY],
+        FloorParts::All => &[FLOOR_FREE, FLOOR_STACK, FLOOR_ENTRY],
+    }
+}
 
 /// The growth tier's raw tracepoint, system-wide (a user page fault anywhere runs it; it
 /// returns at once outside the targets): first touches of new memory.
@@ -276,10 +302,15 @@ impl Tracer {
         Ok(())
     }
 
-    /// Attaches the floor's programs ([`FLOOR_PROBES`]) for `pid` (`bridge-trace floor`).
-    pub fn attach_floor(&mut self, pid: u32, allocator: &Allocator) -> Result<()> {
+    /// Attaches the floor's programs ([`floor_probes`]) for `pid` (`bridge-trace floor`).
+    pub fn attach_floor(
+        &mut self,
+        pid: u32,
+        allocator: &Allocator,
+        parts: FloorParts,
+    ) -> Result<()> {
         let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
-        for p in FLOOR_PROBES {
+        for p in floor_probes(parts) {
             let (link, _) = attach_one(&mut self.ebpf, p, &allocator.host_path, nz)?;
             self.links.entry(pid).or_default().push((p.program, link));
         }
@@ -372,9 +403,9 @@ impl Tracer {
 
     /// Measures what the allocator probes cost per call on this machine, beyond what their
     /// programs' run time shows: the trap into the kernel (and, for an instruction the kernel
-    /// cannot emulate, a single step). Attaches the same programs to bridge-trace's own
-    /// malloc and free (not a target: the programs return at once), times a malloc+free loop
-    /// without, with the free probe, and with the malloc probes, and detaches them again.
+    /// cannot emulate, a single step). Attaches empty programs where the allocator probes go
+    /// to bridge-trace's own malloc and free, times a malloc+free loop without, with the free
+    /// probe, and with the malloc probes, and detaches them again.
     pub fn calibrate(&mut self) -> Result<ProbeCosts> {
         const CALLS: u32 = 20_000;
         let me = std::process::id();
@@ -405,15 +436,10 @@ impl Tracer {
             Ok::<f64, Error>(ns)
         };
         let base = per_call();
-        let probes = |symbol: &str| -> Vec<Probe> {
-            PROBES
-                .iter()
-                .filter(|p| p.symbol == symbol)
-                .copied()
-                .collect()
-        };
-        let free = with(&probes("free"), &mut self.ebpf)?;
-        let malloc = with(&probes("malloc"), &mut self.ebpf)?;
+        // Empty programs where the real ones go: the traps alone (the programs' own run time
+        // is measured while watching), and nothing recorded of bridge-trace itself.
+        let free = with(&[FLOOR_FREE], &mut self.ebpf)?;
+        let malloc = with(&[FLOOR_RETURN, FLOOR_ENTRY], &mut self.ebpf)?;
         let costs = ProbeCosts {
             alloc_ns: (malloc - base).max(0.0),
             free_ns: (free - base).max(0.0),
@@ -593,13 +619,17 @@ fn attach_one(
     object: &Path,
     pid: NonZeroU32,
 ) -> Result<(UProbeLinkId, u64)> {
-    let reads = p.reads.or_else(|| {
-        PROBES
+    let reads = match p.place {
+        Place::Emulated(reads) => Some(reads),
+        Place::WithEntry => PROBES
             .iter()
             .chain(GROWTH_PROBES)
-            .find(|e| e.symbol == p.symbol && e.reads.is_some())
-            .and_then(|e| e.reads)
-    });
+            .find_map(|e| match e.place {
+                Place::Emulated(reads) if e.symbol == p.symbol => Some(reads),
+                _ => None,
+            }),
+        Place::FirstInstruction => None,
+    };
     let offset = reads
         .and_then(|reads| placement::place_symbol(object, p.symbol, reads))
         .unwrap_or(0);

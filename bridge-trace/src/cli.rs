@@ -42,6 +42,24 @@ pub struct FloorArgs {
     /// The process to attach the floor's probes to, until it exits or Ctrl-C.
     #[arg(long, short = 'p', value_name = "PID")]
     pub pid: u32,
+    /// Which of the floor's probes: one part alone, or all of them.
+    #[arg(long, value_enum, default_value = "all")]
+    pub parts: FloorParts,
+}
+
+/// The parts of the benchmark's floor, each measured alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FloorParts {
+    /// An empty probe on malloc (where bridge-trace places it).
+    MallocEntry,
+    /// An empty probe and an empty return probe on malloc.
+    MallocReturn,
+    /// The same, the return probe capturing the user stack.
+    MallocStack,
+    /// An empty probe on free's first instruction (single-stepped by glibc's free).
+    FreeEntry,
+    /// The floor: malloc's entry, return and stack, and free where bridge-trace probes it.
+    All,
 }
 
 #[derive(Debug, Args)]
@@ -645,8 +663,8 @@ impl Config {
 pub enum Request {
     Record(Config),
     Watch(WatchConfig),
-    /// The benchmark's floor, on this pid.
-    Floor(u32),
+    /// The benchmark's floor (or a part of it), on this pid.
+    Floor(u32, FloorParts),
 }
 
 impl Request {
@@ -661,7 +679,7 @@ impl Request {
             Command::Record(a) => Config::from_record_args(a).map(Request::Record),
             Command::Watch(a) => WatchConfig::from_watch_args(*a).map(Request::Watch),
             Command::Top(a) => WatchConfig::from_top_args(a).map(Request::Watch),
-            Command::Floor(a) => Ok(Request::Floor(a.pid)),
+            Command::Floor(a) => Ok(Request::Floor(a.pid, a.parts)),
         }
         .map_err(ArgsError::Invalid)
     }

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             record::run(config).map(|outcome| print_summary(&outcome, config.top.min(5)))
         }
         Request::Watch(config) => watch::run(config),
-        Request::Floor(pid) => bridge_trace::floor::run(*pid),
+        Request::Floor(pid, parts) => bridge_trace::floor::run(*pid, *parts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
