@@ -214,6 +214,51 @@ fn launched_program_every_allocator_function_exact() {
     );
 }
 
+/// `-o -` writes the report to standard output (the summary moves to stderr), and an output
+/// that is a device or FIFO node is written in place: `-o /dev/null` leaves the null device a
+/// device (a rename over it once replaced it with a file, and every build on the machine broke).
+#[test]
+fn reports_go_to_stdout_and_devices_in_place() {
+    let _g = lock();
+    let dir = scratch("stdout");
+    let truth_path = dir.join("truth");
+    let leaky = fixtures().join("leaky");
+    let leaky = leaky.to_str().unwrap();
+    let out = record(&[
+        "-o",
+        "-",
+        "-f",
+        "json",
+        "--",
+        leaky,
+        "all",
+        truth_path.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report on stdout");
+    assert_matches_truth(&report, &truth(&truth_path));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("wrote standard output (Json)"), "{stderr}");
+
+    let out = record(&[
+        "-o",
+        "/dev/null",
+        "-f",
+        "folded",
+        "--",
+        leaky,
+        "exit",
+        truth_path.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    use std::os::unix::fs::FileTypeExt as _;
+    let kind = std::fs::symlink_metadata("/dev/null").unwrap().file_type();
+    assert!(
+        kind.is_char_device(),
+        "/dev/null is no longer a device: {kind:?}"
+    );
+}
+
 #[test]
 fn launched_program_many_threads_exact() {
     let _g = lock();

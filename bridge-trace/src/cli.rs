@@ -450,7 +450,8 @@ pub struct RecordArgs {
     #[arg(long, short = 'd', value_name = "DURATION")]
     pub duration: Option<String>,
     /// Where to write the report; repeat for several formats. The format comes from the
-    /// extension (.svg, .folded, .json, .txt, .pb.gz) unless --format is given.
+    /// extension (.svg, .folded, .json, .txt, .pb.gz) unless --format is given. `-` is
+    /// standard output (the summary then goes to stderr).
     /// Default: <program>-<pid>-<time>.svg in the current directory.
     #[arg(long, short = 'o', value_name = "PATH")]
     pub output: Vec<PathBuf>,
@@ -718,8 +719,10 @@ pub fn check_writable(path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     };
-    if path.is_dir() {
-        return Err(err("it is a directory"));
+    match crate::report::destination(path).map_err(|reason| err(&reason))? {
+        // Written in place: nothing to create.
+        crate::report::Destination::Stdout | crate::report::Destination::Stream => return Ok(()),
+        crate::report::Destination::File => {}
     }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

@@ -54,7 +54,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints the summary on stdout; a closed stdout (`| head`) is not an error worth a panic.
+/// Prints the summary on stdout (on stderr when the report itself went there); a closed stdout
+/// (`| head`) is not an error worth a panic.
 fn print_summary(outcome: &record::Outcome, top: usize) {
     use std::fmt::Write as _;
     let mut text = String::new();
@@ -103,9 +104,19 @@ fn print_summary(outcome: &record::Outcome, top: usize) {
             s.count
         );
     }
+    let mut to_stdout = false;
     for (path, format) in &outcome.written {
-        o!("wrote {} ({format:?})", path.display());
+        if path.as_os_str() == "-" {
+            to_stdout = true;
+            o!("wrote standard output ({format:?})");
+        } else {
+            o!("wrote {} ({format:?})", path.display());
+        }
     }
     use std::io::Write as _;
-    let _ = std::io::stdout().write_all(text.as_bytes());
+    if to_stdout {
+        let _ = std::io::stderr().write_all(text.as_bytes());
+    } else {
+        let _ = std::io::stdout().write_all(text.as_bytes());
+    }
 }

@@ -1,12 +1,13 @@
 //! Renders a [`Report`] in each output format, one renderer per format behind [`Render`], and
-//! writes it atomically (a temporary file in the same directory, renamed into place).
+//! writes it: a file atomically (a temporary file in the same directory, renamed into place),
+//! standard output (`-`) or a stream node (`/dev/null`, a FIFO) in place.
 mod folded;
 mod json;
 pub mod pprof;
 mod svg;
 mod text;
 
-use std::{io::Write as _, path::Path};
+use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
 
 use crate::{
     aggregate::Report,
@@ -58,34 +59,76 @@ pub fn render_to_vec(report: &Report, format: Format, options: RenderOptions) ->
     Ok(out)
 }
 
-/// Writes `bytes` to `path` atomically: never a half-written file at `path`.
-///
-/// A regular file (or a new one) is written under a temporary name in the same directory and
-/// renamed into place. A path that names a stream instead — a device such as `/dev/null` or
-/// `/dev/stdout`, a FIFO, a socket — is written directly: renaming over it would replace the
-/// device node with a regular file. A symbolic link is followed, so the rename replaces the file
-/// it points to and the link stays.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Where an output path leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// `-`: standard output.
+    Stdout,
+    /// A FIFO, socket or character device node itself (`/dev/null`, a named pipe): written in
+    /// place, since renaming over it would replace the node with a regular file.
+    Stream,
+    /// A regular file, new or replaced whole. A symbolic link at the path is replaced, never
+    /// followed: a link planted where a root-run tracer writes cannot send its bytes elsewhere.
+    File,
+}
+
+/// Where `path` leads, or why bridge-trace will not write there.
+pub fn destination(path: &Path) -> std::result::Result<Destination, String> {
+    use std::os::unix::fs::FileTypeExt as _;
+    if path.as_os_str() == "-" {
+        return Ok(Destination::Stdout);
+    }
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(Destination::File);
+    };
+    let kind = meta.file_type();
+    if kind.is_fifo() || kind.is_socket() || kind.is_char_device() {
+        return Ok(Destination::Stream);
+    }
+    if kind.is_dir() {
+        return Err("it is a directory".into());
+    }
+    if kind.is_block_device() {
+        return Err("it is a block device".into());
+    }
+    if kind.is_symlink() && std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        // Replacing it would replace, say, /dev/stdout; following it is what a planted link
+        // wants.
+        return Err(
+            "it is a symbolic link to something other than a regular file, which \
+             bridge-trace neither follows nor replaces (for standard output, use -o -)"
+                .into(),
+        );
+    }
+    Ok(Destination::File)
+}
+
+/// Writes `bytes` to `path` (see [`Destination`]); a file is written atomically: under a
+/// temporary name in the same directory, renamed into place, so never half-written.
+pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
     let out_err = |reason: String| Error::Output {
         path: path.to_path_buf(),
         reason,
     };
-    let resolved;
-    let path_in_place = match std::fs::metadata(path) {
-        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
+    match destination(path).map_err(out_err)? {
+        Destination::Stdout => {
+            let mut out = std::io::stdout().lock();
+            return out
+                .write_all(bytes)
+                .and_then(|()| out.flush())
+                .map_err(|e| out_err(e.to_string()));
+        }
+        Destination::Stream => {
             let mut stream = std::fs::OpenOptions::new()
                 .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(path)
                 .map_err(|e| out_err(e.to_string()))?;
             return stream.write_all(bytes).map_err(|e| out_err(e.to_string()));
         }
-        Ok(_) => {
-            resolved = std::fs::canonicalize(path).map_err(|e| out_err(e.to_string()))?;
-            resolved.as_path()
-        }
-        Err(_) => path,
-    };
-    let dir = match path_in_place.parent() {
+        Destination::File => {}
+    }
+    let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
@@ -104,7 +147,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.as_file()
         .sync_all()
         .map_err(|e| out_err(e.to_string()))?;
-    tmp.persist(path_in_place)
+    tmp.persist(path)
         .map_err(|e| out_err(e.error.to_string()))?;
     Ok(())
 }
@@ -142,11 +185,11 @@ mod tests {
     }
 
     #[test]
-    fn atomic_write_replaces_whole_file() {
+    fn a_file_is_replaced_whole() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.txt");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
+        write_output(&p, b"one").unwrap();
+        write_output(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&p).unwrap().permissions().mode();
@@ -166,7 +209,7 @@ mod tests {
             let fifo = fifo.clone();
             std::thread::spawn(move || std::fs::read(fifo).unwrap())
         };
-        write_atomic(&fifo, b"report").unwrap();
+        write_output(&fifo, b"report").unwrap();
         assert_eq!(reader.join().unwrap(), b"report");
         let kind = std::fs::symlink_metadata(&fifo).unwrap().file_type();
         assert!(kind.is_fifo(), "the FIFO was replaced: {kind:?}");
@@ -175,14 +218,28 @@ mod tests {
     }
 
     #[test]
-    fn a_symlink_keeps_pointing_at_the_new_report() {
+    fn a_planted_symlink_is_replaced_not_followed() {
         let dir = tempfile::tempdir().unwrap();
-        let real = dir.path().join("real.txt");
-        let link = dir.path().join("link.txt");
-        std::fs::write(&real, b"old").unwrap();
-        std::os::unix::fs::symlink(&real, &link).unwrap();
-        write_atomic(&link, b"new").unwrap();
+        let victim = dir.path().join("victim.txt");
+        let link = dir.path().join("report.txt");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        write_output(&link, b"report").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(std::fs::read(&link).unwrap(), b"report");
+    }
+
+    #[test]
+    fn a_symlink_to_a_device_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("out");
+        std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+        let e = write_output(&link, b"report").unwrap_err().to_string();
+        assert!(e.contains("-o -"), "{e}");
         assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
-        assert_eq!(std::fs::read(&real).unwrap(), b"new");
+        assert_eq!(destination(Path::new("-")), Ok(Destination::Stdout));
+        assert_eq!(destination(Path::new("/dev/null")), Ok(Destination::Stream));
+        assert!(destination(dir.path()).is_err());
     }
 }
