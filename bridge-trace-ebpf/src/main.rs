@@ -1169,6 +1169,24 @@ pub fn floor_free(_ctx: ProbeContext) -> u32 {
     0
 }
 
+/// The last exec of each target (monotonic ns): whatever it allocated before went with its old
+/// image, and user space drops those allocations ([`process_exec`]).
+#[map]
+static EXECS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// A target execs another program: its address space is replaced, every live allocation of the
+/// old image released at once, with no free to see.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
+    let Some((tgid, _)) = current_target() else {
+        return 0;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = EXECS.insert(tgid, now, 0);
+    0
+}
+
 /// Where new objects are mapped and none of their code has run (glibc's `__libc_early_init`,
 /// the loader's `_dl_debug_state` at every dlopen, a static program's entry point): in
 /// `-- CMD` mode, hold the target so that their unwind tables are loaded first.

@@ -1,6 +1,6 @@
 //! Loads the eBPF object, sets its read-only knobs and map sizes, and attaches every probe from
 //! one declarative table ([`PROBES`]) to the allocator object of each traced process, and the
-//! heap-growth tracepoints ([`GROWTH_TRACEPOINTS`]). Owns the user-written control maps
+//! system-wide raw tracepoints ([`GROWTH_TRACEPOINT`], [`EXEC_TRACEPOINT`]). Owns the user-written control maps
 //! (TARGETS, CONFIG, EXP_TABLE) and purges a process's entries from the other maps once it is no
 //! longer traced. Dropping the [`Tracer`] detaches everything; the links are file descriptors,
 //! so the kernel also detaches them if bridge-trace is killed.
@@ -141,6 +141,10 @@ pub fn floor_probes(parts: FloorParts) -> &'static [Probe] {
 /// returns at once outside the targets): first touches of new memory.
 pub const GROWTH_TRACEPOINT: (&str, &str) = ("page_fault_user", "page_fault_user");
 
+/// Execs of the targets, system-wide (returns at once for other processes): an exec releases
+/// every allocation of the old image, with no free to see.
+pub const EXEC_TRACEPOINT: (&str, &str) = ("process_exec", "sched_process_exec");
+
 /// Knobs of the eBPF object, fixed at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct Knobs {
@@ -164,6 +168,8 @@ pub struct Tracer {
     /// The growth probes' links, per process.
     growth_links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     page_faults: bool,
+    /// Whether [`EXEC_TRACEPOINT`] is attached.
+    execs: bool,
 }
 
 /// Fails with a clear message when the process lacks the privileges to trace.
@@ -247,6 +253,7 @@ impl Tracer {
             links: HashMap::new(),
             growth_links: HashMap::new(),
             page_faults: false,
+            execs: false,
         };
         tracer.fill_exp_table()?;
         Ok(tracer)
@@ -266,6 +273,10 @@ impl Tracer {
             });
         }
         self.add_target(pid)?;
+        if !self.execs {
+            self.attach_raw_tracepoint(EXEC_TRACEPOINT)?;
+            self.execs = true;
+        }
         let mut attached: Vec<String> = Vec::new();
         let mut moved: Vec<(&str, u64)> = Vec::new();
         for p in PROBES {
@@ -351,11 +362,30 @@ impl Tracer {
         if let Ok(mut targets) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>("TARGETS") {
             let _ = targets.remove(&pid);
         }
-        if let Ok(mut breaks) = self.map_mut::<BpfHashMap<&mut MapData, u32, u64>>("BREAKS") {
-            let _ = breaks.remove(&pid);
+        for name in ["BREAKS", "EXECS"] {
+            if let Ok(mut by_pid) = self.map_mut::<BpfHashMap<&mut MapData, u32, u64>>(name) {
+                let _ = by_pid.remove(&pid);
+            }
         }
         self.purge::<AllocKey, MmapRegion>("REGIONS", |k| k.tgid == pid);
         self.purge_per_cpu::<StackKey, GrowthTotals>("GROWTH", |k| k.tgid == pid);
+    }
+
+    /// Loads and attaches a system-wide raw tracepoint program, for as long as the tracer lives.
+    fn attach_raw_tracepoint(&mut self, (name, tracepoint): (&str, &str)) -> Result<()> {
+        let program: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Ebpf(format!("program {name} missing from the object")))?
+            .try_into()
+            .map_err(|e: ProgramError| ebpf_err(name, chain(&e)))?;
+        program
+            .load()
+            .map_err(|e| ebpf_err(&format!("loading {name}"), chain(&e)))?;
+        program
+            .attach(tracepoint)
+            .map_err(|e| ebpf_err(&format!("attaching {name} to {tracepoint}"), chain(&e)))?;
+        Ok(())
     }
 
     /// Starts following `pid`'s heap growth: its brk, anonymous mmap, munmap and mremap calls
@@ -363,19 +393,7 @@ impl Tracer {
     /// faults, are attributed to its stacks. The process must be a target already.
     pub fn trace_growth(&mut self, pid: u32, object: &Path) -> Result<()> {
         if !self.page_faults {
-            let (name, tracepoint) = GROWTH_TRACEPOINT;
-            let program: &mut RawTracePoint = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| Error::Ebpf(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(|e: ProgramError| ebpf_err(name, chain(&e)))?;
-            program
-                .load()
-                .map_err(|e| ebpf_err(&format!("loading {name}"), chain(&e)))?;
-            program
-                .attach(tracepoint)
-                .map_err(|e| ebpf_err(&format!("attaching {name} to {tracepoint}"), chain(&e)))?;
+            self.attach_raw_tracepoint(GROWTH_TRACEPOINT)?;
             self.page_faults = true;
         }
         let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;

@@ -262,6 +262,18 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
             interval: info.interval,
         });
     }
+    // An exec released everything the old image held, with no free to see.
+    let execs: BpfHashMap<&MapData, u32, u64> =
+        BpfHashMap::try_from(map(tracer, "EXECS")?).map_err(|e| map_err("EXECS", e))?;
+    if let Ok(exec_ns) = execs.get(&tgid, 0) {
+        let before = allocs.len();
+        allocs.retain(|a| a.ts_ns > exec_ns);
+        tracing::debug!(
+            tgid,
+            released = before - allocs.len(),
+            "exec released the old image"
+        );
+    }
     let growth_map: PerCpuHashMap<&MapData, StackKey, GrowthTotals> =
         PerCpuHashMap::try_from(map(tracer, "GROWTH")?).map_err(|e| map_err("GROWTH", e))?;
     let mut growth = Vec::new();
