@@ -27,7 +27,8 @@ pub struct Mapping {
     pub executable: bool,
     pub dev: String,
     pub inode: u64,
-    /// The path as the process sees it (inside its mount namespace).
+    /// The path as /proc/PID/maps shows it: as the process sees it in its own mount namespace,
+    /// or from our root when that reaches it (see [`host_path`]).
     pub path: String,
 }
 
@@ -163,9 +164,16 @@ pub fn read_maps(pid: u32) -> Result<Vec<Mapping>> {
     }
 }
 
-/// The host path of a file as the process sees it, through its root (container-aware).
+/// A path from `pid`'s maps, reachable from here. The kernel writes those paths as seen from
+/// the *reader's* root when it can: a process in another mount namespace (a container) shows
+/// its own paths, reached through /proc/PID/root; a process chrooted inside ours shows the full
+/// host path, which /proc/PID/root would prefix a second time.
 pub fn host_path(pid: u32, path: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}/root{path}"))
+    let through_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
+    if !through_root.exists() && Path::new(path).exists() {
+        return PathBuf::from(path);
+    }
+    through_root
 }
 
 /// Is `pid` a live process?
@@ -521,7 +529,7 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The invoking user's ids when bridge-trace runs as root through sudo.
-fn sudo_ids() -> Option<(libc::uid_t, libc::gid_t)> {
+pub(crate) fn sudo_ids() -> Option<(libc::uid_t, libc::gid_t)> {
     // SAFETY: plain syscall.
     if unsafe { libc::geteuid() } != 0 {
         return None;
