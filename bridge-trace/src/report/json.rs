@@ -1,13 +1,38 @@
-//! The whole report as JSON: metadata (with what was lost) and every stack with its frames
-//! (module, offset, function, file, line).
+//! The whole report as JSON: metadata (with what was lost, counted and in words: `caveats`) and
+//! every stack with its frames (module, offset, function, file, line).
+use serde::Serialize;
+
 use super::Render;
-use crate::aggregate::Report;
+use crate::aggregate::{Meta, Report, StackReport};
 
 pub struct Json;
 
+/// The report as written: its metadata with the caveats beside the counters.
+#[derive(Serialize)]
+struct Written<'a> {
+    meta: WrittenMeta<'a>,
+    stacks: &'a [StackReport],
+}
+
+#[derive(Serialize)]
+struct WrittenMeta<'a> {
+    #[serde(flatten)]
+    meta: &'a Meta,
+    /// What the numbers miss, one sentence each (which totals are lower bounds, and why).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    caveats: Vec<String>,
+}
+
 impl Render for Json {
     fn render(&self, report: &Report, out: &mut Vec<u8>) -> std::io::Result<()> {
-        serde_json::to_writer_pretty(&mut *out, report)?;
+        let written = Written {
+            meta: WrittenMeta {
+                meta: &report.meta,
+                caveats: report.caveats(),
+            },
+            stacks: &report.stacks,
+        };
+        serde_json::to_writer_pretty(&mut *out, &written)?;
         out.push(b'\n');
         Ok(())
     }
