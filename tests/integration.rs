@@ -407,6 +407,240 @@ fn demo_leak_site_tops_the_report() {
     assert!(stdout.contains("reject_message"), "{stdout}");
 }
 
+// ---- the fault matrix: the target behaves as it does untraced, the report is exact ----
+
+/// Runs `leaky MODE TRUTH` untraced, then under `record -o r.json --`: the same output, the same
+/// exit status (bridge-trace passes a launched command's on, 128 + N for signal N), and a report
+/// whose bytes per call site are the fixture's own truth. Returns the report.
+fn traced_like_untraced(mode: &str) -> (Value, BTreeMap<String, (u64, u64)>) {
+    let dir = scratch(&format!("fault-{mode}"));
+    let leaky = fixtures().join("leaky");
+    let truth_path = dir.join("truth");
+    let untraced = Command::new(&leaky)
+        .args([mode, truth_path.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt as _;
+    let shell_status = |s: std::process::ExitStatus| {
+        s.code()
+            .unwrap_or_else(|| 128 + s.signal().expect("a code or a signal"))
+    };
+    let want_status = shell_status(untraced.status);
+    let out_json = dir.join("r.json");
+    let traced = record(&[
+        "-o",
+        out_json.to_str().unwrap(),
+        "--",
+        leaky.to_str().unwrap(),
+        mode,
+        truth_path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&traced.stderr);
+    assert_eq!(
+        traced.status.code(),
+        Some(want_status),
+        "{mode}: bridge-trace should exit as the target did\n{stderr}"
+    );
+    // The target's own output comes first, bridge-trace's summary after it.
+    assert!(
+        traced.stdout.starts_with(&untraced.stdout),
+        "{mode}: the target's output changed: {:?} vs {:?}",
+        String::from_utf8_lossy(&untraced.stdout),
+        String::from_utf8_lossy(&traced.stdout)
+    );
+    let report = json(&out_json);
+    let truth = truth(&truth_path);
+    assert_matches_truth(&report, &truth);
+    assert_eq!(report["meta"]["target_exited"], true, "{mode}");
+    (report, truth)
+}
+
+#[test]
+fn target_aborting_or_killed_mid_recording() {
+    let _g = lock();
+    for mode in ["abort", "killed"] {
+        let (report, truth) = traced_like_untraced(mode);
+        assert_eq!(truth.len(), 2, "{truth:?}");
+        assert_eq!(counter(&report, "map_full_drops"), 0, "{mode}");
+    }
+}
+
+/// A forked child's allocations are its own process's: none are mixed into the parent's report.
+#[test]
+fn target_forking_keeps_the_child_out() {
+    let _g = lock();
+    let (report, truth) = traced_like_untraced("fork");
+    let got = by_leaf(&report);
+    assert!(
+        !got.contains_key("child_leak"),
+        "the child's leak in the parent's report: {got:#?}"
+    );
+    assert_eq!(got.len(), truth.len(), "{got:#?}");
+}
+
+/// After an exec, what the old image held is gone with it (no free is ever seen for it): the
+/// report is the new program's alone.
+#[test]
+fn target_execing_reports_the_new_image_only() {
+    let _g = lock();
+    let (report, truth) = traced_like_untraced("exec");
+    let got = by_leaf(&report);
+    assert!(
+        !got.contains_key("pre_exec_leak"),
+        "the old image's blocks outlived the exec: {got:#?}"
+    );
+    assert_eq!(got.len(), truth.len(), "{got:#?}");
+}
+
+/// A live-allocation map far too small: the drops are counted, the report and its metadata say
+/// the totals are lower bounds, and no site shows more than it leaked.
+#[test]
+fn full_maps_are_counted_and_said() {
+    let _g = lock();
+    let dir = scratch("map-full");
+    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
+    let out = record(&[
+        "--max-allocs",
+        "4",
+        "-o",
+        out_json.to_str().unwrap(),
+        "--",
+        fixtures().join("leaky").to_str().unwrap(),
+        "all",
+        truth_path.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let report = json(&out_json);
+    let truth = truth(&truth_path);
+    let drops = counter(&report, "map_full_drops");
+    assert!(drops > 0, "{}", report["meta"]);
+    let caveats = report["meta"]["caveats"].to_string();
+    assert!(
+        caveats.contains(&format!("{drops} allocations were not recorded")),
+        "{caveats}"
+    );
+    assert!(caveats.contains("lower bounds"), "{caveats}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("lower bounds"), "{stdout}");
+    let got = by_leaf(&report);
+    for (site, (bytes, count)) in &got {
+        if let Some((want_bytes, want_count)) = truth.get(site) {
+            assert!(
+                bytes <= want_bytes && count <= want_count,
+                "{site}: {got:#?}"
+            );
+        }
+    }
+    let reported: u64 = truth.keys().filter_map(|k| got.get(k)).map(|v| v.0).sum();
+    let leaked: u64 = truth.values().map(|v| v.0).sum();
+    assert!(
+        reported < leaked,
+        "{reported} of {leaked} bytes with a 4-entry map"
+    );
+}
+
+/// A container-like target: its own mount namespace and root, its libc at a path the host does
+/// not have (`/opt/glibc/libc.so.6`, loaded by an explicitly run loader). The probes are placed
+/// on that libc through /proc/PID/root, and the report is exact.
+#[test]
+fn container_like_target_with_its_own_libc_path() {
+    let _g = lock();
+    let dir = scratch("container");
+    let root = dir.join("root");
+    let glibc = root.join("opt/glibc");
+    std::fs::create_dir_all(&glibc).unwrap();
+    let fx = fixtures();
+    for (from, to) in [
+        (fx.join("leaky"), root.join("leaky")),
+        (
+            fx.join("libleaky_shared.so"),
+            root.join("libleaky_shared.so"),
+        ),
+        (
+            PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+            glibc.join("libc.so.6"),
+        ),
+        (
+            PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
+            glibc.join("ld-linux-x86-64.so.2"),
+        ),
+    ] {
+        std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    }
+    assert!(
+        !Path::new("/opt/glibc/libc.so.6").exists(),
+        "the host must not have the path"
+    );
+    let mut fixture = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "chroot"])
+        .arg(&root)
+        .args([
+            "/opt/glibc/ld-linux-x86-64.so.2",
+            "--library-path",
+            "/opt/glibc:/",
+            "/leaky",
+            "wait",
+            "/truth",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut fixture_out = BufReader::new(fixture.stdout.take().unwrap());
+    let mut line = String::new();
+    fixture_out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = fixture.id().to_string();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("/opt/glibc/libc.so.6"), "{maps}");
+    let out_json = dir.join("r.json");
+    let (tracer, _stderr) = start_tracer(&["--pid", &pid, "-o", out_json.to_str().unwrap()]);
+    signal(&fixture, libc::SIGUSR1);
+    line.clear();
+    fixture_out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "leaked");
+    signal(&tracer, libc::SIGINT);
+    let out = tracer.wait_with_output().unwrap();
+    assert_ok(&out);
+    signal(&fixture, libc::SIGTERM);
+    assert!(fixture.wait().unwrap().success(), "the fixture was harmed");
+    let report = json(&out_json);
+    assert_matches_truth(&report, &truth(&root.join("truth")));
+}
+
+/// Through sudo, a launched command runs as the invoking user, not as root, and the report is
+/// that user's, private (0600) unless `--mode` says otherwise.
+#[test]
+fn under_sudo_the_command_and_the_report_belong_to_the_user() {
+    use std::os::unix::fs::MetadataExt as _;
+    let _g = lock();
+    let dir = scratch("sudo");
+    for (mode, want) in [(None, 0o600), (Some("640"), 0o640)] {
+        let out_json = dir.join("r.json");
+        let mut args = vec!["record", "--quiet", "-o", out_json.to_str().unwrap()];
+        if let Some(m) = mode {
+            args.extend(["--mode", m]);
+        }
+        args.extend(["--", "/usr/bin/id", "-u"]);
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("SUDO_UID", "65534")
+            .env("SUDO_GID", "65534")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with("65534\n"),
+            "the command ran as: {stdout}"
+        );
+        let meta = std::fs::metadata(&out_json).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{mode:?}");
+        assert_eq!(meta.mode() & 0o777, want, "{mode:?}");
+    }
+}
+
 #[test]
 fn no_probe_left_after_the_tracer_is_killed() {
     let _g = lock();

@@ -475,6 +475,9 @@ pub struct RecordArgs {
     /// Do not print the live status line.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Permissions of the files written, in octal. Under sudo they belong to the invoking user.
+    #[arg(long, value_name = "OCTAL", default_value = "600")]
+    pub mode: String,
     /// Program to launch and trace until it exits (everything after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -569,6 +572,8 @@ pub struct Config {
     pub top: usize,
     pub unwind: Unwind,
     pub quiet: bool,
+    /// Permissions of the files written.
+    pub mode: u32,
 }
 
 impl Config {
@@ -655,6 +660,7 @@ impl Config {
             top: args.top.max(1),
             unwind: args.unwind,
             quiet: args.quiet,
+            mode: parse_mode(&args.mode)?,
         })
     }
 }
@@ -711,6 +717,18 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration> {
         return Duration::try_from_secs_f64(secs).map_err(|e| bad(e.to_string()));
     }
     humantime::parse_duration(trimmed).map_err(|e| bad(e.to_string()))
+}
+
+/// File permissions in octal (`600`, `0644`), nothing beyond rwx for user, group and others.
+pub fn parse_mode(text: &str) -> Result<u32> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "invalid --mode '{text}': permissions in octal, such as 600 or 644"
+            ))
+        })
 }
 
 /// Fails early, before anything is traced, when `path` could not be written.
@@ -882,6 +900,17 @@ mod tests {
         }
         let e = config(&["-p", "1", "--duration", "0s"]).unwrap_err();
         assert!(e.contains("longer than 0"), "{e}");
+    }
+
+    #[test]
+    fn modes_are_octal_permissions() {
+        assert_eq!(parse_mode("600").unwrap(), 0o600);
+        assert_eq!(parse_mode("0644").unwrap(), 0o644);
+        for bad in ["", "8", "1777", "rw-", "-1"] {
+            let e = parse_mode(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid --mode"), "{bad}: {e}");
+        }
+        assert_eq!(config(&["-p", "1"]).unwrap().mode, 0o600);
     }
 
     #[test]

@@ -39,14 +39,22 @@ fn main() -> ExitCode {
         }
     };
     let result = match &request {
-        Request::Record(config) => {
-            record::run(config).map(|outcome| print_summary(&outcome, config.top.min(5)))
+        Request::Record(config) => record::run(config).map(|outcome| {
+            print_summary(&outcome, config.top.min(5));
+            // A launched command's own status, as `time` and `strace` pass it on: scripts
+            // that run a program under bridge-trace still see how it ended.
+            match (&config.target, outcome.target_status) {
+                (bridge_trace::cli::Target::Command(_), Some(code)) => ExitCode::from(code as u8),
+                _ => ExitCode::SUCCESS,
+            }
+        }),
+        Request::Watch(config) => watch::run(config).map(|()| ExitCode::SUCCESS),
+        Request::Floor(pid, parts) => {
+            bridge_trace::floor::run(*pid, *parts).map(|()| ExitCode::SUCCESS)
         }
-        Request::Watch(config) => watch::run(config),
-        Request::Floor(pid, parts) => bridge_trace::floor::run(*pid, *parts),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("bridge-trace: {e}");
             ExitCode::from(e.exit_code() as u8)

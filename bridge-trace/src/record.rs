@@ -423,7 +423,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         rendered.push((path, report::render_to_vec(&report, *format, options)?));
     }
     for (path, bytes) in &rendered {
-        report::write_output(path, bytes)?;
+        report::write_output(path, bytes, config.mode)?;
     }
     // Nothing of ours stays in the kernel once record returns.
     let _ = detaching.join();

@@ -104,8 +104,9 @@ pub fn destination(path: &Path) -> std::result::Result<Destination, String> {
 }
 
 /// Writes `bytes` to `path` (see [`Destination`]); a file is written atomically: under a
-/// temporary name in the same directory, renamed into place, so never half-written.
-pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
+/// temporary name in the same directory, renamed into place, so never half-written, with
+/// permissions `mode` and, under sudo, owned by the invoking user.
+pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let out_err = |reason: String| Error::Output {
         path: path.to_path_buf(),
         reason,
@@ -137,11 +138,15 @@ pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
         .tempfile_in(dir)
         .map_err(|e| out_err(e.to_string()))?;
     tmp.write_all(bytes).map_err(|e| out_err(e.to_string()))?;
-    // The temporary file is private (0600); a report is meant to be shared, like any new file.
     {
         use std::os::unix::fs::PermissionsExt as _;
         tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| out_err(e.to_string()))?;
+    }
+    // A report asked for through sudo is the asking user's to read (at 0600, only theirs).
+    if let Some((uid, gid)) = crate::target::sudo_ids() {
+        std::os::unix::fs::fchown(tmp.as_file(), Some(uid), Some(gid))
             .map_err(|e| out_err(e.to_string()))?;
     }
     tmp.as_file()
@@ -188,8 +193,8 @@ mod tests {
     fn a_file_is_replaced_whole() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.txt");
-        write_output(&p, b"one").unwrap();
-        write_output(&p, b"two").unwrap();
+        write_output(&p, b"one", 0o644).unwrap();
+        write_output(&p, b"two", 0o644).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&p).unwrap().permissions().mode();
@@ -209,7 +214,7 @@ mod tests {
             let fifo = fifo.clone();
             std::thread::spawn(move || std::fs::read(fifo).unwrap())
         };
-        write_output(&fifo, b"report").unwrap();
+        write_output(&fifo, b"report", 0o600).unwrap();
         assert_eq!(reader.join().unwrap(), b"report");
         let kind = std::fs::symlink_metadata(&fifo).unwrap().file_type();
         assert!(kind.is_fifo(), "the FIFO was replaced: {kind:?}");
@@ -224,7 +229,7 @@ mod tests {
         let link = dir.path().join("report.txt");
         std::fs::write(&victim, b"precious").unwrap();
         std::os::unix::fs::symlink(&victim, &link).unwrap();
-        write_output(&link, b"report").unwrap();
+        write_output(&link, b"report", 0o600).unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
         assert_eq!(std::fs::read(&link).unwrap(), b"report");
@@ -235,7 +240,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let link = dir.path().join("out");
         std::os::unix::fs::symlink("/dev/null", &link).unwrap();
-        let e = write_output(&link, b"report").unwrap_err().to_string();
+        let e = write_output(&link, b"report", 0o600)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("-o -"), "{e}");
         assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
         assert_eq!(destination(Path::new("-")), Ok(Destination::Stdout));
