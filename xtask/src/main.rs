@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod peers;
+mod soak;
 mod tiers;
 
 #[derive(Parser)]
@@ -38,6 +39,13 @@ enum Task {
         /// One quick round with fewer iterations: proves the benchmark still runs.
         #[arg(long)]
         short: bool,
+    },
+    /// Run `watch` against the data bridge for a long time and check that the tracer's memory
+    /// stays bounded (results in target/bench/soak.json).
+    Soak {
+        /// How long.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
     },
     /// Run every test, unit and integration, with real eBPF.
     Test {
@@ -77,6 +85,10 @@ fn main() -> Result<()> {
         Task::Bench { short } => {
             setup()?;
             bench::bench(short)
+        }
+        Task::Soak { minutes } => {
+            setup()?;
+            soak::soak(minutes)
         }
         Task::Test { args } => {
             setup()?;
