@@ -499,6 +499,93 @@ fn exe_restarted_service_is_picked_up() {
     assert!(stderr.contains(&format!("(pid {second_pid})")), "{stderr}");
 }
 
+/// A pid reused by a new process of the executable while `watch` runs (forced through
+/// /proc/sys/kernel/ns_last_pid): the old process's state goes when it exits, and the new one is
+/// watched from scratch, its leak flagged under the same pid.
+#[test]
+fn reused_pid_is_a_new_process() {
+    let _g = lock();
+    let dir = scratch("watch-pid-reuse");
+    let exe = dir.join("patterns-reused");
+    std::fs::copy(patterns(), &exe).unwrap();
+    let port = free_port();
+    let watch = Command::new(BIN)
+        .args(["watch", "--exe", exe.to_str().unwrap(), "--interval", "1s"])
+        .args([
+            "--tier",
+            "full",
+            "--max-overhead",
+            "off",
+            "--duration",
+            "20s",
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = || {
+        let mut child = KillOnDrop(Command::new(&exe).stdout(Stdio::piped()).spawn().unwrap());
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        child
+    };
+    let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(secs) {
+            if what(&scrape(port)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    };
+    let first = start();
+    let pid = first.0.id();
+    let series = format!("bridge_trace_rss_bytes{{pid=\"{pid}\"}}");
+    assert!(
+        wait_for(&|m| m.contains(&series), 6),
+        "not watched: {}",
+        scrape(port)
+    );
+    signal(&first.0, libc::SIGTERM);
+    drop(first);
+    assert!(wait_for(&|m| !m.contains(&series), 4), "{}", scrape(port));
+    // The next process gets the same pid (other tasks may take it first: try again).
+    let mut second = None;
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let child = start();
+        if child.0.id() == pid {
+            second = Some(child);
+            break;
+        }
+    }
+    let second = second.expect("could not get the pid reused");
+    let leak = format!("pid=\"{pid}\",site=\"leak_site (patterns.c:");
+    assert!(
+        wait_for(
+            &|m| m
+                .lines()
+                .any(|l| l.contains(&leak) && l.contains("class=\"leaking\"")),
+            12
+        ),
+        "the new process behind the reused pid was not watched: {}",
+        scrape(port)
+    );
+    drop(second);
+    let output = watch.wait_with_output().unwrap();
+    assert_ok(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let watching = format!("(pid {pid})");
+    let exited = format!("pid {pid} exited");
+    let first_watch = stderr.find(&watching).expect("watched once");
+    let exit_at = stderr.find(&exited).expect("its exit seen");
+    let second_watch = stderr.rfind(&watching).unwrap();
+    assert!(first_watch < exit_at && exit_at < second_watch, "{stderr}");
+}
+
 /// `--tier sampled`: one allocation in about every 4 KiB allocated is recorded, and the leak's
 /// estimated bytes agree with what the fixture itself says it leaked meanwhile.
 #[test]

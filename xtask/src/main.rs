@@ -14,6 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 mod peers;
 mod soak;
 mod tiers;
@@ -46,6 +47,12 @@ enum Task {
         /// How long.
         #[arg(long, default_value_t = 10)]
         minutes: u64,
+    },
+    /// Fuzz every parser of user and file input for a bounded time (fuzz/, cargo-fuzz).
+    Fuzz {
+        /// Time per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Run every test, unit and integration, with real eBPF.
     Test {
@@ -85,6 +92,10 @@ fn main() -> Result<()> {
         Task::Bench { short } => {
             setup()?;
             bench::bench(short)
+        }
+        Task::Fuzz { seconds } => {
+            setup()?;
+            fuzz::fuzz(seconds)
         }
         Task::Soak { minutes } => {
             setup()?;

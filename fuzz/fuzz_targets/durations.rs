@@ -1,0 +1,7 @@
+//! `--duration`, `--interval`, `--min-age`, ...: any text gives a duration or an error.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|text: &str| {
+    let _ = bridge_trace::cli::parse_duration("--duration", text);
+});
