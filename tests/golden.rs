@@ -139,22 +139,47 @@ fn data_dir() -> PathBuf {
 
 fn check(format: Format, name: &str) {
     let got = render_to_vec(&fixed_report(), format, RenderOptions::default()).unwrap();
+    check_bytes(&got, name);
+}
+
+fn check_bytes(got: &[u8], name: &str) {
     let path = data_dir().join(name);
     if std::env::var_os("BLESS").is_some() {
-        std::fs::write(&path, &got).unwrap();
+        std::fs::write(&path, got).unwrap();
         return;
     }
     let want = std::fs::read(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (BLESS=1 creates it)", path.display()));
     if got != want {
         let fresh = path.with_extension("new");
-        std::fs::write(&fresh, &got).unwrap();
+        std::fs::write(&fresh, got).unwrap();
         panic!(
             "{} differs from the golden file; the new output is in {}",
             name,
             fresh.display()
         );
     }
+}
+
+/// `bridge-trace diff`: an earlier report (`diff-before.folded`: the reject site a quarter of
+/// its size, the [unknown] stack not there yet, a session-cache stack since gone) against the
+/// golden report's folded stacks.
+#[test]
+fn diff() {
+    use bridge_trace::diff;
+    let before = diff::load(&data_dir().join("diff-before.folded")).unwrap();
+    let after = diff::load(&data_dir().join("report.folded")).unwrap();
+    let svg = diff::svg(&before, &after, "bridge-trace diff: before → after").unwrap();
+    check_bytes(&svg, "diff.svg");
+    let mut folded = diff::differential_lines(&before, &after).join("\n");
+    folded.push('\n');
+    check_bytes(folded.as_bytes(), "diff.folded");
+    check_bytes(
+        diff::table(&diff::sites(&before, &after), 10).as_bytes(),
+        "diff.txt",
+    );
+    // The JSON report gives the same stacks as its folded rendering.
+    assert_eq!(diff::load(&data_dir().join("report.json")).unwrap(), after);
 }
 
 #[test]

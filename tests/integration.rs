@@ -407,6 +407,76 @@ fn demo_leak_site_tops_the_report() {
     assert!(stdout.contains("reject_message"), "{stdout}");
 }
 
+/// `bridge-trace diff`: the demo recorded twice, moving 2 000 then 6 000 messages; the site that
+/// grew most is its leak, by exactly the difference of what the demo says it leaked.
+#[test]
+fn diff_of_two_recordings_names_the_growth() {
+    let _g = lock();
+    let dir = scratch("diff");
+    let run = |messages: &str, name: &str| {
+        let (truth_path, out_json) = (
+            dir.join(format!("{name}.truth")),
+            dir.join(format!("{name}.json")),
+        );
+        let out = record(&[
+            "-o",
+            out_json.to_str().unwrap(),
+            "--",
+            fixtures().join("data-bridge").to_str().unwrap(),
+            "--messages",
+            messages,
+            "--rate",
+            "0",
+            "--truth",
+            truth_path.to_str().unwrap(),
+        ]);
+        assert_ok(&out);
+        (out_json, truth(&truth_path)["reject_message"].0)
+    };
+    let (before, leaked_before) = run("2000", "before");
+    let (after, leaked_after) = run("6000", "after");
+    let (svg, txt) = (dir.join("d.svg"), dir.join("d.txt"));
+    let out = Command::new(BIN)
+        .args(["diff", before.to_str().unwrap(), after.to_str().unwrap()])
+        .args(["-o", svg.to_str().unwrap(), "-o", txt.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let top: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        (top[0], top[1], top[2], top[3]),
+        (
+            format!("+{}", leaked_after - leaked_before).as_str(),
+            leaked_before.to_string().as_str(),
+            leaked_after.to_string().as_str(),
+            "reject_message"
+        ),
+        "{table}"
+    );
+    assert_eq!(std::fs::read_to_string(&txt).unwrap(), table);
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        svg.starts_with("<?xml") && svg.contains("reject_message"),
+        "{svg}"
+    );
+    // Bad input: one line, exit 2, nothing written.
+    let bad = dir.join("bad.folded");
+    std::fs::write(&bad, "main;leak 12\nthis is not folded\n").unwrap();
+    let out_svg = dir.join("never.svg");
+    let out = Command::new(BIN)
+        .args(["diff", bad.to_str().unwrap(), after.to_str().unwrap(), "-o"])
+        .arg(&out_svg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("line 2: not folded stacks"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(!out_svg.exists());
+}
+
 // ---- the fault matrix: the target behaves as it does untraced, the report is exact ----
 
 /// Runs `leaky MODE TRUTH` untraced, then under `record -o r.json --`: the same output, the same

@@ -32,9 +32,31 @@ pub enum Command {
     /// A live view of a running process's call sites by memory held and growth, refreshed
     /// every window (what `watch` sees, in the terminal).
     Top(TopArgs),
+    /// Compare two reports of a service (before and after an update, or an hour apart): a
+    /// differential flamegraph, red where more is held than before, and the call sites that
+    /// grew most. Reads folded stacks or bridge-trace's JSON reports; needs no root.
+    Diff(DiffArgs),
     /// The benchmark's floor: empty probes on malloc and free (hidden; `cargo xtask bench`).
     #[command(hide = true)]
     Floor(FloorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The earlier report (.folded, or bridge-trace's .json).
+    pub before: PathBuf,
+    /// The later report.
+    pub after: PathBuf,
+    /// Where to write, by extension: .svg (differential flamegraph), .folded (`stack BEFORE
+    /// AFTER` lines), .txt (the table of sites); repeatable. The table also goes to stdout.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    pub output: Vec<PathBuf>,
+    /// How many call sites the table lists.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+    /// Permissions of the files written, in octal.
+    #[arg(long, value_name = "OCTAL", default_value = "600")]
+    pub mode: String,
 }
 
 #[derive(Debug, Args)]
@@ -670,6 +692,7 @@ impl Config {
 pub enum Request {
     Record(Config),
     Watch(WatchConfig),
+    Diff(crate::diff::DiffConfig),
     /// The benchmark's floor (or a part of it), on this pid.
     Floor(u32, FloorParts),
 }
@@ -686,6 +709,7 @@ impl Request {
             Command::Record(a) => Config::from_record_args(a).map(Request::Record),
             Command::Watch(a) => WatchConfig::from_watch_args(*a).map(Request::Watch),
             Command::Top(a) => WatchConfig::from_top_args(a).map(Request::Watch),
+            Command::Diff(a) => diff_config(a).map(Request::Diff),
             Command::Floor(a) => Ok(Request::Floor(a.pid, a.parts)),
         }
         .map_err(ArgsError::Invalid)
@@ -717,6 +741,27 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration> {
         return Duration::try_from_secs_f64(secs).map_err(|e| bad(e.to_string()));
     }
     humantime::parse_duration(trimmed).map_err(|e| bad(e.to_string()))
+}
+
+fn diff_config(a: DiffArgs) -> Result<crate::diff::DiffConfig> {
+    let mut outputs = Vec::new();
+    for path in a.output {
+        let format = crate::diff::DiffFormat::from_path(&path).ok_or_else(|| {
+            Error::Usage(format!(
+                "cannot tell what to write to {} from its extension: use .svg, .folded or .txt",
+                path.display()
+            ))
+        })?;
+        check_writable(&path)?;
+        outputs.push((path, format));
+    }
+    Ok(crate::diff::DiffConfig {
+        before: a.before,
+        after: a.after,
+        outputs,
+        top: a.top.max(1),
+        mode: parse_mode(&a.mode)?,
+    })
 }
 
 /// File permissions in octal (`600`, `0644`), nothing beyond rwx for user, group and others.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 pub mod exit_code {
     /// A run-time failure (eBPF, I/O while tracing).
     pub const FAILURE: i32 = 1;
-    /// Bad input: arguments, durations, output paths.
+    /// Bad input: arguments, durations, output paths, input files.
     pub const USAGE: i32 = 2;
     /// Not root, or missing CAP_BPF / CAP_PERFMON.
     pub const PERMISSION: i32 = 3;
@@ -25,6 +25,9 @@ pub enum Error {
     },
     #[error("cannot write {}: {reason}", path.display())]
     Output { path: PathBuf, reason: String },
+    /// An input file (a report to compare) that cannot be read or is not what it should be.
+    #[error("cannot read {}: {reason}", path.display())]
+    Input { path: PathBuf, reason: String },
     #[error("{0}")]
     Permission(String),
     #[error("cannot push to {url}: {reason}")]
@@ -60,7 +63,10 @@ impl Error {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) | Error::BadDuration { .. } | Error::Output { .. } => exit_code::USAGE,
+            Error::Usage(_)
+            | Error::BadDuration { .. }
+            | Error::Output { .. }
+            | Error::Input { .. } => exit_code::USAGE,
             Error::Permission(_) => exit_code::PERMISSION,
             Error::NoSuchProcess(_)
             | Error::ExitedBeforeAttach(_)

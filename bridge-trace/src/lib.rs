@@ -15,6 +15,7 @@ pub mod aggregate;
 pub mod attach;
 pub mod cli;
 pub mod collect;
+pub mod diff;
 pub mod floor;
 pub mod placement;
 pub mod record;

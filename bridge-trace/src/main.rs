@@ -49,6 +49,11 @@ fn main() -> ExitCode {
             }
         }),
         Request::Watch(config) => watch::run(config).map(|()| ExitCode::SUCCESS),
+        Request::Diff(config) => bridge_trace::diff::run(config).map(|table| {
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(table.as_bytes());
+            ExitCode::SUCCESS
+        }),
         Request::Floor(pid, parts) => {
             bridge_trace::floor::run(*pid, *parts).map(|()| ExitCode::SUCCESS)
         }

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use crate::{output, root, run};
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
-const TARGETS: [&str; 4] = ["durations", "sizes", "maps", "placement"];
+const TARGETS: [&str; 5] = ["durations", "sizes", "maps", "placement", "folded"];
 
 pub fn fuzz(seconds: u64) -> Result<()> {
     let installed = output(Command::new("cargo").args(["fuzz", "--version"])).is_ok();

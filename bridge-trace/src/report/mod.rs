@@ -15,7 +15,7 @@ use crate::{
     error::{Error, Result},
 };
 
-pub use folded::Folded;
+pub use folded::{folded_lines, Folded};
 pub use json::Json;
 pub use pprof::Pprof;
 pub use svg::Svg;
