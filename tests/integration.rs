@@ -536,17 +536,24 @@ fn target_aborting_or_killed_mid_recording() {
     }
 }
 
+/// `leaky MODE` traced as it runs untraced, and a report with exactly the truth's sites: not
+/// `absent`, which `why` explains.
+fn exactly_the_truth_without(mode: &str, absent: &str, why: &str) {
+    let (report, truth) = traced_like_untraced(mode);
+    let got = by_leaf(&report);
+    assert!(!got.contains_key(absent), "{why}: {got:#?}");
+    assert_eq!(got.len(), truth.len(), "{got:#?}");
+}
+
 /// A forked child's allocations are its own process's: none are mixed into the parent's report.
 #[test]
 fn target_forking_keeps_the_child_out() {
     let _g = lock();
-    let (report, truth) = traced_like_untraced("fork");
-    let got = by_leaf(&report);
-    assert!(
-        !got.contains_key("child_leak"),
-        "the child's leak in the parent's report: {got:#?}"
+    exactly_the_truth_without(
+        "fork",
+        "child_leak",
+        "the child's leak in the parent's report",
     );
-    assert_eq!(got.len(), truth.len(), "{got:#?}");
 }
 
 /// After an exec, what the old image held is gone with it (no free is ever seen for it): the
@@ -554,13 +561,11 @@ fn target_forking_keeps_the_child_out() {
 #[test]
 fn target_execing_reports_the_new_image_only() {
     let _g = lock();
-    let (report, truth) = traced_like_untraced("exec");
-    let got = by_leaf(&report);
-    assert!(
-        !got.contains_key("pre_exec_leak"),
-        "the old image's blocks outlived the exec: {got:#?}"
+    exactly_the_truth_without(
+        "exec",
+        "pre_exec_leak",
+        "the old image's blocks outlived the exec",
     );
-    assert_eq!(got.len(), truth.len(), "{got:#?}");
 }
 
 /// A live-allocation map far too small: the drops are counted, the report and its metadata say

@@ -412,6 +412,28 @@ fn watch_errors_are_one_line() {
 
 /// `--exe`: the service is restarted while watched; the new process is picked up and its
 /// leak flagged.
+/// Starts `exe` (a copy of the patterns fixture) and waits for its "ready".
+fn start_ready(exe: &Path) -> KillOnDrop {
+    let mut child = KillOnDrop(Command::new(exe).stdout(Stdio::piped()).spawn().unwrap());
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    child
+}
+
+/// Whether the metrics on `port` satisfy `what` within `secs` seconds.
+fn metrics_within(port: u16, what: &dyn Fn(&str) -> bool, secs: u64) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        if what(&scrape(port)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
 #[test]
 fn exe_restarted_service_is_picked_up() {
     let _g = lock();
@@ -432,25 +454,9 @@ fn exe_restarted_service_is_picked_up() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = || {
-        let mut child = KillOnDrop(Command::new(&exe).stdout(Stdio::piped()).spawn().unwrap());
-        let mut line = String::new();
-        BufReader::new(child.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        child
-    };
+    let start = || start_ready(&exe);
     let pid_series = |pid: u32| format!("bridge_trace_rss_bytes{{pid=\"{pid}\"}}");
-    let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| {
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(secs) {
-            if what(&scrape(port)) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        false
-    };
+    let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| metrics_within(port, what, secs);
     // Two processes of the executable at once: both watched.
     let first = start();
     let other = start();
@@ -523,24 +529,8 @@ fn reused_pid_is_a_new_process() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = || {
-        let mut child = KillOnDrop(Command::new(&exe).stdout(Stdio::piped()).spawn().unwrap());
-        let mut line = String::new();
-        BufReader::new(child.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        child
-    };
-    let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| {
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(secs) {
-            if what(&scrape(port)) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        false
-    };
+    let start = || start_ready(&exe);
+    let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| metrics_within(port, what, secs);
     let first = start();
     let pid = first.0.id();
     let series = format!("bridge_trace_rss_bytes{{pid=\"{pid}\"}}");

@@ -280,3 +280,44 @@ pub(crate) fn min_max(v: &[f64]) -> (f64, f64) {
             (lo.min(x), hi.max(x))
         })
 }
+
+/// A child process killed (SIGTERM) and reaped when dropped.
+pub(crate) struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        // SAFETY: plain syscall on our own child, not reaped yet.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// The resident memory of `pid`, in bytes.
+pub(crate) fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .with_context(|| format!("no VmRSS for pid {pid}"))
+}
+
+/// (max_entries, memory in bytes: the kernel's `memlock` figure) of every BPF map `pid` holds.
+pub(crate) fn bpf_maps(pid: u32) -> Result<Vec<(u64, u64)>> {
+    let mut maps = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(fd?.path()).unwrap_or_default();
+        if !info.contains("map_type:") {
+            continue;
+        }
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        maps.push((field("max_entries:"), field("memlock:")));
+    }
+    Ok(maps)
+}

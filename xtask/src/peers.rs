@@ -372,31 +372,10 @@ fn tracer_memory(tracer: &Path, hold: &Path, count: u64) -> Result<Memory> {
     // Settled: every allocation recorded.
     std::thread::sleep(Duration::from_millis(500));
     let pid = t.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024;
-    let (mut maps, mut allocs_map) = (0, 0);
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let info = std::fs::read_to_string(fd?.path()).unwrap_or_default();
-        if !info.contains("map_type:") {
-            continue;
-        }
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let memlock = field("memlock:");
-        maps += memlock;
-        if field("max_entries:") == count * 2 {
-            allocs_map = memlock;
-        }
-    }
+    let rss = crate::bench::rss_bytes(pid).unwrap_or(0);
+    let maps = crate::bench::bpf_maps(pid)?;
+    let total = maps.iter().map(|m| m.1).sum();
+    let allocs_map = maps.iter().find(|m| m.0 == count * 2).map_or(0, |m| m.1);
     // SAFETY: plain syscalls on our own children.
     unsafe {
         libc::kill(pid as i32, libc::SIGINT);
@@ -409,7 +388,7 @@ fn tracer_memory(tracer: &Path, hold: &Path, count: u64) -> Result<Memory> {
     }
     Ok(Memory {
         rss,
-        maps,
+        maps: total,
         allocs_map,
     })
 }

@@ -5,14 +5,17 @@
 //! their figure is the bound; the RSS must level off once every distinct stack and symbol has
 //! been seen (no leak in the tracer itself). Results go to `target/bench/soak.json`.
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
-use crate::{build_release, root, run};
+use crate::{
+    bench::{bpf_maps, rss_bytes, Killed},
+    build_release, root, run,
+};
 
 /// Messages a second: about 9 allocations each, some leaked.
 const RATE: u32 = 20_000;
@@ -23,47 +26,9 @@ const RATE: u32 = 20_000;
 const GROWTH_ALLOWED: f64 = 0.10;
 const SLACK_BYTES: u64 = 4 << 20;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        // SAFETY: plain syscall on our own child, not reaped yet.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(pid as i32, 0) == 0 }
-}
-
-/// RSS of `pid` in bytes.
-fn rss(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .context("no VmRSS")
-}
-
-/// Memory of the BPF maps `pid` holds, in bytes.
-fn map_bytes(pid: u32) -> Result<u64> {
-    let mut total = 0;
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let info = std::fs::read_to_string(fd?.path()).unwrap_or_default();
-        if !info.contains("map_type:") {
-            continue;
-        }
-        total += info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Ok(total)
 }
 
 pub fn soak(minutes: u64) -> Result<()> {
@@ -119,7 +84,10 @@ pub fn soak(minutes: u64) -> Result<()> {
             bail!("the data bridge died during the soak");
         }
         let elapsed = started.elapsed();
-        let (r, m) = (rss(pid)?, map_bytes(pid)?);
+        let (r, m) = (
+            rss_bytes(pid)?,
+            bpf_maps(pid)?.iter().map(|m| m.1).sum::<u64>(),
+        );
         let snapshots = std::fs::read_dir(&out_dir)?.count();
         println!(
             "{:>8.1} {:>12.1} {:>14.1} {:>10}",

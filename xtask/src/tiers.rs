@@ -8,14 +8,14 @@
 //! itself, not the governor stepping up or down. Results go to `target/bench/watch.json`.
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
-use crate::{root, run};
+use crate::{bench::Killed, root, run};
 
 /// (name, tier): None is untraced.
 const CONFIGS: [(&str, Option<&str>); 4] = [
@@ -30,16 +30,6 @@ const DEMO_RATE: u32 = 11_000;
 
 /// The slowdown goals of the tiers at the realistic rate, in percent of the untraced CPU time.
 const GOALS: [(&str, f64); 2] = [("growth", 1.0), ("sampled", 5.0)];
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        // SAFETY: plain syscall on our own child, not reaped yet.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
 
 /// User and system CPU seconds of `pid` so far.
 fn cpu_seconds(pid: u32) -> Result<f64> {
