@@ -219,12 +219,20 @@ fn leak_is_flagged_cache_and_churn_are_not() {
     );
     let alert = std::fs::read_to_string(bundle.join("alert.txt")).unwrap();
     assert!(alert.contains("leak at leak_site"), "{alert}");
-    for file in ["leaks.svg", "leaks.pb.gz", "report.json", "report.txt"] {
-        assert!(
-            bundle.join(file).is_file(),
-            "{file} missing from {bundle:?}"
-        );
+    use std::os::unix::fs::PermissionsExt as _;
+    for file in [
+        "leaks.svg",
+        "leaks.pb.gz",
+        "report.json",
+        "report.txt",
+        "alert.txt",
+    ] {
+        let meta = std::fs::metadata(bundle.join(file))
+            .unwrap_or_else(|e| panic!("{file} missing from {bundle:?}: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file}: private");
     }
+    let dir_mode = std::fs::metadata(&bundle).unwrap().permissions().mode();
+    assert_eq!(dir_mode & 0o777, 0o700, "the bundle's directory is private");
     // Snapshots every 3 s for 14 s, the newest two kept.
     let snapshots = std::fs::read_dir(&dir)
         .unwrap()

@@ -157,6 +157,10 @@ pub struct WatchArgs {
     /// Largest total size of the snapshots kept in --out-dir (the oldest go first).
     #[arg(long, value_name = "SIZE", default_value = "1GiB")]
     pub keep_size: String,
+    /// Permissions of the files written to --out-dir, in octal (directories also searchable).
+    /// Under sudo they belong to the invoking user.
+    #[arg(long, value_name = "OCTAL", default_value = "600")]
+    pub mode: String,
     /// Overhead tier to start in (see the tiers above); --max-overhead may change it.
     #[arg(long, value_enum, default_value_t = Tier::Growth)]
     pub tier: Tier,
@@ -232,6 +236,8 @@ pub struct WatchConfig {
     pub snapshot_every: Duration,
     pub keep: usize,
     pub keep_size: u64,
+    /// Permissions of the files written to `out_dir`.
+    pub mode: u32,
     pub tier: Tier,
     /// Mean bytes between sampled allocations (sampled tier).
     pub sample_interval: u64,
@@ -298,6 +304,7 @@ impl WatchConfig {
             snapshot_every: parse_duration("--snapshot-every", &args.snapshot_every)?,
             keep: args.keep.max(1),
             keep_size: parse_size("--keep-size", &args.keep_size)?,
+            mode: parse_mode(&args.mode)?,
             tier: args.tier,
             sample_interval: {
                 let v = parse_size("--sample-interval", &args.sample_interval)?;
@@ -345,6 +352,7 @@ impl WatchConfig {
             snapshot_every: "10m".into(),
             keep: 1,
             keep_size: "1GiB".into(),
+            mode: "600".into(),
             tier: Tier::Full,
             sample_interval: "512KiB".into(),
             max_overhead: "off".into(),

@@ -59,6 +59,23 @@ pub fn render_to_vec(report: &Report, format: Format, options: RenderOptions) ->
     Ok(out)
 }
 
+/// Gives a file (or directory) bridge-trace created the permissions `mode` (a directory also
+/// gets the search bit wherever `mode` can read) and, under sudo, to the invoking user: a
+/// report asked for through sudo is the asking user's to read (at 0600, only theirs).
+pub fn hand_over(file: &std::fs::File, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = if file.metadata()?.is_dir() {
+        mode | ((mode & 0o444) >> 2)
+    } else {
+        mode
+    };
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    if let Some((uid, gid)) = crate::target::sudo_ids() {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
 /// Where an output path leads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Destination {
@@ -138,17 +155,7 @@ pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .tempfile_in(dir)
         .map_err(|e| out_err(e.to_string()))?;
     tmp.write_all(bytes).map_err(|e| out_err(e.to_string()))?;
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(|e| out_err(e.to_string()))?;
-    }
-    // A report asked for through sudo is the asking user's to read (at 0600, only theirs).
-    if let Some((uid, gid)) = crate::target::sudo_ids() {
-        std::os::unix::fs::fchown(tmp.as_file(), Some(uid), Some(gid))
-            .map_err(|e| out_err(e.to_string()))?;
-    }
+    hand_over(tmp.as_file(), mode).map_err(|e| out_err(e.to_string()))?;
     tmp.as_file()
         .sync_all()
         .map_err(|e| out_err(e.to_string()))?;

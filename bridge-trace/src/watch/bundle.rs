@@ -2,13 +2,16 @@
 //! an incident bundle at every alert. Each is a directory of the usual reports (flamegraph,
 //! folded stacks, pprof, JSON, text), written under a temporary name and renamed whole, so that a
 //! reader never sees half a bundle.
-use std::path::{Path, PathBuf};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
 
 use crate::{
     aggregate::Report,
     cli::Format,
     error::{Error, Result},
-    report::{render_to_vec, RenderOptions},
+    report::{hand_over, render_to_vec, RenderOptions},
 };
 
 const FILES: [(&str, Format); 5] = [
@@ -19,22 +22,37 @@ const FILES: [(&str, Format); 5] = [
     ("report.txt", Format::Text),
 ];
 
-/// Writes `dir/name/` with every report of `report`, and `alert.txt` when `alert` is given.
-pub fn write(dir: &Path, name: &str, report: &Report, alert: Option<&str>) -> Result<PathBuf> {
+/// Writes `dir/name/` with every report of `report`, and `alert.txt` when `alert` is given,
+/// each file with permissions `mode` (the directory searchable where readable) and, under
+/// sudo, the invoking user's.
+pub fn write(
+    dir: &Path,
+    name: &str,
+    report: &Report,
+    alert: Option<&str>,
+    mode: u32,
+) -> Result<PathBuf> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let target = dir.join(name);
     let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| io("creating", e))?;
     let written = (|| {
+        let put = |file: &str, bytes: &[u8]| {
+            let mut f = std::fs::File::create(tmp.join(file))?;
+            hand_over(&f, mode)?;
+            f.write_all(bytes)
+        };
         for (file, format) in FILES {
             let bytes = render_to_vec(report, format, RenderOptions::default())?;
-            std::fs::write(tmp.join(file), bytes).map_err(|e| io("writing into", e))?;
+            put(file, &bytes).map_err(|e| io("writing into", e))?;
         }
         if let Some(alert) = alert {
-            std::fs::write(tmp.join("alert.txt"), format!("{alert}\n"))
-                .map_err(|e| io("writing into", e))?;
+            put("alert.txt", format!("{alert}\n").as_bytes()).map_err(|e| io("writing into", e))?;
         }
+        std::fs::File::open(&tmp)
+            .and_then(|d| hand_over(&d, mode))
+            .map_err(|e| io("setting the permissions of", e))?;
         std::fs::rename(&tmp, &target).map_err(|e| io("renaming", e))
     })();
     if written.is_err() {

@@ -468,7 +468,7 @@ impl Session<'_> {
             let r = report(pid, p, &snap, &self.governor);
             if let Some(dir) = &self.config.out_dir {
                 let name = format!("snapshot-{}-{pid}", utc_now());
-                match bundle::write(dir, &name, &r, None) {
+                match bundle::write(dir, &name, &r, None, self.config.mode) {
                     Ok(_) => {
                         bundle::prune(dir, "snapshot-", self.config.keep, self.config.keep_size)
                     }
@@ -825,6 +825,7 @@ fn raise(
             &format!("incident-{stamp}-{pid}"),
             &r,
             Some(&text.join("\n")),
+            config.mode,
         ) {
             Ok(path) => {
                 eprintln!("bridge-trace: incident bundle {}", path.display());
