@@ -647,38 +647,44 @@ fn container_like_target_with_its_own_libc_path() {
         !Path::new("/opt/glibc/libc.so.6").exists(),
         "the host must not have the path"
     );
-    let mut fixture = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "chroot"])
-        .arg(&root)
-        .args([
-            "/opt/glibc/ld-linux-x86-64.so.2",
-            "--library-path",
-            "/opt/glibc:/",
-            "/leaky",
-            "wait",
-            "/truth",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut fixture_out = BufReader::new(fixture.stdout.take().unwrap());
+    // Killed if an assertion fails: a chrooted fixture left behind would wait forever.
+    let mut fixture = KillOnDrop(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "chroot"])
+            .arg(&root)
+            .args([
+                "/opt/glibc/ld-linux-x86-64.so.2",
+                "--library-path",
+                "/opt/glibc:/",
+                "/leaky",
+                "wait",
+                "/truth",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut fixture_out = BufReader::new(fixture.0.stdout.take().unwrap());
     let mut line = String::new();
     fixture_out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
-    let pid = fixture.id().to_string();
+    let pid = fixture.0.id().to_string();
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(maps.contains("/opt/glibc/libc.so.6"), "{maps}");
     let out_json = dir.join("r.json");
     let (tracer, _stderr) = start_tracer(&["--pid", &pid, "-o", out_json.to_str().unwrap()]);
-    signal(&fixture, libc::SIGUSR1);
+    signal(&fixture.0, libc::SIGUSR1);
     line.clear();
     fixture_out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "leaked");
     signal(&tracer, libc::SIGINT);
     let out = tracer.wait_with_output().unwrap();
     assert_ok(&out);
-    signal(&fixture, libc::SIGTERM);
-    assert!(fixture.wait().unwrap().success(), "the fixture was harmed");
+    signal(&fixture.0, libc::SIGTERM);
+    assert!(
+        fixture.0.wait().unwrap().success(),
+        "the fixture was harmed"
+    );
     let report = json(&out_json);
     assert_matches_truth(&report, &truth(&root.join("truth")));
 }

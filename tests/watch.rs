@@ -112,16 +112,6 @@ fn classes(metrics: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Kills the child when a failed assertion unwinds past it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn leak_is_flagged_cache_and_churn_are_not() {
     let _g = lock();

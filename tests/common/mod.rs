@@ -112,3 +112,13 @@ pub fn pprof_top(profile: &Path, extra: &[&str]) -> String {
     );
     text
 }
+
+/// Kills the child when a failed assertion unwinds past it.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
