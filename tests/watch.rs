@@ -40,12 +40,12 @@ fn start_patterns() -> KillOnDrop {
 
 /// The fixture and its stdout, for its "leaked N" answers to SIGUSR1.
 fn start_patterns_with_output() -> (KillOnDrop, BufReader<std::process::ChildStdout>) {
-    let mut service = KillOnDrop(
-        Command::new(patterns())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    start_ready(patterns())
+}
+
+/// Starts `exe` (the patterns fixture or a copy of it) and waits for its "ready".
+fn start_ready(exe: &Path) -> (KillOnDrop, BufReader<std::process::ChildStdout>) {
+    let mut service = KillOnDrop(Command::new(exe).stdout(Stdio::piped()).spawn().unwrap());
     let mut out = BufReader::new(service.0.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -408,18 +408,6 @@ fn watch_errors_are_one_line() {
     }
 }
 
-/// `--exe`: the service is restarted while watched; the new process is picked up and its
-/// leak flagged.
-/// Starts `exe` (a copy of the patterns fixture) and waits for its "ready".
-fn start_ready(exe: &Path) -> KillOnDrop {
-    let mut child = KillOnDrop(Command::new(exe).stdout(Stdio::piped()).spawn().unwrap());
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    child
-}
-
 /// Whether the metrics on `port` satisfy `what` within `secs` seconds.
 fn metrics_within(port: u16, what: &dyn Fn(&str) -> bool, secs: u64) -> bool {
     let started = Instant::now();
@@ -432,6 +420,8 @@ fn metrics_within(port: u16, what: &dyn Fn(&str) -> bool, secs: u64) -> bool {
     false
 }
 
+/// `--exe`: the service is restarted while watched; the new process is picked up and its
+/// leak flagged.
 #[test]
 fn exe_restarted_service_is_picked_up() {
     let _g = lock();
@@ -452,7 +442,7 @@ fn exe_restarted_service_is_picked_up() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = || start_ready(&exe);
+    let start = || start_ready(&exe).0;
     let pid_series = |pid: u32| format!("bridge_trace_rss_bytes{{pid=\"{pid}\"}}");
     let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| metrics_within(port, what, secs);
     // Two processes of the executable at once: both watched.
@@ -527,7 +517,7 @@ fn reused_pid_is_a_new_process() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = || start_ready(&exe);
+    let start = || start_ready(&exe).0;
     let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| metrics_within(port, what, secs);
     let first = start();
     let pid = first.0.id();
