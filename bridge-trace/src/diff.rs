@@ -77,18 +77,32 @@ fn leaf(stack: &str) -> &str {
     stack.rsplit(';').next().unwrap_or(stack)
 }
 
-/// Every call site of either report, the most grown first.
-pub fn sites(before: &Stacks, after: &Stacks) -> Vec<Site> {
-    let mut by_leaf: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+/// A folded stack, whole.
+fn whole(stack: &str) -> &str {
+    stack
+}
+
+/// (bytes before, bytes after) per `key` of the stacks of either report.
+fn joined<'a>(
+    before: &'a Stacks,
+    after: &'a Stacks,
+    key: fn(&str) -> &str,
+) -> BTreeMap<&'a str, (u64, u64)> {
+    let mut both: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for (stack, bytes) in before {
-        let e = by_leaf.entry(leaf(stack)).or_default();
+        let e = both.entry(key(stack)).or_default();
         e.0 = e.0.saturating_add(*bytes);
     }
     for (stack, bytes) in after {
-        let e = by_leaf.entry(leaf(stack)).or_default();
+        let e = both.entry(key(stack)).or_default();
         e.1 = e.1.saturating_add(*bytes);
     }
-    let mut sites: Vec<Site> = by_leaf
+    both
+}
+
+/// Every call site of either report, the most grown first.
+pub fn sites(before: &Stacks, after: &Stacks) -> Vec<Site> {
+    let mut sites: Vec<Site> = joined(before, after, leaf)
         .into_iter()
         .map(|(name, (before, after))| Site {
             name: name.to_string(),
@@ -102,14 +116,8 @@ pub fn sites(before: &Stacks, after: &Stacks) -> Vec<Site> {
 
 /// `stack BEFORE AFTER` per stack of either report, sorted: inferno's differential input.
 pub fn differential_lines(before: &Stacks, after: &Stacks) -> Vec<String> {
-    let mut all: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-    for (stack, bytes) in before {
-        all.entry(stack).or_default().0 = *bytes;
-    }
-    for (stack, bytes) in after {
-        all.entry(stack).or_default().1 = *bytes;
-    }
-    all.into_iter()
+    joined(before, after, whole)
+        .into_iter()
         .map(|(stack, (b, a))| format!("{stack} {b} {a}"))
         .collect()
 }
