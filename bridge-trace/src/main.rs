@@ -6,7 +6,7 @@ use bridge_trace::{
     cli::{ArgsError, Request},
     error::exit_code,
     record,
-    report::human_bytes,
+    report::{self, human_bytes},
     watch,
 };
 
@@ -119,7 +119,7 @@ fn print_summary(outcome: &record::Outcome, top: usize) {
     }
     let mut to_stdout = false;
     for (path, format) in &outcome.written {
-        if path.as_os_str() == "-" {
+        if report::destination(path) == Ok(report::Destination::Stdout) {
             to_stdout = true;
             o!("wrote standard output ({format:?})");
         } else {
