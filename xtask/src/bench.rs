@@ -321,3 +321,14 @@ pub(crate) fn bpf_maps(pid: u32) -> Result<Vec<(u64, u64)>> {
     }
     Ok(maps)
 }
+
+/// Builds the bundled data bridge into `dir` (frame pointers, as the tiers bench has always
+/// measured it) and returns its path: one build for every benchmark that runs it.
+pub(crate) fn build_demo(dir: &Path) -> Result<std::path::PathBuf> {
+    let demo = dir.join("data-bridge");
+    run(Command::new("gcc")
+        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        .arg(&demo)
+        .arg(root().join("demo/data-bridge.c")))?;
+    Ok(demo)
+}

@@ -13,8 +13,8 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
 use crate::{
-    bench::{bpf_maps, rss_bytes, Killed},
-    build_release, root, run,
+    bench::{bpf_maps, build_demo, rss_bytes, Killed},
+    build_release, root,
 };
 
 /// Messages a second: about 9 allocations each, some leaked.
@@ -32,15 +32,10 @@ fn alive(pid: u32) -> bool {
 }
 
 pub fn soak(minutes: u64) -> Result<()> {
-    let root = root();
     let tracer = build_release()?;
-    let dir = root.join("target/bench");
+    let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let demo = dir.join("data-bridge");
-    run(Command::new("gcc")
-        .args(["-O2", "-g", "-pthread", "-o"])
-        .arg(&demo)
-        .arg(root.join("demo/data-bridge.c")))?;
+    let demo = build_demo(&dir)?;
     let out_dir = dir.join("soak-snapshots");
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir)?;

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
-use crate::{bench::Killed, root, run};
+use crate::bench::Killed;
 
 /// (name, tier): None is untraced.
 const CONFIGS: [(&str, Option<&str>); 4] = [
@@ -95,12 +95,7 @@ fn loop_ns(tracer: &Path, workload: &Path, tier: Option<&str>, iterations: u64) 
 }
 
 pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
-    let root = root();
-    let demo = dir.join("data-bridge");
-    run(Command::new("gcc")
-        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
-        .arg(&demo)
-        .arg(root.join("demo/data-bridge.c")))?;
+    let demo = crate::bench::build_demo(dir)?;
     let workload = dir.join("alloc-loop");
     let (rounds, secs, iterations) = if short {
         (1, 2.0, 20_000)
