@@ -7,6 +7,7 @@ mod common;
 
 use bridge_trace::{
     aggregate::{Meta, Report, StackReport, REPORT_VERSION},
+    capture::Module,
     cli::Format,
     collect::Counters,
     report::{render_to_vec, RenderOptions},
@@ -128,6 +129,21 @@ fn fixed_report() -> Report {
             }),
             programs: Vec::new(),
             sample_interval: None,
+            exe: Some(exe.into()),
+            host: Some("web-3".into()),
+            kernel: Some("6.18.0-1-amd64".into()),
+            started: Some("2026-11-26T07:00:00Z".into()),
+            tier: Some("full".into()),
+            modules: vec![
+                Module {
+                    path: exe.into(),
+                    build_id: Some("5be1c9d2a0e3f4b5c6d7e8f90a1b2c3d4e5f6071".into()),
+                },
+                Module {
+                    path: libc.into(),
+                    build_id: Some("a1ca6b0ec1ba4ec2b5b22a8a8e6d8c8b2e0f3d41".into()),
+                },
+            ],
         },
         stacks,
     }
@@ -200,6 +216,11 @@ fn json() {
 #[test]
 fn text() {
     check(Format::Text, "report.txt");
+}
+
+#[test]
+fn html() {
+    check(Format::Html, "report.html");
 }
 
 #[test]

@@ -7,16 +7,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     attach::ProgramCost,
-    collect::{Counters, Snapshot},
-    symbolize::{Frame, Symbolize},
+    capture::{Capture, Module},
+    collect::Counters,
+    symbolize::{symbolize_locations, Frame, Symbolize},
     unwind::UnwindSummary,
 };
 
 /// Format version of the JSON report.
 pub const REPORT_VERSION: u32 = 1;
 
-/// What was traced, for how long, and what was lost.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// What was traced, where, when, for how long, and what was lost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Meta {
     pub version: u32,
     /// Program name (comm) or command line.
@@ -41,6 +42,39 @@ pub struct Meta {
     /// sampled`): bytes and counts are then unbiased estimates, not exact figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_interval: Option<u64>,
+    /// The target's executable, as it saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    /// The machine's host name and kernel release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// When tracing started, UTC (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
+    /// What was traced: `full` (every allocation, `record`), `sampled` or `growth` (`watch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// The object files the stacks pass through, with their build-ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<Module>,
+}
+
+impl Meta {
+    /// With this machine's host name and kernel release.
+    pub fn on_this_machine(self) -> Meta {
+        let read = |what: &str| {
+            std::fs::read_to_string(format!("/proc/sys/kernel/{what}"))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        Meta {
+            host: read("hostname"),
+            kernel: read("osrelease"),
+            ..self
+        }
+    }
 }
 
 /// One call stack holding memory.
@@ -159,70 +193,38 @@ impl Report {
     }
 }
 
-/// Builds the report: filters by age, symbolizes every frame once, groups identical stacks.
-pub fn aggregate(
-    snapshot: &Snapshot,
-    symbolizer: &mut dyn Symbolize,
-    min_age_ns: Option<u64>,
-    meta: Meta,
-) -> Report {
-    let now = snapshot.taken_ns;
-    let mut younger = 0u64;
-    let kept: Vec<_> = snapshot
-        .allocs
-        .iter()
-        .filter(|a| match min_age_ns {
-            Some(min) if now.saturating_sub(a.ts_ns) < min => {
-                younger += 1;
-                false
-            }
-            _ => true,
-        })
-        .collect();
-
-    // Raw stack per allocation: the stored frames, or just the direct caller.
-    let raw = |a: &crate::collect::LiveAlloc| -> (Vec<u64>, bool, bool) {
-        match snapshot.stacks.get(&a.stack_id) {
-            Some(s) => (s.frames.clone(), s.truncated, false),
-            None => (vec![a.ret_addr], false, true),
-        }
-    };
-    let mut addrs: Vec<u64> = Vec::new();
-    for a in &kept {
-        addrs.extend(raw(a).0);
-    }
-    addrs.sort_unstable();
-    addrs.dedup();
-    let names = symbolizer.symbolize(&addrs);
-
+/// Builds the report from a capture: names every location once, then groups the stacks that
+/// name the same frames.
+pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
+    let names = symbolize_locations(
+        symbolizer,
+        &capture.modules,
+        capture.stacks.iter().flat_map(|s| s.frames.iter().copied()),
+    );
     // Estimates are summed unrounded (sampled allocations stand for fractions of several).
     let mut groups: HashMap<Vec<Frame>, (StackReport, f64, f64)> = HashMap::new();
-    for a in kept {
-        let (frames, truncated, partial) = raw(a);
+    for s in &capture.stacks {
         // Leaf first in the kernel's order; reverse to root first.
-        let mut named: Vec<Frame> = Vec::new();
-        for addr in frames.iter().rev() {
-            match names.get(addr) {
-                Some(fs) => named.extend(fs.iter().cloned()),
-                None => named.push(Frame::unknown(None, None)),
-            }
-        }
-        let age = now.saturating_sub(a.ts_ns) as f64 / 1e9;
+        let named: Vec<Frame> = s
+            .frames
+            .iter()
+            .rev()
+            .flat_map(|l| names[l].iter().cloned())
+            .collect();
         let (entry, bytes, count) = groups.entry(named.clone()).or_insert_with(|| {
             let r = StackReport {
                 bytes: 0,
                 count: 0,
                 oldest_age_secs: 0.0,
                 frames: named,
-                truncated,
-                partial,
+                truncated: s.truncated,
+                partial: s.partial,
             };
             (r, 0.0, 0.0)
         });
-        let (b, c) = a.estimate();
-        *bytes += b;
-        *count += c;
-        entry.oldest_age_secs = entry.oldest_age_secs.max(age);
+        *bytes += s.bytes;
+        *count += s.count;
+        entry.oldest_age_secs = entry.oldest_age_secs.max(s.oldest_age_secs);
     }
     let mut stacks: Vec<StackReport> = groups
         .into_values()
@@ -233,13 +235,9 @@ pub fn aggregate(
         })
         .collect();
     sort_stacks(&mut stacks);
-    Report {
-        meta: Meta {
-            younger_than_min_age: younger,
-            ..meta
-        },
-        stacks,
-    }
+    let mut meta = capture.meta.clone();
+    meta.modules = capture.modules.clone();
+    Report { meta, stacks }
 }
 
 /// Largest first; ties broken by the frames so that output is deterministic.
@@ -255,84 +253,67 @@ pub fn sort_stacks(stacks: &mut [StackReport]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collect::{LiveAlloc, RawStack};
+    use crate::capture::{CapturedStack, Location};
 
     struct Fake;
     impl Symbolize for Fake {
-        fn symbolize(&mut self, addrs: &[u64]) -> HashMap<u64, Vec<Frame>> {
-            addrs
+        fn symbolize(&mut self, module: &Module, offsets: &[u64]) -> Vec<Vec<Frame>> {
+            offsets
                 .iter()
-                .map(|&a| {
-                    let mut f = Frame::unknown(Some("/bin/x".into()), Some(a));
-                    f.function = Some(format!("f{a:x}"));
-                    (a, vec![f])
+                .map(|&o| {
+                    // Two offsets name one frame: their stacks merge.
+                    let mut f = Frame::unknown(Some(module.path.clone()), Some(o & !1));
+                    f.function = Some(format!("f{:x}", o & !1));
+                    vec![f]
                 })
                 .collect()
         }
     }
 
-    fn alloc(size: u64, ts_ns: u64, stack_id: u64, ret_addr: u64) -> LiveAlloc {
-        LiveAlloc {
-            addr: ts_ns,
-            size,
-            ts_ns,
-            stack_id,
-            ret_addr,
-            kind: None,
-            tid: 1,
-            interval: 0,
-        }
-    }
-
-    fn meta() -> Meta {
-        Meta {
-            version: REPORT_VERSION,
-            target: "t".into(),
-            pid: 1,
-            duration_secs: 1.0,
-            target_exited: false,
-            min_age_secs: None,
-            allocator: "libc".into(),
-            counters: Counters::default(),
-            younger_than_min_age: 0,
-            unwind: None,
-            programs: Vec::new(),
-            sample_interval: None,
+    fn stack(frames: &[u64], bytes: f64, count: f64, age: f64) -> CapturedStack {
+        CapturedStack {
+            frames: frames
+                .iter()
+                .map(|&offset| Location {
+                    module: Some(0),
+                    offset,
+                })
+                .collect(),
+            truncated: false,
+            partial: false,
+            bytes,
+            count,
+            oldest_age_secs: age,
         }
     }
 
     #[test]
-    fn groups_filters_and_sorts() {
-        let mut snap = Snapshot {
-            taken_ns: 10_000_000_000,
-            ..Default::default()
+    fn names_groups_and_sorts() {
+        let capture = Capture {
+            meta: Meta::default(),
+            modules: vec![Module {
+                path: "/bin/x".into(),
+                build_id: None,
+            }],
+            mappings: Vec::new(),
+            stacks: vec![
+                stack(&[0xa, 0xb, 0xc], 100.0, 1.0, 9.0),
+                stack(&[0xa, 0xb, 0xd], 50.4, 1.4, 3.0),
+                stack(&[0xe], 160.0, 2.0, 1.0),
+            ],
         };
-        snap.stacks.insert(
-            7,
-            RawStack {
-                frames: vec![0xa, 0xb, 0xc],
-                truncated: false,
-            },
-        );
-        snap.allocs = vec![
-            alloc(100, 1_000_000_000, 7, 0xa),
-            alloc(50, 2_000_000_000, 7, 0xa),
-            alloc(500, 9_500_000_000, 7, 0xa), // young
-            alloc(30, 3_000_000_000, 0, 0xd),  // stack lost: caller only
-        ];
-        let r = aggregate(&snap, &mut Fake, Some(1_000_000_000), meta());
-        assert_eq!(r.meta.younger_than_min_age, 1);
+        let r = aggregate(&capture, &mut Fake);
         assert_eq!(r.stacks.len(), 2);
-        assert_eq!(r.stacks[0].bytes, 150);
-        assert_eq!(r.stacks[0].count, 2);
-        assert_eq!(r.stacks[0].oldest_age_secs, 9.0);
-        let names: Vec<_> = r.stacks[0]
+        assert_eq!((r.stacks[0].bytes, r.stacks[0].count), (160, 2));
+        assert_eq!((r.stacks[1].bytes, r.stacks[1].count), (150, 2));
+        assert_eq!(r.stacks[1].oldest_age_secs, 9.0);
+        let names: Vec<_> = r.stacks[1]
             .frames
             .iter()
             .map(|f| f.display_name())
             .collect();
-        assert_eq!(names, ["fc", "fb", "fa"]);
-        assert!(r.stacks[1].partial);
-        assert_eq!(r.total_bytes(), 180);
+        assert_eq!(names, ["fc", "fa", "fa"]);
+        assert_eq!(r.meta.modules, capture.modules);
+        assert_eq!(r.total_bytes(), 310);
     }
 }

@@ -34,16 +34,49 @@ pub enum Command {
     Top(TopArgs),
     /// Compare two reports of a service (before and after an update, or an hour apart): a
     /// differential flamegraph, red where more is held than before, and the call sites that
-    /// grew most. Reads folded stacks or bridge-trace's JSON reports; needs no root.
+    /// grew most. Reads raw captures, folded stacks or bridge-trace's JSON reports; needs no
+    /// root.
     Diff(DiffArgs),
+    /// Render a raw capture (the `.btcap` that `record` writes beside its outputs) again, on
+    /// any machine and without root: frames are named from this machine's files when their
+    /// build-ids match, else from --debug-dir.
+    Report(ReportArgs),
     /// The benchmark's floor: empty probes on malloc and free (hidden; `cargo xtask bench`).
     #[command(hide = true)]
     Floor(FloorArgs),
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    bridge-trace report leaks.btcap -o leaks.html\n  \
+    bridge-trace report leaks.btcap --debug-dir ./symbols -o leaks.svg -o leaks.pb.gz")]
+pub struct ReportArgs {
+    /// The raw capture.
+    pub capture: PathBuf,
+    /// Where to write; repeat for several formats, each by its extension (.svg, .folded, .json,
+    /// .txt, .pb.gz, .html) unless --format is given. `-` is standard output. Default: the
+    /// text report on standard output.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    pub output: Vec<PathBuf>,
+    /// Format of the (single) output, overriding its extension.
+    #[arg(long, short = 'f', value_enum)]
+    pub format: Option<Format>,
+    /// A directory holding the traced binaries or their debug files: by build-id
+    /// (`.build-id/ab/cdef….debug`), by their path below it, or by file name. Repeatable;
+    /// searched before this machine's own files and /usr/lib/debug.
+    #[arg(long, value_name = "DIR")]
+    pub debug_dir: Vec<PathBuf>,
+    /// How many call stacks the text report lists.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+    /// Permissions of the files written, in octal.
+    #[arg(long, value_name = "OCTAL", default_value = "600")]
+    pub mode: String,
+}
+
+#[derive(Debug, Args)]
 pub struct DiffArgs {
-    /// The earlier report (.folded, or bridge-trace's .json).
+    /// The earlier recording: a raw capture (.btcap), folded stacks, or bridge-trace's .json.
     pub before: PathBuf,
     /// The later report.
     pub after: PathBuf,
@@ -480,8 +513,9 @@ pub struct RecordArgs {
     #[arg(long, short = 'd', value_name = "DURATION")]
     pub duration: Option<String>,
     /// Where to write the report; repeat for several formats. The format comes from the
-    /// extension (.svg, .folded, .json, .txt, .pb.gz) unless --format is given. `-` is
-    /// standard output (the summary then goes to stderr).
+    /// extension (.svg, .folded, .json, .txt, .pb.gz, .html) unless --format is given. `-` is
+    /// standard output (the summary then goes to stderr). The raw capture (.btcap) is written
+    /// beside the first file unless --no-raw.
     /// Default: <program>-<pid>-<time>.svg in the current directory.
     #[arg(long, short = 'o', value_name = "PATH")]
     pub output: Vec<PathBuf>,
@@ -508,6 +542,10 @@ pub struct RecordArgs {
     /// Permissions of the files written, in octal. Under sudo they belong to the invoking user.
     #[arg(long, value_name = "OCTAL", default_value = "600")]
     pub mode: String,
+    /// Do not write the raw capture (`.btcap`, beside the first output written to a file), from
+    /// which `bridge-trace report` renders the recording again later, anywhere.
+    #[arg(long)]
+    pub no_raw: bool,
     /// Program to launch and trace until it exits (everything after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -526,6 +564,8 @@ pub enum Format {
     Text,
     /// Gzipped profile.proto for `go tool pprof`, Pyroscope and other pprof tools.
     Pprof,
+    /// One self-contained page for a ticket: summary, caveats, top sites, the flamegraph.
+    Html,
 }
 
 impl Format {
@@ -539,6 +579,7 @@ impl Format {
             "json" => Some(Format::Json),
             "txt" | "text" => Some(Format::Text),
             "pprof" => Some(Format::Pprof),
+            "html" | "htm" => Some(Format::Html),
             _ => None,
         }
     }
@@ -550,6 +591,7 @@ impl Format {
             Format::Json => "json",
             Format::Text => "txt",
             Format::Pprof => "pb.gz",
+            Format::Html => "html",
         }
     }
 }
@@ -604,6 +646,8 @@ pub struct Config {
     pub quiet: bool,
     /// Permissions of the files written.
     pub mode: u32,
+    /// No raw capture beside the outputs.
+    pub no_raw: bool,
 }
 
 impl Config {
@@ -659,27 +703,7 @@ impl Config {
         if args.max_allocs == 0 {
             return Err(Error::Usage("--max-allocs must be at least 1".into()));
         }
-        if args.format.is_some() && args.output.len() > 1 {
-            return Err(Error::Usage(
-                "--format applies to a single -o; with several, each extension names its format"
-                    .into(),
-            ));
-        }
-        let mut outputs = Vec::new();
-        for path in args.output {
-            let format = match args.format.or_else(|| Format::from_extension(&path)) {
-                Some(f) => f,
-                None => {
-                    return Err(Error::Usage(format!(
-                        "cannot tell the format of {} from its extension: use .svg, .folded, \
-                         .json, .txt or .pb.gz, or --format",
-                        path.display()
-                    )))
-                }
-            };
-            check_writable(&path)?;
-            outputs.push((path, format));
-        }
+        let outputs = outputs_by_format(args.output, args.format)?;
         Ok(Config {
             target,
             duration,
@@ -691,8 +715,37 @@ impl Config {
             unwind: args.unwind,
             quiet: args.quiet,
             mode: parse_mode(&args.mode)?,
+            no_raw: args.no_raw,
         })
     }
+}
+
+/// Output paths with their formats: `format` for a single one, else each path's extension.
+fn outputs_by_format(
+    paths: Vec<PathBuf>,
+    format: Option<Format>,
+) -> Result<Vec<(PathBuf, Format)>> {
+    if format.is_some() && paths.len() > 1 {
+        return Err(Error::Usage(
+            "--format applies to a single -o; with several, each extension names its format".into(),
+        ));
+    }
+    let mut outputs = Vec::new();
+    for path in paths {
+        let format = match format.or_else(|| Format::from_extension(&path)) {
+            Some(f) => f,
+            None => {
+                return Err(Error::Usage(format!(
+                    "cannot tell the format of {} from its extension: use .svg, .folded, \
+                     .json, .txt, .pb.gz or .html, or --format",
+                    path.display()
+                )))
+            }
+        };
+        check_writable(&path)?;
+        outputs.push((path, format));
+    }
+    Ok(outputs)
 }
 
 /// A validated request, one per subcommand.
@@ -701,6 +754,7 @@ pub enum Request {
     Record(Config),
     Watch(WatchConfig),
     Diff(crate::diff::DiffConfig),
+    Report(crate::rerender::ReportConfig),
     /// The benchmark's floor (or a part of it), on this pid.
     Floor(u32, FloorParts),
 }
@@ -718,6 +772,7 @@ impl Request {
             Command::Watch(a) => WatchConfig::from_watch_args(*a).map(Request::Watch),
             Command::Top(a) => WatchConfig::from_top_args(a).map(Request::Watch),
             Command::Diff(a) => diff_config(a).map(Request::Diff),
+            Command::Report(a) => report_config(a).map(Request::Report),
             Command::Floor(a) => Ok(Request::Floor(a.pid, a.parts)),
         }
         .map_err(ArgsError::Invalid)
@@ -749,6 +804,29 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration> {
         return Duration::try_from_secs_f64(secs).map_err(|e| bad(e.to_string()));
     }
     humantime::parse_duration(trimmed).map_err(|e| bad(e.to_string()))
+}
+
+fn report_config(a: ReportArgs) -> Result<crate::rerender::ReportConfig> {
+    for dir in &a.debug_dir {
+        if !dir.is_dir() {
+            return Err(Error::Usage(format!(
+                "--debug-dir {}: not a directory",
+                dir.display()
+            )));
+        }
+    }
+    let outputs = if a.output.is_empty() {
+        vec![(PathBuf::from("-"), a.format.unwrap_or(Format::Text))]
+    } else {
+        outputs_by_format(a.output, a.format)?
+    };
+    Ok(crate::rerender::ReportConfig {
+        capture: a.capture,
+        outputs,
+        top: a.top.max(1),
+        debug_dirs: a.debug_dir,
+        mode: parse_mode(&a.mode)?,
+    })
 }
 
 fn diff_config(a: DiffArgs) -> Result<crate::diff::DiffConfig> {

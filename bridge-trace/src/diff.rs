@@ -22,7 +22,15 @@ pub fn load(path: &Path) -> Result<Stacks> {
         path: path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    if bytes.starts_with(crate::capture::MAGIC) {
+        let capture = crate::rerender::load(path)?;
+        let report = crate::rerender::report_of(&capture, &[]).report;
+        return parse_folded(&folded_lines(&report).join("\n")).map_err(bad);
+    }
+    let text = String::from_utf8(bytes).map_err(|_| {
+        bad("not folded stacks, a JSON report or a raw capture (it is not text)".into())
+    })?;
     let json = path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
     if json {
         let report: Report = serde_json::from_str(&text)

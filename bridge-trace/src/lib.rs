@@ -5,14 +5,17 @@
 //! process and the allocator it maps; [`attach`] loads the eBPF object and attaches the probes
 //! from one table, each entry probe where [`placement`] finds the kernel need not single-step; [`unwind`] feeds the kernel half's stack walker with each mapped object's
 //! call-frame information, compiled into tables; [`collect`] is the only reader of the kernel maps and turns them into an owned
-//! [`collect::Snapshot`]; [`symbolize`] names every frame with blazesym, from the memory maps it
-//! kept while the process lived; [`aggregate`] groups live allocations by call stack into a
-//! [`aggregate::Report`]; [`report`] renders it (svg, folded, json, text) and writes it
-//! atomically. [`record`] drives that pipeline and decides when to stop.
+//! [`collect::Snapshot`]; [`capture`] groups its live allocations by raw stack, each frame a
+//! (module, file offset) from the memory maps kept while the process lived, and is written as
+//! the raw capture (`.btcap`) that `bridge-trace report` renders again anywhere; [`symbolize`]
+//! names every frame with blazesym; [`aggregate`] groups the named stacks into a
+//! [`aggregate::Report`]; [`report`] renders it (svg, folded, json, text, pprof, html) and writes
+//! it atomically. [`record`] drives that pipeline and decides when to stop.
 pub mod error;
 
 pub mod aggregate;
 pub mod attach;
+pub mod capture;
 pub mod cli;
 pub mod collect;
 pub mod diff;
@@ -20,6 +23,7 @@ pub mod floor;
 pub mod placement;
 pub mod record;
 pub mod report;
+pub mod rerender;
 pub mod symbolize;
 pub mod target;
 pub mod unwind;

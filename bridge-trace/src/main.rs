@@ -54,6 +54,12 @@ fn main() -> ExitCode {
             let _ = std::io::stdout().write_all(table.as_bytes());
             ExitCode::SUCCESS
         }),
+        Request::Report(config) => bridge_trace::rerender::run(config).map(|rendered| {
+            for (module, frames, why) in &rendered.unnamed {
+                eprintln!("bridge-trace: {frames} frames in {module} left unnamed: {why}");
+            }
+            ExitCode::SUCCESS
+        }),
         Request::Floor(pid, parts) => {
             bridge_trace::floor::run(*pid, *parts).map(|()| ExitCode::SUCCESS)
         }
@@ -125,6 +131,13 @@ fn print_summary(outcome: &record::Outcome, top: usize) {
         } else {
             o!("wrote {} ({format:?})", path.display());
         }
+    }
+    if let Some(path) = &outcome.capture {
+        o!(
+            "wrote {} (raw capture: `bridge-trace report {}` renders it again, anywhere)",
+            path.display(),
+            path.display()
+        );
     }
     use std::io::Write as _;
     if to_stdout {

@@ -16,6 +16,7 @@ use tokio::{
 use crate::{
     aggregate::{aggregate, Meta, Report, REPORT_VERSION},
     attach::{check_privileges, Knobs, Tracer},
+    capture::{self, Capture},
     cli::{Config, Format, Target, TraceOptions},
     collect::{self, Snapshot},
     error::{Error, Result},
@@ -41,6 +42,8 @@ pub enum StopReason {
 pub struct Outcome {
     pub report: Report,
     pub written: Vec<(PathBuf, Format)>,
+    /// The raw capture written beside them.
+    pub capture: Option<PathBuf>,
     pub stop: StopReason,
     /// Exit status of a launched target, when it exited.
     pub target_status: Option<i32>,
@@ -67,6 +70,8 @@ pub(crate) struct Attached {
     pub(crate) name: String,
     pub(crate) tracer: Tracer,
     pub(crate) allocator: String,
+    /// The executable, as the process saw it.
+    pub(crate) exe: Option<String>,
     pub(crate) maps: ProcessMaps,
     pub(crate) unwinder: Option<Unwinder>,
     child: Option<mpsc::UnboundedReceiver<ChildEvent>>,
@@ -125,6 +130,7 @@ pub(crate) fn attach_pid(pid: u32, config: &TraceOptions) -> Result<Attached> {
         name: target::comm(pid).unwrap_or_else(|| format!("pid{pid}")),
         tracer,
         allocator: allocator.path,
+        exe: target::exe(pid),
         maps: ProcessMaps::new(pid, maps),
         unwinder,
         child: None,
@@ -185,6 +191,7 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
         name,
         tracer,
         allocator: allocator.path,
+        exe: Some(program.to_string_lossy().into_owned()),
         maps: ProcessMaps::new(pid, maps),
         unwinder,
         child: Some(rx),
@@ -265,6 +272,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     );
 
     let started = Instant::now();
+    let started_at = SystemTime::now();
     let (mut sigint, mut sigterm) = stop_signals()?;
     let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
     let mut refresh = tokio::time::interval(MAPS_REFRESH);
@@ -399,14 +407,20 @@ async fn run_async(config: &Config) -> Result<Outcome> {
                 ..UnwindSummary::default()
             },
         }),
-    };
-    let mut symbolizer = Blazesym::new(&t.maps);
-    let report = aggregate(
+        exe: t.exe.clone(),
+        started: Some(humantime::format_rfc3339_seconds(started_at).to_string()),
+        tier: Some("full".into()),
+        ..Meta::default()
+    }
+    .on_this_machine();
+    // The report is rendered from the capture, as `bridge-trace report` renders it later.
+    let capture = Capture::new(
         &snapshot,
-        &mut symbolizer,
+        &t.maps,
         config.min_age.map(|d| d.as_nanos() as u64),
         meta,
     );
+    let report = aggregate(&capture, &mut Blazesym::process(&t.maps));
 
     let outputs = if config.outputs.is_empty() {
         vec![(
@@ -420,7 +434,19 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     // Render everything first, then write: a failure leaves no partial set behind.
     let mut rendered = Vec::new();
     for (path, format) in &outputs {
-        rendered.push((path, report::render_to_vec(&report, *format, options)?));
+        rendered.push((
+            path.clone(),
+            report::render_to_vec(&report, *format, options)?,
+        ));
+    }
+    let capture_path = (!config.no_raw)
+        .then(|| capture::beside(&outputs))
+        .flatten();
+    if let Some(path) = &capture_path {
+        let bytes = capture
+            .to_bytes()
+            .map_err(|e| Error::io("encoding the raw capture", e))?;
+        rendered.push((path.clone(), bytes));
     }
     for (path, bytes) in &rendered {
         report::write_output(path, bytes, config.mode)?;
@@ -430,6 +456,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     Ok(Outcome {
         report,
         written: outputs,
+        capture: capture_path,
         stop,
         target_status,
     })

@@ -3,7 +3,10 @@
 //! (file, offset) into functions, source lines and inlined frames, with separate debug files
 //! (`/usr/lib/debug/.build-id`, `.gnu_debuglink`). Behind the [`Symbolize`] trait so that the
 //! later stages can be tested from fixed input.
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
 
 use blazesym::symbolize::{
     source::{Elf, Source},
@@ -11,7 +14,10 @@ use blazesym::symbolize::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::target::{self, Mapping};
+use crate::{
+    capture::{Location, Module},
+    target::{self, Mapping},
+};
 
 /// One named frame. A return address that cannot be named keeps its module and offset and has
 /// no function (shown as `[unknown]`), never a guessed name.
@@ -47,38 +53,54 @@ impl Frame {
     }
 }
 
-/// The file mappings a process had at any time while traced; newer ones win on overlap.
+/// The file mappings a process had at any time while traced (newer ones win on overlap), with
+/// the build-id of each file, read while the process could still show it.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessMaps {
     pub pid: u32,
     pub mappings: Vec<Mapping>,
     /// The mappings as last read (without those since unmapped).
     pub current: Vec<Mapping>,
+    build_ids: HashMap<String, Option<String>>,
 }
 
 impl ProcessMaps {
     pub fn new(pid: u32, mappings: Vec<Mapping>) -> ProcessMaps {
-        ProcessMaps {
+        let mut maps = ProcessMaps {
             pid,
-            current: mappings.clone(),
-            mappings,
-        }
+            current: Vec::new(),
+            mappings: Vec::new(),
+            build_ids: HashMap::new(),
+        };
+        maps.add(mappings);
+        maps
     }
 
     /// Re-reads `/proc/PID/maps`, keeping what was seen before. False when the process is gone.
     pub fn refresh(&mut self) -> bool {
         match target::read_maps(self.pid) {
             Ok(current) if !current.is_empty() => {
-                for m in &current {
-                    if !self.mappings.contains(m) {
-                        self.mappings.push(m.clone());
-                    }
-                }
-                self.current = current;
+                self.add(current);
                 true
             }
             _ => false,
         }
+    }
+
+    fn add(&mut self, current: Vec<Mapping>) {
+        for m in &current {
+            if !self.mappings.contains(m) {
+                self.mappings.push(m.clone());
+            }
+            if m.executable && !self.build_ids.contains_key(&m.path) {
+                let id = blazesym::helper::read_elf_build_id(&readable_path(self.pid, &m.path))
+                    .ok()
+                    .flatten()
+                    .map(|id| hex(&id));
+                self.build_ids.insert(m.path.clone(), id);
+            }
+        }
+        self.current = current;
     }
 
     /// The newest mapping that contains `addr`.
@@ -88,39 +110,208 @@ impl ProcessMaps {
             .rev()
             .find(|m| m.start <= addr && addr < m.end)
     }
+
+    /// The build-id of the file mapped at `path`, when it has one.
+    pub fn build_id(&self, path: &str) -> Option<String> {
+        self.build_ids.get(path).cloned().flatten()
+    }
 }
 
-/// Turns return addresses into frames; one address may give several frames (inlining), listed
-/// outermost first.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where the file a process mapped at `path` can be read now: through the process's root while
+/// it lives (container-aware), else at its own path.
+fn readable_path(pid: u32, path: &str) -> PathBuf {
+    let through_root = target::host_path(pid, path);
+    if through_root.exists() {
+        through_root
+    } else {
+        PathBuf::from(path)
+    }
+}
+
+/// Names the return addresses of one module, given as file offsets; each gives one frame or
+/// several (inlining), outermost first.
 pub trait Symbolize {
-    fn symbolize(&mut self, addrs: &[u64]) -> HashMap<u64, Vec<Frame>>;
+    fn symbolize(&mut self, module: &Module, offsets: &[u64]) -> Vec<Vec<Frame>>;
 }
 
-/// Symbolization with blazesym, from the kept process maps.
-pub struct Blazesym<'a> {
-    maps: &'a ProcessMaps,
+/// Names every location of `modules` once.
+pub fn symbolize_locations(
+    symbolizer: &mut dyn Symbolize,
+    modules: &[Module],
+    locations: impl IntoIterator<Item = Location>,
+) -> HashMap<Location, Vec<Frame>> {
+    let mut by_module: BTreeMap<Option<u32>, Vec<u64>> = BTreeMap::new();
+    for l in locations {
+        by_module.entry(l.module).or_default().push(l.offset);
+    }
+    let mut out = HashMap::new();
+    for (module, mut offsets) in by_module {
+        offsets.sort_unstable();
+        offsets.dedup();
+        let named = match module.and_then(|m| modules.get(m as usize)) {
+            Some(m) => symbolizer.symbolize(m, &offsets),
+            None => Vec::new(),
+        };
+        for (i, offset) in offsets.into_iter().enumerate() {
+            let frames = named.get(i).cloned().unwrap_or_else(|| {
+                vec![Frame::unknown(
+                    module
+                        .and_then(|m| modules.get(m as usize))
+                        .map(|m| m.path.clone()),
+                    module.map(|_| offset),
+                )]
+            });
+            out.insert(Location { module, offset }, frames);
+        }
+    }
+    out
+}
+
+/// Names return addresses of a live process, through its kept maps.
+pub fn symbolize_addrs(
+    symbolizer: &mut dyn Symbolize,
+    maps: &ProcessMaps,
+    addrs: &[u64],
+) -> HashMap<u64, Vec<Frame>> {
+    let mut modules: Vec<Module> = Vec::new();
+    let mut located = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        let location = match maps.lookup(addr) {
+            Some(m) => {
+                let index = match modules.iter().position(|x| x.path == m.path) {
+                    Some(i) => i,
+                    None => {
+                        modules.push(Module {
+                            path: m.path.clone(),
+                            build_id: maps.build_id(&m.path),
+                        });
+                        modules.len() - 1
+                    }
+                };
+                Location {
+                    module: Some(index as u32),
+                    offset: addr - m.start + m.offset,
+                }
+            }
+            None => Location {
+                module: None,
+                offset: addr,
+            },
+        };
+        located.push((addr, location));
+    }
+    let named = symbolize_locations(symbolizer, &modules, located.iter().map(|(_, l)| *l));
+    located
+        .into_iter()
+        .map(|(addr, l)| (addr, named[&l].clone()))
+        .collect()
+}
+
+/// Where the files behind the frames are read from.
+enum Files {
+    /// A traced process's files, through its root while it lives.
+    Process(u32),
+    /// This machine's files, or files found by build-id or name in these directories.
+    Local(Vec<PathBuf>),
+}
+
+/// Symbolization with blazesym.
+pub struct Blazesym {
+    files: Files,
     symbolizer: Symbolizer,
+    /// Modules whose frames could not be named, and why.
+    unnamed: BTreeMap<String, (usize, String)>,
 }
 
-impl<'a> Blazesym<'a> {
-    pub fn new(maps: &'a ProcessMaps) -> Blazesym<'a> {
+impl Blazesym {
+    /// For a process being traced: its files, as it sees them.
+    pub fn process(maps: &ProcessMaps) -> Blazesym {
+        Blazesym::with(Files::Process(maps.pid), None)
+    }
+
+    /// For a capture rendered later: this machine's files, checked against the build-ids
+    /// recorded; `debug_dirs` are searched (before /usr/lib/debug) for files by build-id
+    /// (`.build-id/ab/cdef….debug`), by path below them, and by file name.
+    pub fn local(debug_dirs: &[PathBuf]) -> Blazesym {
+        let mut dirs = debug_dirs.to_vec();
+        dirs.extend(["/usr/lib/debug", "/lib/debug"].map(PathBuf::from));
+        Blazesym::with(Files::Local(debug_dirs.to_vec()), Some(dirs))
+    }
+
+    fn with(files: Files, debug_dirs: Option<Vec<PathBuf>>) -> Blazesym {
         let symbolizer = Symbolizer::builder()
             .enable_code_info(true)
             .enable_inlined_fns(true)
             .enable_demangling(true)
+            .set_debug_dirs(debug_dirs)
             .build();
-        Blazesym { maps, symbolizer }
+        Blazesym {
+            files,
+            symbolizer,
+            unnamed: BTreeMap::new(),
+        }
     }
 
-    /// Where the file behind a mapping can be read now: through the process's root while it
-    /// lives (container-aware), else at its own path.
-    fn readable_path(&self, path: &str) -> PathBuf {
-        let through_root = target::host_path(self.maps.pid, path);
-        if through_root.exists() {
-            through_root
-        } else {
-            PathBuf::from(path)
+    /// Modules whose frames stayed unnamed: (module, frames, why), in module order.
+    pub fn unnamed(&self) -> Vec<(String, usize, String)> {
+        self.unnamed
+            .iter()
+            .map(|(m, (n, why))| (m.clone(), *n, why.clone()))
+            .collect()
+    }
+
+    /// The file to read for `module`, or why there is none.
+    fn file(&self, module: &Module) -> Result<PathBuf, String> {
+        let dirs = match &self.files {
+            Files::Process(pid) => return Ok(readable_path(*pid, &module.path)),
+            Files::Local(dirs) => dirs,
+        };
+        let matches = |path: &Path| match &module.build_id {
+            None => true,
+            Some(want) => blazesym::helper::read_elf_build_id(path)
+                .ok()
+                .flatten()
+                .is_some_and(|id| hex(&id) == *want),
+        };
+        let here = PathBuf::from(&module.path);
+        let mut candidates = Vec::new();
+        for dir in dirs {
+            if let Some(id) = module.build_id.as_deref().filter(|id| id.len() > 2) {
+                let by_id = dir.join(".build-id").join(&id[..2]);
+                candidates.push(by_id.join(format!("{}.debug", &id[2..])));
+                candidates.push(by_id.join(&id[2..]));
+            }
+            candidates.push(dir.join(module.path.trim_start_matches('/')));
+            if let Some(name) = here.file_name() {
+                candidates.push(dir.join(name));
+            }
         }
+        candidates.push(here.clone());
+        if let Some(found) = candidates.iter().find(|p| p.is_file() && matches(p)) {
+            return Ok(found.clone());
+        }
+        Err(if here.is_file() {
+            format!(
+                "{} on this machine is another build (build-id {}); pass --debug-dir with the \
+                 original or its debug file",
+                module.path,
+                module.build_id.as_deref().unwrap_or("?")
+            )
+        } else {
+            format!(
+                "{} is not on this machine; pass --debug-dir with it or its debug file{}",
+                module.path,
+                module
+                    .build_id
+                    .as_deref()
+                    .map(|id| format!(" (build-id {id})"))
+                    .unwrap_or_default()
+            )
+        })
     }
 }
 
@@ -137,66 +328,63 @@ fn code_location(ci: Option<&blazesym::symbolize::CodeInfo<'_>>) -> (Option<Stri
     }
 }
 
-impl Symbolize for Blazesym<'_> {
-    fn symbolize(&mut self, addrs: &[u64]) -> HashMap<u64, Vec<Frame>> {
-        let mut out = HashMap::new();
-        // Group by object file, as file offsets of the byte before each return address (the
-        // call instruction), so that the line is the call's and a call at a function's very end
-        // is not blamed on the next function.
-        let mut by_file: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
-        for &addr in addrs {
-            match self.maps.lookup(addr) {
-                Some(m) => by_file
-                    .entry(m.path.as_str())
-                    .or_default()
-                    .push((addr, addr - m.start + m.offset)),
-                None => {
-                    out.insert(addr, vec![Frame::unknown(None, None)]);
-                }
+impl Symbolize for Blazesym {
+    fn symbolize(&mut self, module: &Module, offsets: &[u64]) -> Vec<Vec<Frame>> {
+        let path = Some(module.path.clone());
+        let unknown = |off: u64| vec![Frame::unknown(path.clone(), Some(off))];
+        let file = match self.file(module) {
+            Ok(file) => file,
+            Err(why) => {
+                self.unnamed
+                    .insert(module.path.clone(), (offsets.len(), why));
+                return offsets.iter().map(|&off| unknown(off)).collect();
             }
-        }
-        for (path, items) in by_file {
-            let offsets: Vec<u64> = items.iter().map(|(_, off)| off.saturating_sub(1)).collect();
-            let src = Source::Elf(Elf::new(self.readable_path(path)));
-            let results = self
-                .symbolizer
-                .symbolize(&src, Input::FileOffset(&offsets))
-                .unwrap_or_default();
-            for (i, &(addr, off)) in items.iter().enumerate() {
-                let module = Some(path.to_string());
-                let frames = match results.get(i) {
-                    Some(Symbolized::Sym(sym)) => {
-                        let mut frames = Vec::with_capacity(1 + sym.inlined.len());
-                        // blazesym gives each frame its own line: the outer function's is
-                        // where it calls the first inlined one, and so on down to the address.
-                        let (file, line) = code_location(sym.code_info.as_deref());
+        };
+        // The byte before each return address is in the call instruction: so the line is the
+        // call's, and a call at a function's very end is not blamed on the next function.
+        let calls: Vec<u64> = offsets.iter().map(|off| off.saturating_sub(1)).collect();
+        let src = Source::Elf(Elf::new(file));
+        let results = match self.symbolizer.symbolize(&src, Input::FileOffset(&calls)) {
+            Ok(r) => r,
+            Err(e) => {
+                self.unnamed
+                    .insert(module.path.clone(), (offsets.len(), e.to_string()));
+                Vec::new()
+            }
+        };
+        offsets
+            .iter()
+            .enumerate()
+            .map(|(i, &off)| match results.get(i) {
+                Some(Symbolized::Sym(sym)) => {
+                    let mut frames = Vec::with_capacity(1 + sym.inlined.len());
+                    // blazesym gives each frame its own line: the outer function's is where it
+                    // calls the first inlined one, and so on down to the address.
+                    let (file, line) = code_location(sym.code_info.as_deref());
+                    frames.push(Frame {
+                        function: Some(sym.name.to_string()),
+                        module: path.clone(),
+                        offset: Some(off),
+                        file,
+                        line,
+                        inlined: false,
+                    });
+                    for f in sym.inlined.iter() {
+                        let (file, line) = code_location(f.code_info.as_ref());
                         frames.push(Frame {
-                            function: Some(sym.name.to_string()),
-                            module: module.clone(),
+                            function: Some(f.name.to_string()),
+                            module: path.clone(),
                             offset: Some(off),
                             file,
                             line,
-                            inlined: false,
+                            inlined: true,
                         });
-                        for f in sym.inlined.iter() {
-                            let (file, line) = code_location(f.code_info.as_ref());
-                            frames.push(Frame {
-                                function: Some(f.name.to_string()),
-                                module: module.clone(),
-                                offset: Some(off),
-                                file,
-                                line,
-                                inlined: true,
-                            });
-                        }
-                        frames
                     }
-                    _ => vec![Frame::unknown(module, Some(off))],
-                };
-                out.insert(addr, frames);
-            }
-        }
-        out
+                    frames
+                }
+                _ => unknown(off),
+            })
+            .collect()
     }
 }
 
@@ -215,8 +403,8 @@ mod tests {
         let pid = std::process::id();
         let maps = ProcessMaps::new(pid, target::read_maps(pid).unwrap());
         let addr = bridge_trace_symbolize_probe_fn as *const () as u64 + 1;
-        let mut s = Blazesym::new(&maps);
-        let frames = s.symbolize(&[addr, 8]);
+        let mut s = Blazesym::process(&maps);
+        let frames = symbolize_addrs(&mut s, &maps, &[addr, 8]);
         let f = &frames[&addr];
         assert_eq!(
             f[0].function.as_deref(),

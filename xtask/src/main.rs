@@ -65,8 +65,9 @@ enum Task {
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// gcc and g++ build the fixtures, libc6-dbg gives glibc's frames names, gdb checks our stacks, and
 /// python3.11 is a real program built without frame pointers (Debian's, as shipped),
-/// prometheus scrapes `watch` in a test, golang-go brings `go tool pprof`, and bpftrace and
-/// heaptrack are the peers `cargo xtask bench` measures bridge-trace against.
+/// prometheus scrapes `watch` in a test, golang-go brings `go tool pprof`, chromium (with a font)
+/// opens the SVG and HTML reports in a test, and bpftrace and heaptrack are the peers
+/// `cargo xtask bench` measures bridge-trace against.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -78,6 +79,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3.11",
     "prometheus",
     "golang-go",
+    "chromium",
+    "fonts-dejavu-core",
     "bpftrace",
     "heaptrack",
 ];

@@ -2,6 +2,7 @@
 //! writes it: a file atomically (a temporary file in the same directory, renamed into place),
 //! standard output (`-`) or a stream node (`/dev/null`, a FIFO) in place.
 mod folded;
+mod html;
 mod json;
 pub mod pprof;
 mod svg;
@@ -16,6 +17,7 @@ use crate::{
 };
 
 pub use folded::{folded_lines, Folded};
+pub use html::Html;
 pub use json::Json;
 pub use pprof::Pprof;
 pub use svg::Svg;
@@ -47,6 +49,7 @@ pub fn renderer(format: Format, options: RenderOptions) -> Box<dyn Render> {
         Format::Json => Box::new(Json),
         Format::Text => Box::new(Text { top: options.top }),
         Format::Pprof => Box::new(Pprof),
+        Format::Html => Box::new(Html { top: options.top }),
     }
 }
 

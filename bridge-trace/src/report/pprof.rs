@@ -1,8 +1,9 @@
 //! pprof: a gzipped `profile.proto` (github.com/google/pprof/proto/profile.proto), as `go tool
 //! pprof` and Pyroscope read it. Sample types `inuse_space` (bytes) and `inuse_objects`
 //! (count), one sample per stack; one location per (module, file offset) holding the chain of
-//! functions inlined there, innermost first; one mapping per module. Frames are already named,
-//! so the profile says so (`has_functions`) and pprof does not try to symbolize it again.
+//! functions inlined there, innermost first; one mapping per module, with its build-id. Frames
+//! are already named, so the profile says so (`has_functions`) and pprof does not try to
+//! symbolize it again.
 use std::{collections::HashMap, io::Write as _};
 
 use flate2::{write::GzEncoder, Compression};
@@ -120,6 +121,8 @@ struct Builder {
     functions: HashMap<(String, String), u64>,
     mappings: HashMap<String, u64>,
     locations: HashMap<(String, u64, String), u64>,
+    /// Build-id (hex) of each module that has one.
+    build_ids: HashMap<String, String>,
 }
 
 impl Builder {
@@ -157,9 +160,14 @@ impl Builder {
         }
         let id = self.profile.mapping.len() as u64 + 1;
         let filename = self.string(module);
+        let build_id = match self.build_ids.get(module).cloned() {
+            Some(id) => self.string(&id),
+            None => 0,
+        };
         self.profile.mapping.push(proto::Mapping {
             id,
             filename,
+            build_id,
             has_functions: true,
             has_filenames: true,
             has_line_numbers: true,
@@ -207,7 +215,15 @@ impl Builder {
 
 /// The profile of a report (not yet encoded).
 pub fn profile(report: &Report) -> proto::Profile {
-    let mut b = Builder::default();
+    let mut b = Builder {
+        build_ids: report
+            .meta
+            .modules
+            .iter()
+            .filter_map(|m| Some((m.path.clone(), m.build_id.clone()?)))
+            .collect(),
+        ..Builder::default()
+    };
     b.string("");
     let value_type = |b: &mut Builder, t: &str, u: &str| proto::ValueType {
         r#type: b.string(t),
@@ -282,6 +298,7 @@ mod tests {
                 unwind: None,
                 programs: Vec::new(),
                 sample_interval: None,
+                ..Meta::default()
             },
             stacks: vec![StackReport {
                 bytes: 300,

@@ -31,6 +31,18 @@ impl Render for Text {
             report.total_count(),
             report.stacks.len()
         )?;
+        let place: Vec<String> = [
+            m.host.as_ref().map(|h| format!("host {h}")),
+            m.kernel.as_ref().map(|k| format!("kernel {k}")),
+            m.started.as_ref().map(|s| format!("started {s}")),
+            m.tier.as_ref().map(|t| format!("tier {t}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !place.is_empty() {
+            writeln!(out, "{}", place.join(", "))?;
+        }
         if let Some(age) = m.min_age_secs {
             writeln!(
                 out,

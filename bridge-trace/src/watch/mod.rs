@@ -24,12 +24,13 @@ use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::Signal, sync::mps
 use crate::{
     aggregate::{aggregate, Meta, Report, REPORT_VERSION},
     attach::{check_privileges, Knobs, ProbeCosts, Tracer},
+    capture::Capture,
     cli::{Tier, WatchConfig, WatchTarget},
     collect::{self, LiveAlloc, Snapshot},
     error::{Error, Result},
     record::{self, utc_now},
     report::human_bytes,
-    symbolize::{Blazesym, Frame, ProcessMaps, Symbolize as _},
+    symbolize::{symbolize_addrs, Blazesym, Frame, ProcessMaps},
     target::{self, Allocator},
     unwind::Unwinder,
 };
@@ -799,12 +800,14 @@ fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
         min_age_secs: None,
         allocator: p.allocator.path.clone(),
         counters: snap.counters,
-        younger_than_min_age: 0,
-        unwind: None,
-        programs: Vec::new(),
         sample_interval: interval,
-    };
-    aggregate(snap, &mut Blazesym::new(&p.maps), None, meta)
+        exe: target::exe(pid),
+        tier: Some(governor.tier.name().into()),
+        ..Meta::default()
+    }
+    .on_this_machine();
+    let capture = Capture::new(snap, &p.maps, None, meta);
+    aggregate(&capture, &mut Blazesym::process(&p.maps))
 }
 
 /// Writes an incident bundle for `alerts` (with --out-dir) and runs --on-alert for each.
@@ -895,7 +898,7 @@ fn label_new_stacks<'a>(
     let mut addrs: Vec<u64> = new.iter().flat_map(|(_, f)| f.iter().copied()).collect();
     addrs.sort_unstable();
     addrs.dedup();
-    let named = Blazesym::new(&p.maps).symbolize(&addrs);
+    let named = symbolize_addrs(&mut Blazesym::process(&p.maps), &p.maps, &addrs);
     let allocator_file = p.allocator.path.rsplit('/').next().unwrap_or_default();
     let in_allocator = |f: &Frame| {
         f.module

@@ -1,0 +1,371 @@
+//! The raw capture: what a recording saw, before any symbol was looked up. Each stack is a list
+//! of (module, file offset) with the modules' build-ids, beside the process's mappings, the
+//! counters and the target's metadata. `record` writes it next to its rendered outputs
+//! (`.btcap`) and renders from it; `bridge-trace report` renders it again later, on another
+//! machine, without root or the process.
+//!
+//! On disk: the 8-byte [`MAGIC`], the format version (u32, little-endian), then the capture as
+//! gzipped JSON (whose CRC catches corruption and whose trailer catches truncation). Readers
+//! accept every version up to [`VERSION`].
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    path::PathBuf,
+};
+
+use flate2::{read::GzDecoder, write::GzEncoder, Compression};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    aggregate::Meta,
+    cli::Format,
+    collect::{LiveAlloc, Snapshot},
+    report::Destination,
+    symbolize::ProcessMaps,
+    target::Mapping,
+};
+
+/// First bytes of every capture: a non-ASCII byte (caught by 7-bit transfers), the name, and
+/// CR LF (caught by newline conversion), as PNG does.
+pub const MAGIC: &[u8; 8] = b"\x89BTCAP\r\n";
+/// The format version this build writes; it reads this one and every older one.
+pub const VERSION: u32 = 1;
+/// The extension of capture files.
+pub const EXTENSION: &str = "btcap";
+
+/// An object file the stacks pass through.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Module {
+    /// Path as the process saw it.
+    pub path: String,
+    /// GNU build-id, hex, when the file has one: which file (or debug file) names its frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
+}
+
+/// Where one return address points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Location {
+    /// Index into [`Capture::modules`]; `None`: the address was in no file mapping (then
+    /// `offset` is the address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<u32>,
+    /// File offset of the return address in the module.
+    pub offset: u64,
+}
+
+/// The allocations still live on one call stack.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CapturedStack {
+    /// The direct caller first, as the kernel walked it.
+    pub frames: Vec<Location>,
+    /// The walk hit its depth limit: the root side is missing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// Only the direct caller is known (the stack could not be stored).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+    /// Bytes and allocations held: exact, or unbiased estimates when sampled.
+    pub bytes: f64,
+    pub count: f64,
+    pub oldest_age_secs: f64,
+}
+
+/// One recording, unsymbolized.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Capture {
+    pub meta: Meta,
+    pub modules: Vec<Module>,
+    /// Every file mapping the process had while traced.
+    pub mappings: Vec<Mapping>,
+    /// Largest first.
+    pub stacks: Vec<CapturedStack>,
+}
+
+/// Why a file is not a capture this build can read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CaptureError {
+    #[error("not a bridge-trace capture (it does not start with the capture header)")]
+    NotACapture,
+    #[error(
+        "capture format version {found} is newer than this bridge-trace reads (up to \
+         {VERSION}): use a newer bridge-trace"
+    )]
+    FutureVersion { found: u32 },
+    #[error("capture format version 0 does not exist: the file is corrupted")]
+    VersionZero,
+    #[error("truncated capture: the file ends early")]
+    Truncated,
+    #[error("corrupted capture: {0}")]
+    Corrupted(String),
+}
+
+impl Capture {
+    /// The capture of `snapshot`: allocations younger than `min_age_ns` left out (and counted
+    /// in the metadata), the rest grouped by raw stack, each address placed in the mapping
+    /// that held it.
+    pub fn new(
+        snapshot: &Snapshot,
+        maps: &ProcessMaps,
+        min_age_ns: Option<u64>,
+        mut meta: Meta,
+    ) -> Capture {
+        let now = snapshot.taken_ns;
+        let mut modules: Vec<Module> = Vec::new();
+        let mut module_index: HashMap<&str, u32> = HashMap::new();
+        let mut located: HashMap<u64, Location> = HashMap::new();
+        let mut locate = |addr: u64| -> Location {
+            *located
+                .entry(addr)
+                .or_insert_with(|| match maps.lookup(addr) {
+                    Some(m) => {
+                        let index = *module_index.entry(m.path.as_str()).or_insert_with(|| {
+                            modules.push(Module {
+                                path: m.path.clone(),
+                                build_id: maps.build_id(&m.path),
+                            });
+                            modules.len() as u32 - 1
+                        });
+                        Location {
+                            module: Some(index),
+                            offset: addr - m.start + m.offset,
+                        }
+                    }
+                    None => Location {
+                        module: None,
+                        offset: addr,
+                    },
+                })
+        };
+
+        let mut younger = 0u64;
+        let mut groups: HashMap<(Vec<Location>, bool, bool), CapturedStack> = HashMap::new();
+        for a in &snapshot.allocs {
+            let age_ns = now.saturating_sub(a.ts_ns);
+            if min_age_ns.is_some_and(|min| age_ns < min) {
+                younger += 1;
+                continue;
+            }
+            let (addrs, truncated, partial) = raw_stack(snapshot, a);
+            let frames: Vec<Location> = addrs.iter().map(|&addr| locate(addr)).collect();
+            let entry = groups
+                .entry((frames.clone(), truncated, partial))
+                .or_insert_with(|| CapturedStack {
+                    frames,
+                    truncated,
+                    partial,
+                    bytes: 0.0,
+                    count: 0.0,
+                    oldest_age_secs: 0.0,
+                });
+            let (bytes, count) = a.estimate();
+            entry.bytes += bytes;
+            entry.count += count;
+            entry.oldest_age_secs = entry.oldest_age_secs.max(age_ns as f64 / 1e9);
+        }
+        let mut stacks: Vec<CapturedStack> = groups.into_values().collect();
+        stacks.sort_by(|a, b| {
+            b.bytes
+                .total_cmp(&a.bytes)
+                .then(b.count.total_cmp(&a.count))
+                .then_with(|| a.frames.cmp(&b.frames))
+                .then(a.truncated.cmp(&b.truncated))
+                .then(a.partial.cmp(&b.partial))
+        });
+        meta.younger_than_min_age = younger;
+        Capture {
+            meta,
+            modules,
+            mappings: maps.mappings.clone(),
+            stacks,
+        }
+    }
+
+    /// The capture as written to disk.
+    pub fn to_bytes(&self) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(4096);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        let mut gz = GzEncoder::new(out, Compression::default());
+        serde_json::to_writer(&mut gz, self)?;
+        gz.flush()?;
+        gz.finish()
+    }
+
+    /// Reads a capture of any version up to [`VERSION`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Capture, CaptureError> {
+        let Some(rest) = bytes.strip_prefix(MAGIC.as_slice()) else {
+            if MAGIC.starts_with(bytes) && !bytes.is_empty() {
+                return Err(CaptureError::Truncated);
+            }
+            return Err(CaptureError::NotACapture);
+        };
+        let Some((version, body)) = rest.split_first_chunk::<4>() else {
+            return Err(CaptureError::Truncated);
+        };
+        match u32::from_le_bytes(*version) {
+            0 => return Err(CaptureError::VersionZero),
+            found if found > VERSION => return Err(CaptureError::FutureVersion { found }),
+            _ => {}
+        }
+        let mut json = Vec::new();
+        GzDecoder::new(body)
+            .read_to_end(&mut json)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => CaptureError::Truncated,
+                _ => CaptureError::Corrupted(e.to_string()),
+            })?;
+        let capture: Capture = serde_json::from_slice(&json)
+            .map_err(|e| CaptureError::Corrupted(format!("its contents do not parse: {e}")))?;
+        capture.check()?;
+        Ok(capture)
+    }
+
+    /// What serde cannot check: every frame's module exists.
+    fn check(&self) -> Result<(), CaptureError> {
+        let n = self.modules.len() as u32;
+        for s in &self.stacks {
+            if let Some(bad) = s.frames.iter().find_map(|l| l.module.filter(|&m| m >= n)) {
+                return Err(CaptureError::Corrupted(format!(
+                    "a frame names module {bad}, but there are {n}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the raw capture of a recording goes: beside its first output written to a file, with
+/// the capture's extension (`leaks.svg` → `leaks.btcap`). None when every output is a stream
+/// (`-o -`, a FIFO) or that path is itself one of the outputs.
+pub fn beside(outputs: &[(PathBuf, Format)]) -> Option<PathBuf> {
+    let (first, format) = outputs
+        .iter()
+        .find(|(p, _)| crate::report::destination(p) == Ok(Destination::File))?;
+    let name = first.file_name()?.to_string_lossy();
+    let stem = name
+        .strip_suffix(&format!(".{}", format.extension()))
+        .or_else(|| name.rsplit_once('.').map(|(stem, _)| stem))
+        .unwrap_or(&name);
+    let path = first.with_file_name(format!("{stem}.{EXTENSION}"));
+    (!outputs.iter().any(|(p, _)| *p == path)).then_some(path)
+}
+
+/// An allocation's stack: the stored frames, or just the direct caller. (addresses, truncated,
+/// partial)
+fn raw_stack(snapshot: &Snapshot, a: &LiveAlloc) -> (Vec<u64>, bool, bool) {
+    match snapshot.stacks.get(&a.stack_id) {
+        Some(s) => (s.frames.clone(), s.truncated, false),
+        None => (vec![a.ret_addr], false, true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{aggregate::Meta, collect::RawStack};
+
+    fn capture() -> Capture {
+        let mapping = Mapping {
+            start: 0x1000,
+            end: 0x3000,
+            offset: 0x400,
+            executable: true,
+            dev: "0:0".into(),
+            inode: 1,
+            path: "/bin/x".into(),
+        };
+        let maps = ProcessMaps::new(1, vec![mapping]);
+        let mut snap = Snapshot {
+            taken_ns: 10_000_000_000,
+            ..Default::default()
+        };
+        snap.stacks.insert(
+            7,
+            RawStack {
+                frames: vec![0x1010, 0x2020, 0x9999],
+                truncated: false,
+            },
+        );
+        let alloc = |size, ts_ns, stack_id, ret_addr| LiveAlloc {
+            addr: ts_ns,
+            size,
+            ts_ns,
+            stack_id,
+            ret_addr,
+            kind: None,
+            tid: 1,
+            interval: 0,
+        };
+        snap.allocs = vec![
+            alloc(100, 1_000_000_000, 7, 0x1010),
+            alloc(50, 2_000_000_000, 7, 0x1010),
+            alloc(500, 9_500_000_000, 7, 0x1010),
+            alloc(30, 3_000_000_000, 0, 0x1050),
+        ];
+        Capture::new(&snap, &maps, Some(1_000_000_000), Meta::default())
+    }
+
+    #[test]
+    fn groups_by_raw_stack_in_file_offsets() {
+        let c = capture();
+        assert_eq!(c.meta.younger_than_min_age, 1);
+        assert_eq!(c.modules.len(), 1);
+        assert_eq!(c.stacks.len(), 2);
+        let s = &c.stacks[0];
+        assert_eq!((s.bytes, s.count, s.oldest_age_secs), (150.0, 2.0, 9.0));
+        let at = |module, offset| Location { module, offset };
+        assert_eq!(
+            s.frames,
+            [at(Some(0), 0x410), at(Some(0), 0x1420), at(None, 0x9999)]
+        );
+        assert!(c.stacks[1].partial);
+        assert_eq!(c.stacks[1].frames, [at(Some(0), 0x450)]);
+    }
+
+    #[test]
+    fn lies_beside_the_first_file_output() {
+        let o = |p: &str, f| (PathBuf::from(p), f);
+        let at = |outs: &[(PathBuf, Format)]| beside(outs).map(|p| p.display().to_string());
+        assert_eq!(
+            at(&[o("d/leaks.svg", Format::Svg)]).unwrap(),
+            "d/leaks.btcap"
+        );
+        assert_eq!(at(&[o("p.pb.gz", Format::Pprof)]).unwrap(), "p.btcap");
+        assert_eq!(at(&[o("noext", Format::Svg)]).unwrap(), "noext.btcap");
+        assert_eq!(
+            at(&[o("-", Format::Text), o("r.folded", Format::Folded)]).unwrap(),
+            "r.btcap"
+        );
+        assert_eq!(at(&[o("-", Format::Text)]), None);
+        assert_eq!(at(&[o("x.btcap", Format::Svg)]), None);
+    }
+
+    #[test]
+    fn round_trips_and_says_what_is_wrong() {
+        let c = capture();
+        let bytes = c.to_bytes().unwrap();
+        assert_eq!(Capture::from_bytes(&bytes).unwrap(), c);
+
+        let err = |b: &[u8]| Capture::from_bytes(b).unwrap_err();
+        assert_eq!(err(b"x,y 1\n"), CaptureError::NotACapture);
+        assert_eq!(err(b""), CaptureError::NotACapture);
+        assert_eq!(err(&bytes[..5]), CaptureError::Truncated);
+        assert_eq!(err(&bytes[..10]), CaptureError::Truncated);
+        assert_eq!(err(&bytes[..bytes.len() - 3]), CaptureError::Truncated);
+        let mut future = bytes.clone();
+        future[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
+        assert_eq!(
+            err(&future),
+            CaptureError::FutureVersion { found: VERSION + 1 }
+        );
+        let mut flipped = bytes.clone();
+        let mid = bytes.len() / 2;
+        flipped[mid] ^= 0x55;
+        assert!(
+            matches!(err(&flipped), CaptureError::Corrupted(_)),
+            "{:?}",
+            err(&flipped)
+        );
+    }
+}

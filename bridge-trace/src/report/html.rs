@@ -1,0 +1,232 @@
+//! One self-contained HTML page for an incident ticket: what was traced (where, when, how long),
+//! what is held and how fast it grew, how sure the figures are, the top call sites, and the
+//! interactive flamegraph inline with a search box. No external resources: it opens anywhere.
+use std::io::Write as _;
+
+use super::{human_bytes, Render, Svg};
+use crate::aggregate::{Report, StackReport};
+
+pub struct Html {
+    pub top: usize,
+}
+
+/// Text made safe for HTML element content and attribute values.
+fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = "body{font-family:sans-serif;margin:1.5em;color:#222}\
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.5em}\
+table{border-collapse:collapse}td,th{padding:.2em .8em;text-align:left;vertical-align:top}\
+th{background:#eee}tr:nth-child(even) td{background:#f7f7f7}td.n{text-align:right}\
+dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:bold}\
+dd{margin:0}code{font-size:.9em}.ok{color:#060}.warn{color:#a40}\
+#flamegraph svg{width:100%}";
+
+/// The page's own script: the search box drives the flamegraph's search (inferno's
+/// `search`/`reset_search`), and `?q=TERM` in the page's address fills it in.
+const SCRIPT: &str = "(function(){\
+var box=document.getElementById('bt-search');\
+function run(){if(typeof search!=='function')return;reset_search();\
+if(box.value)search(box.value);}\
+box.addEventListener('input',run);\
+window.addEventListener('load',function(){\
+var q=new URLSearchParams(window.location.search).get('q');\
+if(q){box.value=q;box.dispatchEvent(new Event('input'));}});\
+})();";
+
+fn site(s: &StackReport) -> (String, String) {
+    let leaf = s.frames.last();
+    let name = leaf.map(|f| f.display_name()).unwrap_or("[unknown]");
+    let at = match leaf {
+        Some(f) => match (&f.file, f.line, &f.module, f.offset) {
+            (Some(file), Some(line), _, _) => format!("{file}:{line}"),
+            (Some(file), None, _, _) => file.clone(),
+            (None, _, Some(module), Some(off)) => format!("{module}+{off:#x}"),
+            _ => String::new(),
+        },
+        None => String::new(),
+    };
+    (name.to_string(), at)
+}
+
+impl Render for Html {
+    fn render(&self, report: &Report, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let m = &report.meta;
+        let total = report.total_bytes();
+        writeln!(out, "<!DOCTYPE html>\n<html lang=\"en\">\n<head>")?;
+        writeln!(out, "<meta charset=\"utf-8\">")?;
+        writeln!(
+            out,
+            "<title>bridge-trace: {} (pid {}), memory never freed</title>",
+            esc(&m.target),
+            m.pid
+        )?;
+        writeln!(out, "<style>{STYLE}</style>\n</head>\n<body>")?;
+        writeln!(
+            out,
+            "<h1>Memory held and never freed: {} (pid {})</h1>",
+            esc(&m.target),
+            m.pid
+        )?;
+
+        writeln!(out, "<dl>")?;
+        let mut row = |k: &str, v: String| writeln!(out, "<dt>{k}</dt><dd>{v}</dd>");
+        if let Some(exe) = &m.exe {
+            row("Executable", format!("<code>{}</code>", esc(exe)))?;
+        }
+        let machine = [m.host.as_deref(), m.kernel.as_deref()]
+            .into_iter()
+            .flatten()
+            .map(esc)
+            .collect::<Vec<_>>();
+        if !machine.is_empty() {
+            row("Host, kernel", machine.join(", "))?;
+        }
+        if let Some(started) = &m.started {
+            row("Started", esc(started))?;
+        }
+        row(
+            "Traced",
+            format!(
+                "{:.1} s{}{}",
+                m.duration_secs,
+                if m.target_exited {
+                    ", until the target exited"
+                } else {
+                    ""
+                },
+                m.tier
+                    .as_deref()
+                    .map(|t| format!(" (tier: {})", esc(t)))
+                    .unwrap_or_default()
+            ),
+        )?;
+        row("Allocator", format!("<code>{}</code>", esc(&m.allocator)))?;
+        row(
+            "Outstanding",
+            format!(
+                "<strong>{}</strong> ({total} bytes) in {} allocations from {} call stacks",
+                human_bytes(total),
+                report.total_count(),
+                report.stacks.len()
+            ),
+        )?;
+        if m.duration_secs > 0.0 {
+            row(
+                "Growth",
+                format!(
+                    "{}/s while traced (outstanding bytes allocated in the window ÷ its length)",
+                    human_bytes((total as f64 / m.duration_secs) as u64)
+                ),
+            )?;
+        }
+        if let Some(age) = m.min_age_secs {
+            row(
+                "Filter",
+                format!(
+                    "allocations at least {age} s old ({} younger ones left out)",
+                    m.younger_than_min_age
+                ),
+            )?;
+        }
+        writeln!(out, "</dl>")?;
+
+        writeln!(out, "<h2>How sure these figures are</h2>")?;
+        let c = &m.counters;
+        writeln!(
+            out,
+            "<p>Seen: {} allocations, {} frees ({} failed allocations).{}</p>",
+            c.allocs,
+            c.frees,
+            c.failed_allocs,
+            m.unwind
+                .as_ref()
+                .map(|u| format!(" Stacks: {}.", esc(&u.describe())))
+                .unwrap_or_default()
+        )?;
+        let caveats = report.caveats();
+        if caveats.is_empty() {
+            writeln!(
+                out,
+                "<p class=\"ok\">Nothing was lost: every allocation and free while tracing was \
+                 recorded, with its stack.</p>"
+            )?;
+        } else {
+            writeln!(out, "<ul class=\"warn\">")?;
+            for caveat in &caveats {
+                writeln!(out, "<li>{}</li>", esc(caveat))?;
+            }
+            writeln!(out, "</ul>")?;
+        }
+
+        writeln!(out, "<h2>Top call sites holding memory</h2>")?;
+        writeln!(
+            out,
+            "<table>\n<tr><th>#</th><th>Bytes</th><th>Allocations</th><th>Oldest</th>\
+             <th>Site (direct caller)</th><th>Where</th></tr>"
+        )?;
+        for (i, s) in report.stacks.iter().take(self.top).enumerate() {
+            let (name, at) = site(s);
+            let chain: Vec<String> = s
+                .frames
+                .iter()
+                .rev()
+                .map(|f| esc(f.display_name()))
+                .collect();
+            writeln!(
+                out,
+                "<tr><td class=\"n\">{}</td><td class=\"n\">{} ({})</td><td class=\"n\">{}</td>\
+                 <td class=\"n\">{:.1} s</td><td><details><summary><code>{}</code>{}</summary>\
+                 <code>{}</code></details></td><td><code>{}</code></td></tr>",
+                i + 1,
+                s.bytes,
+                human_bytes(s.bytes),
+                s.count,
+                s.oldest_age_secs,
+                esc(&name),
+                if s.partial {
+                    " (direct caller only)"
+                } else {
+                    ""
+                },
+                chain.join("<br>← "),
+                esc(&at)
+            )?;
+        }
+        writeln!(out, "</table>")?;
+        if report.stacks.len() > self.top {
+            writeln!(
+                out,
+                "<p>… and {} more stacks, all in the flamegraph.</p>",
+                report.stacks.len() - self.top
+            )?;
+        }
+
+        writeln!(out, "<h2>Flamegraph</h2>")?;
+        writeln!(
+            out,
+            "<p><label>Search functions (regular expression): <input id=\"bt-search\" \
+             type=\"search\" size=\"40\"></label> Click a frame to zoom.</p>"
+        )?;
+        let mut svg = Vec::new();
+        Svg.render(report, &mut svg)?;
+        let svg = String::from_utf8_lossy(&svg);
+        // Inline: the XML declaration and doctype belong to a standalone file only.
+        let start = svg.find("<svg").unwrap_or(0);
+        writeln!(out, "<div id=\"flamegraph\">\n{}\n</div>", &svg[start..])?;
+        writeln!(out, "<script>{SCRIPT}</script>\n</body>\n</html>")?;
+        Ok(())
+    }
+}
