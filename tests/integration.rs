@@ -765,6 +765,138 @@ fn our_programs_loaded() -> bool {
     text.contains("name malloc_enter") || text.contains("name free_enter")
 }
 
+/// Runs `bridge-trace ARGS` as the unprivileged user nobody, and checks it succeeded.
+fn as_nobody(args: &[&str]) -> std::process::Output {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    out
+}
+
+/// Issue 7's round trip: `record -- leaky all` writes the raw capture beside its outputs; once
+/// the process is gone, `bridge-trace report` run as an unprivileged user renders it in every
+/// format, its folded stacks byte-identical to those written at record time and its bytes the
+/// fixture's truth. With the traced binaries moved away their frames are left unnamed, and
+/// `report` says which and why; `--debug-dir` pointing at them names them again, identically.
+#[test]
+fn raw_capture_renders_again_later_without_root() {
+    let _g = lock();
+    let fx = fixtures();
+    let dir = scratch("capture");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for f in ["leaky", "libleaky_shared.so", "libleaky_plugin.so"] {
+        std::fs::copy(fx.join(f), bin.join(f)).unwrap();
+    }
+    let (truth_path, folded) = (dir.join("truth"), dir.join("r.folded"));
+    let leaky = bin.join("leaky");
+    let out = record(&[
+        "--mode",
+        "644",
+        "-o",
+        folded.to_str().unwrap(),
+        "--",
+        leaky.to_str().unwrap(),
+        "all",
+        truth_path.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let capture = dir.join("r.btcap");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains(&format!("wrote {} (raw capture", capture.display())),
+        "{summary}"
+    );
+    let at_record = std::fs::read_to_string(&folded).unwrap();
+    let truth = truth(&truth_path);
+
+    // Later, as nobody, into a directory of its own.
+    let later = dir.join("later");
+    std::fs::create_dir(&later).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    for d in [&dir, &later] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let o = |name: &str| later.join(name).to_str().unwrap().to_string();
+    let c = capture.to_str().unwrap();
+    let formats = ["y.folded", "y.svg", "y.json", "y.txt", "y.pb.gz", "y.html"];
+    let mut args = vec!["report", c, "--top", "100"];
+    let paths: Vec<String> = formats.iter().map(|f| o(f)).collect();
+    for p in &paths {
+        args.extend(["-o", p.as_str()]);
+    }
+    let out = as_nobody(&args);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "",
+        "every frame named"
+    );
+    assert_eq!(std::fs::read_to_string(o("y.folded")).unwrap(), at_record);
+    let report = json(Path::new(&o("y.json")));
+    assert_matches_truth(&report, &truth);
+    assert_eq!(report["meta"]["exe"], leaky.to_str().unwrap());
+    assert_eq!(report["meta"]["tier"], "full");
+    let text = std::fs::read_to_string(o("y.txt")).unwrap();
+    let html = std::fs::read_to_string(o("y.html")).unwrap();
+    for site in truth.keys() {
+        assert!(
+            text.contains(site.as_str()),
+            "{site} not in the text report"
+        );
+        assert!(
+            html.contains(site.as_str()),
+            "{site} not in the html report"
+        );
+    }
+    let top = pprof_top(Path::new(&o("y.pb.gz")), &["-nodecount=50"]);
+    let total: u64 = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(top.contains(&format!("{total}B total")), "{top}");
+    // The default: the text report on standard output.
+    let out = as_nobody(&["report", c, "--top", "100"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text);
+
+    // The binaries moved away: unnamed, and said why.
+    let moved = dir.join("moved");
+    std::fs::rename(&bin, &moved).unwrap();
+    let out = as_nobody(&["report", c, "-o", &o("z.folded")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "left unnamed: {} is not on this machine",
+            leaky.display()
+        )) && stderr.contains("--debug-dir"),
+        "{stderr}"
+    );
+    let unnamed = std::fs::read_to_string(o("z.folded")).unwrap();
+    assert!(unnamed.contains("[unknown]") && unnamed != at_record);
+    // Named again from where they are now.
+    let out = as_nobody(&[
+        "report",
+        c,
+        "--debug-dir",
+        moved.to_str().unwrap(),
+        "-o",
+        &o("w.folded"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert_eq!(std::fs::read_to_string(o("w.folded")).unwrap(), at_record);
+}
+
 // ---- errors: one line, documented exit code, no output file ----
 
 fn assert_error(args: &[&str], exit: i32, needle: &str, output: &Path) {
@@ -853,6 +985,49 @@ fn errors_are_one_line_with_no_output_file() {
         &["record", "-o", o, "--", "/etc/hostname"],
         4,
         "not an ELF",
+        &out,
+    );
+
+    // Raw captures that are not, are cut short, damaged, or from a later bridge-trace.
+    let inputs = scratch("errors-inputs");
+    let good = std::fs::read(repo().join("tests/data/capture-v1.btcap")).unwrap();
+    let bad = |name: &str, bytes: &[u8]| {
+        let p = inputs.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x20;
+    let mut future = good.clone();
+    future[8..12].copy_from_slice(&99u32.to_le_bytes());
+    for (input, needle) in [
+        (bad("hostname", b"web-3\n"), "not a bridge-trace capture"),
+        (
+            bad("cut.btcap", &good[..good.len() / 2]),
+            "truncated capture",
+        ),
+        (bad("header.btcap", &good[..6]), "truncated capture"),
+        (bad("flipped.btcap", &flipped), "corrupted capture"),
+        (
+            bad("future.btcap", &future),
+            "capture format version 99 is newer",
+        ),
+        ("/nonexistent.btcap".to_string(), "No such file"),
+    ] {
+        assert_error(&["report", &input, "-o", o], 2, needle, &out);
+    }
+    assert_error(
+        &[
+            "report",
+            &bad("ok.btcap", &good),
+            "--debug-dir",
+            "/etc/hostname",
+            "-o",
+            o,
+        ],
+        2,
+        "--debug-dir /etc/hostname: not a directory",
         &out,
     );
 

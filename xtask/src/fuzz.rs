@@ -8,8 +8,29 @@ use anyhow::{bail, Result};
 
 use crate::{output, root, run};
 
+/// Seeds the capture target with the version-1 fixture, whole and as the JSON behind its
+/// header (which the target wraps in a valid header, so that mutations reach the parser).
+fn seed_captures(dir: &std::path::Path) -> Result<()> {
+    let corpus = dir.join("corpus/capture");
+    std::fs::create_dir_all(&corpus)?;
+    let fixture = root().join("tests/data/capture-v1.btcap");
+    std::fs::copy(&fixture, corpus.join("seed-v1.btcap"))?;
+    run(Command::new("sh").arg("-c").arg(format!(
+        "tail -c +13 '{}' | gzip -dc > '{}'",
+        fixture.display(),
+        corpus.join("seed-v1.json").display()
+    )))
+}
+
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
-const TARGETS: [&str; 5] = ["durations", "sizes", "maps", "placement", "folded"];
+const TARGETS: [&str; 6] = [
+    "durations",
+    "sizes",
+    "maps",
+    "placement",
+    "folded",
+    "capture",
+];
 
 pub fn fuzz(seconds: u64) -> Result<()> {
     let installed = output(Command::new("cargo").args(["fuzz", "--version"])).is_ok();
@@ -23,6 +44,7 @@ pub fn fuzz(seconds: u64) -> Result<()> {
         ]))?;
     }
     let dir = root().join("fuzz");
+    seed_captures(&dir)?;
     let mut failed = Vec::new();
     for target in TARGETS {
         eprintln!("fuzz: {target}, {seconds} s");
