@@ -145,6 +145,7 @@ fn fixed_report() -> Report {
                     build_id: Some("a1ca6b0ec1ba4ec2b5b22a8a8e6d8c8b2e0f3d41".into()),
                 },
             ],
+            processes: Vec::new(),
         },
         stacks,
     }
@@ -177,6 +178,7 @@ fn fixed_capture() -> Capture {
             bytes: s.bytes as f64,
             count: s.count as f64,
             oldest_age_secs: s.oldest_age_secs,
+            process: None,
         })
         .collect();
     let mapping = |start: u64, path: &str| bridge_trace::target::Mapping {
@@ -200,6 +202,7 @@ fn fixed_capture() -> Capture {
             .collect(),
         modules,
         stacks,
+        processes: Vec::new(),
     }
 }
 

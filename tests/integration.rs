@@ -483,6 +483,11 @@ fn diff_of_two_recordings_names_the_growth() {
 /// exit status (bridge-trace passes a launched command's on, 128 + N for signal N), and a report
 /// whose bytes per call site are the fixture's own truth. Returns the report.
 fn traced_like_untraced(mode: &str) -> (Value, BTreeMap<String, (u64, u64)>) {
+    traced_like_untraced_with(mode, &[])
+}
+
+/// [`traced_like_untraced`] with more `record` arguments.
+fn traced_like_untraced_with(mode: &str, extra: &[&str]) -> (Value, BTreeMap<String, (u64, u64)>) {
     let dir = scratch(&format!("fault-{mode}"));
     let leaky = fixtures().join("leaky");
     let truth_path = dir.join("truth");
@@ -498,7 +503,8 @@ fn traced_like_untraced(mode: &str) -> (Value, BTreeMap<String, (u64, u64)>) {
     };
     let want_status = shell_status(untraced.status);
     let out_json = dir.join("r.json");
-    let traced = record(&[
+    let mut args = extra.to_vec();
+    args.extend([
         "-o",
         out_json.to_str().unwrap(),
         "--",
@@ -506,6 +512,7 @@ fn traced_like_untraced(mode: &str) -> (Value, BTreeMap<String, (u64, u64)>) {
         mode,
         truth_path.to_str().unwrap(),
     ]);
+    let traced = record(&args);
     let stderr = String::from_utf8_lossy(&traced.stderr);
     assert_eq!(
         traced.status.code(),
@@ -554,6 +561,41 @@ fn target_forking_keeps_the_child_out() {
         "child_leak",
         "the child's leak in the parent's report",
     );
+}
+
+/// `--follow-children`: the forked child is traced from its first instruction as a process of
+/// its own. The report holds two processes, each stack under its process's root frame; the
+/// parent's stacks are exactly its truth and the child's exactly the child's (3 × 7777 bytes
+/// in `child_leak`), and the target runs and exits as it does untraced.
+#[test]
+fn followed_children_are_processes_of_their_own() {
+    let _g = lock();
+    let (report, truth) = traced_like_untraced_with("fork", &["--follow-children"]);
+    let processes = report["meta"]["processes"].as_array().unwrap();
+    assert_eq!(processes.len(), 2, "{processes:?}");
+    let (parent, child) = (&processes[0], &processes[1]);
+    assert_eq!(parent["pid"], report["meta"]["pid"]);
+    assert_eq!(child["parent"], parent["pid"]);
+    let root = |p: &Value| format!("{} [pid {}]", p["name"].as_str().unwrap(), p["pid"]);
+    let of = |p: &Value| {
+        let mut r = report.clone();
+        let stacks: Vec<Value> = r["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["frames"][0]["function"] == root(p).as_str())
+            .cloned()
+            .collect();
+        r["stacks"] = Value::Array(stacks);
+        by_leaf(&r)
+    };
+    assert_eq!(of(parent), truth, "the parent's stacks");
+    let dir = Path::new(TMP).join("runs/fault-fork");
+    let child_truth = self::truth(&dir.join("truth.child"));
+    assert_eq!(of(child), child_truth, "the child's stacks");
+    let all = by_leaf(&report);
+    assert_eq!(all.len(), truth.len() + child_truth.len(), "{all:#?}");
+    assert_eq!(counter(&report, "child_stops"), 1);
 }
 
 /// After an exec, what the old image held is gone with it (no free is ever seen for it): the

@@ -118,9 +118,12 @@ pub enum Counter {
     UnmatchedUnmaps = 20,
     /// Growth that could not be recorded because the region or per-stack growth map was full.
     GrowthMapFull = 21,
+    /// Children of a target held at their first page fault (`--follow-children`) until their
+    /// probes were attached.
+    ChildStops = 22,
 }
 
-pub const COUNTER_COUNT: u32 = 22;
+pub const COUNTER_COUNT: u32 = 23;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -146,6 +149,7 @@ impl Counter {
         Counter::GrowthEvents,
         Counter::UnmatchedUnmaps,
         Counter::GrowthMapFull,
+        Counter::ChildStops,
     ];
 }
 

@@ -18,9 +18,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop,
         bpf_probe_read_kernel, bpf_probe_read_user, bpf_send_signal,
     },
-    macros::{map, raw_tracepoint, uprobe, uretprobe},
+    macros::{map, raw_tracepoint, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
-    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
     EbpfContext as _,
 };
 use bridge_trace_common::{
@@ -48,9 +48,22 @@ static UNWIND_MODE: u32 = UnwindMode::Auto as u32;
 #[no_mangle]
 static STOP_AT_START: u32 = 0;
 
+/// The process those holds apply to: the launched one, whose parent (the user half) sees it
+/// stop. A followed child stopped there would wait for a SIGCONT nobody sends.
+#[no_mangle]
+static HOLD_TGID: u32 = 0;
+
+/// Where `task_newtask`'s `pid` and `clone_flags` fields are in its record (from the event's
+/// format in tracefs, read by the user half), for `--follow-children`.
+#[no_mangle]
+static NEWTASK_PID_AT: u32 = 8;
+#[no_mangle]
+static NEWTASK_FLAGS_AT: u32 = 32;
+
 // ---- Maps. TARGETS, CONFIG and EXP_TABLE are written by the user half's `attach` module, the
 // unwind maps by its `unwind` module, and only read here; every other map is written here only,
-// and the user half only reads (and sizes) it. ----
+// and the user half only reads (and sizes) it, except that `attach` removes a held child from
+// HELD_CHILDREN when it lets it go. ----
 
 /// The processes being traced (tgid → 1; user-written). Uprobes are also attached for these
 /// pids only; the check keeps a stray event from another process out of the maps, and is what
@@ -1187,12 +1200,67 @@ pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+// ---- Children (`--follow-children`): a target's forked child is held at its first page
+// fault — before its first allocation, since returning from fork writes to its stack, which
+// fork made copy-on-write — until its own probes are attached. ----
+
+/// Children a target forked that have not faulted yet: child pid → parent tgid.
+#[map]
+static FORKED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Children held (SIGSTOP) at their first fault: child pid → parent tgid. The user half
+/// attaches their probes, sends SIGCONT and removes the entry.
+#[map]
+static HELD_CHILDREN: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+const CLONE_VM: u64 = 0x100;
+const CLONE_THREAD: u64 = 0x10000;
+
+/// A target creates a task: a forked process is remembered in [`FORKED`]; not its threads,
+/// and not a child sharing its memory (vfork, posix_spawn), which runs only to exec.
+#[tracepoint(category = "task", name = "task_newtask")]
+pub fn new_task(ctx: TracePointContext) -> u32 {
+    let Some((parent, _)) = current_target() else {
+        return 0;
+    };
+    // SAFETY: reads of the tracepoint's record at offsets its format gives.
+    let flags: u64 = unsafe { ctx.read_at(knob(&NEWTASK_FLAGS_AT) as usize) }.unwrap_or(0);
+    if flags & (CLONE_THREAD | CLONE_VM) != 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    let Ok(child) = (unsafe { ctx.read_at::<i32>(knob(&NEWTASK_PID_AT) as usize) }) else {
+        return 0;
+    };
+    let _ = FORKED.insert(child as u32, parent, 0);
+    0
+}
+
+/// Every user page fault, system-wide (`--follow-children` only): a remembered child's first
+/// one holds it.
+#[raw_tracepoint(tracepoint = "page_fault_user")]
+pub fn child_fault(_ctx: RawTracePointContext) -> i32 {
+    let (tgid, _) = current_task();
+    // SAFETY: the value is copied out.
+    let Some(parent) = (unsafe { FORKED.get(&tgid) }).copied() else {
+        return 0;
+    };
+    let _ = FORKED.remove(&tgid);
+    if HELD_CHILDREN.insert(tgid, parent, 0).is_err() {
+        return 0;
+    }
+    count(Counter::ChildStops);
+    // SAFETY: plain helper call; the signal goes to the current process.
+    unsafe { bpf_send_signal(SIGSTOP) };
+    0
+}
+
 /// Where new objects are mapped and none of their code has run (glibc's `__libc_early_init`,
 /// the loader's `_dl_debug_state` at every dlopen, a static program's entry point): in
 /// `-- CMD` mode, hold the target so that their unwind tables are loaded first.
 #[uprobe]
 pub fn start_enter(_ctx: ProbeContext) -> u32 {
-    if knob(&STOP_AT_START) == 0 || current_target().is_none() {
+    if knob(&STOP_AT_START) == 0 || current_task().0 != knob(&HOLD_TGID) {
         return 0;
     }
     count(Counter::StartStops);
@@ -1204,7 +1272,7 @@ pub fn start_enter(_ctx: ProbeContext) -> u32 {
 /// `_exit`: in `-- CMD` mode, hold the target at the door so its maps can be read.
 #[uprobe]
 pub fn exit_enter(_ctx: ProbeContext) -> u32 {
-    if knob(&STOP_AT_EXIT) == 0 || current_target().is_none() {
+    if knob(&STOP_AT_EXIT) == 0 || current_task().0 != knob(&HOLD_TGID) {
         return 0;
     }
     count(Counter::ExitStops);

@@ -59,6 +59,20 @@ pub struct Meta {
     /// The object files the stacks pass through, with their build-ids.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<Module>,
+    /// With `--follow-children`: every process traced, the first one then its children; each
+    /// stack's root frame names its process (`name [pid N]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// A process of a recording that followed children.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub name: String,
+    /// The traced process that forked it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u32>,
 }
 
 impl Meta {
@@ -204,12 +218,18 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
     // Estimates are summed unrounded (sampled allocations stand for fractions of several).
     let mut groups: HashMap<Vec<Frame>, (StackReport, f64, f64)> = HashMap::new();
     for s in &capture.stacks {
-        // Leaf first in the kernel's order; reverse to root first.
-        let named: Vec<Frame> = s
-            .frames
-            .iter()
-            .rev()
-            .flat_map(|l| names[l].iter().cloned())
+        // Leaf first in the kernel's order; reverse to root first, under its process's frame
+        // when several processes were traced.
+        let process = s
+            .process
+            .and_then(|p| capture.processes.get(p as usize))
+            .map(|p| Frame {
+                function: Some(format!("{} [pid {}]", p.name, p.pid)),
+                ..Frame::unknown(None, None)
+            });
+        let named: Vec<Frame> = process
+            .into_iter()
+            .chain(s.frames.iter().rev().flat_map(|l| names[l].iter().cloned()))
             .collect();
         let (entry, bytes, count) = groups.entry(named.clone()).or_insert_with(|| {
             let r = StackReport {
@@ -237,6 +257,15 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
     sort_stacks(&mut stacks);
     let mut meta = capture.meta.clone();
     meta.modules = capture.modules.clone();
+    meta.processes = capture
+        .processes
+        .iter()
+        .map(|p| ProcessInfo {
+            pid: p.pid,
+            name: p.name.clone(),
+            parent: p.parent,
+        })
+        .collect();
     Report { meta, stacks }
 }
 
@@ -284,6 +313,7 @@ mod tests {
             bytes,
             count,
             oldest_age_secs: age,
+            process: None,
         }
     }
 
@@ -301,6 +331,7 @@ mod tests {
                 stack(&[0xa, 0xb, 0xd], 50.4, 1.4, 3.0),
                 stack(&[0xe], 160.0, 2.0, 1.0),
             ],
+            processes: Vec::new(),
         };
         let r = aggregate(&capture, &mut Fake);
         assert_eq!(r.stacks.len(), 2);

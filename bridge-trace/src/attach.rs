@@ -1,7 +1,8 @@
 //! Loads the eBPF object, sets its read-only knobs and map sizes, and attaches every probe from
 //! one declarative table ([`PROBES`]) to the allocator object of each traced process, and the
-//! system-wide raw tracepoints ([`GROWTH_TRACEPOINT`], [`EXEC_TRACEPOINT`]). Owns the user-written control maps
-//! (TARGETS, CONFIG, EXP_TABLE) and purges a process's entries from the other maps once it is no
+//! system-wide tracepoints ([`GROWTH_TRACEPOINT`], [`EXEC_TRACEPOINT`], and with
+//! `--follow-children` [`NEWTASK_TRACEPOINT`] and [`CHILD_FAULT_TRACEPOINT`]). Owns the
+//! user-written control maps (TARGETS, CONFIG, EXP_TABLE; HELD_CHILDREN's removals) and purges a process's entries from the other maps once it is no
 //! longer traced. Dropping the [`Tracer`] detaches everything; the links are file descriptors,
 //! so the kernel also detaches them if bridge-trace is killed.
 use std::{collections::HashMap, num::NonZeroU32, os::fd::AsFd as _, path::Path};
@@ -10,7 +11,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
     programs::{
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
-        ProgramError, RawTracePoint, UProbe,
+        ProgramError, RawTracePoint, TracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
 };
@@ -145,6 +146,12 @@ pub const GROWTH_TRACEPOINT: (&str, &str) = ("page_fault_user", "page_fault_user
 /// every allocation of the old image, with no free to see.
 pub const EXEC_TRACEPOINT: (&str, &str) = ("process_exec", "sched_process_exec");
 
+/// New tasks of the targets (`--follow-children`): a forked child is remembered.
+pub const NEWTASK_TRACEPOINT: (&str, &str, &str) = ("new_task", "task", "task_newtask");
+
+/// A remembered child's first page fault holds it (`--follow-children`), system-wide.
+pub const CHILD_FAULT_TRACEPOINT: (&str, &str) = ("child_fault", "page_fault_user");
+
 /// Knobs of the eBPF object, fixed at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct Knobs {
@@ -155,6 +162,8 @@ pub struct Knobs {
     pub launched: bool,
     pub max_allocs: u32,
     pub unwind: UnwindMode,
+    /// Follow the processes the targets fork (`--follow-children`).
+    pub follow_children: bool,
 }
 
 /// The loaded and attached eBPF object. Maps are read through [`crate::collect`].
@@ -170,6 +179,43 @@ pub struct Tracer {
     page_faults: bool,
     /// Whether [`EXEC_TRACEPOINT`] is attached.
     execs: bool,
+}
+
+/// Where `task:task_newtask`'s `pid` and `clone_flags` are in its record, from the event's
+/// format in tracefs.
+fn newtask_fields() -> Result<(u32, u32)> {
+    let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|d| std::fs::read_to_string(format!("{d}/events/task/task_newtask/format")).ok())
+        .ok_or_else(|| {
+            Error::Ebpf(
+                "--follow-children needs the task:task_newtask tracepoint (tracefs at \
+                 /sys/kernel/tracing)"
+                    .into(),
+            )
+        })?;
+    let offset = |field: &str| {
+        format.lines().find_map(|l| {
+            let (decl, rest) = l.trim().strip_prefix("field:")?.split_once(';')?;
+            if decl.split_whitespace().last()? != field {
+                return None;
+            }
+            rest.trim()
+                .strip_prefix("offset:")?
+                .split(';')
+                .next()?
+                .parse()
+                .ok()
+        })
+    };
+    match (offset("pid"), offset("clone_flags")) {
+        (Some(pid), Some(flags)) => Ok((pid, flags)),
+        _ => Err(Error::Ebpf(
+            "task:task_newtask has no pid or clone_flags field here: --follow-children cannot \
+             tell processes from threads"
+                .into(),
+        )),
+    }
 }
 
 /// Fails with a clear message when the process lacks the privileges to trace.
@@ -240,9 +286,18 @@ impl Tracer {
         check_privileges()?;
         let launched = u32::from(knobs.launched);
         let unwind = knobs.unwind as u32;
+        let hold = if knobs.launched { knobs.tgid } else { 0 };
+        let (pid_at, flags_at) = if knobs.follow_children {
+            newtask_fields()?
+        } else {
+            (8, 32)
+        };
         let ebpf = EbpfLoader::new()
             .override_global("STOP_AT_EXIT", &launched, true)
             .override_global("STOP_AT_START", &launched, true)
+            .override_global("HOLD_TGID", &hold, true)
+            .override_global("NEWTASK_PID_AT", &pid_at, true)
+            .override_global("NEWTASK_FLAGS_AT", &flags_at, true)
             .override_global("UNWIND_MODE", &unwind, true)
             .map_max_entries("ALLOCS", knobs.max_allocs)
             .load(EBPF_OBJECT)
@@ -369,6 +424,48 @@ impl Tracer {
         }
         self.purge::<AllocKey, MmapRegion>("REGIONS", |k| k.tgid == pid);
         self.purge_per_cpu::<StackKey, GrowthTotals>("GROWTH", |k| k.tgid == pid);
+    }
+
+    /// Starts following the children the targets fork: each is held at its first page fault
+    /// until [`Tracer::held_children`] hands it to the caller, which attaches its probes and
+    /// lets it go ([`Tracer::release_child`]).
+    pub fn follow_children(&mut self) -> Result<()> {
+        let (name, category, event) = NEWTASK_TRACEPOINT;
+        let program: &mut TracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Ebpf(format!("program {name} missing from the object")))?
+            .try_into()
+            .map_err(|e: ProgramError| ebpf_err(name, chain(&e)))?;
+        program
+            .load()
+            .map_err(|e| ebpf_err(&format!("loading {name}"), chain(&e)))?;
+        program.attach(category, event).map_err(|e| {
+            ebpf_err(
+                &format!("attaching {name} to {category}:{event}"),
+                chain(&e),
+            )
+        })?;
+        self.attach_raw_tracepoint(CHILD_FAULT_TRACEPOINT)
+    }
+
+    /// Children held at their first page fault: (child, parent).
+    pub fn held_children(&self) -> Vec<(u32, u32)> {
+        self.ebpf
+            .map("HELD_CHILDREN")
+            .and_then(|m| BpfHashMap::<&MapData, u32, u32>::try_from(m).ok())
+            .map(|held| held.iter().filter_map(|r| r.ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets a held child (its probes are attached, or it cannot be followed) and sends it
+    /// SIGCONT.
+    pub fn release_child(&mut self, pid: u32) {
+        if let Ok(mut held) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>("HELD_CHILDREN") {
+            let _ = held.remove(&pid);
+        }
+        // SAFETY: plain syscall; resumes the child bridge-trace stopped.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
     }
 
     /// Loads and attaches a system-wide raw tracepoint program, for as long as the tracer lives.

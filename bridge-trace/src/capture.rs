@@ -28,8 +28,9 @@ use crate::{
 /// First bytes of every capture: a non-ASCII byte (caught by 7-bit transfers), the name, and
 /// CR LF (caught by newline conversion), as PNG does.
 pub const MAGIC: &[u8; 8] = b"\x89BTCAP\r\n";
-/// The format version this build writes; it reads this one and every older one.
-pub const VERSION: u32 = 1;
+/// The format version this build writes; it reads this one and every older one. Version 2
+/// added the followed children (`processes`, each stack's `process`).
+pub const VERSION: u32 = 2;
 /// The extension of capture files.
 pub const EXTENSION: &str = "btcap";
 
@@ -69,6 +70,22 @@ pub struct CapturedStack {
     pub bytes: f64,
     pub count: f64,
     pub oldest_age_secs: f64,
+    /// Index into [`Capture::processes`] when several processes were traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<u32>,
+}
+
+/// One process of a recording that followed children (`--follow-children`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapturedProcess {
+    pub pid: u32,
+    pub name: String,
+    /// The traced process that forked it; none for the first one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u32>,
+    /// Its file mappings (the first process's are [`Capture::mappings`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mappings: Vec<Mapping>,
 }
 
 /// One recording, unsymbolized.
@@ -80,6 +97,9 @@ pub struct Capture {
     pub mappings: Vec<Mapping>,
     /// Largest first.
     pub stacks: Vec<CapturedStack>,
+    /// With `--follow-children`: the first process, then each child followed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<CapturedProcess>,
 }
 
 /// Why a file is not a capture this build can read.
@@ -157,28 +177,80 @@ impl Capture {
                     bytes: 0.0,
                     count: 0.0,
                     oldest_age_secs: 0.0,
+                    process: None,
                 });
             let (bytes, count) = a.estimate();
             entry.bytes += bytes;
             entry.count += count;
             entry.oldest_age_secs = entry.oldest_age_secs.max(age_ns as f64 / 1e9);
         }
-        let mut stacks: Vec<CapturedStack> = groups.into_values().collect();
-        stacks.sort_by(|a, b| {
+        meta.younger_than_min_age = younger;
+        let mut capture = Capture {
+            meta,
+            modules,
+            mappings: maps.mappings.clone(),
+            stacks: groups.into_values().collect(),
+            processes: Vec::new(),
+        };
+        capture.sort();
+        capture
+    }
+
+    /// Largest first, ties in a fixed order.
+    fn sort(&mut self) {
+        self.stacks.sort_by(|a, b| {
             b.bytes
                 .total_cmp(&a.bytes)
                 .then(b.count.total_cmp(&a.count))
+                .then_with(|| a.process.cmp(&b.process))
                 .then_with(|| a.frames.cmp(&b.frames))
                 .then(a.truncated.cmp(&b.truncated))
                 .then(a.partial.cmp(&b.partial))
         });
-        meta.younger_than_min_age = younger;
-        Capture {
-            meta,
-            modules,
-            mappings: maps.mappings.clone(),
-            stacks,
+    }
+
+    /// One capture of a process and the children it forked, each stack marked with its
+    /// process: `self` is the first process's, named `name`.
+    pub fn with_children(
+        mut self,
+        name: &str,
+        children: Vec<(CapturedProcess, Capture)>,
+    ) -> Capture {
+        self.processes = vec![CapturedProcess {
+            pid: self.meta.pid,
+            name: name.to_string(),
+            parent: None,
+            mappings: Vec::new(),
+        }];
+        for s in &mut self.stacks {
+            s.process = Some(0);
         }
+        for (mut process, child) in children {
+            let index = self.processes.len() as u32;
+            let modules: Vec<u32> = child
+                .modules
+                .into_iter()
+                .map(|m| match self.modules.iter().position(|x| *x == m) {
+                    Some(i) => i as u32,
+                    None => {
+                        self.modules.push(m);
+                        self.modules.len() as u32 - 1
+                    }
+                })
+                .collect();
+            for mut s in child.stacks {
+                for l in &mut s.frames {
+                    l.module = l.module.map(|m| modules[m as usize]);
+                }
+                s.process = Some(index);
+                self.stacks.push(s);
+            }
+            self.meta.younger_than_min_age += child.meta.younger_than_min_age;
+            process.mappings = child.mappings;
+            self.processes.push(process);
+        }
+        self.sort();
+        self
     }
 
     /// The capture as written to disk.
@@ -221,10 +293,16 @@ impl Capture {
         Ok(capture)
     }
 
-    /// What serde cannot check: every frame's module exists.
+    /// What serde cannot check: every frame's module and every stack's process exists.
     fn check(&self) -> Result<(), CaptureError> {
         let n = self.modules.len() as u32;
+        let processes = self.processes.len() as u32;
         for s in &self.stacks {
+            if let Some(bad) = s.process.filter(|&p| p >= processes) {
+                return Err(CaptureError::Corrupted(format!(
+                    "a stack names process {bad}, but there are {processes}"
+                )));
+            }
             if let Some(bad) = s.frames.iter().find_map(|l| l.module.filter(|&m| m >= n)) {
                 return Err(CaptureError::Corrupted(format!(
                     "a frame names module {bad}, but there are {n}"

@@ -546,6 +546,11 @@ pub struct RecordArgs {
     /// which `bridge-trace report` renders the recording again later, anywhere.
     #[arg(long)]
     pub no_raw: bool,
+    /// Also trace the processes the target forks (and theirs), from their first instruction:
+    /// each is reported as a process of its own, under a root frame `NAME [pid N]`. A child is
+    /// held (stopped) at its first page fault, for the milliseconds its probes take to attach.
+    #[arg(long)]
+    pub follow_children: bool,
     /// Program to launch and trace until it exits (everything after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -648,6 +653,8 @@ pub struct Config {
     pub mode: u32,
     /// No raw capture beside the outputs.
     pub no_raw: bool,
+    /// Trace the processes the target forks too, each as a process of its own.
+    pub follow_children: bool,
 }
 
 impl Config {
@@ -716,6 +723,7 @@ impl Config {
             quiet: args.quiet,
             mode: parse_mode(&args.mode)?,
             no_raw: args.no_raw,
+            follow_children: args.follow_children,
         })
     }
 }

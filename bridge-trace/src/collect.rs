@@ -122,6 +122,9 @@ pub struct Counters {
     pub unmatched_unmaps: u64,
     #[serde(default)]
     pub growth_map_full: u64,
+    /// Children held at their first page fault until their probes were attached.
+    #[serde(default)]
+    pub child_stops: u64,
 }
 
 impl Counters {
@@ -149,6 +152,7 @@ impl Counters {
             Counter::GrowthEvents => &mut self.growth_events,
             Counter::UnmatchedUnmaps => &mut self.unmatched_unmaps,
             Counter::GrowthMapFull => &mut self.growth_map_full,
+            Counter::ChildStops => &mut self.child_stops,
         };
         *slot = v;
     }

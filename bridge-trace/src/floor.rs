@@ -21,6 +21,7 @@ pub fn run(pid: u32, parts: FloorParts) -> Result<()> {
         launched: false,
         max_allocs: 1,
         unwind: Unwind::Fp.mode(),
+        follow_children: false,
     })?;
     tracer.attach_floor(pid, &allocator, parts)?;
     eprintln!("bridge-trace: floor probes ({parts:?}) on pid {pid}");

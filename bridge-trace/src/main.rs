@@ -104,6 +104,16 @@ fn print_summary(outcome: &record::Outcome, top: usize) {
     if let Some(u) = &r.meta.unwind {
         o!("  stacks: {}", u.describe());
     }
+    for p in &r.meta.processes {
+        match p.parent {
+            Some(parent) => o!(
+                "  process: {} (pid {}), forked by pid {parent}",
+                p.name,
+                p.pid
+            ),
+            None => o!("  process: {} (pid {})", p.name, p.pid),
+        }
+    }
     for caveat in r.caveats() {
         o!("  note: {caveat}");
     }

@@ -16,7 +16,7 @@ use tokio::{
 use crate::{
     aggregate::{aggregate, Meta, Report, REPORT_VERSION},
     attach::{check_privileges, Knobs, Tracer},
-    capture::{self, Capture},
+    capture::{self, Capture, CapturedProcess},
     cli::{Config, Format, Target, TraceOptions},
     collect::{self, Snapshot},
     error::{Error, Result},
@@ -47,6 +47,50 @@ pub struct Outcome {
     pub stop: StopReason,
     /// Exit status of a launched target, when it exited.
     pub target_status: Option<i32>,
+}
+
+/// How often held children (`--follow-children`) are looked for: each waits, stopped, until then.
+const CHILDREN_POLL: Duration = Duration::from_millis(10);
+
+/// A process the target forked, followed (`--follow-children`).
+struct Followed {
+    pid: u32,
+    parent: u32,
+    name: String,
+    maps: ProcessMaps,
+}
+
+/// Attaches a held child's probes and lets it go. A child that cannot be followed is let go
+/// too, and said.
+fn follow(t: &mut Attached, child: u32, parent: u32, quiet: bool) -> Option<Followed> {
+    let attached = (|| {
+        let maps = target::read_maps(child)?;
+        let allocator = target::find_allocator(child, &maps)?;
+        t.tracer.trace_allocator(child, &allocator)?;
+        if let Some(u) = t.unwinder.as_mut() {
+            u.track(child, &maps)?;
+        }
+        Ok::<_, Error>(maps)
+    })();
+    t.tracer.release_child(child);
+    let name = target::comm(child).unwrap_or_else(|| format!("pid{child}"));
+    match attached {
+        Ok(maps) => {
+            if !quiet {
+                eprintln!("bridge-trace: following {name} (pid {child}), forked by pid {parent}");
+            }
+            Some(Followed {
+                pid: child,
+                parent,
+                name,
+                maps: ProcessMaps::new(child, maps),
+            })
+        }
+        Err(e) => {
+            eprintln!("bridge-trace: not following pid {child} (forked by pid {parent}): {e}");
+            None
+        }
+    }
 }
 
 /// Events about a launched child, from the thread that waits for it.
@@ -102,7 +146,7 @@ impl Attached {
 }
 
 /// Attaches to the running process `pid` (`record --pid`, `watch`).
-pub(crate) fn attach_pid(pid: u32, config: &TraceOptions) -> Result<Attached> {
+pub(crate) fn attach_pid(pid: u32, config: &TraceOptions, follow: bool) -> Result<Attached> {
     let maps = target::inspect_pid(pid)?;
     let allocator = target::find_allocator(pid, &maps)?;
     let mut tracer = Tracer::attach(
@@ -112,8 +156,12 @@ pub(crate) fn attach_pid(pid: u32, config: &TraceOptions) -> Result<Attached> {
             launched: false,
             max_allocs: config.max_allocs,
             unwind: config.unwind.mode(),
+            follow_children: follow,
         },
     )?;
+    if follow {
+        tracer.follow_children()?;
+    }
     if !target::alive(pid) {
         return Err(Error::ExitedBeforeAttach(pid));
     }
@@ -150,9 +198,13 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
             launched: true,
             max_allocs: config.max_allocs,
             unwind: config.unwind.mode(),
+            follow_children: config.follow_children,
         },
     )
     .and_then(|mut tracer| {
+        if config.follow_children {
+            tracer.follow_children()?;
+        }
         let unwinder = Unwinder::new(&mut tracer, config.unwind)?;
         if unwinder.is_some() {
             // Held once its libraries are mapped, and at each dlopen, to load their tables
@@ -255,7 +307,7 @@ pub(crate) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 async fn run_async(config: &Config) -> Result<Outcome> {
     check_privileges()?;
     let mut t = match &config.target {
-        Target::Pid(pid) => attach_pid(*pid, &config.trace_options())?,
+        Target::Pid(pid) => attach_pid(*pid, &config.trace_options(), config.follow_children)?,
         Target::Command(argv) => launch(argv, config)?,
     };
     let pid = t.pid;
@@ -276,6 +328,9 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     let (mut sigint, mut sigterm) = stop_signals()?;
     let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
     let mut refresh = tokio::time::interval(MAPS_REFRESH);
+    // A held child waits for this tick to be attached and let go.
+    let mut held_children = tokio::time::interval(CHILDREN_POLL);
+    let mut children: Vec<Followed> = Vec::new();
     let mut last_status = Instant::now();
     let mut last_allocs = 0u64;
     let mut exit_snapshot: Option<Snapshot> = None;
@@ -330,8 +385,20 @@ async fn run_async(config: &Config) -> Result<Outcome> {
             c = async { t.unwinder.as_mut().unwrap().next_compiled().await }, if t.unwinder.is_some() => {
                 t.table_compiled(c)?;
             }
+            _ = held_children.tick(), if config.follow_children => {
+                for (child, parent) in t.tracer.held_children() {
+                    children.extend(follow(&mut t, child, parent, config.quiet));
+                }
+            }
             _ = refresh.tick() => {
                 t.refresh_maps()?;
+                for c in &mut children {
+                    if c.maps.refresh() {
+                        if let Some(u) = t.unwinder.as_mut() {
+                            u.track(c.pid, &c.maps.current)?;
+                        }
+                    }
+                }
                 if show_status && last_status.elapsed() >= STATUS_EVERY {
                     if let Ok(s) = collect::status(&t.tracer, pid) {
                         let rate = (s.counters.allocs - last_allocs.min(s.counters.allocs)) as f64
@@ -364,6 +431,16 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     // Counters keep counting until the very end (frees during atexit handlers, say).
     if let Ok(c) = collect::counters(&t.tracer) {
         snapshot.counters = c;
+    }
+    // Children held just now are let go untraced; the others' allocations are read while their
+    // probes are still attached.
+    for (child, _) in t.tracer.held_children() {
+        t.tracer.release_child(child);
+    }
+    let mut child_snapshots = Vec::with_capacity(children.len());
+    for c in &mut children {
+        c.maps.refresh();
+        child_snapshots.push(collect::snapshot(&t.tracer, c.pid)?);
     }
     let programs = t.tracer.program_costs();
     snapshot.counters.missed_probe_runs = programs.iter().map(|p| p.missed_runs).sum();
@@ -420,7 +497,30 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         config.min_age.map(|d| d.as_nanos() as u64),
         meta,
     );
-    let report = aggregate(&capture, &mut Blazesym::process(&t.maps));
+    let capture = if config.follow_children {
+        let parts = children
+            .iter()
+            .zip(&child_snapshots)
+            .map(|(c, snap)| {
+                let process = CapturedProcess {
+                    pid: c.pid,
+                    name: c.name.clone(),
+                    parent: Some(c.parent),
+                    mappings: Vec::new(),
+                };
+                let min_age = config.min_age.map(|d| d.as_nanos() as u64);
+                (
+                    process,
+                    Capture::new(snap, &c.maps, min_age, capture.meta.clone()),
+                )
+            })
+            .collect();
+        capture.with_children(&t.name, parts)
+    } else {
+        capture
+    };
+    let mut symbolizer = Blazesym::process(&t.maps);
+    let report = aggregate(&capture, &mut symbolizer);
 
     let outputs = if config.outputs.is_empty() {
         vec![(

@@ -124,6 +124,7 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         launched: false,
         max_allocs: config.trace.max_allocs,
         unwind: config.trace.unwind.mode(),
+        follow_children: false,
     })?;
     let probe_costs = tracer.calibrate().unwrap_or_else(|e| {
         tracing::warn!("could not measure the probes' cost: {e}");
