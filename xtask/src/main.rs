@@ -335,6 +335,8 @@ fn demo(messages: u64) -> Result<()> {
             "leaks.json",
             "-o",
             "leaks.pb.gz",
+            "-o",
+            "leaks.html",
             "--",
         ])
         .arg(&demo_bin)
