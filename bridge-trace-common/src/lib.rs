@@ -121,9 +121,12 @@ pub enum Counter {
     /// Children of a target held at their first page fault (`--follow-children`) until their
     /// probes were attached.
     ChildStops = 22,
+    /// Releases seen again inside the release that made them (a C++ `operator delete` ending
+    /// in `free`): counted once.
+    NestedFrees = 23,
 }
 
-pub const COUNTER_COUNT: u32 = 23;
+pub const COUNTER_COUNT: u32 = 24;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -150,6 +153,7 @@ impl Counter {
         Counter::UnmatchedUnmaps,
         Counter::GrowthMapFull,
         Counter::ChildStops,
+        Counter::NestedFrees,
     ];
 }
 
@@ -203,6 +207,20 @@ pub struct AllocInfo {
     pub interval: u64,
 }
 
+/// The last release a thread made, while nested releases are possible (`config::NESTED_FREES`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Releasing {
+    pub addr: u64,
+    pub sp: u64,
+    pub ts_ns: u64,
+}
+
+/// How soon after a release a release of the same block by the same thread, deeper on its
+/// stack and with no allocation by that thread in between, is the same release seen again (a
+/// delete's tail jump to free takes nanoseconds; the margin is for a preempted thread).
+pub const NESTED_FREE_NS: u64 = 1_000_000;
+
 /// An allocator call between its entry and its return, per thread.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -229,7 +247,11 @@ pub mod config {
     /// Mean bytes between sampled allocations (a Poisson process over allocated bytes);
     /// 0: record every allocation.
     pub const SAMPLE_INTERVAL: u32 = 0;
-    pub const COUNT: u32 = 1;
+    /// 1 once an allocator whose release functions may call one another is traced (C++
+    /// `operator delete` tail-jumping to `free`, `mi_free_size` calling `mi_free`): the inner
+    /// release of the same block is then recognised and not counted as an unknown free.
+    pub const NESTED_FREES: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Largest sampling interval (1 TiB): keeps the kernel's fixed-point product in range.

@@ -25,11 +25,12 @@ use aya_ebpf::{
 };
 use bridge_trace_common::{
     cfa_rule, config, rbp_rule, AllocInfo, AllocKey, AllocKind, Counter, GrowthTotals, InFlight,
-    MmapRegion, PendingSyscall, ProcUnwind, StackFrames, StackKey, StackTotals, UnwindMode,
-    UnwindPage, UnwindRow, UnwindRule, COUNTER_COUNT, DEFAULT_MAX_ALLOCS, EXP_QUANTILES,
-    EXP_QUANTILE_SHIFT, MAX_INFLIGHT, MAX_REGIONS, MAX_STACKS, MAX_STACK_DEPTH, MAX_TARGETS,
-    MAX_UNWIND_MAPPINGS, MAX_UNWIND_PAGES, MAX_UNWIND_PROCS, MAX_UNWIND_ROWS, MAX_UNWIND_RULES,
-    NESTING_WINDOW, NOT_SAMPLED, STACK_TRUNCATED, UNWIND_PAGE_SHIFT,
+    MmapRegion, PendingSyscall, ProcUnwind, Releasing, StackFrames, StackKey, StackTotals,
+    UnwindMode, UnwindPage, UnwindRow, UnwindRule, COUNTER_COUNT, DEFAULT_MAX_ALLOCS,
+    EXP_QUANTILES, EXP_QUANTILE_SHIFT, MAX_INFLIGHT, MAX_REGIONS, MAX_STACKS, MAX_STACK_DEPTH,
+    MAX_TARGETS, MAX_UNWIND_MAPPINGS, MAX_UNWIND_PAGES, MAX_UNWIND_PROCS, MAX_UNWIND_ROWS,
+    MAX_UNWIND_RULES, NESTED_FREE_NS, NESTING_WINDOW, NOT_SAMPLED, STACK_TRUNCATED,
+    UNWIND_PAGE_SHIFT,
 };
 
 // ---- Read-only knobs, set by the user half before load. ----
@@ -770,6 +771,12 @@ pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
     alloc_enter(&ctx, AllocKind::Pvalloc, arg(&ctx, 0), 0)
 }
 
+/// Whether release functions may nest ([`config::NESTED_FREES`]).
+#[inline(always)]
+fn nested_frees() -> bool {
+    CONFIG.get(config::NESTED_FREES).copied().unwrap_or(0) != 0
+}
+
 /// Forgets a live allocation and credits its stack. Returns false when the address is unknown,
 /// counted when `count_unknown` and not sampling (where most addresses are unknown by design).
 #[inline(always)]
@@ -823,6 +830,10 @@ fn record(tgid: u32, tid: u32, addr: u64, size: u64, call: &InFlight) {
         tid,
         interval: call.interval,
     };
+    if nested_frees() {
+        // A block this thread releases next is a new one, even at the same address.
+        let _ = RELEASING.remove(&tid);
+    }
     if ALLOCS.insert(&key, &info, 0).is_err() {
         count(Counter::AllocMapFull);
         return;
@@ -938,8 +949,31 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     if addr == 0 {
         return 0;
     }
-    let (tgid, _) = current_task();
+    let (tgid, tid) = current_task();
+    if !nested_frees() {
+        release(tgid, addr, true);
+        return 0;
+    }
+    // SAFETY: the context's registers are valid for the duration of the program.
+    let sp = unsafe { (*ctx.regs).rsp };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out.
+    if let Some(last) = unsafe { RELEASING.get(&tid) }.copied() {
+        let deeper = last.sp >= sp && last.sp - sp < NESTING_WINDOW;
+        if last.addr == addr && deeper && now.saturating_sub(last.ts_ns) < NESTED_FREE_NS {
+            // The same block, released again inside the release that just released it.
+            count(Counter::NestedFrees);
+            return 0;
+        }
+    }
     release(tgid, addr, true);
+    let last = Releasing {
+        addr,
+        sp,
+        ts_ns: now,
+    };
+    let _ = RELEASING.insert(&tid, &last, 0);
     0
 }
 
@@ -1181,6 +1215,10 @@ pub fn floor_return_empty(_ctx: RetProbeContext) -> u32 {
 pub fn floor_free(_ctx: ProbeContext) -> u32 {
     0
 }
+
+/// Per thread, its last release, while nested releases are possible ([`free_enter`]).
+#[map]
+static RELEASING: HashMap<u32, Releasing> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 
 /// The last exec of each target (monotonic ns): whatever it allocated before went with its old
 /// image, and user space drops those allocations ([`process_exec`]).

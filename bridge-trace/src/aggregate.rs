@@ -227,10 +227,14 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
                 function: Some(format!("{} [pid {}]", p.name, p.pid)),
                 ..Frame::unknown(None, None)
             });
-        let named: Vec<Frame> = process
+        let mut named: Vec<Frame> = process
             .into_iter()
             .chain(s.frames.iter().rev().flat_map(|l| names[l].iter().cloned()))
             .collect();
+        // C++'s operator new ends in malloc: its caller is the allocation site.
+        while named.len() > 1 && named.last().is_some_and(is_operator_new) {
+            named.pop();
+        }
         let (entry, bytes, count) = groups.entry(named.clone()).or_insert_with(|| {
             let r = StackReport {
                 bytes: 0,
@@ -267,6 +271,13 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
         })
         .collect();
     Report { meta, stacks }
+}
+
+/// A C++ runtime's `operator new` (any variant), which only forwards to malloc.
+fn is_operator_new(f: &Frame) -> bool {
+    f.function
+        .as_deref()
+        .is_some_and(|name| name.starts_with("operator new"))
 }
 
 /// Largest first; ties broken by the frames so that output is deterministic.

@@ -1,9 +1,10 @@
-//! Loads the eBPF object, sets its read-only knobs and map sizes, and attaches every probe from
-//! one declarative table ([`PROBES`]) to the allocator object of each traced process, and the
+//! Loads the eBPF object, sets its read-only knobs and map sizes, and attaches the probes of
+//! every allocator object of each traced process, from one declarative table of entry points
+//! ([`target::ENTRY_POINTS`], each kind read by one program: [`entry_program`]), and the
 //! system-wide tracepoints ([`GROWTH_TRACEPOINT`], [`EXEC_TRACEPOINT`], and with
 //! `--follow-children` [`NEWTASK_TRACEPOINT`] and [`CHILD_FAULT_TRACEPOINT`]). Owns the
-//! user-written control maps (TARGETS, CONFIG, EXP_TABLE; HELD_CHILDREN's removals) and purges a process's entries from the other maps once it is no
-//! longer traced. Dropping the [`Tracer`] detaches everything; the links are file descriptors,
+//! user-written control maps (TARGETS, CONFIG, EXP_TABLE; HELD_CHILDREN's removals) and purges
+//! a process's entries from the other maps once it is no longer traced. Dropping the [`Tracer`] detaches everything; the links are file descriptors,
 //! so the kernel also detaches them if bridge-trace is killed.
 use std::{collections::HashMap, num::NonZeroU32, os::fd::AsFd as _, path::Path};
 
@@ -25,7 +26,7 @@ use crate::{
     cli::FloorParts,
     error::{Error, Result},
     placement::{self, Reads},
-    target::{self, Allocator},
+    target::{self, Allocator, EntryKind},
 };
 
 /// The eBPF object built by build.rs from `bridge-trace-ebpf`.
@@ -73,33 +74,67 @@ const fn entry(program: &'static str, symbol: &'static str, required: bool, args
     }
 }
 
-/// Every probe bridge-trace attaches, in attach order. Entry programs read the arguments and
-/// capture the stack; `alloc_return` (one program for all allocation functions) records the
-/// result. What releases memory (`free`, then realloc) comes first and each return probe before
-/// its entry probe, so that no allocation is recorded whose release or return could still be
-/// missed.
-pub const PROBES: &[Probe] = &[
-    entry("free_enter", "free", true, 1),
-    ret("alloc_return", "realloc", false),
-    entry("realloc_enter", "realloc", false, 2),
-    ret("alloc_return", "reallocarray", false),
-    entry("reallocarray_enter", "reallocarray", false, 3),
-    ret("alloc_return", "malloc", true),
-    entry("malloc_enter", "malloc", true, 1),
-    ret("alloc_return", "calloc", false),
-    entry("calloc_enter", "calloc", false, 2),
-    ret("alloc_return", "posix_memalign", false),
-    entry("posix_memalign_enter", "posix_memalign", false, 3),
-    ret("alloc_return", "aligned_alloc", false),
-    entry("aligned_alloc_enter", "aligned_alloc", false, 2),
-    ret("alloc_return", "memalign", false),
-    entry("memalign_enter", "memalign", false, 2),
-    ret("alloc_return", "valloc", false),
-    entry("valloc_enter", "valloc", false, 1),
-    ret("alloc_return", "pvalloc", false),
-    entry("pvalloc_enter", "pvalloc", false, 1),
-    entry("exit_enter", "_exit", false, 0),
-];
+/// The kernel program that reads each kind of allocator entry point, and how many of its
+/// arguments it reads. `alloc_return` (one program for every allocation function) records the
+/// result.
+pub fn entry_program(kind: EntryKind) -> (&'static str, usize) {
+    match kind {
+        EntryKind::Free => ("free_enter", 1),
+        EntryKind::Malloc => ("malloc_enter", 1),
+        EntryKind::Calloc => ("calloc_enter", 2),
+        EntryKind::Realloc => ("realloc_enter", 2),
+        EntryKind::Reallocarray => ("reallocarray_enter", 3),
+        EntryKind::PosixMemalign => ("posix_memalign_enter", 3),
+        EntryKind::AlignedAlloc => ("aligned_alloc_enter", 2),
+        EntryKind::Memalign => ("memalign_enter", 2),
+        EntryKind::Valloc => ("valloc_enter", 1),
+        EntryKind::Pvalloc => ("pvalloc_enter", 1),
+    }
+}
+
+/// One allocator probe: a program on a symbol of an allocator object, placed for what its
+/// entry program reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocProbe {
+    pub program: &'static str,
+    pub symbol: String,
+    pub reads: Reads,
+}
+
+/// Every probe for one allocator object, in attach order, from the table of entry points it
+/// defines ([`target::ENTRY_POINTS`]). What releases memory comes first, then each
+/// allocation function's return probe before its entry probe, so that no allocation is
+/// recorded whose release or return could still be missed; `_exit` (the launched target's
+/// hold) last.
+pub fn allocator_probes(allocator: &Allocator) -> Vec<AllocProbe> {
+    let mut probes = Vec::new();
+    let releases = allocator.entries.iter().filter(|(_, k)| k.releases());
+    let allocates = allocator.entries.iter().filter(|(_, k)| !k.releases());
+    for (symbol, kind) in releases.chain(allocates) {
+        let (program, args) = entry_program(*kind);
+        let reads = Reads { args };
+        if !kind.releases() {
+            probes.push(AllocProbe {
+                program: "alloc_return",
+                symbol: symbol.clone(),
+                reads,
+            });
+        }
+        probes.push(AllocProbe {
+            program,
+            symbol: symbol.clone(),
+            reads,
+        });
+    }
+    if allocator.exit {
+        probes.push(AllocProbe {
+            program: "exit_enter",
+            symbol: "_exit".into(),
+            reads: Reads { args: 0 },
+        });
+    }
+    probes
+}
 
 /// The growth tier's probes on libc's heap-growth wrappers, per process: cheaper for the
 /// machine than syscall tracepoints, which would put every syscall of every process on the
@@ -169,8 +204,8 @@ pub struct Knobs {
 /// The loaded and attached eBPF object. Maps are read through [`crate::collect`].
 pub struct Tracer {
     pub(crate) ebpf: Ebpf,
-    /// Symbols actually probed (an alias shows as `alias=symbol`), for the last process whose
-    /// allocator was attached.
+    /// Per allocator object, `family (path) [symbols probed]` (an alias shows as
+    /// `alias=symbol`), for the last process whose allocators were attached.
     pub attached: Vec<String>,
     /// The allocator probes' links, per process.
     links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
@@ -215,6 +250,35 @@ fn newtask_fields() -> Result<(u32, u32)> {
              tell processes from threads"
                 .into(),
         )),
+    }
+}
+
+/// Drops `items` (links) on several threads: each uprobe's detach waits for a grace period
+/// (about 0.1 s here), and detaches running at once share them.
+fn drop_in_parallel<T: Send>(mut items: Vec<T>) {
+    const THREADS: usize = 16;
+    if items.len() < 4 {
+        return;
+    }
+    let chunk = items.len().div_ceil(THREADS);
+    std::thread::scope(|s| {
+        while !items.is_empty() {
+            let rest = items.split_off(items.len().saturating_sub(chunk));
+            s.spawn(move || drop(rest));
+        }
+    });
+}
+
+impl Drop for Tracer {
+    /// Detaches every probe, several at a time (the object and its maps go after).
+    fn drop(&mut self) {
+        let links: Vec<_> = self
+            .links
+            .drain()
+            .chain(self.growth_links.drain())
+            .flat_map(|(_, l)| l)
+            .collect();
+        self.detach(links);
     }
 }
 
@@ -273,11 +337,11 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Tracer {
-    /// Loads the object and attaches every probe of [`PROBES`] that the allocator exports, for
+    /// Loads the object and attaches the probes of every allocator object ([`allocator_probes`]), for
     /// process `knobs.tgid`.
-    pub fn attach(allocator: &Allocator, knobs: Knobs) -> Result<Tracer> {
+    pub fn attach(allocators: &[Allocator], knobs: Knobs) -> Result<Tracer> {
         let mut tracer = Tracer::load(knobs)?;
-        tracer.trace_allocator(knobs.tgid, allocator)?;
+        tracer.trace_allocator(knobs.tgid, allocators)?;
         Ok(tracer)
     }
 
@@ -314,57 +378,62 @@ impl Tracer {
         Ok(tracer)
     }
 
-    /// Starts tracing `pid`'s allocator: the process joins the targets and every probe of
-    /// [`PROBES`] its allocator exports is attached for it.
-    pub fn trace_allocator(&mut self, pid: u32, allocator: &Allocator) -> Result<()> {
+    /// Starts tracing `pid`'s allocators: the process joins the targets and every entry point
+    /// each allocator object defines is probed for it ([`allocator_probes`]).
+    pub fn trace_allocator(&mut self, pid: u32, allocators: &[Allocator]) -> Result<()> {
         let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
-        if let Some(p) = PROBES
-            .iter()
-            .find(|p| p.required && !allocator.symbols.iter().any(|s| s == p.symbol))
-        {
-            return Err(Error::NoAllocator {
-                pid,
-                searched: format!("{} (no `{}` symbol)", allocator.path, p.symbol),
-            });
-        }
         self.add_target(pid)?;
         if !self.execs {
             self.attach_raw_tracepoint(EXEC_TRACEPOINT)?;
             self.execs = true;
         }
-        let mut attached: Vec<String> = Vec::new();
-        let mut moved: Vec<(&str, u64)> = Vec::new();
-        for p in PROBES {
-            if !allocator.symbols.iter().any(|s| s == p.symbol) {
-                continue;
-            }
-            let (link, offset) = match attach_one(&mut self.ebpf, p, &allocator.host_path, nz) {
-                Ok(attached) => attached,
-                Err(e) => {
-                    self.untrace_allocator(pid);
-                    return Err(e);
-                }
-            };
-            self.links.entry(pid).or_default().push((p.program, link));
-            if offset > 0 {
-                moved.push((p.symbol, offset));
-            }
-            if !attached.iter().any(|a| a == p.symbol) {
-                attached.push(p.symbol.to_string());
-            }
+        if allocators.iter().any(|a| a.family != "glibc") {
+            // Their release functions may end in one another (operator delete in free).
+            let mut cfg: Array<&mut MapData, u64> = self.map_mut("CONFIG")?;
+            cfg.set(config::NESTED_FREES, 1, 0)
+                .map_err(|e| ebpf_err("configuring nested frees", chain(&e)))?;
         }
-        for (alias, target) in &allocator.aliases {
-            if attached.iter().any(|a| a == target) {
+        let mut described = Vec::new();
+        for allocator in allocators {
+            let mut attached: Vec<String> = Vec::new();
+            for p in allocator_probes(allocator) {
+                let placed = attach_one(
+                    &mut self.ebpf,
+                    p.program,
+                    &p.symbol,
+                    Some(p.reads),
+                    &allocator.host_path,
+                    nz,
+                );
+                let (link, offset) = match placed {
+                    Ok(placed) => placed,
+                    Err(e) => {
+                        self.untrace_allocator(pid);
+                        return Err(e);
+                    }
+                };
+                self.links.entry(pid).or_default().push((p.program, link));
+                // Entry probes moved past an instruction the kernel would single-step:
+                // `free+9`.
+                let shown = if offset > 0 {
+                    format!("{}+{offset}", p.symbol)
+                } else {
+                    p.symbol.clone()
+                };
+                if p.program != "alloc_return" && !attached.contains(&shown) {
+                    attached.push(shown);
+                }
+            }
+            for (alias, target) in &allocator.aliases {
                 attached.push(format!("{alias}={target}"));
             }
+            described.push(format!(
+                "{} [{}]",
+                allocator.describe(),
+                attached.join(", ")
+            ));
         }
-        // Entry probes moved past an instruction the kernel would single-step: `free+9`.
-        for a in attached.iter_mut() {
-            if let Some((_, offset)) = moved.iter().find(|(s, _)| s == a) {
-                a.push_str(&format!("+{offset}"));
-            }
-        }
-        self.attached = attached;
+        self.attached = described;
         Ok(())
     }
 
@@ -377,7 +446,15 @@ impl Tracer {
     ) -> Result<()> {
         let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
         for p in floor_probes(parts) {
-            let (link, _) = attach_one(&mut self.ebpf, p, &allocator.host_path, nz)?;
+            let reads = static_reads(p);
+            let (link, _) = attach_one(
+                &mut self.ebpf,
+                p.program,
+                p.symbol,
+                reads,
+                &allocator.host_path,
+                nz,
+            )?;
             self.links.entry(pid).or_default().push((p.program, link));
         }
         Ok(())
@@ -495,7 +572,14 @@ impl Tracer {
         }
         let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
         for p in GROWTH_PROBES {
-            match attach_one(&mut self.ebpf, p, object, nz) {
+            match attach_one(
+                &mut self.ebpf,
+                p.program,
+                p.symbol,
+                static_reads(p),
+                object,
+                nz,
+            ) {
                 Ok((link, _)) => self
                     .growth_links
                     .entry(pid)
@@ -526,7 +610,11 @@ impl Tracer {
         let me = std::process::id();
         let nz = NonZeroU32::new(me).ok_or_else(|| Error::Usage("no pid".into()))?;
         let maps = target::read_maps(me)?;
-        let allocator = target::find_allocator(me, &maps)?;
+        let allocators = target::find_allocators(me, &maps)?;
+        let allocator = allocators
+            .iter()
+            .find(|a| a.family == "glibc")
+            .ok_or_else(|| Error::Ebpf("no libc in bridge-trace's own maps".into()))?;
         let per_call = || {
             let started = std::time::Instant::now();
             for i in 0..CALLS {
@@ -542,7 +630,9 @@ impl Tracer {
         let with = |programs: &[Probe], ebpf: &mut Ebpf| {
             let mut links = Vec::new();
             for p in programs {
-                links.push((p.program, attach_one(ebpf, p, &allocator.host_path, nz)?.0));
+                let reads = static_reads(p);
+                let placed = attach_one(ebpf, p.program, p.symbol, reads, &allocator.host_path, nz);
+                links.push((p.program, placed?.0));
             }
             let ns = per_call();
             for (program, link) in links {
@@ -590,11 +680,13 @@ impl Tracer {
 
     /// Detaches uprobe links of this object's programs.
     fn detach(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
+        let mut owned = Vec::with_capacity(links.len());
         for (program, link) in links {
             if let Ok(p) = loaded_uprobe(&mut self.ebpf, program) {
-                let _ = p.detach(link);
+                owned.extend(p.take_link(link).ok());
             }
         }
+        drop_in_parallel(owned);
     }
 
     /// Deletes the entries of hash map `name` whose key matches.
@@ -724,34 +816,42 @@ fn loaded_uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
     Ok(program)
 }
 
-/// Attaches `p` for `pid` to `object` where [`placement::place`] puts the symbol's entry probe;
-/// its return probe goes to the same place, so that the entry program still finds the real
-/// return address at `[rsp]` (a return probe replaces it with its trampoline's as soon as it
-/// fires). Returns the link and the offset past the symbol.
-fn attach_one(
-    ebpf: &mut Ebpf,
-    p: &Probe,
-    object: &Path,
-    pid: NonZeroU32,
-) -> Result<(UProbeLinkId, u64)> {
-    let reads = match p.place {
+/// What a probe of a static table ([`GROWTH_PROBES`], the floor's) is placed for: its own
+/// reads, or for a return probe its entry probe's.
+fn static_reads(p: &Probe) -> Option<Reads> {
+    match p.place {
         Place::Emulated(reads) => Some(reads),
-        Place::WithEntry => PROBES
+        Place::WithEntry => GROWTH_PROBES
             .iter()
-            .chain(GROWTH_PROBES)
+            .chain([FLOOR_ENTRY, FLOOR_FREE].iter())
             .find_map(|e| match e.place {
                 Place::Emulated(reads) if e.symbol == p.symbol => Some(reads),
                 _ => None,
             }),
         Place::FirstInstruction => None,
-    };
+    }
+}
+
+/// Attaches `program` for `pid` to `symbol` of `object` where [`placement::place`] puts an
+/// entry probe that reads `reads` (the function's first instruction when `None`); a return
+/// probe goes to the same place as its entry probe, so that the entry program still finds the
+/// real return address at `[rsp]` (a return probe replaces it with its trampoline's as soon as
+/// it fires). Returns the link and the offset past the symbol.
+fn attach_one(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    symbol: &str,
+    reads: Option<Reads>,
+    object: &Path,
+    pid: NonZeroU32,
+) -> Result<(UProbeLinkId, u64)> {
     let offset = reads
-        .and_then(|reads| placement::place_symbol(object, p.symbol, reads))
+        .and_then(|reads| placement::place_symbol(object, symbol, reads))
         .unwrap_or(0);
-    let program = loaded_uprobe(ebpf, p.program)?;
-    program
+    let loaded = loaded_uprobe(ebpf, program)?;
+    loaded
         .attach(
-            UProbeAttachLocation::SymbolOffset(p.symbol, offset),
+            UProbeAttachLocation::SymbolOffset(symbol, offset),
             object,
             UProbeScope::OneProcess(pid),
         )
@@ -763,10 +863,8 @@ fn attach_one(
             } else {
                 ebpf_err(
                     &format!(
-                        "attaching {} to {}:{}+{offset}",
-                        p.program,
-                        object.display(),
-                        p.symbol
+                        "attaching {program} to {}:{symbol}+{offset}",
+                        object.display()
                     ),
                     msg,
                 )

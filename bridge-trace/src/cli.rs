@@ -551,6 +551,12 @@ pub struct RecordArgs {
     /// held (stopped) at its first page fault, for the milliseconds its probes take to attach.
     #[arg(long)]
     pub follow_children: bool,
+    /// Trace a custom allocator too, by function: `NAME:alloc` (returns a block of its first
+    /// argument's size), `NAME:free` (releases its first argument), or `calloc`, `realloc`,
+    /// `memalign` for those argument layouts. Repeatable; e.g. a message pool:
+    /// `--alloc-fn bridge_pool_get:alloc --alloc-fn bridge_pool_put:free`.
+    #[arg(long, value_name = "NAME:KIND")]
+    pub alloc_fn: Vec<String>,
     /// Program to launch and trace until it exits (everything after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -655,6 +661,8 @@ pub struct Config {
     pub no_raw: bool,
     /// Trace the processes the target forks too, each as a process of its own.
     pub follow_children: bool,
+    /// Custom allocator functions (`--alloc-fn`).
+    pub alloc_fns: Vec<(String, crate::target::EntryKind)>,
 }
 
 impl Config {
@@ -724,6 +732,11 @@ impl Config {
             mode: parse_mode(&args.mode)?,
             no_raw: args.no_raw,
             follow_children: args.follow_children,
+            alloc_fns: args
+                .alloc_fn
+                .iter()
+                .map(|f| parse_alloc_fn(f))
+                .collect::<Result<_>>()?,
         })
     }
 }
@@ -856,6 +869,22 @@ fn diff_config(a: DiffArgs) -> Result<crate::diff::DiffConfig> {
         top: a.top.max(1),
         mode: parse_mode(&a.mode)?,
     })
+}
+
+/// `NAME:KIND` of `--alloc-fn`.
+pub fn parse_alloc_fn(text: &str) -> Result<(String, crate::target::EntryKind)> {
+    let bad = |why: &str| {
+        Error::Usage(format!(
+            "invalid --alloc-fn '{text}': {why} (expected NAME:KIND, KIND one of alloc, free, \
+             calloc, realloc, memalign)"
+        ))
+    };
+    let (name, kind) = text.rsplit_once(':').ok_or_else(|| bad("no ':'"))?;
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Err(bad("no function name"));
+    }
+    let kind = crate::target::EntryKind::parse(kind).ok_or_else(|| bad("unknown kind"))?;
+    Ok((name.to_string(), kind))
 }
 
 /// File permissions in octal (`600`, `0644`), nothing beyond rwx for user, group and others.

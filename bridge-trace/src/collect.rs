@@ -125,6 +125,9 @@ pub struct Counters {
     /// Children held at their first page fault until their probes were attached.
     #[serde(default)]
     pub child_stops: u64,
+    /// Releases seen again inside the release that made them, counted once.
+    #[serde(default)]
+    pub nested_frees: u64,
 }
 
 impl Counters {
@@ -153,6 +156,7 @@ impl Counters {
             Counter::UnmatchedUnmaps => &mut self.unmatched_unmaps,
             Counter::GrowthMapFull => &mut self.growth_map_full,
             Counter::ChildStops => &mut self.child_stops,
+            Counter::NestedFrees => &mut self.nested_frees,
         };
         *slot = v;
     }

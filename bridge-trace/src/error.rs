@@ -40,6 +40,12 @@ pub enum Error {
     KernelThread(u32),
     #[error("no allocator found in process {pid}: searched {searched} for malloc/free")]
     NoAllocator { pid: u32, searched: String },
+    #[error(
+        "{0} is a Go program: Go allocates from its own garbage-collected heap, not through \
+         malloc, so there is nothing for bridge-trace to trace (use Go's own heap profile, \
+         runtime/pprof)"
+    )]
+    GoProgram(String),
     #[error("cannot run '{command}': {reason}")]
     Spawn { command: String, reason: String },
     #[error("eBPF: {0}")]
@@ -72,6 +78,7 @@ impl Error {
             | Error::ExitedBeforeAttach(_)
             | Error::KernelThread(_)
             | Error::NoAllocator { .. }
+            | Error::GoProgram(_)
             | Error::Spawn { .. } => exit_code::TARGET,
             Error::Ebpf(_) | Error::Io { .. } | Error::Push { .. } => exit_code::FAILURE,
         }

@@ -15,7 +15,8 @@ use crate::{
 
 pub fn run(pid: u32, parts: FloorParts) -> Result<()> {
     let maps = target::inspect_pid(pid)?;
-    let allocator = target::find_allocator(pid, &maps)?;
+    let allocators = target::find_allocators(pid, &maps)?;
+    let allocator = target::hold_allocator(&allocators);
     let mut tracer = Tracer::load(Knobs {
         tgid: pid,
         launched: false,
@@ -23,7 +24,7 @@ pub fn run(pid: u32, parts: FloorParts) -> Result<()> {
         unwind: Unwind::Fp.mode(),
         follow_children: false,
     })?;
-    tracer.attach_floor(pid, &allocator, parts)?;
+    tracer.attach_floor(pid, allocator, parts)?;
     eprintln!("bridge-trace: floor probes ({parts:?}) on pid {pid}");
     // Ctrl-C or SIGTERM end the process; the kernel detaches the probes with its descriptors.
     while target::alive(pid) {

@@ -22,7 +22,7 @@ use crate::{
     error::{Error, Result},
     report::{self, human_bytes, RenderOptions},
     symbolize::{Blazesym, ProcessMaps},
-    target::{self, Launched},
+    target::{self, EntryKind, Launched},
     unwind::{Compiled, UnwindSummary, Unwinder},
 };
 
@@ -62,11 +62,16 @@ struct Followed {
 
 /// Attaches a held child's probes and lets it go. A child that cannot be followed is let go
 /// too, and said.
-fn follow(t: &mut Attached, child: u32, parent: u32, quiet: bool) -> Option<Followed> {
+fn follow(t: &mut Attached, child: u32, parent: u32, config: &Config) -> Option<Followed> {
+    let quiet = config.quiet;
     let attached = (|| {
         let maps = target::read_maps(child)?;
-        let allocator = target::find_allocator(child, &maps)?;
-        t.tracer.trace_allocator(child, &allocator)?;
+        let mut allocators = target::find_allocators(child, &maps)?;
+        allocators.extend(target::custom_allocators(
+            &config.alloc_fns,
+            &target::mapped_objects(child, &maps),
+        )?);
+        t.tracer.trace_allocator(child, &allocators)?;
         if let Some(u) = t.unwinder.as_mut() {
             u.track(child, &maps)?;
         }
@@ -146,11 +151,20 @@ impl Attached {
 }
 
 /// Attaches to the running process `pid` (`record --pid`, `watch`).
-pub(crate) fn attach_pid(pid: u32, config: &TraceOptions, follow: bool) -> Result<Attached> {
+pub(crate) fn attach_pid(
+    pid: u32,
+    config: &TraceOptions,
+    follow: bool,
+    alloc_fns: &[(String, EntryKind)],
+) -> Result<Attached> {
     let maps = target::inspect_pid(pid)?;
-    let allocator = target::find_allocator(pid, &maps)?;
+    let mut allocators = target::find_allocators(pid, &maps)?;
+    allocators.extend(target::custom_allocators(
+        alloc_fns,
+        &target::mapped_objects(pid, &maps),
+    )?);
     let mut tracer = Tracer::attach(
-        &allocator,
+        &allocators,
         Knobs {
             tgid: pid,
             launched: false,
@@ -177,7 +191,7 @@ pub(crate) fn attach_pid(pid: u32, config: &TraceOptions, follow: bool) -> Resul
         pid,
         name: target::comm(pid).unwrap_or_else(|| format!("pid{pid}")),
         tracer,
-        allocator: allocator.path,
+        allocator: target::describe(&allocators),
         exe: target::exe(pid),
         maps: ProcessMaps::new(pid, maps),
         unwinder,
@@ -188,11 +202,15 @@ pub(crate) fn attach_pid(pid: u32, config: &TraceOptions, follow: bool) -> Resul
 
 fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
     let program = target::resolve_program(&argv[0])?;
-    let allocator = target::allocator_for_command(&program)?;
+    let mut allocators = target::allocators_for_command(&program)?;
+    allocators.extend(target::custom_allocators(
+        &config.alloc_fns,
+        &target::program_objects(&program),
+    )?);
     let mut launched = Launched::spawn(&program, argv)?;
     let pid = launched.pid;
     let prepared = Tracer::attach(
-        &allocator,
+        &allocators,
         Knobs {
             tgid: pid,
             launched: true,
@@ -209,7 +227,7 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
         if unwinder.is_some() {
             // Held once its libraries are mapped, and at each dlopen, to load their tables
             // before their code runs.
-            tracer.attach_holds(&program, &allocator, pid)?;
+            tracer.attach_holds(&program, target::hold_allocator(&allocators), pid)?;
         }
         Ok((tracer, unwinder))
     });
@@ -242,7 +260,7 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
         pid,
         name,
         tracer,
-        allocator: allocator.path,
+        allocator: target::describe(&allocators),
         exe: Some(program.to_string_lossy().into_owned()),
         maps: ProcessMaps::new(pid, maps),
         unwinder,
@@ -307,16 +325,20 @@ pub(crate) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 async fn run_async(config: &Config) -> Result<Outcome> {
     check_privileges()?;
     let mut t = match &config.target {
-        Target::Pid(pid) => attach_pid(*pid, &config.trace_options(), config.follow_children)?,
+        Target::Pid(pid) => attach_pid(
+            *pid,
+            &config.trace_options(),
+            config.follow_children,
+            &config.alloc_fns,
+        )?,
         Target::Command(argv) => launch(argv, config)?,
     };
     let pid = t.pid;
     let show_status = !config.quiet && std::io::stderr().is_terminal();
     eprintln!(
-        "bridge-trace: tracing {} (pid {pid}) through {} [{}]{}",
+        "bridge-trace: tracing {} (pid {pid}) through {}{}",
         t.name,
-        t.allocator,
-        t.tracer.attached.join(", "),
+        t.tracer.attached.join(" and "),
         match config.duration {
             Some(d) => format!(" for {}", humantime::format_duration(d)),
             None => " until it exits or Ctrl-C".into(),
@@ -387,7 +409,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
             }
             _ = held_children.tick(), if config.follow_children => {
                 for (child, parent) in t.tracer.held_children() {
-                    children.extend(follow(&mut t, child, parent, config.quiet));
+                    children.extend(follow(&mut t, child, parent, config));
                 }
             }
             _ = refresh.tick() => {

@@ -65,8 +65,9 @@ enum Task {
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// gcc and g++ build the fixtures, libc6-dbg gives glibc's frames names, gdb checks our stacks, and
 /// python3.11 is a real program built without frame pointers (Debian's, as shipped),
-/// prometheus scrapes `watch` in a test, golang-go brings `go tool pprof`, chromium (with a font)
-/// opens the SVG and HTML reports in a test, and bpftrace and heaptrack are the peers
+/// prometheus scrapes `watch` in a test, golang-go brings `go tool pprof` (and builds a Go
+/// program bridge-trace must refuse), chromium (with a font) opens the SVG and HTML reports in a
+/// test, jemalloc, mimalloc and tcmalloc are the allocators the fixtures are built against, and bpftrace and heaptrack are the peers
 /// `cargo xtask bench` measures bridge-trace against.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
@@ -81,6 +82,9 @@ const APT_PACKAGES: &[&str] = &[
     "golang-go",
     "chromium",
     "fonts-dejavu-core",
+    "libjemalloc-dev",
+    "libmimalloc-dev",
+    "libgoogle-perftools-dev",
     "bpftrace",
     "heaptrack",
 ];

@@ -70,7 +70,7 @@ struct Sites {
 /// A process being watched.
 struct Proc {
     name: String,
-    allocator: Allocator,
+    allocators: Vec<Allocator>,
     maps: ProcessMaps,
     started: Instant,
     windows: u64,
@@ -251,9 +251,9 @@ impl Session<'_> {
     /// the allocator yet) is given a few tries.
     async fn add(&mut self, pid: u32) -> Result<()> {
         let mut tries = 0;
-        let (maps, allocator) = loop {
+        let (maps, allocators) = loop {
             let found = target::inspect_pid(pid)
-                .and_then(|maps| target::find_allocator(pid, &maps).map(|a| (maps, a)));
+                .and_then(|maps| target::find_allocators(pid, &maps).map(|a| (maps, a)));
             match found {
                 Err(Error::NoAllocator { .. }) if tries < 10 && target::alive(pid) => {
                     tries += 1;
@@ -275,7 +275,7 @@ impl Session<'_> {
             return Err(e);
         }
         if self.governor.tier != Tier::Growth {
-            if let Err(e) = self.tracer.trace_allocator(pid, &allocator) {
+            if let Err(e) = self.tracer.trace_allocator(pid, &allocators) {
                 self.tracer.remove_target(pid);
                 return Err(e);
             }
@@ -291,7 +291,7 @@ impl Session<'_> {
         let name = target::comm(pid).unwrap_or_else(|| format!("pid{pid}"));
         eprintln!(
             "bridge-trace: watching {name} (pid {pid}) through {} [tier {}], a window every {}",
-            allocator.path,
+            target::describe(&allocators),
             self.governor.tier.name(),
             humantime::format_duration(self.config.interval),
         );
@@ -299,7 +299,7 @@ impl Session<'_> {
             pid,
             Proc {
                 name,
-                allocator,
+                allocators,
                 maps: ProcessMaps::new(pid, maps),
                 started: Instant::now(),
                 windows: 0,
@@ -447,7 +447,7 @@ impl Session<'_> {
                     p.allocs = Sites::default();
                 }
                 Tier::Sampled | Tier::Full if !self.tracer.traces_allocator(pid) => {
-                    if let Err(e) = self.tracer.trace_allocator(pid, &p.allocator) {
+                    if let Err(e) = self.tracer.trace_allocator(pid, &p.allocators) {
                         eprintln!("bridge-trace: pid {pid}: {e}");
                     }
                 }
@@ -799,7 +799,7 @@ fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
         duration_secs: p.started.elapsed().as_secs_f64(),
         target_exited: false,
         min_age_secs: None,
-        allocator: p.allocator.path.clone(),
+        allocator: target::describe(&p.allocators),
         counters: snap.counters,
         sample_interval: interval,
         exe: target::exe(pid),
@@ -900,11 +900,12 @@ fn label_new_stacks<'a>(
     addrs.sort_unstable();
     addrs.dedup();
     let named = symbolize_addrs(&mut Blazesym::process(&p.maps), &p.maps, &addrs);
-    let allocator_file = p.allocator.path.rsplit('/').next().unwrap_or_default();
+    let file = |path: &str| path.rsplit('/').next().unwrap_or_default().to_string();
+    let allocator_files: Vec<String> = p.allocators.iter().map(|a| file(&a.path)).collect();
     let in_allocator = |f: &Frame| {
         f.module
             .as_deref()
-            .is_some_and(|m| m.rsplit('/').next() == Some(allocator_file))
+            .is_some_and(|m| allocator_files.contains(&file(m)))
     };
     for (key, frames) in new {
         // Innermost frame first; inlined frames are listed outermost first per address. A

@@ -1,0 +1,303 @@
+//! Every allocator a service might use, found by bridge-trace itself: the same fixture
+//! (`tests/fixtures/allocators.c`) built against glibc, jemalloc, mimalloc and tcmalloc (Debian's
+//! packages), through the C functions and through each allocator's own API; C++ new and delete
+//! in all their forms (`newdelete.cpp`) on libstdc++ alone and on allocators that implement
+//! them; a message pool traced with `--alloc-fn`; and a Go program, refused in one line. Every
+//! site's bytes and count against what the fixture says it leaked, and the allocator `record`
+//! names.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::OnceLock,
+};
+
+use serde_json::Value;
+
+mod common;
+use common::*;
+
+/// Each build: (name, compiler, source, extra flags).
+const BUILDS: &[(&str, &str, &str, &[&str])] = &[
+    ("c-glibc", "gcc", "allocators.c", &[]),
+    (
+        "c-jemalloc",
+        "gcc",
+        "allocators.c",
+        &["-DUSE_JEMALLOC", "-ljemalloc"],
+    ),
+    (
+        "c-mimalloc",
+        "gcc",
+        "allocators.c",
+        &["-DUSE_MIMALLOC", "-lmimalloc"],
+    ),
+    (
+        "c-tcmalloc",
+        "gcc",
+        "allocators.c",
+        &["-DUSE_TCMALLOC", "-ltcmalloc"],
+    ),
+    ("cpp-libstdcxx", "g++", "newdelete.cpp", &[]),
+    ("cpp-jemalloc", "g++", "newdelete.cpp", &["-ljemalloc"]),
+    ("cpp-mimalloc", "g++", "newdelete.cpp", &["-lmimalloc"]),
+    ("cpp-tcmalloc", "g++", "newdelete.cpp", &["-ltcmalloc"]),
+];
+
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(TMP).join("allocators");
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = repo().join("tests/fixtures");
+        for (name, compiler, source, extra) in BUILDS {
+            let out = dir.join(name);
+            let source = src.join(source);
+            let mut args = vec![
+                "-O1",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-fno-optimize-sibling-calls",
+                "-o",
+                out.to_str().unwrap(),
+                source.to_str().unwrap(),
+            ];
+            args.extend_from_slice(extra);
+            compile(compiler, &args);
+        }
+        dir
+    })
+}
+
+/// Bytes and count per site.
+type Sites = BTreeMap<String, (u64, u64)>;
+
+/// A C++ name without its parameters: `leak_new()` → `leak_new`.
+fn bare(name: &str) -> &str {
+    name.split('(').next().unwrap_or(name)
+}
+
+/// Records `fixture args.. TRUTH` with `extra` record arguments: the run's output, the JSON
+/// report's bytes and counts per leaf function, and the fixture's truth.
+fn record_fixture(fixture: &str, args: &[&str], extra: &[&str]) -> (Output, Value, Sites, Sites) {
+    let dir = scratch(&format!("alloc-{fixture}-{}", args.join("-")));
+    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
+    let program = fixtures().join(fixture);
+    let mut all: Vec<&str> = extra.to_vec();
+    all.extend([
+        "-o",
+        out_json.to_str().unwrap(),
+        "--",
+        program.to_str().unwrap(),
+    ]);
+    all.extend_from_slice(args);
+    all.push(truth_path.to_str().unwrap());
+    let out = record(&all);
+    assert_ok(&out);
+    let report = json(&out_json);
+    let mut by_leaf = Sites::new();
+    for s in report["stacks"].as_array().unwrap() {
+        let leaf = s["frames"]
+            .as_array()
+            .unwrap()
+            .last()
+            .and_then(|f| f["function"].as_str())
+            .unwrap_or("[unknown]");
+        let e = by_leaf.entry(bare(leaf).to_string()).or_default();
+        e.0 += s["bytes"].as_u64().unwrap();
+        e.1 += s["count"].as_u64().unwrap();
+    }
+    let truth = std::fs::read_to_string(&truth_path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].to_string(),
+                (f[1].parse().unwrap(), f[2].parse().unwrap()),
+            )
+        })
+        .collect();
+    (out, report, by_leaf, truth)
+}
+
+/// Every site of the truth holds exactly its bytes and count; no fixture function holds
+/// anything it freed; `record` named `allocator` first.
+fn assert_exact(fixture: &str, args: &[&str], allocator: &str) -> Value {
+    let (out, report, got, truth) = record_fixture(fixture, args, &[]);
+    for (site, want) in &truth {
+        assert_eq!(
+            got.get(site),
+            Some(want),
+            "{fixture} {args:?}: site {site}: the report has {:?}, the program leaked {want:?}\n{got:#?}",
+            got.get(site)
+        );
+    }
+    for churn in ["churn", "churn_c", "churn_own"] {
+        assert!(
+            !got.contains_key(churn),
+            "{fixture}: freed memory reported: {got:#?}"
+        );
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.contains(&format!("through {allocator} (")),
+        "{fixture}: record should name {allocator} first: {first}"
+    );
+    assert!(
+        report["meta"]["allocator"]
+            .as_str()
+            .unwrap()
+            .starts_with(allocator),
+        "{}",
+        report["meta"]["allocator"]
+    );
+    assert_eq!(report["meta"]["counters"]["unknown_frees"], 0, "{fixture}");
+    report
+}
+
+#[test]
+fn c_functions_through_each_allocator() {
+    let _g = lock();
+    for (fixture, allocator) in [
+        ("c-glibc", "glibc"),
+        ("c-jemalloc", "jemalloc"),
+        ("c-mimalloc", "mimalloc"),
+        ("c-tcmalloc", "tcmalloc"),
+    ] {
+        assert_exact(fixture, &["c"], allocator);
+    }
+}
+
+/// jemalloc's mallocx/rallocx/sdallocx/dallocx, mimalloc's mi_* (whose sized and aligned frees
+/// end in mi_free: counted once), tcmalloc's tc_*.
+#[test]
+fn each_allocators_own_api() {
+    let _g = lock();
+    for (fixture, allocator) in [
+        ("c-jemalloc", "jemalloc"),
+        ("c-mimalloc", "mimalloc"),
+        ("c-tcmalloc", "tcmalloc"),
+    ] {
+        assert_exact(fixture, &["own"], allocator);
+    }
+}
+
+/// new and delete, scalar and array, nothrow, aligned, sized: on libstdc++ (operator new ends in
+/// malloc; the site is its caller, operator new is not in the stack) and on allocators that
+/// implement them (probed there; jemalloc's delete jumps to its free: counted once).
+#[test]
+fn cpp_new_and_delete_in_all_forms() {
+    let _g = lock();
+    for (fixture, allocator) in [
+        ("cpp-libstdcxx", "glibc"),
+        ("cpp-jemalloc", "jemalloc"),
+        ("cpp-mimalloc", "mimalloc"),
+        ("cpp-tcmalloc", "tcmalloc"),
+    ] {
+        let report = assert_exact(fixture, &[], allocator);
+        for s in report["stacks"].as_array().unwrap() {
+            for f in s["frames"].as_array().unwrap() {
+                let name = f["function"].as_str().unwrap_or_default();
+                assert!(
+                    !name.starts_with("operator new"),
+                    "{fixture}: operator new in a stack: {s}"
+                );
+            }
+        }
+    }
+}
+
+/// A message pool that keeps its buffers: without `--alloc-fn` the report sees only the
+/// pool's own mallocs (21 buffers of 512 bytes, in bridge_pool_get); with it, the buffers
+/// taken and never given back, at the site that took them.
+#[test]
+fn custom_pool_with_alloc_fn() {
+    let _g = lock();
+    let (_, _, got, _) = record_fixture("c-glibc", &["pool"], &[]);
+    assert_eq!(
+        got.get("bridge_pool_get"),
+        Some(&(21 * 512, 21)),
+        "{got:#?}"
+    );
+    assert!(!got.contains_key("pool_leak"));
+    let (out, report, got, truth) = record_fixture(
+        "c-glibc",
+        &["pool"],
+        &[
+            "--alloc-fn",
+            "bridge_pool_get:alloc",
+            "--alloc-fn",
+            "bridge_pool_put:free",
+        ],
+    );
+    assert_eq!(truth.get("pool_leak"), Some(&(1500, 5)));
+    assert_eq!(got.get("pool_leak"), truth.get("pool_leak"), "{got:#?}");
+    assert!(!got.contains_key("pool_churn") && !got.contains_key("bridge_pool_get"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("custom (--alloc-fn)") && stderr.contains("bridge_pool_get"),
+        "{stderr}"
+    );
+    assert_eq!(report["meta"]["counters"]["unknown_frees"], 0);
+
+    // A function the program does not have, and a kind that does not exist.
+    let bad = |arg: &str, needle: &str| {
+        let program = fixtures().join("c-glibc");
+        let out = Command::new(BIN)
+            .args(["record", "--alloc-fn", arg, "--"])
+            .arg(&program)
+            .args(["pool", "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(needle) && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+    };
+    bad("no_such_pool_get:alloc", "no function no_such_pool_get in");
+    bad("bridge_pool_get:borrow", "unknown kind");
+}
+
+/// A Go program allocates from Go's own heap: `record` says so in one line and attaches
+/// nothing (Go programs can crash under return probes).
+#[test]
+fn go_program_is_refused_in_one_line() {
+    let _g = lock();
+    let dir = scratch("go");
+    std::fs::write(
+        dir.join("main.go"),
+        "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"hello from go\") }\n",
+    )
+    .unwrap();
+    let built = Command::new("go")
+        .current_dir(&dir)
+        .args(["build", "-o", "hello", "main.go"])
+        .env("GOCACHE", dir.join("cache"))
+        .env("GOPATH", dir.join("path"))
+        .env("HOME", &dir)
+        .output()
+        .expect("go (cargo xtask setup installs golang-go)");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["record", "-o"])
+        .arg(dir.join("r.json"))
+        .arg("--")
+        .arg(dir.join("hello"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("is a Go program"), "{stderr}");
+    assert!(!dir.join("r.json").exists());
+}
