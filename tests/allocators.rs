@@ -301,3 +301,105 @@ fn go_program_is_refused_in_one_line() {
     assert!(stderr.contains("is a Go program"), "{stderr}");
     assert!(!dir.join("r.json").exists());
 }
+
+/// Builds `tests/fixtures/rust-jemalloc` (a release binary whose global allocator is
+/// tikv-jemallocator, jemalloc linked in statically with the `_rjem_` prefix) once.
+fn rust_jemalloc() -> &'static Path {
+    static BIN_PATH: OnceLock<PathBuf> = OnceLock::new();
+    BIN_PATH.get_or_init(|| {
+        let target = Path::new(TMP).join("rust-jemalloc");
+        let manifest = repo().join("tests/fixtures/rust-jemalloc/Cargo.toml");
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--locked", "--manifest-path"])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target.join("release/rust-jemalloc")
+    })
+}
+
+/// Rust's allocation functions (and tikv-jemallocator's) between the site and jemalloc.
+fn rust_allocator_frame(f: &str) -> bool {
+    [
+        "alloc::",
+        "<alloc::",
+        "core::",
+        "<core::",
+        "__rust",
+        "__rdl",
+        "tikv_jemallocator::",
+    ]
+    .iter()
+    .any(|p| f.starts_with(p))
+        || f.starts_with("<tikv_jemallocator::")
+}
+
+/// A Rust release binary with tikv-jemallocator: the executable itself is the allocator
+/// (`jemalloc (static, _rjem_)`), traced through `_rjem_malloc`, `_rjem_mallocx`,
+/// `_rjem_calloc`, `_rjem_rallocx`, `_rjem_sdallocx`...; each site exact.
+#[test]
+fn rust_binary_with_jemalloc_linked_in() {
+    let _g = lock();
+    let program = rust_jemalloc();
+    let dir = scratch("alloc-rust-jemalloc");
+    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
+    let out = record(&[
+        "-o",
+        out_json.to_str().unwrap(),
+        "--",
+        program.to_str().unwrap(),
+        truth_path.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("through jemalloc (static, _rjem_) (") && first.contains("_rjem_sdallocx"),
+        "{first}"
+    );
+    let report = json(&out_json);
+    // The site: the innermost frame outside Rust's and tikv-jemallocator's allocation code.
+    let mut got = Sites::new();
+    for s in report["stacks"].as_array().unwrap() {
+        let frames: Vec<&str> = s["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["function"].as_str().unwrap_or("[unknown]"))
+            .collect();
+        let site = frames
+            .iter()
+            .rev()
+            .find(|f| !rust_allocator_frame(f))
+            .map(|f| f.rsplit("::").next().unwrap_or(f))
+            .unwrap_or("[unknown]");
+        let e = got.entry(site.to_string()).or_default();
+        e.0 += s["bytes"].as_u64().unwrap();
+        e.1 += s["count"].as_u64().unwrap();
+    }
+    let truth: Sites = std::fs::read_to_string(&truth_path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].to_string(),
+                (f[1].parse().unwrap(), f[2].parse().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(truth.len(), 4);
+    for (site, want) in &truth {
+        assert_eq!(got.get(site), Some(want), "site {site}: {got:#?}");
+    }
+    assert!(!got.contains_key("churn"), "{got:#?}");
+    assert_eq!(report["meta"]["counters"]["unknown_frees"], 0);
+}

@@ -39,8 +39,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match &request {
-        Request::Record(config) => record::run(config).map(|outcome| {
+        Request::Record(config) => record::run(config).map(|mut outcome| {
             print_summary(&outcome, config.top.min(5));
+            // The report is out; the probes' detach may take a few seconds more.
+            outcome.detached();
             // A launched command's own status, as `time` and `strace` pass it on: scripts
             // that run a program under bridge-trace still see how it ended.
             match (&config.target, outcome.target_status) {

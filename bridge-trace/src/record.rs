@@ -47,6 +47,24 @@ pub struct Outcome {
     pub stop: StopReason,
     /// Exit status of a launched target, when it exited.
     pub target_status: Option<i32>,
+    /// The probes being detached (the kernel waits a grace period per uprobe, about 0.1 s
+    /// each): the report is written already; [`Outcome::detached`] waits for the rest.
+    detaching: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Outcome {
+    /// Waits until nothing of bridge-trace's stays in the kernel.
+    pub fn detached(&mut self) {
+        if let Some(d) = self.detaching.take() {
+            let _ = d.join();
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        self.detached();
+    }
 }
 
 /// How often held children (`--follow-children`) are looked for: each waits, stopped, until then.
@@ -573,14 +591,13 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     for (path, bytes) in &rendered {
         report::write_output(path, bytes, config.mode)?;
     }
-    // Nothing of ours stays in the kernel once record returns.
-    let _ = detaching.join();
     Ok(Outcome {
         report,
         written: outputs,
         capture: capture_path,
         stop,
         target_status,
+        detaching: Some(detaching),
     })
 }
 

@@ -415,7 +415,7 @@ impl Allocator {
             "glibc".to_string()
         } else if let Some(known) = ["jemalloc", "mimalloc", "tcmalloc"]
             .into_iter()
-            .find(|f| base.contains(f))
+            .find(|f| !exe && base.contains(f))
         {
             known.to_string()
         } else {
@@ -464,8 +464,8 @@ pub struct FoundSymbols {
 /// The [`ENTRY_POINTS`] that `file` defines (dynamic or static symbol table), in table order,
 /// without aliases; and the aliases as (alias, symbol it aliases): glibc's `aligned_alloc` is
 /// `memalign`, mimalloc's `free` is `mi_free`, and probing both would run two programs on
-/// every call. Unprefixed names win; else the first of [`PREFIXES`] that gives both `malloc`
-/// and `free`.
+/// every call. Unprefixed names win; else the first of [`PREFIXES`] that gives something that
+/// allocates and something that frees.
 pub fn allocator_symbols(file: &Path) -> FoundSymbols {
     let Some(defined) = defined_symbols(file) else {
         return FoundSymbols::default();
@@ -473,12 +473,16 @@ pub fn allocator_symbols(file: &Path) -> FoundSymbols {
     let prefix = if defined.contains_key("malloc") && defined.contains_key("free") {
         None
     } else {
+        // The linker keeps only what the program calls: Rust's tikv-jemallocator frees with
+        // sdallocx, and its `_rjem_free` may be gone.
+        let any = |p: &str, names: &[&str]| {
+            names
+                .iter()
+                .any(|n| defined.contains_key(&format!("{p}{n}")))
+        };
         PREFIXES
             .iter()
-            .find(|p| {
-                defined.contains_key(&format!("{p}malloc"))
-                    && defined.contains_key(&format!("{p}free"))
-            })
+            .find(|p| any(p, &["malloc", "mallocx"]) && any(p, &["free", "sdallocx", "dallocx"]))
             .map(|p| p.to_string())
     };
     let p = prefix.clone().unwrap_or_default();
