@@ -403,3 +403,43 @@ fn rust_binary_with_jemalloc_linked_in() {
     assert!(!got.contains_key("churn"), "{got:#?}");
     assert_eq!(report["meta"]["counters"]["unknown_frees"], 0);
 }
+
+/// Anonymous memory the program maps itself (mmap; mremap moves a region to the caller that
+/// grew it) is reported as its own kind, under a `[anonymous mmap]` root frame, exactly; what
+/// the allocator maps for its own blocks (glibc's 1 MiB malloc, jemalloc's extents) is not
+/// counted again; regions given back are gone.
+#[test]
+fn program_mapped_memory_is_its_own_kind() {
+    let _g = lock();
+    for (fixture, allocator) in [("c-glibc", "glibc"), ("c-jemalloc", "jemalloc")] {
+        let (_, report, _, truth) = record_fixture(fixture, &["mmap"], &[]);
+        let (mut mapped, mut heap) = (Sites::new(), Sites::new());
+        for s in report["stacks"].as_array().unwrap() {
+            let frames = s["frames"].as_array().unwrap();
+            let leaf = bare(frames.last().unwrap()["function"].as_str().unwrap_or("?"));
+            let kind = if frames[0]["function"] == "[anonymous mmap]" {
+                &mut mapped
+            } else {
+                &mut heap
+            };
+            let e = kind.entry(leaf.to_string()).or_default();
+            e.0 += s["bytes"].as_u64().unwrap();
+            e.1 += s["count"].as_u64().unwrap();
+        }
+        let want = |site: &str| truth.get(site).copied();
+        let expected: Sites = ["mmap_leak", "remap_leak"]
+            .iter()
+            .map(|s| (s.to_string(), want(s).unwrap()))
+            .collect();
+        assert_eq!(
+            mapped, expected,
+            "{fixture} ({allocator}): the program's own mappings"
+        );
+        assert_eq!(
+            heap.get("big_malloc_leak").copied(),
+            want("big_malloc_leak"),
+            "{heap:#?}"
+        );
+        assert!(!heap.contains_key("mmap_churn") && !mapped.contains_key("mmap_churn"));
+    }
+}

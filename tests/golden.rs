@@ -179,6 +179,7 @@ fn fixed_capture() -> Capture {
             count: s.count as f64,
             oldest_age_secs: s.oldest_age_secs,
             process: None,
+            mmap: false,
         })
         .collect();
     let mapping = |start: u64, path: &str| bridge_trace::target::Mapping {

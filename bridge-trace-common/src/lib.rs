@@ -280,6 +280,8 @@ pub struct GrowthTotals {
 pub struct MmapRegion {
     pub len: u64,
     pub stack: StackKey,
+    /// CLOCK_MONOTONIC nanoseconds when it was mapped.
+    pub ts_ns: u64,
 }
 
 /// A heap-growth call (brk, mmap, munmap, mremap) between its entry and its return, per thread.
@@ -433,7 +435,7 @@ const _: () = assert!(core::mem::size_of::<StackKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 56);
 const _: () = assert!(core::mem::size_of::<InFlight>() == 64);
 const _: () = assert!(core::mem::size_of::<GrowthTotals>() == 32);
-const _: () = assert!(core::mem::size_of::<MmapRegion>() == 32);
+const _: () = assert!(core::mem::size_of::<MmapRegion>() == 40);
 const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 64);
 const _: () = assert!(core::mem::size_of::<StackTotals>() == 32);
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 + 8 * MAX_STACK_DEPTH);

@@ -1126,7 +1126,12 @@ fn map_region(tgid: u32, addr: u64, len: u64, stack: &StackKey) {
         _pad: 0,
         addr,
     };
-    let region = MmapRegion { len, stack: *stack };
+    let region = MmapRegion {
+        len,
+        stack: *stack,
+        // SAFETY: plain helper call.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    };
     if REGIONS.insert(&key, &region, 0).is_err() {
         count(Counter::GrowthMapFull);
     }

@@ -227,8 +227,14 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
                 function: Some(format!("{} [pid {}]", p.name, p.pid)),
                 ..Frame::unknown(None, None)
             });
+        // Memory the program mapped itself stands apart, under a frame of its own.
+        let mapped = s.mmap.then(|| Frame {
+            function: Some(MMAP_FRAME.into()),
+            ..Frame::unknown(None, None)
+        });
         let mut named: Vec<Frame> = process
             .into_iter()
+            .chain(mapped)
             .chain(s.frames.iter().rev().flat_map(|l| names[l].iter().cloned()))
             .collect();
         // C++'s operator new ends in malloc: its caller is the allocation site.
@@ -272,6 +278,9 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
         .collect();
     Report { meta, stacks }
 }
+
+/// The root frame of anonymous memory the program mapped itself.
+pub const MMAP_FRAME: &str = "[anonymous mmap]";
 
 /// A C++ runtime's `operator new` (any variant), which only forwards to malloc.
 fn is_operator_new(f: &Frame) -> bool {
@@ -325,6 +334,7 @@ mod tests {
             count,
             oldest_age_secs: age,
             process: None,
+            mmap: false,
         }
     }
 

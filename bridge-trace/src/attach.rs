@@ -563,10 +563,12 @@ impl Tracer {
     }
 
     /// Starts following `pid`'s heap growth: its brk, anonymous mmap, munmap and mremap calls
-    /// through `object` (its libc, see [`target::growth_object`]), and its first-touch page
-    /// faults, are attributed to its stacks. The process must be a target already.
-    pub fn trace_growth(&mut self, pid: u32, object: &Path) -> Result<()> {
-        if !self.page_faults {
+    /// through `object` (its libc, see [`target::growth_object`]), and with `faults` its
+    /// first-touch page faults, are attributed to its stacks; the regions it maps stay in
+    /// `REGIONS` until unmapped (`record` reports those the program mapped itself). The
+    /// process must be a target already.
+    pub fn trace_growth(&mut self, pid: u32, object: &Path, faults: bool) -> Result<()> {
+        if faults && !self.page_faults {
             self.attach_raw_tracepoint(GROWTH_TRACEPOINT)?;
             self.page_faults = true;
         }

@@ -73,6 +73,9 @@ pub struct CapturedStack {
     /// Index into [`Capture::processes`] when several processes were traced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<u32>,
+    /// Anonymous memory the program mapped itself (mmap, mremap), not through an allocator.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mmap: bool,
 }
 
 /// One process of a recording that followed children (`--follow-children`).
@@ -159,8 +162,10 @@ impl Capture {
         };
 
         let mut younger = 0u64;
-        let mut groups: HashMap<(Vec<Location>, bool, bool), CapturedStack> = HashMap::new();
-        for a in &snapshot.allocs {
+        let mut groups: HashMap<(Vec<Location>, bool, bool, bool), CapturedStack> = HashMap::new();
+        let heap = snapshot.allocs.iter().map(|a| (a, false));
+        let mapped = snapshot.regions.iter().map(|r| (r, true));
+        for (a, mmap) in heap.chain(mapped) {
             let age_ns = now.saturating_sub(a.ts_ns);
             if min_age_ns.is_some_and(|min| age_ns < min) {
                 younger += 1;
@@ -169,7 +174,7 @@ impl Capture {
             let (addrs, truncated, partial) = raw_stack(snapshot, a);
             let frames: Vec<Location> = addrs.iter().map(|&addr| locate(addr)).collect();
             let entry = groups
-                .entry((frames.clone(), truncated, partial))
+                .entry((frames.clone(), truncated, partial, mmap))
                 .or_insert_with(|| CapturedStack {
                     frames,
                     truncated,
@@ -178,6 +183,7 @@ impl Capture {
                     count: 0.0,
                     oldest_age_secs: 0.0,
                     process: None,
+                    mmap,
                 });
             let (bytes, count) = a.estimate();
             entry.bytes += bytes;
@@ -203,6 +209,7 @@ impl Capture {
                 .total_cmp(&a.bytes)
                 .then(b.count.total_cmp(&a.count))
                 .then_with(|| a.process.cmp(&b.process))
+                .then(a.mmap.cmp(&b.mmap))
                 .then_with(|| a.frames.cmp(&b.frames))
                 .then(a.truncated.cmp(&b.truncated))
                 .then(a.partial.cmp(&b.partial))
@@ -311,6 +318,17 @@ impl Capture {
         }
         Ok(())
     }
+}
+
+/// Keeps the regions the program mapped itself: a region whose direct caller is in an
+/// allocator's object (`allocators`, their paths) is that allocator's own memory (glibc's
+/// malloc maps large blocks, jemalloc its extents), already counted as the allocations in it.
+pub fn keep_own_mappings(snapshot: &mut Snapshot, maps: &ProcessMaps, allocators: &[String]) {
+    snapshot.regions.retain(|r| {
+        !maps
+            .lookup(r.ret_addr)
+            .is_some_and(|m| allocators.contains(&m.path))
+    });
 }
 
 /// Where the raw capture of a recording goes: beside its first output written to a file, with

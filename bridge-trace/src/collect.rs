@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
 use bridge_trace_common::{
-    AllocInfo, AllocKey, AllocKind, Counter, GrowthTotals, StackFrames, StackKey, StackTotals,
-    STACK_TRUNCATED,
+    AllocInfo, AllocKey, AllocKind, Counter, GrowthTotals, MmapRegion, StackFrames, StackKey,
+    StackTotals, STACK_TRUNCATED,
 };
 use serde::{Deserialize, Serialize};
 
@@ -171,6 +171,9 @@ impl Counters {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub allocs: Vec<LiveAlloc>,
+    /// Anonymous memory the process mapped itself (mmap, mremap) while traced and still
+    /// mapped, when the growth probes are attached.
+    pub regions: Vec<LiveAlloc>,
     /// Heap growth per stack since tracing began (growth tracepoints attached).
     pub growth: Vec<StackGrowth>,
     pub stacks: HashMap<u64, RawStack>,
@@ -273,7 +276,8 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
     // An exec released everything the old image held, with no free to see.
     let execs: BpfHashMap<&MapData, u32, u64> =
         BpfHashMap::try_from(map(tracer, "EXECS")?).map_err(|e| map_err("EXECS", e))?;
-    if let Ok(exec_ns) = execs.get(&tgid, 0) {
+    let exec_ns = execs.get(&tgid, 0).ok();
+    if let Some(exec_ns) = exec_ns {
         let before = allocs.len();
         allocs.retain(|a| a.ts_ns > exec_ns);
         tracing::debug!(
@@ -304,11 +308,36 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
         }
         growth.push(g);
     }
+    // Anonymous regions mapped while traced and still mapped.
+    let regions_map: BpfHashMap<&MapData, AllocKey, MmapRegion> =
+        BpfHashMap::try_from(map(tracer, "REGIONS")?).map_err(|e| map_err("REGIONS", e))?;
+    let mut regions = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for item in regions_map.iter() {
+        let Ok((key, r)) = item else { continue };
+        if key.tgid != tgid || !seen.insert(key.addr) {
+            continue;
+        }
+        regions.push(LiveAlloc {
+            addr: key.addr,
+            size: r.len,
+            ts_ns: r.ts_ns,
+            stack_id: r.stack.stack_id,
+            ret_addr: r.stack.ret_addr,
+            kind: None,
+            tid: 0,
+            interval: 0,
+        });
+    }
+    if let Some(exec_ns) = exec_ns {
+        regions.retain(|r| r.ts_ns > exec_ns);
+    }
     let stacks_map: BpfHashMap<&MapData, u64, StackFrames> =
         BpfHashMap::try_from(map(tracer, "STACKS")?).map_err(|e| map_err("STACKS", e))?;
     let mut stacks = HashMap::new();
     let ids = allocs
         .iter()
+        .chain(&regions)
         .map(|a| a.stack_id)
         .chain(growth.iter().map(|g| g.stack_id));
     for id in ids {
@@ -327,9 +356,11 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
         }
     }
     allocs.sort_by_key(|a| (a.ts_ns, a.addr));
+    regions.sort_by_key(|a| (a.ts_ns, a.addr));
     growth.sort_by_key(|g| (g.stack_id, g.ret_addr));
     Ok(Snapshot {
         allocs,
+        regions,
         growth,
         stacks,
         counters: counters(tracer)?,

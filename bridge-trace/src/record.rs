@@ -90,6 +90,9 @@ fn follow(t: &mut Attached, child: u32, parent: u32, config: &Config) -> Option<
             &target::mapped_objects(child, &maps),
         )?);
         t.tracer.trace_allocator(child, &allocators)?;
+        if let Some(object) = target::growth_object(child, &maps) {
+            t.tracer.trace_growth(child, &object, false)?;
+        }
         if let Some(u) = t.unwinder.as_mut() {
             u.track(child, &maps)?;
         }
@@ -139,6 +142,8 @@ pub(crate) struct Attached {
     pub(crate) allocator: String,
     /// The executable, as the process saw it.
     pub(crate) exe: Option<String>,
+    /// The allocators' objects, as the process saw them: what they map is theirs.
+    pub(crate) allocator_paths: Vec<String>,
     pub(crate) maps: ProcessMaps,
     pub(crate) unwinder: Option<Unwinder>,
     child: Option<mpsc::UnboundedReceiver<ChildEvent>>,
@@ -194,6 +199,10 @@ pub(crate) fn attach_pid(
     if follow {
         tracer.follow_children()?;
     }
+    // The anonymous memory it maps itself.
+    if let Some(object) = target::growth_object(pid, &maps) {
+        tracer.trace_growth(pid, &object, false)?;
+    }
     if !target::alive(pid) {
         return Err(Error::ExitedBeforeAttach(pid));
     }
@@ -210,6 +219,7 @@ pub(crate) fn attach_pid(
         name: target::comm(pid).unwrap_or_else(|| format!("pid{pid}")),
         tracer,
         allocator: target::describe(&allocators),
+        allocator_paths: allocators.iter().map(|a| a.path.clone()).collect(),
         exe: target::exe(pid),
         maps: ProcessMaps::new(pid, maps),
         unwinder,
@@ -241,6 +251,8 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
         if config.follow_children {
             tracer.follow_children()?;
         }
+        let hold = target::hold_allocator(&allocators);
+        tracer.trace_growth(pid, &hold.host_path, false)?;
         let unwinder = Unwinder::new(&mut tracer, config.unwind)?;
         if unwinder.is_some() {
             // Held once its libraries are mapped, and at each dlopen, to load their tables
@@ -279,6 +291,7 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
         name,
         tracer,
         allocator: target::describe(&allocators),
+        allocator_paths: allocators.iter().map(|a| a.path.clone()).collect(),
         exe: Some(program.to_string_lossy().into_owned()),
         maps: ProcessMaps::new(pid, maps),
         unwinder,
@@ -530,6 +543,11 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         ..Meta::default()
     }
     .on_this_machine();
+    // What the allocators mapped for their own blocks is counted as those blocks.
+    capture::keep_own_mappings(&mut snapshot, &t.maps, &t.allocator_paths);
+    for (c, snap) in children.iter().zip(child_snapshots.iter_mut()) {
+        capture::keep_own_mappings(snap, &c.maps, &t.allocator_paths);
+    }
     // The report is rendered from the capture, as `bridge-trace report` renders it later.
     let capture = Capture::new(
         &snapshot,

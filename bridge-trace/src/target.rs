@@ -813,7 +813,7 @@ fn preloaded() -> Vec<PathBuf> {
         .filter(|n| !n.is_empty() && may_allocate(n, None))
         .filter_map(|n| {
             if n.contains('/') {
-                Some(PathBuf::from(n))
+                fs::canonicalize(n).ok()
             } else {
                 find_library(n, &[])
             }
@@ -885,6 +885,8 @@ fn find_library(name: &str, dirs: &[PathBuf]) -> Option<PathBuf> {
         .chain(&system)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+        // As /proc/PID/maps will show it (/lib is /usr/lib on a merged /usr).
+        .map(|p| fs::canonicalize(&p).unwrap_or(p))
 }
 
 /// Resolves a program name the way `execvp` does.

@@ -268,8 +268,9 @@ impl Session<'_> {
             .and_then(|fd| unsafe { AsyncFd::register(fd) }.ok())
             .ok_or(Error::NoSuchProcess(pid))?;
         self.tracer.add_target(pid)?;
-        let growth = target::growth_object(pid, &maps)
-            .map_or(Ok(()), |object| self.tracer.trace_growth(pid, &object));
+        let growth = target::growth_object(pid, &maps).map_or(Ok(()), |object| {
+            self.tracer.trace_growth(pid, &object, true)
+        });
         if let Err(e) = growth {
             self.tracer.remove_target(pid);
             return Err(e);
