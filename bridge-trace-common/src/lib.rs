@@ -31,10 +31,12 @@ pub enum AllocKind {
     Memalign = 6,
     Valloc = 7,
     Pvalloc = 8,
+    /// jemalloc's `xallocx(ptr, size, extra, flags)`: resizes in place, returns the real size.
+    Xallocx = 9,
 }
 
 impl AllocKind {
-    pub const ALL: [AllocKind; 9] = [
+    pub const ALL: [AllocKind; 10] = [
         AllocKind::Malloc,
         AllocKind::Calloc,
         AllocKind::Realloc,
@@ -44,6 +46,7 @@ impl AllocKind {
         AllocKind::Memalign,
         AllocKind::Valloc,
         AllocKind::Pvalloc,
+        AllocKind::Xallocx,
     ];
 
     pub fn from_u32(v: u32) -> Option<AllocKind> {
@@ -62,6 +65,7 @@ impl AllocKind {
             AllocKind::Memalign => "memalign",
             AllocKind::Valloc => "valloc",
             AllocKind::Pvalloc => "pvalloc",
+            AllocKind::Xallocx => "xallocx",
         }
     }
 }

@@ -767,6 +767,11 @@ pub fn valloc_enter(ctx: ProbeContext) -> u32 {
 }
 
 #[uprobe]
+pub fn xallocx_enter(ctx: ProbeContext) -> u32 {
+    alloc_enter(&ctx, AllocKind::Xallocx, arg(&ctx, 1), arg(&ctx, 0))
+}
+
+#[uprobe]
 pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
     alloc_enter(&ctx, AllocKind::Pvalloc, arg(&ctx, 0), 0)
 }
@@ -916,6 +921,15 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
                 _ => count(Counter::ReadFaults),
             }
         }
+        AllocKind::Xallocx => {
+            // The real size it returns is at least the size asked for when the block grew or
+            // shrank in place; otherwise the block is as it was.
+            if ret >= call.size {
+                resize(tgid, call.ptr_arg, call.size);
+            } else {
+                count(Counter::FailedAllocs);
+            }
+        }
         AllocKind::Pvalloc => {
             if ret == 0 {
                 count(Counter::FailedAllocs);
@@ -938,6 +952,34 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         }
     }
     0
+}
+
+/// A live allocation resized in place: its new size, and its stack's totals moved by the
+/// difference.
+#[inline(always)]
+fn resize(tgid: u32, addr: u64, size: u64) {
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let Some(info) = ALLOCS.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: pointer from a successful map lookup.
+    let (old, stack) = unsafe { ((*info).size, (*info).stack) };
+    // SAFETY: as above.
+    unsafe { (*info).size = size };
+    if let Some(t) = STACK_TOTALS.get_ptr_mut(&stack) {
+        // SAFETY: per-CPU value of a successful lookup.
+        unsafe {
+            if size > old {
+                (*t).alloc_bytes += size - old;
+            } else {
+                (*t).free_bytes += old - size;
+            }
+        }
+    }
 }
 
 /// free: the map delete and the per-stack update, nothing else. A free the allocator makes

@@ -89,6 +89,7 @@ pub fn entry_program(kind: EntryKind) -> (&'static str, usize) {
         EntryKind::Memalign => ("memalign_enter", 2),
         EntryKind::Valloc => ("valloc_enter", 1),
         EntryKind::Pvalloc => ("pvalloc_enter", 1),
+        EntryKind::Xallocx => ("xallocx_enter", 2),
     }
 }
 
@@ -562,18 +563,18 @@ impl Tracer {
         Ok(())
     }
 
-    /// Starts following `pid`'s heap growth: its brk, anonymous mmap, munmap and mremap calls
-    /// through `object` (its libc, see [`target::growth_object`]), and with `faults` its
-    /// first-touch page faults, are attributed to its stacks; the regions it maps stay in
-    /// `REGIONS` until unmapped (`record` reports those the program mapped itself). The
+    /// Starts following `pid`'s heap growth: its anonymous mmap, munmap and mremap calls through
+    /// `object` (its libc, see [`target::growth_object`]) and, with `heap` (`watch`), its brk
+    /// calls and first-touch page faults, are attributed to its stacks; the regions it maps stay
+    /// in `REGIONS` until unmapped (`record` reports those the program mapped itself). The
     /// process must be a target already.
-    pub fn trace_growth(&mut self, pid: u32, object: &Path, faults: bool) -> Result<()> {
-        if faults && !self.page_faults {
+    pub fn trace_growth(&mut self, pid: u32, object: &Path, heap: bool) -> Result<()> {
+        if heap && !self.page_faults {
             self.attach_raw_tracepoint(GROWTH_TRACEPOINT)?;
             self.page_faults = true;
         }
         let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
-        for p in GROWTH_PROBES {
+        for p in GROWTH_PROBES.iter().filter(|p| heap || p.symbol != "brk") {
             match attach_one(
                 &mut self.ebpf,
                 p.program,

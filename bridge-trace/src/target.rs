@@ -223,6 +223,8 @@ pub enum EntryKind {
     Valloc,
     /// `pvalloc(size)` (rounded up to pages).
     Pvalloc,
+    /// jemalloc's `xallocx(ptr, size, extra, flags)`: resizes a block in place.
+    Xallocx,
 }
 
 impl EntryKind {
@@ -268,6 +270,7 @@ pub const ENTRY_POINTS: &[(&str, EntryKind)] = {
         // jemalloc
         ("mallocx", Malloc),
         ("rallocx", Realloc),
+        ("xallocx", Xallocx),
         ("dallocx", Free),
         ("sdallocx", Free),
         // mimalloc

@@ -769,9 +769,9 @@ fn suspects(p: &Proc, sample: &metrics::Sample) {
 /// The report of one snapshot: live allocations when they are traced, else the stacks that
 /// touched new memory (growth tier), weighted by the bytes they touched.
 fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
-    let growth_view;
+    let view;
     let (snap, interval) = if governor.tier == Tier::Growth {
-        growth_view = Snapshot {
+        view = Snapshot {
             allocs: snap
                 .growth
                 .iter()
@@ -787,11 +787,18 @@ fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
                     interval: 0,
                 })
                 .collect(),
+            // The growth tier reports touched pages, mapped regions included.
+            regions: Vec::new(),
             ..snap.clone()
         };
-        (&growth_view, None)
+        (&view, None)
     } else {
-        (snap, (governor.interval > 0).then_some(governor.interval))
+        // Regions the program mapped itself, not those its allocators map for their blocks.
+        let mut own = snap.clone();
+        let allocators: Vec<String> = p.allocators.iter().map(|a| a.path.clone()).collect();
+        crate::capture::keep_own_mappings(&mut own, &p.maps, &allocators);
+        view = own;
+        (&view, (governor.interval > 0).then_some(governor.interval))
     };
     let meta = Meta {
         version: REPORT_VERSION,
