@@ -613,11 +613,8 @@ impl Tracer {
         let me = std::process::id();
         let nz = NonZeroU32::new(me).ok_or_else(|| Error::Usage("no pid".into()))?;
         let maps = target::read_maps(me)?;
-        let allocators = target::find_allocators(me, &maps)?;
-        let allocator = allocators
-            .iter()
-            .find(|a| a.family == "glibc")
-            .ok_or_else(|| Error::Ebpf("no libc in bridge-trace's own maps".into()))?;
+        let libc = target::libc_allocator(me, &maps)?;
+        let allocator = &libc;
         let per_call = || {
             let started = std::time::Instant::now();
             for i in 0..CALLS {

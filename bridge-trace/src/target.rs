@@ -519,7 +519,7 @@ pub fn allocator_symbols(file: &Path) -> FoundSymbols {
 /// The functions and objects `file` defines (dynamic and static symbol tables), by name without
 /// version, with their addresses.
 fn defined_symbols(file: &Path) -> Option<HashMap<String, u64>> {
-    let data = fs::read(file).ok()?;
+    let data = map_file(file)?;
     let obj = object::File::parse(&*data).ok()?;
     Some(
         obj.dynamic_symbols()
@@ -660,6 +660,17 @@ pub fn find_allocators(pid: u32, maps: &[Mapping]) -> Result<Vec<Allocator>> {
     Ok(allocators)
 }
 
+/// The process's libc as an allocator (the calibration's probes go to bridge-trace's own).
+pub fn libc_allocator(pid: u32, maps: &[Mapping]) -> Result<Allocator> {
+    maps.iter()
+        .find(|m| is_libc_name(&m.path))
+        .and_then(|m| Allocator::from_object(m.path.clone(), host_path(pid, &m.path), false))
+        .ok_or_else(|| Error::NoAllocator {
+            pid,
+            searched: "its maps (no libc)".into(),
+        })
+}
+
 /// The allocator whose object holds a launched program's holds and the benchmark's floor: libc
 /// when the program has one, else the statically linked one.
 pub fn hold_allocator(allocators: &[Allocator]) -> &Allocator {
@@ -687,7 +698,7 @@ fn ordered(mut allocators: Vec<Allocator>) -> Vec<Allocator> {
 /// Go manages its own heap (runtime.mallocgc, a garbage collector): there is no malloc to
 /// trace, and return probes can crash Go programs (their stacks move).
 pub fn refuse_go(exe: &Path) -> Result<()> {
-    let Ok(data) = fs::read(exe) else {
+    let Some(data) = map_file(exe) else {
         return Ok(());
     };
     let Ok(obj) = object::File::parse(&*data) else {
