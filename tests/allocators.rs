@@ -157,17 +157,26 @@ fn assert_exact(fixture: &str, args: &[&str], allocator: &str) -> Value {
     report
 }
 
+/// [`assert_exact`] for each (fixture, allocator it must name); the reports.
+fn assert_each_exact(cases: &[(&str, &str)], args: &[&str]) -> Vec<Value> {
+    cases
+        .iter()
+        .map(|(fixture, allocator)| assert_exact(fixture, args, allocator))
+        .collect()
+}
+
 #[test]
 fn c_functions_through_each_allocator() {
     let _g = lock();
-    for (fixture, allocator) in [
-        ("c-glibc", "glibc"),
-        ("c-jemalloc", "jemalloc"),
-        ("c-mimalloc", "mimalloc"),
-        ("c-tcmalloc", "tcmalloc"),
-    ] {
-        assert_exact(fixture, &["c"], allocator);
-    }
+    assert_each_exact(
+        &[
+            ("c-glibc", "glibc"),
+            ("c-jemalloc", "jemalloc"),
+            ("c-mimalloc", "mimalloc"),
+            ("c-tcmalloc", "tcmalloc"),
+        ],
+        &["c"],
+    );
 }
 
 /// jemalloc's mallocx/rallocx/sdallocx/dallocx, mimalloc's mi_* (whose sized and aligned frees
@@ -175,13 +184,14 @@ fn c_functions_through_each_allocator() {
 #[test]
 fn each_allocators_own_api() {
     let _g = lock();
-    for (fixture, allocator) in [
-        ("c-jemalloc", "jemalloc"),
-        ("c-mimalloc", "mimalloc"),
-        ("c-tcmalloc", "tcmalloc"),
-    ] {
-        assert_exact(fixture, &["own"], allocator);
-    }
+    assert_each_exact(
+        &[
+            ("c-jemalloc", "jemalloc"),
+            ("c-mimalloc", "mimalloc"),
+            ("c-tcmalloc", "tcmalloc"),
+        ],
+        &["own"],
+    );
 }
 
 /// new and delete, scalar and array, nothrow, aligned, sized: on libstdc++ (operator new ends in
@@ -190,13 +200,13 @@ fn each_allocators_own_api() {
 #[test]
 fn cpp_new_and_delete_in_all_forms() {
     let _g = lock();
-    for (fixture, allocator) in [
+    let cases = [
         ("cpp-libstdcxx", "glibc"),
         ("cpp-jemalloc", "jemalloc"),
         ("cpp-mimalloc", "mimalloc"),
         ("cpp-tcmalloc", "tcmalloc"),
-    ] {
-        let report = assert_exact(fixture, &[], allocator);
+    ];
+    for ((fixture, _), report) in cases.iter().zip(assert_each_exact(&cases, &[])) {
         for s in report["stacks"].as_array().unwrap() {
             for f in s["frames"].as_array().unwrap() {
                 let name = f["function"].as_str().unwrap_or_default();

@@ -29,6 +29,25 @@ use crate::{
     target::{self, Allocator, EntryKind},
 };
 
+/// Program `$name` of the object as a `$kind` (UProbe, TracePoint, RawTracePoint), loaded
+/// into the kernel on first use.
+macro_rules! loaded {
+    ($ebpf:expr, $name:expr, $kind:ty) => {{
+        let name: &str = $name;
+        let program: &mut $kind = $ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Ebpf(format!("program {name} missing from the object")))?
+            .try_into()
+            .map_err(|e: ProgramError| ebpf_err(name, chain(&e)))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|e| ebpf_err(&format!("loading {name}"), chain(&e)))?;
+        }
+        program
+    }};
+}
+
 /// The eBPF object built by build.rs from `bridge-trace-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bridge-trace"));
 
@@ -509,15 +528,7 @@ impl Tracer {
     /// lets it go ([`Tracer::release_child`]).
     pub fn follow_children(&mut self) -> Result<()> {
         let (name, category, event) = NEWTASK_TRACEPOINT;
-        let program: &mut TracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::Ebpf(format!("program {name} missing from the object")))?
-            .try_into()
-            .map_err(|e: ProgramError| ebpf_err(name, chain(&e)))?;
-        program
-            .load()
-            .map_err(|e| ebpf_err(&format!("loading {name}"), chain(&e)))?;
+        let program = loaded!(self.ebpf, name, TracePoint);
         program.attach(category, event).map_err(|e| {
             ebpf_err(
                 &format!("attaching {name} to {category}:{event}"),
@@ -548,15 +559,7 @@ impl Tracer {
 
     /// Loads and attaches a system-wide raw tracepoint program, for as long as the tracer lives.
     fn attach_raw_tracepoint(&mut self, (name, tracepoint): (&str, &str)) -> Result<()> {
-        let program: &mut RawTracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::Ebpf(format!("program {name} missing from the object")))?
-            .try_into()
-            .map_err(|e: ProgramError| ebpf_err(name, chain(&e)))?;
-        program
-            .load()
-            .map_err(|e| ebpf_err(&format!("loading {name}"), chain(&e)))?;
+        let program = loaded!(self.ebpf, name, RawTracePoint);
         program
             .attach(tracepoint)
             .map_err(|e| ebpf_err(&format!("attaching {name} to {tracepoint}"), chain(&e)))?;
@@ -803,17 +806,7 @@ fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_
 
 /// The uprobe program `name` of the object, loaded into the kernel (once).
 fn loaded_uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
-    let program: &mut UProbe = ebpf
-        .program_mut(name)
-        .ok_or_else(|| Error::Ebpf(format!("program {name} missing from the object")))?
-        .try_into()
-        .map_err(|e: ProgramError| ebpf_err(name, chain(&e)))?;
-    if program.fd().is_err() {
-        program
-            .load()
-            .map_err(|e| ebpf_err(&format!("loading {name}"), chain(&e)))?;
-    }
-    Ok(program)
+    Ok(loaded!(ebpf, name, UProbe))
 }
 
 /// What a probe of a static table ([`GROWTH_PROBES`], the floor's) is placed for: its own
