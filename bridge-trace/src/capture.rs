@@ -134,33 +134,7 @@ impl Capture {
         mut meta: Meta,
     ) -> Capture {
         let now = snapshot.taken_ns;
-        let mut modules: Vec<Module> = Vec::new();
-        let mut module_index: HashMap<&str, u32> = HashMap::new();
-        let mut located: HashMap<u64, Location> = HashMap::new();
-        let mut locate = |addr: u64| -> Location {
-            *located
-                .entry(addr)
-                .or_insert_with(|| match maps.lookup(addr) {
-                    Some(m) => {
-                        let index = *module_index.entry(m.path.as_str()).or_insert_with(|| {
-                            modules.push(Module {
-                                path: m.path.clone(),
-                                build_id: maps.build_id(&m.path),
-                            });
-                            modules.len() as u32 - 1
-                        });
-                        Location {
-                            module: Some(index),
-                            offset: addr - m.start + m.offset,
-                        }
-                    }
-                    None => Location {
-                        module: None,
-                        offset: addr,
-                    },
-                })
-        };
-
+        let mut locator = Locator::new(maps);
         let mut younger = 0u64;
         let mut groups: HashMap<(Vec<Location>, bool, bool, bool), CapturedStack> = HashMap::new();
         let heap = snapshot.allocs.iter().map(|a| (a, false));
@@ -172,7 +146,7 @@ impl Capture {
                 continue;
             }
             let (addrs, truncated, partial) = raw_stack(snapshot, a);
-            let frames: Vec<Location> = addrs.iter().map(|&addr| locate(addr)).collect();
+            let frames: Vec<Location> = addrs.iter().map(|&addr| locator.locate(addr)).collect();
             let entry = groups
                 .entry((frames.clone(), truncated, partial, mmap))
                 .or_insert_with(|| CapturedStack {
@@ -193,7 +167,7 @@ impl Capture {
         meta.younger_than_min_age = younger;
         let mut capture = Capture {
             meta,
-            modules,
+            modules: locator.modules,
             mappings: maps.mappings.clone(),
             stacks: groups.into_values().collect(),
             processes: Vec::new(),
@@ -345,6 +319,60 @@ pub fn beside(outputs: &[(PathBuf, Format)]) -> Option<PathBuf> {
         .unwrap_or(&name);
     let path = first.with_file_name(format!("{stem}.{EXTENSION}"));
     (!outputs.iter().any(|(p, _)| *p == path)).then_some(path)
+}
+
+/// Places return addresses of a process in the file mappings that held them, numbering each
+/// module (with its build-id) the first time one of its addresses is placed.
+pub struct Locator<'a> {
+    maps: &'a ProcessMaps,
+    /// The modules placed so far, in [`Location::module`] order.
+    pub modules: Vec<Module>,
+    index: HashMap<String, u32>,
+    placed: HashMap<u64, Location>,
+}
+
+impl<'a> Locator<'a> {
+    pub fn new(maps: &'a ProcessMaps) -> Locator<'a> {
+        Locator {
+            maps,
+            modules: Vec::new(),
+            index: HashMap::new(),
+            placed: HashMap::new(),
+        }
+    }
+
+    /// Where `addr` points: (module, file offset), or the bare address outside every mapping.
+    pub fn locate(&mut self, addr: u64) -> Location {
+        if let Some(l) = self.placed.get(&addr) {
+            return *l;
+        }
+        let location = match self.maps.lookup(addr) {
+            Some(m) => {
+                let index = match self.index.get(&m.path) {
+                    Some(&i) => i,
+                    None => {
+                        self.modules.push(Module {
+                            path: m.path.clone(),
+                            build_id: self.maps.build_id(&m.path),
+                        });
+                        let i = self.modules.len() as u32 - 1;
+                        self.index.insert(m.path.clone(), i);
+                        i
+                    }
+                };
+                Location {
+                    module: Some(index),
+                    offset: addr - m.start + m.offset,
+                }
+            }
+            None => Location {
+                module: None,
+                offset: addr,
+            },
+        };
+        self.placed.insert(addr, location);
+        location
+    }
 }
 
 /// An allocation's stack: the stored frames, or just the direct caller. (addresses, truncated,

@@ -15,7 +15,7 @@ use blazesym::symbolize::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    capture::{Location, Module},
+    capture::{Location, Locator, Module},
     target::{self, Mapping},
 };
 
@@ -177,34 +177,13 @@ pub fn symbolize_addrs(
     maps: &ProcessMaps,
     addrs: &[u64],
 ) -> HashMap<u64, Vec<Frame>> {
-    let mut modules: Vec<Module> = Vec::new();
-    let mut located = Vec::with_capacity(addrs.len());
-    for &addr in addrs {
-        let location = match maps.lookup(addr) {
-            Some(m) => {
-                let index = match modules.iter().position(|x| x.path == m.path) {
-                    Some(i) => i,
-                    None => {
-                        modules.push(Module {
-                            path: m.path.clone(),
-                            build_id: maps.build_id(&m.path),
-                        });
-                        modules.len() - 1
-                    }
-                };
-                Location {
-                    module: Some(index as u32),
-                    offset: addr - m.start + m.offset,
-                }
-            }
-            None => Location {
-                module: None,
-                offset: addr,
-            },
-        };
-        located.push((addr, location));
-    }
-    let named = symbolize_locations(symbolizer, &modules, located.iter().map(|(_, l)| *l));
+    let mut locator = Locator::new(maps);
+    let located: Vec<(u64, Location)> = addrs.iter().map(|&a| (a, locator.locate(a))).collect();
+    let named = symbolize_locations(
+        symbolizer,
+        &locator.modules,
+        located.iter().map(|(_, l)| *l),
+    );
     located
         .into_iter()
         .map(|(addr, l)| (addr, named[&l].clone()))
