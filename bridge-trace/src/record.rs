@@ -78,21 +78,23 @@ struct Followed {
     maps: ProcessMaps,
 }
 
+/// Follows the anonymous memory running process `pid` maps itself, through its libc.
+fn trace_own_mappings(tracer: &mut Tracer, pid: u32, maps: &[target::Mapping]) -> Result<()> {
+    match target::growth_object(pid, maps) {
+        Some(object) => tracer.trace_growth(pid, &object, false),
+        None => Ok(()),
+    }
+}
+
 /// Attaches a held child's probes and lets it go. A child that cannot be followed is let go
 /// too, and said.
 fn follow(t: &mut Attached, child: u32, parent: u32, config: &Config) -> Option<Followed> {
     let quiet = config.quiet;
     let attached = (|| {
         let maps = target::read_maps(child)?;
-        let mut allocators = target::find_allocators(child, &maps)?;
-        allocators.extend(target::custom_allocators(
-            &config.alloc_fns,
-            &target::mapped_objects(child, &maps),
-        )?);
+        let allocators = target::allocators_of(child, &maps, &config.alloc_fns)?;
         t.tracer.trace_allocator(child, &allocators)?;
-        if let Some(object) = target::growth_object(child, &maps) {
-            t.tracer.trace_growth(child, &object, false)?;
-        }
+        trace_own_mappings(&mut t.tracer, child, &maps)?;
         if let Some(u) = t.unwinder.as_mut() {
             u.track(child, &maps)?;
         }
@@ -181,11 +183,7 @@ pub(crate) fn attach_pid(
     alloc_fns: &[(String, EntryKind)],
 ) -> Result<Attached> {
     let maps = target::inspect_pid(pid)?;
-    let mut allocators = target::find_allocators(pid, &maps)?;
-    allocators.extend(target::custom_allocators(
-        alloc_fns,
-        &target::mapped_objects(pid, &maps),
-    )?);
+    let allocators = target::allocators_of(pid, &maps, alloc_fns)?;
     let mut tracer = Tracer::attach(
         &allocators,
         Knobs {
@@ -199,10 +197,7 @@ pub(crate) fn attach_pid(
     if follow {
         tracer.follow_children()?;
     }
-    // The anonymous memory it maps itself.
-    if let Some(object) = target::growth_object(pid, &maps) {
-        tracer.trace_growth(pid, &object, false)?;
-    }
+    trace_own_mappings(&mut tracer, pid, &maps)?;
     if !target::alive(pid) {
         return Err(Error::ExitedBeforeAttach(pid));
     }

@@ -576,8 +576,20 @@ pub fn custom_allocators(
     Ok(out)
 }
 
+/// Every allocator of running process `pid`: those it maps ([`find_allocators`]) and the
+/// `--alloc-fn` functions among its objects ([`custom_allocators`]).
+pub fn allocators_of(
+    pid: u32,
+    maps: &[Mapping],
+    functions: &[(String, EntryKind)],
+) -> Result<Vec<Allocator>> {
+    let mut allocators = find_allocators(pid, maps)?;
+    allocators.extend(custom_allocators(functions, &mapped_objects(pid, maps))?);
+    Ok(allocators)
+}
+
 /// The objects a process maps, as [`custom_allocators`] searches them: its executable first.
-pub fn mapped_objects(pid: u32, maps: &[Mapping]) -> Vec<(String, PathBuf)> {
+fn mapped_objects(pid: u32, maps: &[Mapping]) -> Vec<(String, PathBuf)> {
     let exe = exe(pid);
     let mut paths: Vec<&str> = Vec::new();
     if let Some(exe) = exe.as_deref() {
