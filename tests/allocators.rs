@@ -6,7 +6,6 @@
 //! site's bytes and count against what the fixture says it leaked, and the allocator `record`
 //! names.
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::OnceLock,
@@ -69,14 +68,6 @@ fn fixtures() -> &'static Path {
     })
 }
 
-/// Bytes and count per site.
-type Sites = BTreeMap<String, (u64, u64)>;
-
-/// A C++ name without its parameters: `leak_new()` → `leak_new`.
-fn bare(name: &str) -> &str {
-    name.split('(').next().unwrap_or(name)
-}
-
 /// Records `fixture args.. TRUTH` with `extra` record arguments: the run's output, the JSON
 /// report's bytes and counts per leaf function, and the fixture's truth.
 fn record_fixture(fixture: &str, args: &[&str], extra: &[&str]) -> (Output, Value, Sites, Sites) {
@@ -95,30 +86,9 @@ fn record_fixture(fixture: &str, args: &[&str], extra: &[&str]) -> (Output, Valu
     let out = record(&all);
     assert_ok(&out);
     let report = json(&out_json);
-    let mut by_leaf = Sites::new();
-    for s in report["stacks"].as_array().unwrap() {
-        let leaf = s["frames"]
-            .as_array()
-            .unwrap()
-            .last()
-            .and_then(|f| f["function"].as_str())
-            .unwrap_or("[unknown]");
-        let e = by_leaf.entry(bare(leaf).to_string()).or_default();
-        e.0 += s["bytes"].as_u64().unwrap();
-        e.1 += s["count"].as_u64().unwrap();
-    }
-    let truth = std::fs::read_to_string(&truth_path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (
-                f[0].to_string(),
-                (f[1].parse().unwrap(), f[2].parse().unwrap()),
-            )
-        })
-        .collect();
-    (out, report, by_leaf, truth)
+    let sites = by_leaf(&report);
+    let truth = truth(&truth_path);
+    (out, report, sites, truth)
 }
 
 /// Every site of the truth holds exactly its bytes and count; no fixture function holds
@@ -377,35 +347,11 @@ fn rust_binary_with_jemalloc_linked_in() {
     );
     let report = json(&out_json);
     // The site: the innermost frame outside Rust's and tikv-jemallocator's allocation code.
-    let mut got = Sites::new();
-    for s in report["stacks"].as_array().unwrap() {
-        let frames: Vec<&str> = s["frames"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["function"].as_str().unwrap_or("[unknown]"))
-            .collect();
-        let site = frames
-            .iter()
-            .rev()
-            .find(|f| !rust_allocator_frame(f))
-            .map(|f| f.rsplit("::").next().unwrap_or(f))
-            .unwrap_or("[unknown]");
-        let e = got.entry(site.to_string()).or_default();
-        e.0 += s["bytes"].as_u64().unwrap();
-        e.1 += s["count"].as_u64().unwrap();
-    }
-    let truth: Sites = std::fs::read_to_string(&truth_path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (
-                f[0].to_string(),
-                (f[1].parse().unwrap(), f[2].parse().unwrap()),
-            )
-        })
-        .collect();
+    let got = sites_by(&report, |frames| {
+        let site = frames.iter().rev().find(|f| !rust_allocator_frame(f))?;
+        Some(site.rsplit("::").next().unwrap_or(site).to_string())
+    });
+    let truth = truth(&truth_path);
     assert_eq!(truth.len(), 4);
     for (site, want) in &truth {
         assert_eq!(got.get(site), Some(want), "site {site}: {got:#?}");
@@ -423,19 +369,9 @@ fn program_mapped_memory_is_its_own_kind() {
     let _g = lock();
     for (fixture, allocator) in [("c-glibc", "glibc"), ("c-jemalloc", "jemalloc")] {
         let (_, report, _, truth) = record_fixture(fixture, &["mmap"], &[]);
-        let (mut mapped, mut heap) = (Sites::new(), Sites::new());
-        for s in report["stacks"].as_array().unwrap() {
-            let frames = s["frames"].as_array().unwrap();
-            let leaf = bare(frames.last().unwrap()["function"].as_str().unwrap_or("?"));
-            let kind = if frames[0]["function"] == "[anonymous mmap]" {
-                &mut mapped
-            } else {
-                &mut heap
-            };
-            let e = kind.entry(leaf.to_string()).or_default();
-            e.0 += s["bytes"].as_u64().unwrap();
-            e.1 += s["count"].as_u64().unwrap();
-        }
+        let mapped_root = |frames: &[&str]| frames[0] == "[anonymous mmap]";
+        let mapped = sites_by(&report, |f| mapped_root(f).then(|| leaf(f)).flatten());
+        let heap = sites_by(&report, |f| (!mapped_root(f)).then(|| leaf(f)).flatten());
         let want = |site: &str| truth.get(site).copied();
         let expected: Sites = ["mmap_leak", "remap_leak"]
             .iter()

@@ -74,39 +74,6 @@ fn fixtures() -> &'static Path {
     })
 }
 
-/// "site bytes count" lines written by a fixture.
-fn truth(path: &Path) -> BTreeMap<String, (u64, u64)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (
-                f[0].to_string(),
-                (f[1].parse().unwrap(), f[2].parse().unwrap()),
-            )
-        })
-        .collect()
-}
-
-/// Bytes and counts per leaf function (the allocation's direct caller).
-fn by_leaf(report: &Value) -> BTreeMap<String, (u64, u64)> {
-    let mut out = BTreeMap::new();
-    for s in report["stacks"].as_array().unwrap() {
-        let leaf = s["frames"]
-            .as_array()
-            .unwrap()
-            .last()
-            .and_then(|f| f["function"].as_str())
-            .unwrap_or("[unknown]")
-            .to_string();
-        let e = out.entry(leaf).or_insert((0, 0));
-        e.0 += s["bytes"].as_u64().unwrap();
-        e.1 += s["count"].as_u64().unwrap();
-    }
-    out
-}
-
 fn assert_matches_truth(report: &Value, truth: &BTreeMap<String, (u64, u64)>) {
     let got = by_leaf(report);
     for (site, want) in truth {
@@ -577,20 +544,14 @@ fn followed_children_are_processes_of_their_own() {
     assert_eq!(child["parent"], parent["pid"]);
     let root = |p: &Value| format!("{} [pid {}]", p["name"].as_str().unwrap(), p["pid"]);
     let of = |p: &Value| {
-        let mut r = report.clone();
-        let stacks: Vec<Value> = r["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["frames"][0]["function"] == root(p).as_str())
-            .cloned()
-            .collect();
-        r["stacks"] = Value::Array(stacks);
-        by_leaf(&r)
+        let root = root(p);
+        sites_by(&report, |frames| {
+            (frames[0] == root).then(|| leaf(frames)).flatten()
+        })
     };
     assert_eq!(of(parent), truth, "the parent's stacks");
     let dir = Path::new(TMP).join("runs/fault-fork");
-    let child_truth = self::truth(&dir.join("truth.child"));
+    let child_truth = common::truth(&dir.join("truth.child"));
     assert_eq!(of(child), child_truth, "the child's stacks");
     let all = by_leaf(&report);
     assert_eq!(all.len(), truth.len() + child_truth.len(), "{all:#?}");

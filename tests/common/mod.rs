@@ -2,6 +2,7 @@
 //! the real `bridge-trace` binary and reading what it wrote.
 #![allow(dead_code)]
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -11,6 +12,58 @@ use std::{
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_bridge-trace");
+
+/// Bytes and count per call site.
+pub type Sites = BTreeMap<String, (u64, u64)>;
+
+/// "site bytes count" lines written by a fixture: what it knows it leaked.
+pub fn truth(path: &Path) -> Sites {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].to_string(),
+                (f[1].parse().unwrap(), f[2].parse().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// A report's bytes and counts per site, where `site` names a stack's site from its frames'
+/// function names (root first; `[unknown]` for an unnamed frame), or leaves it out (`None`).
+pub fn sites_by(report: &Value, site: impl Fn(&[&str]) -> Option<String>) -> Sites {
+    let mut out = Sites::new();
+    for s in report["stacks"].as_array().unwrap() {
+        let frames: Vec<&str> = s["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["function"].as_str().unwrap_or("[unknown]"))
+            .collect();
+        let Some(name) = site(&frames) else { continue };
+        let e = out.entry(name).or_default();
+        e.0 += s["bytes"].as_u64().unwrap();
+        e.1 += s["count"].as_u64().unwrap();
+    }
+    out
+}
+
+/// A function's name without its parameters (C++'s `leak_new()` → `leak_new`).
+pub fn bare(name: &str) -> &str {
+    name.split('(').next().unwrap_or(name)
+}
+
+/// The leaf frame (the allocation's direct caller), bare.
+pub fn leaf(frames: &[&str]) -> Option<String> {
+    frames.last().map(|f| bare(f).to_string())
+}
+
+/// Bytes and counts per leaf function.
+pub fn by_leaf(report: &Value) -> Sites {
+    sites_by(report, leaf)
+}
 pub const TMP: &str = env!("CARGO_TARGET_TMPDIR");
 
 pub fn lock() -> MutexGuard<'static, ()> {
