@@ -170,6 +170,16 @@ pub struct AllocKey {
     pub addr: u64,
 }
 
+impl AllocKey {
+    pub const fn new(tgid: u32, addr: u64) -> AllocKey {
+        AllocKey {
+            tgid,
+            _pad: 0,
+            addr,
+        }
+    }
+}
+
 /// Identity of an allocation's call stack within one process.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -786,11 +786,7 @@ fn nested_frees() -> bool {
 /// counted when `count_unknown` and not sampling (where most addresses are unknown by design).
 #[inline(always)]
 fn release(tgid: u32, addr: u64, count_unknown: bool) -> bool {
-    let key = AllocKey {
-        tgid,
-        _pad: 0,
-        addr,
-    };
+    let key = AllocKey::new(tgid, addr);
     // SAFETY: value copied out before the delete.
     let Some(info) = (unsafe { ALLOCS.get(&key) }).copied() else {
         if count_unknown && sample_interval() == 0 {
@@ -821,11 +817,7 @@ fn release(tgid: u32, addr: u64, count_unknown: bool) -> bool {
 
 #[inline(always)]
 fn record(tgid: u32, tid: u32, addr: u64, size: u64, call: &InFlight) {
-    let key = AllocKey {
-        tgid,
-        _pad: 0,
-        addr,
-    };
+    let key = AllocKey::new(tgid, addr);
     let info = AllocInfo {
         size,
         // SAFETY: plain helper call.
@@ -958,11 +950,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
 /// difference.
 #[inline(always)]
 fn resize(tgid: u32, addr: u64, size: u64) {
-    let key = AllocKey {
-        tgid,
-        _pad: 0,
-        addr,
-    };
+    let key = AllocKey::new(tgid, addr);
     let Some(info) = ALLOCS.get_ptr_mut(&key) else {
         return;
     };
@@ -1163,11 +1151,7 @@ pub fn growth_return(ctx: RetProbeContext) -> u32 {
 /// Remembers a region the target mapped, and credits its stack with the growth.
 #[inline(always)]
 fn map_region(tgid: u32, addr: u64, len: u64, stack: &StackKey) {
-    let key = AllocKey {
-        tgid,
-        _pad: 0,
-        addr,
-    };
+    let key = AllocKey::new(tgid, addr);
     let region = MmapRegion {
         len,
         stack: *stack,
@@ -1184,11 +1168,7 @@ fn map_region(tgid: u32, addr: u64, len: u64, stack: &StackKey) {
 /// counted as unmatched).
 #[inline(always)]
 fn unmap(tgid: u32, addr: u64, len: u64) {
-    let key = AllocKey {
-        tgid,
-        _pad: 0,
-        addr,
-    };
+    let key = AllocKey::new(tgid, addr);
     // SAFETY: value copied out before the delete.
     match unsafe { REGIONS.get(&key) }.copied() {
         Some(r) if r.len <= len => {

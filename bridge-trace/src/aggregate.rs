@@ -223,15 +223,9 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
         let process = s
             .process
             .and_then(|p| capture.processes.get(p as usize))
-            .map(|p| Frame {
-                function: Some(format!("{} [pid {}]", p.name, p.pid)),
-                ..Frame::unknown(None, None)
-            });
+            .map(|p| Frame::named(format!("{} [pid {}]", p.name, p.pid)));
         // Memory the program mapped itself stands apart, under a frame of its own.
-        let mapped = s.mmap.then(|| Frame {
-            function: Some(MMAP_FRAME.into()),
-            ..Frame::unknown(None, None)
-        });
+        let mapped = s.mmap.then(|| Frame::named(MMAP_FRAME.into()));
         let mut named: Vec<Frame> = process
             .into_iter()
             .chain(mapped)

@@ -47,6 +47,14 @@ impl Frame {
         }
     }
 
+    /// A frame that is a name only (a process, a kind of memory), at no address.
+    pub fn named(name: String) -> Frame {
+        Frame {
+            function: Some(name),
+            ..Frame::unknown(None, None)
+        }
+    }
+
     /// The name shown in flamegraphs and folded stacks.
     pub fn display_name(&self) -> &str {
         self.function.as_deref().unwrap_or("[unknown]")
