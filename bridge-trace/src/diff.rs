@@ -207,11 +207,9 @@ pub fn run(config: &DiffConfig) -> Result<String> {
             }
             DiffFormat::Text => table.clone().into_bytes(),
         };
-        rendered.push((path, bytes));
+        rendered.push((path.clone(), bytes));
     }
-    for (path, bytes) in rendered {
-        crate::report::write_output(path, &bytes, config.mode)?;
-    }
+    crate::report::write_all(&rendered, config.mode)?;
     Ok(table)
 }
 

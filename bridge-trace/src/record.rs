@@ -584,14 +584,8 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         config.outputs.clone()
     };
     let options = RenderOptions { top: config.top };
-    // Render everything first, then write: a failure leaves no partial set behind.
-    let mut rendered = Vec::new();
-    for (path, format) in &outputs {
-        rendered.push((
-            path.clone(),
-            report::render_to_vec(&report, *format, options)?,
-        ));
-    }
+    // Render everything first, the capture too, then write: a failure leaves no partial set.
+    let mut rendered = report::render_all(&report, &outputs, options)?;
     let capture_path = (!config.no_raw)
         .then(|| capture::beside(&outputs))
         .flatten();
@@ -601,9 +595,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
             .map_err(|e| Error::io("encoding the raw capture", e))?;
         rendered.push((path.clone(), bytes));
     }
-    for (path, bytes) in &rendered {
-        report::write_output(path, bytes, config.mode)?;
-    }
+    report::write_all(&rendered, config.mode)?;
     Ok(Outcome {
         report,
         written: outputs,

@@ -54,15 +54,7 @@ pub fn run(config: &ReportConfig) -> Result<Rendered> {
     let capture = load(&config.capture)?;
     let rendered = report_of(&capture, &config.debug_dirs);
     let options = RenderOptions { top: config.top };
-    let mut bytes = Vec::with_capacity(config.outputs.len());
-    for (path, format) in &config.outputs {
-        bytes.push((
-            path,
-            report::render_to_vec(&rendered.report, *format, options)?,
-        ));
-    }
-    for (path, b) in bytes {
-        report::write_output(path, &b, config.mode)?;
-    }
+    let bytes = report::render_all(&rendered.report, &config.outputs, options)?;
+    report::write_all(&bytes, config.mode)?;
     Ok(rendered)
 }

@@ -62,6 +62,27 @@ pub fn render_to_vec(report: &Report, format: Format, options: RenderOptions) ->
     Ok(out)
 }
 
+/// Renders `report` in every `(path, format)` of `outputs`, in memory: rendered all first,
+/// then written ([`write_all`]), a failure leaves no partial set behind.
+pub fn render_all(
+    report: &Report,
+    outputs: &[(std::path::PathBuf, Format)],
+    options: RenderOptions,
+) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
+    outputs
+        .iter()
+        .map(|(path, format)| Ok((path.clone(), render_to_vec(report, *format, options)?)))
+        .collect()
+}
+
+/// Writes every rendered output ([`write_output`]).
+pub fn write_all(rendered: &[(std::path::PathBuf, Vec<u8>)], mode: u32) -> Result<()> {
+    for (path, bytes) in rendered {
+        write_output(path, bytes, mode)?;
+    }
+    Ok(())
+}
+
 /// Gives a file (or directory) bridge-trace created the permissions `mode` (a directory also
 /// gets the search bit wherever `mode` can read) and, under sudo, to the invoking user: a
 /// report asked for through sudo is the asking user's to read (at 0600, only theirs).
