@@ -67,7 +67,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// python3.11 is a real program built without frame pointers (Debian's, as shipped),
 /// prometheus scrapes `watch` in a test, golang-go brings `go tool pprof` (and builds a Go
 /// program bridge-trace must refuse), chromium (with a font) opens the SVG and HTML reports in a
-/// test, jemalloc, mimalloc and tcmalloc are the allocators the fixtures are built against, and bpftrace and heaptrack are the peers
+/// test, jemalloc, mimalloc and tcmalloc are the allocators the fixtures are built against (make
+/// builds tikv-jemallocator's jemalloc for the Rust one), and bpftrace and heaptrack are the peers
 /// `cargo xtask bench` measures bridge-trace against.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
@@ -85,6 +86,7 @@ const APT_PACKAGES: &[&str] = &[
     "libjemalloc-dev",
     "libmimalloc-dev",
     "libgoogle-perftools-dev",
+    "make",
     "bpftrace",
     "heaptrack",
 ];
