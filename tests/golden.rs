@@ -6,13 +6,15 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use bridge_trace::{
-    aggregate::{aggregate, Meta, Report, StackReport, REPORT_VERSION},
-    capture::{Capture, CapturedStack, Location, Module},
-    cli::Format,
-    collect::Counters,
-    report::{render_to_vec, RenderOptions},
+    aggregate::{aggregate, report_of, Report, StackReport},
+    capture::{Capture, CapturedStack, Location},
+    model::{
+        counters::Counters,
+        maps::{Mapping, Module},
+        meta::{Meta, UnwindSummary, REPORT_VERSION},
+    },
+    render::{render_to_vec, Format, RenderOptions},
     symbolize::{Frame, Symbolize},
-    unwind::UnwindSummary,
 };
 
 fn frame(function: &str, module: &str, offset: u64, file: &str, line: u32) -> Frame {
@@ -182,7 +184,7 @@ fn fixed_capture() -> Capture {
             mmap: false,
         })
         .collect();
-    let mapping = |start: u64, path: &str| bridge_trace::target::Mapping {
+    let mapping = |start: u64, path: &str| Mapping {
         start,
         end: start + 0x20_0000,
         offset: 0,
@@ -255,7 +257,7 @@ fn capture_v1_still_loads() {
     );
     // Here, without /srv/data-bridge and that libc build, every frame stays unnamed, each
     // module with the reason; the stacks keep their bytes.
-    let rendered = bridge_trace::rerender::report_of(&capture, &[]);
+    let rendered = report_of(&capture, &[]);
     check(
         &render_to_vec(&rendered.report, Format::Folded, RenderOptions::default()).unwrap(),
         "capture-v1.folded",
@@ -301,7 +303,7 @@ fn check(got: &[u8], name: &str) {
 /// golden report's folded stacks.
 #[test]
 fn diff() {
-    use bridge_trace::diff;
+    use bridge_trace::cmd::diff;
     let before = diff::load(&data_dir().join("diff-before.folded")).unwrap();
     let after = diff::load(&data_dir().join("report.folded")).unwrap();
     let svg = diff::svg(&before, &after, "bridge-trace diff: before → after").unwrap();

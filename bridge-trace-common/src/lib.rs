@@ -474,3 +474,133 @@ mod user {
     unsafe impl aya::Pod for MmapRegion {}
     unsafe impl aya::Pod for PendingSyscall {}
 }
+
+/// The names the user half finds the kernel half's maps, globals and programs by. The kernel
+/// half's `#[map]` statics and program functions carry these names (a macro attribute cannot
+/// take a constant); `bridge-trace`'s unit tests open the built object and check that every
+/// one of them is in it.
+pub mod names {
+    /// Maps (see `bridge-trace-ebpf/src/maps.rs` for who writes, reads and purges each).
+    pub mod map {
+        pub const TARGETS: &str = "TARGETS";
+        pub const CONFIG: &str = "CONFIG";
+        pub const EXP_TABLE: &str = "EXP_TABLE";
+        pub const ALLOCS: &str = "ALLOCS";
+        pub const INFLIGHT: &str = "INFLIGHT";
+        pub const STACKS: &str = "STACKS";
+        pub const STACK_TOTALS: &str = "STACK_TOTALS";
+        pub const COUNTERS: &str = "COUNTERS";
+        pub const GROWTH: &str = "GROWTH";
+        pub const REGIONS: &str = "REGIONS";
+        pub const BREAKS: &str = "BREAKS";
+        pub const EXECS: &str = "EXECS";
+        pub const HELD_CHILDREN: &str = "HELD_CHILDREN";
+        pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+        pub const UNWIND_PAGES: &str = "UNWIND_PAGES";
+        pub const UNWIND_RULES: &str = "UNWIND_RULES";
+        pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
+        /// Every map the user half opens by name.
+        pub const ALL: &[&str] = &[
+            TARGETS,
+            CONFIG,
+            EXP_TABLE,
+            ALLOCS,
+            INFLIGHT,
+            STACKS,
+            STACK_TOTALS,
+            COUNTERS,
+            GROWTH,
+            REGIONS,
+            BREAKS,
+            EXECS,
+            HELD_CHILDREN,
+            UNWIND_ROWS,
+            UNWIND_PAGES,
+            UNWIND_RULES,
+            UNWIND_PROCS,
+        ];
+    }
+
+    /// Read-only globals, set before load.
+    pub mod global {
+        pub const STOP_AT_EXIT: &str = "STOP_AT_EXIT";
+        pub const STOP_AT_START: &str = "STOP_AT_START";
+        pub const HOLD_TGID: &str = "HOLD_TGID";
+        pub const NEWTASK_PID_AT: &str = "NEWTASK_PID_AT";
+        pub const NEWTASK_FLAGS_AT: &str = "NEWTASK_FLAGS_AT";
+        pub const UNWIND_MODE: &str = "UNWIND_MODE";
+        pub const ALL: &[&str] = &[
+            STOP_AT_EXIT,
+            STOP_AT_START,
+            HOLD_TGID,
+            NEWTASK_PID_AT,
+            NEWTASK_FLAGS_AT,
+            UNWIND_MODE,
+        ];
+    }
+
+    /// Programs, by family.
+    pub mod program {
+        // Allocation entries (one per argument layout) and their one return probe.
+        pub const MALLOC_ENTER: &str = "malloc_enter";
+        pub const CALLOC_ENTER: &str = "calloc_enter";
+        pub const REALLOC_ENTER: &str = "realloc_enter";
+        pub const REALLOCARRAY_ENTER: &str = "reallocarray_enter";
+        pub const POSIX_MEMALIGN_ENTER: &str = "posix_memalign_enter";
+        pub const ALIGNED_ALLOC_ENTER: &str = "aligned_alloc_enter";
+        pub const MEMALIGN_ENTER: &str = "memalign_enter";
+        pub const VALLOC_ENTER: &str = "valloc_enter";
+        pub const PVALLOC_ENTER: &str = "pvalloc_enter";
+        pub const XALLOCX_ENTER: &str = "xallocx_enter";
+        pub const ALLOC_RETURN: &str = "alloc_return";
+        // Release.
+        pub const FREE_ENTER: &str = "free_enter";
+        // Heap growth.
+        pub const BRK_ENTER: &str = "brk_enter";
+        pub const MMAP_ENTER: &str = "mmap_enter";
+        pub const MUNMAP_ENTER: &str = "munmap_enter";
+        pub const MREMAP_ENTER: &str = "mremap_enter";
+        pub const GROWTH_RETURN: &str = "growth_return";
+        pub const PAGE_FAULT_USER: &str = "page_fault_user";
+        // Process events.
+        pub const PROCESS_EXEC: &str = "process_exec";
+        pub const NEW_TASK: &str = "new_task";
+        pub const CHILD_FAULT: &str = "child_fault";
+        pub const START_ENTER: &str = "start_enter";
+        pub const EXIT_ENTER: &str = "exit_enter";
+        // The benchmark's floor.
+        pub const FLOOR_ENTER: &str = "floor_enter";
+        pub const FLOOR_RETURN: &str = "floor_return";
+        pub const FLOOR_RETURN_EMPTY: &str = "floor_return_empty";
+        pub const FLOOR_FREE: &str = "floor_free";
+        pub const ALL: &[&str] = &[
+            MALLOC_ENTER,
+            CALLOC_ENTER,
+            REALLOC_ENTER,
+            REALLOCARRAY_ENTER,
+            POSIX_MEMALIGN_ENTER,
+            ALIGNED_ALLOC_ENTER,
+            MEMALIGN_ENTER,
+            VALLOC_ENTER,
+            PVALLOC_ENTER,
+            XALLOCX_ENTER,
+            ALLOC_RETURN,
+            FREE_ENTER,
+            BRK_ENTER,
+            MMAP_ENTER,
+            MUNMAP_ENTER,
+            MREMAP_ENTER,
+            GROWTH_RETURN,
+            PAGE_FAULT_USER,
+            PROCESS_EXEC,
+            NEW_TASK,
+            CHILD_FAULT,
+            START_ENTER,
+            EXIT_ENTER,
+            FLOOR_ENTER,
+            FLOOR_RETURN,
+            FLOOR_RETURN_EMPTY,
+            FLOOR_FREE,
+        ];
+    }
+}

@@ -1,95 +1,15 @@
 //! Groups live allocations by their symbolized call stack into a [`Report`]: bytes, counts and
 //! the oldest age per stack, after the `--min-age` filter, largest first.
-use std::collections::HashMap;
+use std::{collections::HashMap, path::PathBuf};
 
-use bridge_trace_common::MAX_STACK_DEPTH;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    attach::ProgramCost,
-    capture::{Capture, Module},
-    collect::Counters,
-    symbolize::{symbolize_locations, Frame, Symbolize},
-    unwind::UnwindSummary,
+    capture::Capture,
+    model::meta::{Meta, Process},
+    symbolize::{symbolize_locations, Blazesym, Frame, Symbolize},
+    units::human_bytes,
 };
-
-/// Format version of the JSON report.
-pub const REPORT_VERSION: u32 = 1;
-
-/// What was traced, where, when, for how long, and what was lost.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Meta {
-    pub version: u32,
-    /// Program name (comm) or command line.
-    pub target: String,
-    pub pid: u32,
-    pub duration_secs: f64,
-    /// The target exited while recording; the report is what it never freed.
-    pub target_exited: bool,
-    pub min_age_secs: Option<f64>,
-    /// Allocator object the probes were attached to.
-    pub allocator: String,
-    pub counters: Counters,
-    /// Live allocations left out by `--min-age`.
-    pub younger_than_min_age: u64,
-    /// How stacks were walked, and what loading the unwind tables cost.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unwind: Option<UnwindSummary>,
-    /// What each eBPF program cost while tracing (run time only with kernel.bpf_stats_enabled).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub programs: Vec<ProgramCost>,
-    /// Mean bytes between sampled allocations when allocations were sampled (`watch --tier
-    /// sampled`): bytes and counts are then unbiased estimates, not exact figures.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sample_interval: Option<u64>,
-    /// The target's executable, as it saw it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exe: Option<String>,
-    /// The machine's host name and kernel release.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel: Option<String>,
-    /// When tracing started, UTC (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started: Option<String>,
-    /// What was traced: `full` (every allocation, `record`), `sampled` or `growth` (`watch`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tier: Option<String>,
-    /// The object files the stacks pass through, with their build-ids.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub modules: Vec<Module>,
-    /// With `--follow-children`: every process traced, the first one then its children; each
-    /// stack's root frame names its process (`name [pid N]`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub processes: Vec<ProcessInfo>,
-}
-
-/// A process of a recording that followed children.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessInfo {
-    pub pid: u32,
-    pub name: String,
-    /// The traced process that forked it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<u32>,
-}
-
-impl Meta {
-    /// With this machine's host name and kernel release.
-    pub fn on_this_machine(self) -> Meta {
-        let read = |what: &str| {
-            std::fs::read_to_string(format!("/proc/sys/kernel/{what}"))
-                .ok()
-                .map(|s| s.trim().to_string())
-        };
-        Meta {
-            host: read("hostname"),
-            kernel: read("osrelease"),
-            ..self
-        }
-    }
-}
 
 /// One call stack holding memory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -115,9 +35,6 @@ pub struct Report {
     pub stacks: Vec<StackReport>,
 }
 
-/// A caveat's wording, given its count.
-type Note = fn(u64) -> String;
-
 impl Report {
     pub fn total_bytes(&self) -> u64 {
         self.stacks.iter().map(|s| s.bytes).sum()
@@ -130,71 +47,12 @@ impl Report {
     /// Lines that say what the numbers miss; empty when nothing was lost.
     pub fn caveats(&self) -> Vec<String> {
         let c = &self.meta.counters;
-        let notes: [(u64, Note); 11] = [
-            (c.map_full_drops, |n| {
-                format!(
-                    "{n} allocations were not recorded (live-allocation map full; raise \
-                     --max-allocs): totals are lower bounds"
-                )
-            }),
-            (c.inflight_full, |n| {
-                format!(
-                    "{n} allocator calls were lost (in-flight map full): totals are lower bounds"
-                )
-            }),
-            (c.lost_returns, |n| {
-                format!(
-                    "{n} allocations were missed (their return probe did not run): totals are \
-                     lower bounds"
-                )
-            }),
-            (c.missed_probe_runs, |n| {
-                format!(
-                    "{n} probe runs were skipped by the kernel (another BPF program was running \
-                     on that CPU): up to that many allocations or frees were not seen"
-                )
-            }),
-            (c.stack_failures, |n| {
-                format!("{n} allocations have only their direct caller (stack not stored)")
-            }),
-            (c.unknown_frees, |n| {
-                format!("{n} frees of memory allocated before tracing started (or not recorded)")
-            }),
-            (c.read_faults, |n| {
-                format!("{n} posix_memalign results could not be read")
-            }),
-            (c.unwind_no_table, |n| {
-                format!(
-                    "{n} frames were walked with frame pointers, no unwind table covering their \
-                     code (yet): a stack through code built without frame pointers may be cut \
-                     short there"
-                )
-            }),
-            (c.unwind_bad_rule, |n| {
-                format!(
-                    "{n} stack walks stopped at a frame whose unwind rule bridge-trace cannot \
-                     evaluate"
-                )
-            }),
-            (c.unwind_read_fault, |n| {
-                format!("{n} stack walks stopped at a stack slot that could not be read")
-            }),
-            (c.unwind_depth_limit, |n| {
-                format!(
-                    "{n} stacks were deeper than {MAX_STACK_DEPTH} frames: their root side is cut"
-                )
-            }),
-        ];
-        let mut out: Vec<String> = notes
-            .iter()
-            .filter(|(n, _)| *n > 0)
-            .map(|(n, note)| note(*n))
-            .collect();
+        let mut out = c.caveats();
         if let Some(interval) = self.meta.sample_interval {
             out.push(format!(
                 "allocations were sampled (one per {} allocated, on average; {} calls passed \
                  unrecorded): bytes and counts are unbiased estimates, not exact",
-                crate::report::human_bytes(interval),
+                human_bytes(interval),
                 c.unsampled
             ));
         }
@@ -204,6 +62,23 @@ impl Report {
             }
         }
         out
+    }
+}
+
+/// What `report` produced.
+pub struct Rendered {
+    pub report: Report,
+    /// Modules whose frames stayed unnamed: (module, frames, why).
+    pub unnamed: Vec<(String, usize, String)>,
+}
+
+/// The report of a capture, named from this machine's files and `debug_dirs`.
+pub fn report_of(capture: &Capture, debug_dirs: &[PathBuf]) -> Rendered {
+    let mut symbolizer = Blazesym::local(debug_dirs);
+    let report = aggregate(capture, &mut symbolizer);
+    Rendered {
+        report,
+        unnamed: symbolizer.unnamed(),
     }
 }
 
@@ -264,10 +139,10 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
     meta.processes = capture
         .processes
         .iter()
-        .map(|p| ProcessInfo {
-            pid: p.pid,
-            name: p.name.clone(),
-            parent: p.parent,
+        // A report names the processes; their mappings stay in the capture.
+        .map(|p| Process {
+            mappings: Vec::new(),
+            ..p.clone()
         })
         .collect();
     Report { meta, stacks }
@@ -296,7 +171,10 @@ pub fn sort_stacks(stacks: &mut [StackReport]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{CapturedStack, Location};
+    use crate::{
+        capture::{CapturedStack, Location},
+        model::maps::Module,
+    };
 
     struct Fake;
     impl Symbolize for Fake {

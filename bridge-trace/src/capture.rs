@@ -10,19 +10,16 @@
 use std::{
     collections::HashMap,
     io::{Read as _, Write as _},
-    path::PathBuf,
+    path::Path,
 };
 
 use flate2::{read::GzDecoder, write::GzEncoder, Compression};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    aggregate::Meta,
-    cli::Format,
-    collect::{LiveAlloc, Snapshot},
-    report::Destination,
-    symbolize::ProcessMaps,
-    target::Mapping,
+use crate::model::{
+    maps::{Mapping, Module, ProcessMaps},
+    meta::{Meta, Process},
+    snapshot::{LiveAlloc, Snapshot},
 };
 
 /// First bytes of every capture: a non-ASCII byte (caught by 7-bit transfers), the name, and
@@ -33,16 +30,6 @@ pub const MAGIC: &[u8; 8] = b"\x89BTCAP\r\n";
 pub const VERSION: u32 = 2;
 /// The extension of capture files.
 pub const EXTENSION: &str = "btcap";
-
-/// An object file the stacks pass through.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Module {
-    /// Path as the process saw it.
-    pub path: String,
-    /// GNU build-id, hex, when the file has one: which file (or debug file) names its frames.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build_id: Option<String>,
-}
 
 /// Where one return address points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -78,19 +65,6 @@ pub struct CapturedStack {
     pub mmap: bool,
 }
 
-/// One process of a recording that followed children (`--follow-children`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CapturedProcess {
-    pub pid: u32,
-    pub name: String,
-    /// The traced process that forked it; none for the first one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<u32>,
-    /// Its file mappings (the first process's are [`Capture::mappings`]).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub mappings: Vec<Mapping>,
-}
-
 /// One recording, unsymbolized.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Capture {
@@ -102,7 +76,7 @@ pub struct Capture {
     pub stacks: Vec<CapturedStack>,
     /// With `--follow-children`: the first process, then each child followed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub processes: Vec<CapturedProcess>,
+    pub processes: Vec<Process>,
 }
 
 /// Why a file is not a capture this build can read.
@@ -192,12 +166,8 @@ impl Capture {
 
     /// One capture of a process and the children it forked, each stack marked with its
     /// process: `self` is the first process's, named `name`.
-    pub fn with_children(
-        mut self,
-        name: &str,
-        children: Vec<(CapturedProcess, Capture)>,
-    ) -> Capture {
-        self.processes = vec![CapturedProcess {
+    pub fn with_children(mut self, name: &str, children: Vec<(Process, Capture)>) -> Capture {
+        self.processes = vec![Process {
             pid: self.meta.pid,
             name: name.to_string(),
             parent: None,
@@ -232,6 +202,16 @@ impl Capture {
         }
         self.sort();
         self
+    }
+
+    /// Reads a capture file; every failure is an input error naming the file.
+    pub fn read(path: &Path) -> crate::error::Result<Capture> {
+        let bad = |reason: String| crate::error::Error::Input {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        Capture::from_bytes(&bytes).map_err(|e| bad(e.to_string()))
     }
 
     /// The capture as written to disk.
@@ -305,22 +285,6 @@ pub fn keep_own_mappings(snapshot: &mut Snapshot, maps: &ProcessMaps, allocators
     });
 }
 
-/// Where the raw capture of a recording goes: beside its first output written to a file, with
-/// the capture's extension (`leaks.svg` → `leaks.btcap`). None when every output is a stream
-/// (`-o -`, a FIFO) or that path is itself one of the outputs.
-pub fn beside(outputs: &[(PathBuf, Format)]) -> Option<PathBuf> {
-    let (first, format) = outputs
-        .iter()
-        .find(|(p, _)| crate::report::destination(p) == Ok(Destination::File))?;
-    let name = first.file_name()?.to_string_lossy();
-    let stem = name
-        .strip_suffix(&format!(".{}", format.extension()))
-        .or_else(|| name.rsplit_once('.').map(|(stem, _)| stem))
-        .unwrap_or(&name);
-    let path = first.with_file_name(format!("{stem}.{EXTENSION}"));
-    (!outputs.iter().any(|(p, _)| *p == path)).then_some(path)
-}
-
 /// Places return addresses of a process in the file mappings that held them, numbering each
 /// module (with its build-id) the first time one of its addresses is placed.
 pub struct Locator<'a> {
@@ -387,7 +351,7 @@ fn raw_stack(snapshot: &Snapshot, a: &LiveAlloc) -> (Vec<u64>, bool, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{aggregate::Meta, collect::RawStack};
+    use crate::model::snapshot::RawStack;
 
     fn capture() -> Capture {
         let mapping = Mapping {
@@ -445,24 +409,6 @@ mod tests {
         );
         assert!(c.stacks[1].partial);
         assert_eq!(c.stacks[1].frames, [at(Some(0), 0x450)]);
-    }
-
-    #[test]
-    fn lies_beside_the_first_file_output() {
-        let o = |p: &str, f| (PathBuf::from(p), f);
-        let at = |outs: &[(PathBuf, Format)]| beside(outs).map(|p| p.display().to_string());
-        assert_eq!(
-            at(&[o("d/leaks.svg", Format::Svg)]).unwrap(),
-            "d/leaks.btcap"
-        );
-        assert_eq!(at(&[o("p.pb.gz", Format::Pprof)]).unwrap(), "p.btcap");
-        assert_eq!(at(&[o("noext", Format::Svg)]).unwrap(), "noext.btcap");
-        assert_eq!(
-            at(&[o("-", Format::Text), o("r.folded", Format::Folded)]).unwrap(),
-            "r.btcap"
-        );
-        assert_eq!(at(&[o("-", Format::Text)]), None);
-        assert_eq!(at(&[o("x.btcap", Format::Svg)]), None);
     }
 
     #[test]

@@ -1,32 +1,43 @@
 //! bridge-trace: find the memory a running process never frees, without restarting it.
 //!
-//! One `record` flows through the modules in this order:
-//! [`cli`] turns arguments into a validated [`cli::Config`]; [`target`] finds (or launches) the
-//! process and the allocator it maps; [`attach`] loads the eBPF object and attaches the probes
-//! from one table, each entry probe where [`placement`] finds the kernel need not single-step; [`unwind`] feeds the kernel half's stack walker with each mapped object's
-//! call-frame information, compiled into tables; [`collect`] is the only reader of the kernel maps and turns them into an owned
-//! [`collect::Snapshot`]; [`capture`] groups its live allocations by raw stack, each frame a
-//! (module, file offset) from the memory maps kept while the process lived, and is written as
-//! the raw capture (`.btcap`) that `bridge-trace report` renders again anywhere; [`symbolize`]
-//! names every frame with blazesym; [`aggregate`] groups the named stacks into a
-//! [`aggregate::Report`]; [`report`] renders it (svg, folded, json, text, pprof, html) and writes
-//! it atomically. [`record`] drives that pipeline and decides when to stop.
+//! The modules are declared in pipeline order, and an import only ever points to a module
+//! declared above it (`tests/layering.rs` checks it):
+//!
+//! - **Leaves**, used everywhere: [`error`], [`units`] (durations, sizes, rates and their
+//!   parsers), [`os`] (clocks, pidfds, signals, sudo), [`output`] (checked, atomic file
+//!   output), and [`model`], the plain data both halves share.
+//! - **The live half**, which needs root and a process: [`target`] finds (or launches) the
+//!   process and the allocators it maps; [`attach`] loads the eBPF object and attaches the
+//!   probes from one table, each where [`attach::placement`] finds the kernel need not
+//!   single-step; [`unwind`] feeds the kernel's stack walker with each object's call-frame
+//!   information; [`collect`] is the only reader of the kernel maps and turns them into a
+//!   [`model::snapshot::Snapshot`].
+//! - **The offline half**, which needs neither: [`capture`] groups a snapshot's allocations by
+//!   raw stack, each frame a (module, file offset), and is the `.btcap` file; [`symbolize`]
+//!   names the frames; [`aggregate`] groups the named stacks into a [`aggregate::Report`];
+//!   [`render`] draws it in each format.
+//! - **The commands** ([`cmd`]): `record`, `watch`/`top`, `report`, `diff` and the hidden
+//!   `floor`, each driving the pipeline; none imports another.
+//! - **The command line** ([`cli`]) turns arguments into a command's validated config; nothing
+//!   imports it but `main.rs`.
 pub mod error;
+pub mod units;
+pub mod os;
+pub mod output;
+pub mod model;
 
-pub mod aggregate;
-pub mod attach;
-pub mod capture;
-pub mod cli;
-pub mod collect;
-pub mod diff;
-pub mod floor;
-pub mod placement;
-pub mod record;
-pub mod report;
-pub mod rerender;
-pub mod symbolize;
 pub mod target;
+pub mod attach;
 pub mod unwind;
-pub mod watch;
+pub mod collect;
+
+pub mod capture;
+pub mod symbolize;
+pub mod aggregate;
+pub mod render;
+
+pub mod cmd;
+
+pub mod cli;
 
 pub use error::Error;

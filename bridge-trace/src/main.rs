@@ -4,10 +4,10 @@ use std::process::ExitCode;
 
 use bridge_trace::{
     cli::{ArgsError, Request},
+    cmd::{diff, floor, record, report, watch},
     error::exit_code,
-    record,
-    report::{self, human_bytes},
-    watch,
+    output::{self, Destination},
+    units::human_bytes,
 };
 
 fn main() -> ExitCode {
@@ -46,25 +46,23 @@ fn main() -> ExitCode {
             // A launched command's own status, as `time` and `strace` pass it on: scripts
             // that run a program under bridge-trace still see how it ended.
             match (&config.target, outcome.target_status) {
-                (bridge_trace::cli::Target::Command(_), Some(code)) => ExitCode::from(code as u8),
+                (record::Target::Command(_), Some(code)) => ExitCode::from(code as u8),
                 _ => ExitCode::SUCCESS,
             }
         }),
         Request::Watch(config) => watch::run(config).map(|()| ExitCode::SUCCESS),
-        Request::Diff(config) => bridge_trace::diff::run(config).map(|table| {
+        Request::Diff(config) => diff::run(config).map(|table| {
             use std::io::Write as _;
             let _ = std::io::stdout().write_all(table.as_bytes());
             ExitCode::SUCCESS
         }),
-        Request::Report(config) => bridge_trace::rerender::run(config).map(|rendered| {
+        Request::Report(config) => report::run(config).map(|rendered| {
             for (module, frames, why) in &rendered.unnamed {
                 eprintln!("bridge-trace: {frames} frames in {module} left unnamed: {why}");
             }
             ExitCode::SUCCESS
         }),
-        Request::Floor(pid, parts) => {
-            bridge_trace::floor::run(*pid, *parts).map(|()| ExitCode::SUCCESS)
-        }
+        Request::Floor(pid, parts) => floor::run(*pid, *parts).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -137,7 +135,7 @@ fn print_summary(outcome: &record::Outcome, top: usize) {
     }
     let mut to_stdout = false;
     for (path, format) in &outcome.written {
-        if report::destination(path) == Ok(report::Destination::Stdout) {
+        if output::destination(path) == Ok(Destination::Stdout) {
             to_stdout = true;
             o!("wrote standard output ({format:?})");
         } else {

@@ -15,8 +15,8 @@ use blazesym::symbolize::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    capture::{Location, Locator, Module},
-    target::{self, Mapping},
+    capture::{Location, Locator},
+    model::maps::{hex, readable_path, Module, ProcessMaps},
 };
 
 /// One named frame. A return address that cannot be named keeps its module and offset and has
@@ -58,85 +58,6 @@ impl Frame {
     /// The name shown in flamegraphs and folded stacks.
     pub fn display_name(&self) -> &str {
         self.function.as_deref().unwrap_or("[unknown]")
-    }
-}
-
-/// The file mappings a process had at any time while traced (newer ones win on overlap), with
-/// the build-id of each file, read while the process could still show it.
-#[derive(Clone, Debug, Default)]
-pub struct ProcessMaps {
-    pub pid: u32,
-    pub mappings: Vec<Mapping>,
-    /// The mappings as last read (without those since unmapped).
-    pub current: Vec<Mapping>,
-    build_ids: HashMap<String, Option<String>>,
-}
-
-impl ProcessMaps {
-    pub fn new(pid: u32, mappings: Vec<Mapping>) -> ProcessMaps {
-        let mut maps = ProcessMaps {
-            pid,
-            current: Vec::new(),
-            mappings: Vec::new(),
-            build_ids: HashMap::new(),
-        };
-        maps.add(mappings);
-        maps
-    }
-
-    /// Re-reads `/proc/PID/maps`, keeping what was seen before. False when the process is gone.
-    pub fn refresh(&mut self) -> bool {
-        match target::read_maps(self.pid) {
-            Ok(current) if !current.is_empty() => {
-                self.add(current);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn add(&mut self, current: Vec<Mapping>) {
-        for m in &current {
-            if !self.mappings.contains(m) {
-                self.mappings.push(m.clone());
-            }
-            if m.executable && !self.build_ids.contains_key(&m.path) {
-                let id = blazesym::helper::read_elf_build_id(&readable_path(self.pid, &m.path))
-                    .ok()
-                    .flatten()
-                    .map(|id| hex(&id));
-                self.build_ids.insert(m.path.clone(), id);
-            }
-        }
-        self.current = current;
-    }
-
-    /// The newest mapping that contains `addr`.
-    pub fn lookup(&self, addr: u64) -> Option<&Mapping> {
-        self.mappings
-            .iter()
-            .rev()
-            .find(|m| m.start <= addr && addr < m.end)
-    }
-
-    /// The build-id of the file mapped at `path`, when it has one.
-    pub fn build_id(&self, path: &str) -> Option<String> {
-        self.build_ids.get(path).cloned().flatten()
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Where the file a process mapped at `path` can be read now: through the process's root while
-/// it lives (container-aware), else at its own path.
-fn readable_path(pid: u32, path: &str) -> PathBuf {
-    let through_root = target::host_path(pid, path);
-    if through_root.exists() {
-        through_root
-    } else {
-        PathBuf::from(path)
     }
 }
 
@@ -388,7 +309,7 @@ mod tests {
     #[test]
     fn names_a_function_of_this_test_binary() {
         let pid = std::process::id();
-        let maps = ProcessMaps::new(pid, target::read_maps(pid).unwrap());
+        let maps = ProcessMaps::new(pid, crate::model::maps::read_maps(pid).unwrap());
         let addr = bridge_trace_symbolize_probe_fn as *const () as u64 + 1;
         let mut s = Blazesym::process(&maps);
         let frames = symbolize_addrs(&mut s, &maps, &[addr, 8]);
@@ -400,21 +321,5 @@ mod tests {
         );
         assert!(f[0].module.as_deref().unwrap().contains("bridge_trace"));
         assert_eq!(frames[&8], vec![Frame::unknown(None, None)]);
-    }
-
-    #[test]
-    fn newest_mapping_wins() {
-        let m = |start, path: &str| Mapping {
-            start,
-            end: start + 0x1000,
-            offset: 0,
-            executable: true,
-            dev: "0:0".into(),
-            inode: 1,
-            path: path.into(),
-        };
-        let maps = ProcessMaps::new(1, vec![m(0x1000, "/old.so"), m(0x1000, "/new.so")]);
-        assert_eq!(maps.lookup(0x1800).unwrap().path, "/new.so");
-        assert!(maps.lookup(0x2000).is_none());
     }
 }

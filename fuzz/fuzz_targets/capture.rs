@@ -6,8 +6,9 @@ use std::io::Write as _;
 
 use bridge_trace::{
     aggregate::aggregate,
-    capture::{Capture, Module, MAGIC, VERSION},
-    report::folded_lines,
+    capture::{Capture, MAGIC, VERSION},
+    model::maps::Module,
+    render::folded_lines,
     symbolize::{Frame, Symbolize},
 };
 use libfuzzer_sys::fuzz_target;

@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    let _ = bridge_trace::cli::parse_duration("--duration", text);
+    let _ = bridge_trace::units::parse_duration("--duration", text);
 });

@@ -1,7 +1,7 @@
 //! Folded stacks for `bridge-trace diff`: any text gives stacks or an error naming a line, and
 //! stacks always give a table and differential lines.
 #![no_main]
-use bridge_trace::diff;
+use bridge_trace::cmd::diff;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {

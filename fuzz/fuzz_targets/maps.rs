@@ -3,7 +3,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    for m in bridge_trace::target::parse_maps(text) {
+    for m in bridge_trace::model::maps::parse_maps(text) {
         assert!(m.start <= m.end, "{text:?}: {m:?}");
     }
 });

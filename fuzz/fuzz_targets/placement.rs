@@ -1,7 +1,7 @@
 //! Probe placement decodes the machine code of whatever allocator a target maps: any bytes give
 //! an offset inside them (0: the entry), never a panic.
 #![no_main]
-use bridge_trace::placement::{place, Reads};
+use bridge_trace::attach::placement::{place, Reads};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (u8, &[u8])| {

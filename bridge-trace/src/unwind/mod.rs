@@ -9,19 +9,21 @@ pub mod compile;
 use std::{collections::HashMap, fs::File, os::fd::AsFd as _, path::PathBuf, sync::Arc};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use bridge_trace_common::names::map;
 use bridge_trace_common::{
     ProcUnwind, UnwindMapping, UnwindPage, UnwindRow, UnwindRule, MAX_UNWIND_MAPPINGS,
     MAX_UNWIND_PAGES, MAX_UNWIND_ROWS, MAX_UNWIND_RULES, NO_UNWIND_RULE,
 };
 use object::{Object as _, ObjectSegment as _};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::{
     attach::Tracer,
-    cli::Unwind,
     error::{Error, Result},
-    target::{self, Mapping},
+    model::{
+        maps::{host_path, Mapping},
+        meta::UnwindSummary,
+    },
 };
 
 /// An executable file mapped by a traced process, as found in its maps.
@@ -42,7 +44,7 @@ impl ObjectRef {
             dev: m.dev.clone(),
             inode: m.inode,
             path: m.path.clone(),
-            host_path: target::host_path(pid, &m.path),
+            host_path: host_path(pid, &m.path),
         }
     }
 
@@ -125,39 +127,6 @@ impl Builder {
 
     pub fn request(&self, object: ObjectRef) {
         let _ = self.tx.send(object);
-    }
-}
-
-/// What loading unwind tables cost and found, for the report.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct UnwindSummary {
-    /// `fp`, `auto` or `dwarf`.
-    pub mode: String,
-    /// Objects whose tables were loaded.
-    pub objects: usize,
-    pub rows: u64,
-    /// Total time spent compiling tables (off the tracing path).
-    pub build_ms: f64,
-    /// The slowest object and its time.
-    pub slowest: Option<(String, f64)>,
-    /// Objects without a table, and why (their frames fall back to frame pointers).
-    pub missing: Vec<(String, String)>,
-}
-
-impl UnwindSummary {
-    /// One line: how stacks were walked and what the tables cost.
-    pub fn describe(&self) -> String {
-        if self.mode == "fp" {
-            return "frame pointers (--unwind fp)".into();
-        }
-        let mut s = format!(
-            "unwind tables (--unwind {}) for {} objects, {} rows, built in {:.0} ms",
-            self.mode, self.objects, self.rows, self.build_ms
-        );
-        if let Some((object, ms)) = &self.slowest {
-            s.push_str(&format!(" (slowest: {object}, {ms:.0} ms)"));
-        }
-        s
     }
 }
 
@@ -279,15 +248,15 @@ fn take(tracer: &mut Tracer, name: &str) -> Result<Map> {
 
 impl Tables {
     pub fn new(tracer: &mut Tracer, mode: &str) -> Result<Tables> {
-        let Map::Array(rows) = take(tracer, "UNWIND_ROWS")? else {
+        let Map::Array(rows) = take(tracer, map::UNWIND_ROWS)? else {
             return Err(Error::Ebpf("UNWIND_ROWS is not an array".into()));
         };
         let rows = Mapped::map(rows, MAX_UNWIND_ROWS, "rows")?;
-        let Map::Array(pages) = take(tracer, "UNWIND_PAGES")? else {
+        let Map::Array(pages) = take(tracer, map::UNWIND_PAGES)? else {
             return Err(Error::Ebpf("UNWIND_PAGES is not an array".into()));
         };
         let pages = Mapped::map(pages, MAX_UNWIND_PAGES, "page index")?;
-        let Map::Array(rules) = take(tracer, "UNWIND_RULES")? else {
+        let Map::Array(rules) = take(tracer, map::UNWIND_RULES)? else {
             return Err(Error::Ebpf("UNWIND_RULES is not an array".into()));
         };
         let mut rules = Mapped::map(rules, MAX_UNWIND_RULES, "rules")?;
@@ -296,7 +265,7 @@ impl Tables {
         debug_assert_eq!(none.cfa_rule, bridge_trace_common::cfa_rule::NONE);
         rules.push(&[none]);
         let rule_ids = HashMap::from([(none, NO_UNWIND_RULE)]);
-        let procs = BpfHashMap::try_from(take(tracer, "UNWIND_PROCS")?)
+        let procs = BpfHashMap::try_from(take(tracer, map::UNWIND_PROCS)?)
             .map_err(|e| Error::Ebpf(format!("UNWIND_PROCS: {e}")))?;
         Ok(Tables {
             rows,
@@ -603,5 +572,32 @@ mod tests {
         };
         let segments = [(0x13b50, 0x14b50, 0x3e720)];
         assert_eq!(bias(&m, &segments), Some(0x5555_5556_8000 - 0x14000));
+    }
+}
+
+/// Stack walking (`--unwind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unwind {
+    Auto,
+    Dwarf,
+    Fp,
+}
+
+impl Unwind {
+    pub fn mode(self) -> bridge_trace_common::UnwindMode {
+        use bridge_trace_common::UnwindMode;
+        match self {
+            Unwind::Auto => UnwindMode::Auto,
+            Unwind::Dwarf => UnwindMode::Dwarf,
+            Unwind::Fp => UnwindMode::Fp,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Unwind::Auto => "auto",
+            Unwind::Dwarf => "dwarf",
+            Unwind::Fp => "fp",
+        }
     }
 }

@@ -13,10 +13,8 @@
 //!   the growth tier left unspent, so that the average stays inside it.
 use std::{os::fd::OwnedFd, time::Instant};
 
-use crate::{
-    attach::{ProbeCosts, ProgramCost},
-    cli::Tier,
-};
+use super::Tier;
+use crate::{attach::ProbeCosts, model::meta::ProgramCost, units::human_bytes};
 
 /// The largest sampling interval the budget drives the sampler to (beyond it: `growth`).
 pub const MAX_ADAPTIVE_INTERVAL: u64 = 64 << 20;
@@ -251,7 +249,7 @@ impl Governor {
                     format!(
                         "the heap keeps growing ({}/s): sampling allocations to name the call \
                          sites",
-                        crate::report::human_bytes(rate as u64)
+                        human_bytes(rate as u64)
                     ),
                 )
             }

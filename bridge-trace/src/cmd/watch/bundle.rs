@@ -9,9 +9,9 @@ use std::{
 
 use crate::{
     aggregate::Report,
-    cli::Format,
     error::{Error, Result},
-    report::{hand_over, render_to_vec, RenderOptions},
+    output::hand_over,
+    render::{render_to_vec, Format, RenderOptions},
 };
 
 const FILES: [(&str, Format); 5] = [

@@ -8,9 +8,12 @@ use std::{collections::BTreeMap, path::Path};
 use inferno::flamegraph::{self, color::BasicPalette, Palette};
 
 use crate::{
-    aggregate::Report,
+    aggregate::{report_of, Report},
+    capture::{self, Capture},
     error::{Error, Result},
-    report::{folded_lines, human_bytes},
+    output,
+    render::folded_lines,
+    units::human_bytes,
 };
 
 /// Outstanding bytes per folded stack (frames root first, `;`-joined).
@@ -23,9 +26,9 @@ pub fn load(path: &Path) -> Result<Stacks> {
         reason,
     };
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    if bytes.starts_with(crate::capture::MAGIC) {
-        let capture = crate::rerender::load(path)?;
-        let report = crate::rerender::report_of(&capture, &[]).report;
+    if bytes.starts_with(capture::MAGIC) {
+        let capture = Capture::read(path)?;
+        let report = report_of(&capture, &[]).report;
         return parse_folded(&folded_lines(&report).join("\n")).map_err(bad);
     }
     let text = String::from_utf8(bytes).map_err(|_| {
@@ -209,7 +212,7 @@ pub fn run(config: &DiffConfig) -> Result<String> {
         };
         rendered.push((path.clone(), bytes));
     }
-    crate::report::write_all(&rendered, config.mode)?;
+    output::write_all(&rendered, config.mode)?;
     Ok(table)
 }
 

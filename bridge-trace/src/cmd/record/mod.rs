@@ -2,28 +2,35 @@
 //! then snapshot → symbolize → aggregate → render, writing every requested output.
 use std::{
     io::{IsTerminal as _, Write as _},
-    os::fd::{FromRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::{
-    io::unix::AsyncFd,
-    signal::unix::{Signal, SignalKind},
-    sync::mpsc,
-};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+mod config;
+
+pub use config::{Config, Target};
 
 use crate::{
-    aggregate::{aggregate, Meta, Report, REPORT_VERSION},
-    attach::{check_privileges, Knobs, Tracer},
-    capture::{self, Capture, CapturedProcess},
-    cli::{Config, Format, Target, TraceOptions},
-    collect::{self, Snapshot},
+    aggregate::{aggregate, Report},
+    attach::{check_privileges, Knobs, TraceOptions, Tracer},
+    capture::{self, keep_own_mappings, Capture},
+    collect,
     error::{Error, Result},
-    report::{self, human_bytes, RenderOptions},
-    symbolize::{Blazesym, ProcessMaps},
+    model::{
+        maps::{read_maps, Mapping, ProcessMaps},
+        meta::{Meta, Process, UnwindSummary, REPORT_VERSION},
+        snapshot::Snapshot,
+    },
+    os::{pidfd_open, stop_signals, utc_now},
+    output::{self, Destination},
+    render::{self, Format, RenderOptions},
+    symbolize::Blazesym,
     target::{self, EntryKind, Launched},
-    unwind::{Compiled, UnwindSummary, Unwinder},
+    units::human_bytes,
+    unwind::{Compiled, Unwinder},
 };
 
 /// How often the target's memory maps are re-read (to keep libraries it loads and unloads).
@@ -79,7 +86,7 @@ struct Followed {
 }
 
 /// Follows the anonymous memory running process `pid` maps itself, through its libc.
-fn trace_own_mappings(tracer: &mut Tracer, pid: u32, maps: &[target::Mapping]) -> Result<()> {
+fn trace_own_mappings(tracer: &mut Tracer, pid: u32, maps: &[Mapping]) -> Result<()> {
     match target::growth_object(pid, maps) {
         Some(object) => tracer.trace_growth(pid, &object, false),
         None => Ok(()),
@@ -91,7 +98,7 @@ fn trace_own_mappings(tracer: &mut Tracer, pid: u32, maps: &[target::Mapping]) -
 fn follow(t: &mut Attached, child: u32, parent: u32, config: &Config) -> Option<Followed> {
     let quiet = config.quiet;
     let attached = (|| {
-        let maps = target::read_maps(child)?;
+        let maps = read_maps(child)?;
         let allocators = target::allocators_of(child, &maps, &config.alloc_fns)?;
         t.tracer.trace_allocator(child, &allocators)?;
         trace_own_mappings(&mut t.tracer, child, &maps)?;
@@ -280,7 +287,7 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "program".into());
-    let maps = target::read_maps(pid).unwrap_or_default();
+    let maps = read_maps(pid).unwrap_or_default();
     Ok(Attached {
         pid,
         name,
@@ -293,18 +300,6 @@ fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
         child: Some(rx),
         pidfd: None,
     })
-}
-
-/// SIGINT and SIGTERM as streams: both stop a recording (or a watch) cleanly.
-pub(crate) fn stop_signals() -> Result<(Signal, Signal)> {
-    let install = |kind: SignalKind, name: &str| {
-        tokio::signal::unix::signal(kind)
-            .map_err(|e| Error::io(format!("installing the {name} handler"), e))
-    };
-    Ok((
-        install(SignalKind::interrupt(), "SIGINT")?,
-        install(SignalKind::terminate(), "SIGTERM")?,
-    ))
 }
 
 fn reap(pid: u32) {
@@ -336,16 +331,6 @@ fn wait_child(pid: u32, tx: mpsc::UnboundedSender<ChildEvent>) {
             return;
         }
     }
-}
-
-pub(crate) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: plain syscall.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a new descriptor owned here.
-    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 async fn run_async(config: &Config) -> Result<Outcome> {
@@ -539,9 +524,9 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     }
     .on_this_machine();
     // What the allocators mapped for their own blocks is counted as those blocks.
-    capture::keep_own_mappings(&mut snapshot, &t.maps, &t.allocator_paths);
+    keep_own_mappings(&mut snapshot, &t.maps, &t.allocator_paths);
     for (c, snap) in children.iter().zip(child_snapshots.iter_mut()) {
-        capture::keep_own_mappings(snap, &c.maps, &t.allocator_paths);
+        keep_own_mappings(snap, &c.maps, &t.allocator_paths);
     }
     // The report is rendered from the capture, as `bridge-trace report` renders it later.
     let capture = Capture::new(
@@ -555,7 +540,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
             .iter()
             .zip(&child_snapshots)
             .map(|(c, snap)| {
-                let process = CapturedProcess {
+                let process = Process {
                     pid: c.pid,
                     name: c.name.clone(),
                     parent: Some(c.parent),
@@ -585,17 +570,15 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     };
     let options = RenderOptions { top: config.top };
     // Render everything first, the capture too, then write: a failure leaves no partial set.
-    let mut rendered = report::render_all(&report, &outputs, options)?;
-    let capture_path = (!config.no_raw)
-        .then(|| capture::beside(&outputs))
-        .flatten();
+    let mut rendered = render::render_all(&report, &outputs, options)?;
+    let capture_path = (!config.no_raw).then(|| beside(&outputs)).flatten();
     if let Some(path) = &capture_path {
         let bytes = capture
             .to_bytes()
             .map_err(|e| Error::io("encoding the raw capture", e))?;
         rendered.push((path.clone(), bytes));
     }
-    report::write_all(&rendered, config.mode)?;
+    output::write_all(&rendered, config.mode)?;
     Ok(Outcome {
         report,
         written: outputs,
@@ -621,35 +604,20 @@ pub fn default_output(name: &str, pid: u32, format: Format) -> PathBuf {
     PathBuf::from(format!("{safe}-{pid}-{}.{}", utc_now(), format.extension()))
 }
 
-/// Now, as [`utc_stamp`] writes it.
-pub(crate) fn utc_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    utc_stamp(secs)
-}
-
-/// `YYYYmmdd-HHMMSS` in UTC.
-fn utc_stamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// Where the raw capture of a recording goes: beside its first output written to a file, with
+/// the capture's extension (`leaks.svg` → `leaks.btcap`). None when every output is a stream
+/// (`-o -`, a FIFO) or that path is itself one of the outputs.
+pub fn beside(outputs: &[(PathBuf, Format)]) -> Option<PathBuf> {
+    let (first, format) = outputs
+        .iter()
+        .find(|(p, _)| output::destination(p) == Ok(Destination::File))?;
+    let name = first.file_name()?.to_string_lossy();
+    let stem = name
+        .strip_suffix(&format!(".{}", format.extension()))
+        .or_else(|| name.rsplit_once('.').map(|(stem, _)| stem))
+        .unwrap_or(&name);
+    let path = first.with_file_name(format!("{stem}.{}", capture::EXTENSION));
+    (!outputs.iter().any(|(p, _)| *p == path)).then_some(path)
 }
 
 #[cfg(test)]
@@ -657,14 +625,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stamps() {
-        assert_eq!(utc_stamp(0), "19700101-000000");
-        assert_eq!(utc_stamp(1_779_753_600 + 3_661), "20260526-010101");
+    fn default_output_names() {
         let p = default_output("data bridge", 42, Format::Svg);
         let s = p.to_str().unwrap();
         assert!(
             s.starts_with("data_bridge-42-") && s.ends_with(".svg"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn lies_beside_the_first_file_output() {
+        let o = |p: &str, f| (PathBuf::from(p), f);
+        let at = |outs: &[(PathBuf, Format)]| beside(outs).map(|p| p.display().to_string());
+        assert_eq!(
+            at(&[o("d/leaks.svg", Format::Svg)]).unwrap(),
+            "d/leaks.btcap"
+        );
+        assert_eq!(at(&[o("p.pb.gz", Format::Pprof)]).unwrap(), "p.btcap");
+        assert_eq!(at(&[o("noext", Format::Svg)]).unwrap(), "noext.btcap");
+        assert_eq!(
+            at(&[o("-", Format::Text), o("r.folded", Format::Folded)]).unwrap(),
+            "r.btcap"
+        );
+        assert_eq!(at(&[o("-", Format::Text)]), None);
+        assert_eq!(at(&[o("x.btcap", Format::Svg)]), None);
     }
 }

@@ -1,82 +1,17 @@
-//! Renders a [`Report`] in each output format, one renderer per format behind [`Render`], and
-//! writes it: a file atomically (a temporary file in the same directory, renamed into place),
-//! standard output (`-`) or a stream node (`/dev/null`, a FIFO) in place.
-mod folded;
-mod html;
-mod json;
-pub mod pprof;
-mod svg;
-mod text;
-
-use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
-
-use crate::{
-    aggregate::Report,
-    cli::Format,
-    error::{Error, Result},
+//! Output files: where a path leads ([`Destination`]), checked before anything is traced, and
+//! written atomically (a temporary file in the same directory, renamed into place), or in place
+//! for standard output (`-`) and stream nodes (`/dev/null`, a FIFO); private by default and,
+//! under sudo, the invoking user's.
+use std::{
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
 };
 
-pub use folded::{folded_lines, Folded};
-pub use html::Html;
-pub use json::Json;
-pub use pprof::Pprof;
-pub use svg::Svg;
-pub use text::Text;
-
-/// A report renderer: the same report in, one format's bytes out.
-pub trait Render {
-    fn render(&self, report: &Report, out: &mut Vec<u8>) -> std::io::Result<()>;
-}
-
-/// Presentation options shared by the renderers.
-#[derive(Clone, Copy, Debug)]
-pub struct RenderOptions {
-    /// How many stacks the text report lists.
-    pub top: usize,
-}
-
-impl Default for RenderOptions {
-    fn default() -> Self {
-        RenderOptions { top: 10 }
-    }
-}
-
-/// The renderer for a format.
-pub fn renderer(format: Format, options: RenderOptions) -> Box<dyn Render> {
-    match format {
-        Format::Svg => Box::new(Svg),
-        Format::Folded => Box::new(Folded),
-        Format::Json => Box::new(Json),
-        Format::Text => Box::new(Text { top: options.top }),
-        Format::Pprof => Box::new(Pprof),
-        Format::Html => Box::new(Html { top: options.top }),
-    }
-}
-
-/// Renders into memory.
-pub fn render_to_vec(report: &Report, format: Format, options: RenderOptions) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    renderer(format, options)
-        .render(report, &mut out)
-        .map_err(|e| Error::io(format!("rendering the {format:?} report"), e))?;
-    Ok(out)
-}
-
-/// Renders `report` in every `(path, format)` of `outputs`, in memory: rendered all first,
-/// then written ([`write_all`]), a failure leaves no partial set behind.
-pub fn render_all(
-    report: &Report,
-    outputs: &[(std::path::PathBuf, Format)],
-    options: RenderOptions,
-) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
-    outputs
-        .iter()
-        .map(|(path, format)| Ok((path.clone(), render_to_vec(report, *format, options)?)))
-        .collect()
-}
+use crate::error::{Error, Result};
 
 /// Writes every rendered output ([`write_output`]).
-pub fn write_all(rendered: &[(std::path::PathBuf, Vec<u8>)], mode: u32) -> Result<()> {
+pub fn write_all(rendered: &[(PathBuf, Vec<u8>)], mode: u32) -> Result<()> {
     for (path, bytes) in rendered {
         write_output(path, bytes, mode)?;
     }
@@ -94,7 +29,7 @@ pub fn hand_over(file: &std::fs::File, mode: u32) -> std::io::Result<()> {
         mode
     };
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    if let Some((uid, gid)) = crate::target::sudo_ids() {
+    if let Some((uid, gid)) = crate::os::sudo_ids() {
         std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
     }
     Ok(())
@@ -188,37 +123,58 @@ pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// A frame name safe for folded lines (`;` separates frames).
-pub(crate) fn folded_name(name: &str) -> String {
-    name.replace(';', ":")
+/// Fails early, before anything is traced, when `path` could not be written.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let err = |reason: &str| Error::Output {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    match destination(path).map_err(|reason| err(&reason))? {
+        // Written in place: nothing to create.
+        Destination::Stdout | Destination::Stream => return Ok(()),
+        Destination::File => {}
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(err("its directory does not exist"));
+    }
+    let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())
+        .map_err(|_| err("the path contains a NUL byte"))?;
+    // SAFETY: plain syscall on a valid C string.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        return Err(err("its directory is not writable"));
+    }
+    // access(2) ignores read-only mounts for root; statvfs does not.
+    // SAFETY: plain syscall on a valid C string and a zeroed out-struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 && st.f_flag & libc::ST_RDONLY != 0 {
+        return Err(err("its directory is on a read-only file system"));
+    }
+    Ok(())
 }
 
-/// Human-readable bytes: 1536 → "1.5 KiB".
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
+/// Fails unless `dir` is an existing, writable directory.
+pub fn check_dir(dir: &Path) -> Result<()> {
+    let err = |reason: &str| Error::Output {
+        path: dir.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(err("not a directory")),
+        Err(_) => return Err(err("no such directory")),
     }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+    tempfile::tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| err(&format!("not writable: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn human() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
-    }
 
     #[test]
     fn a_file_is_replaced_whole() {

@@ -269,7 +269,10 @@ impl Render for Pprof {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::{Meta, StackReport, REPORT_VERSION};
+    use crate::{
+        aggregate::StackReport,
+        model::meta::{Meta, REPORT_VERSION},
+    };
 
     fn frame(function: &str, offset: u64, inlined: bool) -> Frame {
         Frame {

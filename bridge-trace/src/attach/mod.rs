@@ -8,6 +8,17 @@
 //! so the kernel also detaches them if bridge-trace is killed.
 use std::{collections::HashMap, num::NonZeroU32, os::fd::AsFd as _, path::Path};
 
+pub mod placement;
+mod probes;
+
+use placement::Reads;
+use probes::{static_reads, FLOOR_ENTRY, FLOOR_FREE, FLOOR_RETURN};
+
+pub use probes::{
+    allocator_probes, entry_program, floor_probes, AllocProbe, FloorParts, Place, Probe,
+    CHILD_FAULT_TRACEPOINT, EXEC_TRACEPOINT, GROWTH_PROBES, GROWTH_TRACEPOINT, NEWTASK_TRACEPOINT,
+};
+
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
     programs::{
@@ -17,16 +28,17 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
+use bridge_trace_common::names::{global, map, program};
 use bridge_trace_common::{
     config, AllocInfo, AllocKey, GrowthTotals, InFlight, MmapRegion, StackKey, StackTotals,
     UnwindMode, EXP_QUANTILES, EXP_QUANTILE_SHIFT, MAX_SAMPLE_INTERVAL,
 };
 
 use crate::{
-    cli::FloorParts,
     error::{Error, Result},
-    placement::{self, Reads},
-    target::{self, Allocator, EntryKind},
+    model::{maps::read_maps, meta::ProgramCost},
+    target::{self, Allocator},
+    unwind::Unwind,
 };
 
 /// Program `$name` of the object as a `$kind` (UProbe, TracePoint, RawTracePoint), loaded
@@ -50,162 +62,6 @@ macro_rules! loaded {
 
 /// The eBPF object built by build.rs from `bridge-trace-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bridge-trace"));
-
-/// One probe: an eBPF program attached to an allocator symbol.
-#[derive(Clone, Copy, Debug)]
-pub struct Probe {
-    pub program: &'static str,
-    pub symbol: &'static str,
-    /// Without it nothing sensible can be traced (malloc and free).
-    pub required: bool,
-    pub place: Place,
-}
-
-/// Where in its function a probe goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Place {
-    /// An entry program that reads this much of the call: on the first instruction the kernel
-    /// emulates rather than single-steps ([`placement`]).
-    Emulated(Reads),
-    /// A return probe: where its function's entry probe goes.
-    WithEntry,
-    /// The function's first instruction, whatever it costs (the bench's floor rows only).
-    FirstInstruction,
-}
-
-/// A return probe.
-const fn ret(program: &'static str, symbol: &'static str, required: bool) -> Probe {
-    Probe {
-        program,
-        symbol,
-        required,
-        place: Place::WithEntry,
-    }
-}
-
-/// An entry probe whose program reads `args` arguments.
-const fn entry(program: &'static str, symbol: &'static str, required: bool, args: usize) -> Probe {
-    Probe {
-        program,
-        symbol,
-        required,
-        place: Place::Emulated(Reads { args }),
-    }
-}
-
-/// The kernel program that reads each kind of allocator entry point, and how many of its
-/// arguments it reads. `alloc_return` (one program for every allocation function) records the
-/// result.
-pub fn entry_program(kind: EntryKind) -> (&'static str, usize) {
-    match kind {
-        EntryKind::Free => ("free_enter", 1),
-        EntryKind::Malloc => ("malloc_enter", 1),
-        EntryKind::Calloc => ("calloc_enter", 2),
-        EntryKind::Realloc => ("realloc_enter", 2),
-        EntryKind::Reallocarray => ("reallocarray_enter", 3),
-        EntryKind::PosixMemalign => ("posix_memalign_enter", 3),
-        EntryKind::AlignedAlloc => ("aligned_alloc_enter", 2),
-        EntryKind::Memalign => ("memalign_enter", 2),
-        EntryKind::Valloc => ("valloc_enter", 1),
-        EntryKind::Pvalloc => ("pvalloc_enter", 1),
-        EntryKind::Xallocx => ("xallocx_enter", 2),
-    }
-}
-
-/// One allocator probe: a program on a symbol of an allocator object, placed for what its
-/// entry program reads.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AllocProbe {
-    pub program: &'static str,
-    pub symbol: String,
-    pub reads: Reads,
-}
-
-/// Every probe for one allocator object, in attach order, from the table of entry points it
-/// defines ([`target::ENTRY_POINTS`]). What releases memory comes first, then each
-/// allocation function's return probe before its entry probe, so that no allocation is
-/// recorded whose release or return could still be missed; `_exit` (the launched target's
-/// hold) last.
-pub fn allocator_probes(allocator: &Allocator) -> Vec<AllocProbe> {
-    let mut probes = Vec::new();
-    let releases = allocator.entries.iter().filter(|(_, k)| k.releases());
-    let allocates = allocator.entries.iter().filter(|(_, k)| !k.releases());
-    for (symbol, kind) in releases.chain(allocates) {
-        let (program, args) = entry_program(*kind);
-        let reads = Reads { args };
-        if !kind.releases() {
-            probes.push(AllocProbe {
-                program: "alloc_return",
-                symbol: symbol.clone(),
-                reads,
-            });
-        }
-        probes.push(AllocProbe {
-            program,
-            symbol: symbol.clone(),
-            reads,
-        });
-    }
-    if allocator.exit {
-        probes.push(AllocProbe {
-            program: "exit_enter",
-            symbol: "_exit".into(),
-            reads: Reads { args: 0 },
-        });
-    }
-    probes
-}
-
-/// The growth tier's probes on libc's heap-growth wrappers, per process: cheaper for the
-/// machine than syscall tracepoints, which would put every syscall of every process on the
-/// kernel's slow path. (Each return probe before its entry probe.)
-pub const GROWTH_PROBES: &[Probe] = &[
-    ret("growth_return", "munmap", false),
-    entry("munmap_enter", "munmap", false, 2),
-    ret("growth_return", "mremap", false),
-    entry("mremap_enter", "mremap", false, 3),
-    ret("growth_return", "brk", false),
-    entry("brk_enter", "brk", false, 1),
-    ret("growth_return", "mmap", false),
-    entry("mmap_enter", "mmap", false, 4),
-];
-
-// The floor of `cargo xtask bench` and of the overhead calibration: empty programs at the
-// same places as the allocator probes, and the kernel's own user stack capture in a return
-// probe.
-const FLOOR_ENTRY: Probe = entry("floor_enter", "malloc", true, 1);
-const FLOOR_RETURN: Probe = ret("floor_return_empty", "malloc", true);
-const FLOOR_STACK: Probe = ret("floor_return", "malloc", true);
-const FLOOR_FREE: Probe = entry("floor_free", "free", true, 1);
-const FLOOR_FREE_AT_ENTRY: Probe = Probe {
-    place: Place::FirstInstruction,
-    ..FLOOR_FREE
-};
-
-/// The floor's probes, whole or in parts.
-pub fn floor_probes(parts: FloorParts) -> &'static [Probe] {
-    match parts {
-        FloorParts::MallocEntry => &[FLOOR_ENTRY],
-        FloorParts::MallocReturn => &[FLOOR_RETURN, FLOOR_ENTRY],
-        FloorParts::MallocStack => &[FLOOR_STACK, FLOOR_ENTRY],
-        FloorParts::FreeEntry => &[FLOOR_FREE_AT_ENTRY],
-        FloorParts::All => &[FLOOR_FREE, FLOOR_STACK, FLOOR_ENTRY],
-    }
-}
-
-/// The growth tier's raw tracepoint, system-wide (a user page fault anywhere runs it; it
-/// returns at once outside the targets): first touches of new memory.
-pub const GROWTH_TRACEPOINT: (&str, &str) = ("page_fault_user", "page_fault_user");
-
-/// Execs of the targets, system-wide (returns at once for other processes): an exec releases
-/// every allocation of the old image, with no free to see.
-pub const EXEC_TRACEPOINT: (&str, &str) = ("process_exec", "sched_process_exec");
-
-/// New tasks of the targets (`--follow-children`): a forked child is remembered.
-pub const NEWTASK_TRACEPOINT: (&str, &str, &str) = ("new_task", "task", "task_newtask");
-
-/// A remembered child's first page fault holds it (`--follow-children`), system-wide.
-pub const CHILD_FAULT_TRACEPOINT: (&str, &str) = ("child_fault", "page_fault_user");
 
 /// Knobs of the eBPF object, fixed at load time.
 #[derive(Clone, Copy, Debug)]
@@ -377,13 +233,13 @@ impl Tracer {
             (8, 32)
         };
         let ebpf = EbpfLoader::new()
-            .override_global("STOP_AT_EXIT", &launched, true)
-            .override_global("STOP_AT_START", &launched, true)
-            .override_global("HOLD_TGID", &hold, true)
-            .override_global("NEWTASK_PID_AT", &pid_at, true)
-            .override_global("NEWTASK_FLAGS_AT", &flags_at, true)
-            .override_global("UNWIND_MODE", &unwind, true)
-            .map_max_entries("ALLOCS", knobs.max_allocs)
+            .override_global(global::STOP_AT_EXIT, &launched, true)
+            .override_global(global::STOP_AT_START, &launched, true)
+            .override_global(global::HOLD_TGID, &hold, true)
+            .override_global(global::NEWTASK_PID_AT, &pid_at, true)
+            .override_global(global::NEWTASK_FLAGS_AT, &flags_at, true)
+            .override_global(global::UNWIND_MODE, &unwind, true)
+            .map_max_entries(map::ALLOCS, knobs.max_allocs)
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_err("loading the eBPF object", chain(&e)))?;
         let mut tracer = Tracer {
@@ -409,7 +265,7 @@ impl Tracer {
         }
         if allocators.iter().any(|a| a.family != "glibc") {
             // Their release functions may end in one another (operator delete in free).
-            let mut cfg: Array<&mut MapData, u64> = self.map_mut("CONFIG")?;
+            let mut cfg: Array<&mut MapData, u64> = self.map_mut(map::CONFIG)?;
             cfg.set(config::NESTED_FREES, 1, 0)
                 .map_err(|e| ebpf_err("configuring nested frees", chain(&e)))?;
         }
@@ -485,12 +341,12 @@ impl Tracer {
     pub fn untrace_allocator(&mut self, pid: u32) {
         let links = self.links.remove(&pid).unwrap_or_default();
         self.detach(links);
-        self.purge::<AllocKey, AllocInfo>("ALLOCS", |k| k.tgid == pid);
-        self.purge_per_cpu::<StackKey, StackTotals>("STACK_TOTALS", |k| k.tgid == pid);
+        self.purge::<AllocKey, AllocInfo>(map::ALLOCS, |k| k.tgid == pid);
+        self.purge_per_cpu::<StackKey, StackTotals>(map::STACK_TOTALS, |k| k.tgid == pid);
         // Calls that were inside the allocator when their return probe went: left behind, their
         // entries would make the thread's next calls look nested in them, and go unrecorded.
         let threads = target::threads(pid);
-        self.purge::<u32, InFlight>("INFLIGHT", |tid| threads.contains(tid));
+        self.purge::<u32, InFlight>(map::INFLIGHT, |tid| threads.contains(tid));
     }
 
     /// Whether `pid`'s allocator probes are attached.
@@ -500,7 +356,7 @@ impl Tracer {
 
     /// Makes `pid` a target: the probes and tracepoints record its events.
     pub fn add_target(&mut self, pid: u32) -> Result<()> {
-        let mut targets: BpfHashMap<&mut MapData, u32, u32> = self.map_mut("TARGETS")?;
+        let mut targets: BpfHashMap<&mut MapData, u32, u32> = self.map_mut(map::TARGETS)?;
         targets
             .insert(pid, 1, 0)
             .map_err(|e| ebpf_err("adding a target", chain(&e)))
@@ -511,16 +367,16 @@ impl Tracer {
         self.untrace_allocator(pid);
         let links = self.growth_links.remove(&pid).unwrap_or_default();
         self.detach(links);
-        if let Ok(mut targets) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>("TARGETS") {
+        if let Ok(mut targets) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>(map::TARGETS) {
             let _ = targets.remove(&pid);
         }
-        for name in ["BREAKS", "EXECS"] {
+        for name in [map::BREAKS, map::EXECS] {
             if let Ok(mut by_pid) = self.map_mut::<BpfHashMap<&mut MapData, u32, u64>>(name) {
                 let _ = by_pid.remove(&pid);
             }
         }
-        self.purge::<AllocKey, MmapRegion>("REGIONS", |k| k.tgid == pid);
-        self.purge_per_cpu::<StackKey, GrowthTotals>("GROWTH", |k| k.tgid == pid);
+        self.purge::<AllocKey, MmapRegion>(map::REGIONS, |k| k.tgid == pid);
+        self.purge_per_cpu::<StackKey, GrowthTotals>(map::GROWTH, |k| k.tgid == pid);
     }
 
     /// Starts following the children the targets fork: each is held at its first page fault
@@ -541,7 +397,7 @@ impl Tracer {
     /// Children held at their first page fault: (child, parent).
     pub fn held_children(&self) -> Vec<(u32, u32)> {
         self.ebpf
-            .map("HELD_CHILDREN")
+            .map(map::HELD_CHILDREN)
             .and_then(|m| BpfHashMap::<&MapData, u32, u32>::try_from(m).ok())
             .map(|held| held.iter().filter_map(|r| r.ok()).collect())
             .unwrap_or_default()
@@ -550,7 +406,8 @@ impl Tracer {
     /// Forgets a held child (its probes are attached, or it cannot be followed) and sends it
     /// SIGCONT.
     pub fn release_child(&mut self, pid: u32) {
-        if let Ok(mut held) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>("HELD_CHILDREN") {
+        if let Ok(mut held) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>(map::HELD_CHILDREN)
+        {
             let _ = held.remove(&pid);
         }
         // SAFETY: plain syscall; resumes the child bridge-trace stopped.
@@ -601,7 +458,7 @@ impl Tracer {
 
     /// Sets the sampler's mean interval in bytes (0: record every allocation).
     pub fn set_sample_interval(&mut self, bytes: u64) -> Result<()> {
-        let mut cfg: Array<&mut MapData, u64> = self.map_mut("CONFIG")?;
+        let mut cfg: Array<&mut MapData, u64> = self.map_mut(map::CONFIG)?;
         cfg.set(config::SAMPLE_INTERVAL, bytes.min(MAX_SAMPLE_INTERVAL), 0)
             .map_err(|e| ebpf_err("setting the sampling interval", chain(&e)))
     }
@@ -615,7 +472,7 @@ impl Tracer {
         const CALLS: u32 = 20_000;
         let me = std::process::id();
         let nz = NonZeroU32::new(me).ok_or_else(|| Error::Usage("no pid".into()))?;
-        let maps = target::read_maps(me)?;
+        let maps = read_maps(me)?;
         let libc = target::libc_allocator(me, &maps)?;
         let allocator = &libc;
         let per_call = || {
@@ -658,7 +515,7 @@ impl Tracer {
 
     /// Quantiles of the unit exponential distribution for the kernel's sampler.
     fn fill_exp_table(&mut self) -> Result<()> {
-        let mut table: Array<&mut MapData, u32> = self.map_mut("EXP_TABLE")?;
+        let mut table: Array<&mut MapData, u32> = self.map_mut(map::EXP_TABLE)?;
         for i in 0..EXP_QUANTILES {
             let u = (i as f64 + 0.5) / EXP_QUANTILES as f64;
             let q = (-u.ln() * (1u64 << EXP_QUANTILE_SHIFT) as f64).round() as u32;
@@ -721,7 +578,7 @@ impl Tracer {
     /// load ([`target::hold_points`]). Without any, tables load at the next look at the maps.
     pub fn attach_holds(&mut self, program: &Path, allocator: &Allocator, pid: u32) -> Result<()> {
         let pid = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
-        let label = "start_enter";
+        let label = program::START_ENTER;
         let prog = loaded_uprobe(&mut self.ebpf, label)?;
         for point in target::hold_points(program, allocator) {
             prog.attach(point.offset, &point.object, UProbeScope::OneProcess(pid))
@@ -765,16 +622,6 @@ pub struct ProbeCosts {
     pub free_ns: f64,
 }
 
-/// One eBPF program's cost, as the kernel counted it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ProgramCost {
-    pub program: String,
-    pub runs: u64,
-    /// Total run time; 0 unless `kernel.bpf_stats_enabled` was 1 while tracing.
-    pub run_time_ns: u64,
-    pub missed_runs: u64,
-}
-
 /// `bpf_prog_info` of a loaded program (BPF_OBJ_GET_INFO_BY_FD).
 fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_prog_info> {
     use std::os::fd::AsRawFd as _;
@@ -807,22 +654,6 @@ fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_
 /// The uprobe program `name` of the object, loaded into the kernel (once).
 fn loaded_uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
     Ok(loaded!(ebpf, name, UProbe))
-}
-
-/// What a probe of a static table ([`GROWTH_PROBES`], the floor's) is placed for: its own
-/// reads, or for a return probe its entry probe's.
-fn static_reads(p: &Probe) -> Option<Reads> {
-    match p.place {
-        Place::Emulated(reads) => Some(reads),
-        Place::WithEntry => GROWTH_PROBES
-            .iter()
-            .chain([FLOOR_ENTRY, FLOOR_FREE].iter())
-            .find_map(|e| match e.place {
-                Place::Emulated(reads) if e.symbol == p.symbol => Some(reads),
-                _ => None,
-            }),
-        Place::FirstInstruction => None,
-    }
 }
 
 /// Attaches `program` for `pid` to `symbol` of `object` where [`placement::place`] puts an
@@ -863,4 +694,11 @@ fn attach_one(
                 )
             }
         })
+}
+
+/// What to trace and how, for the stages that `record` and `watch` share.
+#[derive(Clone, Copy, Debug)]
+pub struct TraceOptions {
+    pub max_allocs: u32,
+    pub unwind: Unwind,
 }

@@ -3,7 +3,10 @@
 use serde::Serialize;
 
 use super::Render;
-use crate::aggregate::{Meta, Report, StackReport};
+use crate::{
+    aggregate::{Report, StackReport},
+    model::meta::Meta,
+};
 
 pub struct Json;
 

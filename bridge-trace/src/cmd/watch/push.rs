@@ -6,9 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{
     aggregate::Report,
-    cli::Format,
     error::{Error, Result},
-    report::{render_to_vec, RenderOptions},
+    render::{render_to_vec, Format, RenderOptions},
 };
 
 /// The application name a process's profiles are stored under: `bridge-trace.NAME` with its

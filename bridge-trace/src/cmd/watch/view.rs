@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::metrics::{Sample, TracerSample};
-use crate::report::human_bytes;
+use crate::units::human_bytes;
 
 /// The table of one window.
 pub fn render(

@@ -3,8 +3,9 @@
 //! interactive flamegraph inline with a search box. No external resources: it opens anywhere.
 use std::io::Write as _;
 
-use super::{human_bytes, Render, Svg};
+use super::{Render, Svg};
 use crate::aggregate::{Report, StackReport};
+use crate::units::human_bytes;
 
 pub struct Html {
     pub top: usize,

@@ -7,6 +7,7 @@
 //! One tracer serves every process watched (`--exe`: all processes of an executable, those
 //! started later included); each process has its own windows, sites and classes.
 pub mod bundle;
+pub mod config;
 pub mod classify;
 pub mod govern;
 pub mod metrics;
@@ -21,17 +22,23 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::Signal, sync::mpsc};
 
+pub use config::{WatchConfig, WatchTarget};
+
 use crate::{
-    aggregate::{aggregate, Meta, Report, REPORT_VERSION},
+    aggregate::{aggregate, Report},
     attach::{check_privileges, Knobs, ProbeCosts, Tracer},
-    capture::Capture,
-    cli::{Tier, WatchConfig, WatchTarget},
-    collect::{self, LiveAlloc, Snapshot},
+    capture::{keep_own_mappings, Capture},
+    collect,
     error::{Error, Result},
-    record::{self, utc_now},
-    report::human_bytes,
-    symbolize::{symbolize_addrs, Blazesym, Frame, ProcessMaps},
+    model::{
+        maps::ProcessMaps,
+        meta::{Meta, REPORT_VERSION},
+        snapshot::{LiveAlloc, Snapshot},
+    },
+    os::{pidfd_open, stop_signals, utc_now},
+    symbolize::{symbolize_addrs, Blazesym, Frame},
     target::{self, Allocator},
+    units::human_bytes,
     unwind::Unwinder,
 };
 use classify::{Class, Trend, Window, LEAK_WINDOWS, OLD_AFTER_WINDOWS};
@@ -112,7 +119,7 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         tokio::spawn(metrics::serve(listener, metrics_rx));
     }
     let mut stop = Stop {
-        signals: record::stop_signals()?,
+        signals: stop_signals()?,
         deadline: config.duration.map(|d| tokio::time::Instant::now() + d),
     };
     if let WatchTarget::Pid(pid) = config.target {
@@ -263,7 +270,7 @@ impl Session<'_> {
             }
         };
         // Readable once the process has exited.
-        let pidfd = record::pidfd_open(pid)
+        let pidfd = pidfd_open(pid)
             // SAFETY: the OwnedFd stays open, unchanged, for as long as the AsyncFd owns it.
             .and_then(|fd| unsafe { AsyncFd::register(fd) }.ok())
             .ok_or(Error::NoSuchProcess(pid))?;
@@ -796,7 +803,7 @@ fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
         // Regions the program mapped itself, not those its allocators map for their blocks.
         let mut own = snap.clone();
         let allocators: Vec<String> = p.allocators.iter().map(|a| a.path.clone()).collect();
-        crate::capture::keep_own_mappings(&mut own, &p.maps, &allocators);
+        keep_own_mappings(&mut own, &p.maps, &allocators);
         view = own;
         (&view, (governor.interval > 0).then_some(governor.interval))
     };
@@ -984,4 +991,27 @@ fn rss_bytes(pid: u32) -> u64 {
     // SAFETY: plain libc call.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
     pages * page
+}
+
+/// How much `watch` traces (and costs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Tier {
+    /// Heap growth only (brk, anonymous mmap/munmap/mremap, first-touch page faults), with
+    /// stacks: no allocator probes, the cheapest.
+    Growth,
+    /// Allocations sampled by bytes (one per --sample-interval on average), estimates scaled
+    /// back.
+    Sampled,
+    /// Every allocation and free, with its stack, as `record` does.
+    Full,
+}
+
+impl Tier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Growth => "growth",
+            Tier::Sampled => "sampled",
+            Tier::Full => "full",
+        }
+    }
 }

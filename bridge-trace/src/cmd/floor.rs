@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use crate::{
-    attach::{Knobs, Tracer},
-    cli::{FloorParts, Unwind},
+    attach::{FloorParts, Knobs, Tracer},
     error::Result,
     target,
+    unwind::Unwind,
 };
 
 pub fn run(pid: u32, parts: FloorParts) -> Result<()> {

@@ -1,8 +1,9 @@
 //! The top stacks as plain text, leaf first, for a terminal or a ticket.
 use std::io::Write as _;
 
-use super::{human_bytes, Render};
+use super::Render;
 use crate::aggregate::Report;
+use crate::units::human_bytes;
 
 pub struct Text {
     pub top: usize,

@@ -1,0 +1,134 @@
+//! The command line: arguments as clap parses them, validated into one [`Request`] per
+//! subcommand, each carrying the config type its command defines. The top of the tree: nothing
+//! in the library imports this module.
+mod offline;
+mod record;
+mod watch;
+
+use std::{ffi::OsString, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+pub use offline::{DiffArgs, ReportArgs};
+pub use record::{parse_alloc_fn, RecordArgs};
+pub use watch::{TopArgs, WatchArgs};
+
+use crate::{
+    attach::FloorParts,
+    cmd::{diff::DiffConfig, record::Config, report::ReportConfig, watch::WatchConfig},
+    error::{Error, Result},
+    output::check_writable,
+    render::Format,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bridge-trace",
+    version,
+    about = "eBPF allocation tracer: flamegraphs of the memory a running process never frees"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace a process's allocations and report those still outstanding when recording stops.
+    Record(RecordArgs),
+    /// Watch running services continuously, inside an overhead budget: classify call sites as
+    /// leaking, cache or churn window after window, export Prometheus metrics and pprof
+    /// snapshots, and say when a site leaks.
+    Watch(Box<WatchArgs>),
+    /// A live view of a running process's call sites by memory held and growth, refreshed
+    /// every window (what `watch` sees, in the terminal).
+    Top(TopArgs),
+    /// Compare two reports of a service (before and after an update, or an hour apart): a
+    /// differential flamegraph, red where more is held than before, and the call sites that
+    /// grew most. Reads raw captures, folded stacks or bridge-trace's JSON reports; needs no
+    /// root.
+    Diff(DiffArgs),
+    /// Render a raw capture (the `.btcap` that `record` writes beside its outputs) again, on
+    /// any machine and without root: frames are named from this machine's files when their
+    /// build-ids match, else from --debug-dir.
+    Report(ReportArgs),
+    /// The benchmark's floor: empty probes on malloc and free (hidden; `cargo xtask bench`).
+    #[command(hide = true)]
+    Floor(FloorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FloorArgs {
+    /// The process to attach the floor's probes to, until it exits or Ctrl-C.
+    #[arg(long, short = 'p', value_name = "PID")]
+    pub pid: u32,
+    /// Which of the floor's probes: one part alone, or all of them.
+    #[arg(long, value_enum, default_value = "all")]
+    pub parts: FloorParts,
+}
+
+/// Output paths with their formats: `format` for a single one, else each path's extension.
+fn outputs_by_format(
+    paths: Vec<PathBuf>,
+    format: Option<Format>,
+) -> Result<Vec<(PathBuf, Format)>> {
+    if format.is_some() && paths.len() > 1 {
+        return Err(Error::Usage(
+            "--format applies to a single -o; with several, each extension names its format".into(),
+        ));
+    }
+    let mut outputs = Vec::new();
+    for path in paths {
+        let format = match format.or_else(|| Format::from_extension(&path)) {
+            Some(f) => f,
+            None => {
+                return Err(Error::Usage(format!(
+                    "cannot tell the format of {} from its extension: use .svg, .folded, \
+                     .json, .txt, .pb.gz or .html, or --format",
+                    path.display()
+                )))
+            }
+        };
+        check_writable(&path)?;
+        outputs.push((path, format));
+    }
+    Ok(outputs)
+}
+
+/// A validated request, one per subcommand.
+#[derive(Clone, Debug)]
+pub enum Request {
+    Record(Config),
+    Watch(WatchConfig),
+    Diff(DiffConfig),
+    Report(ReportConfig),
+    /// The benchmark's floor (or a part of it), on this pid.
+    Floor(u32, FloorParts),
+}
+
+impl Request {
+    /// Parses and validates `bridge-trace ...` arguments (`args[0]` is the program name).
+    pub fn from_args<I, T>(args: I) -> std::result::Result<Request, ArgsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args).map_err(ArgsError::Clap)?;
+        match cli.command {
+            Command::Record(a) => record::record_config(a).map(Request::Record),
+            Command::Watch(a) => watch::watch_config(*a).map(Request::Watch),
+            Command::Top(a) => watch::top_config(a).map(Request::Watch),
+            Command::Diff(a) => offline::diff_config(a).map(Request::Diff),
+            Command::Report(a) => offline::report_config(a).map(Request::Report),
+            Command::Floor(a) => Ok(Request::Floor(a.pid, a.parts)),
+        }
+        .map_err(ArgsError::Invalid)
+    }
+}
+
+/// Why arguments were rejected: clap's own errors (including --help) or a validation error.
+#[derive(Debug)]
+pub enum ArgsError {
+    Clap(clap::Error),
+    Invalid(Error),
+}

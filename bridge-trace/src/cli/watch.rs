@@ -1,0 +1,272 @@
+//! `watch`'s and `top`'s arguments, and the validated [`WatchConfig`] made of them (`top` is a
+//! watch without metrics or alerts that draws its view every window).
+use std::{path::PathBuf, time::Duration};
+
+use bridge_trace_common::{DEFAULT_MAX_ALLOCS, MAX_SAMPLE_INTERVAL};
+use clap::Args;
+
+use crate::{
+    attach::TraceOptions,
+    cmd::watch::{Tier, WatchConfig, WatchTarget},
+    error::{Error, Result},
+    output::check_dir,
+    units::{parse_budget, parse_duration, parse_mode, parse_rate, parse_size},
+    unwind::Unwind,
+};
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The process to look at.
+    #[arg(long, short = 'p', value_name = "PID")]
+    pub pid: u32,
+    /// How often the view is refreshed (one window).
+    #[arg(long, short = 'i', value_name = "DURATION", default_value = "2s")]
+    pub interval: String,
+    /// Stop after this long (default: until Ctrl-C or the process exits).
+    #[arg(long, short = 'd', value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// Rows shown.
+    #[arg(long, value_name = "N", default_value_t = 15)]
+    pub rows: usize,
+    /// How to walk stacks (see `record --help`).
+    #[arg(long, value_enum, default_value_t = Unwind::Auto)]
+    pub unwind: Unwind,
+}
+#[derive(Debug, Args)]
+#[command(after_help = "Tiers (--tier), cheapest first:\n  \
+    growth   heap growth only (brk, anonymous mmap/munmap/mremap, first-touch page faults), with\n           \
+    stacks; when the heap keeps growing, steps up to sampled until the leaking site is named\n  \
+    sampled  one allocation in about every --sample-interval bytes, estimates scaled back\n  \
+    full     every allocation and free, as record does\n\
+    Over --max-overhead the sampling interval grows or the tier steps down; each change is\n\
+    logged and exported (bridge_trace_tier, bridge_trace_overhead_cpus).\n\n\
+    Examples:\n  \
+    sudo bridge-trace watch --pid 1234 --interval 30s --alert-growth 1MiB/min\n  \
+    sudo bridge-trace watch --exe /usr/bin/data-bridge --out-dir /var/lib/bridge-trace \\\n      \
+    --push http://pyroscope:4040")]
+pub struct WatchArgs {
+    /// The process to watch.
+    #[arg(long, short = 'p', value_name = "PID", conflicts_with = "exe")]
+    pub pid: Option<u32>,
+    /// Watch the process running this executable, and the next one when it exits (a service
+    /// that restarts).
+    #[arg(long, value_name = "PATH")]
+    pub exe: Option<PathBuf>,
+    /// Length of one window: outstanding memory is sampled per call site at each.
+    #[arg(long, short = 'i', value_name = "DURATION", default_value = "10s")]
+    pub interval: String,
+    /// Stop after this long (default: until Ctrl-C or SIGTERM, or with --pid the process's
+    /// exit).
+    #[arg(long, short = 'd', value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// Where to serve Prometheus metrics (GET /metrics).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Log an alert when a leaking site grows faster than this (e.g. 64KiB/s, 10MB/min).
+    #[arg(long, value_name = "RATE")]
+    pub alert_growth: Option<String>,
+    /// How much of the recent history --alert-growth measures the growth over.
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    pub alert_window: String,
+    /// Shell command run (`sh -c`) when a site starts leaking or passes --alert-growth, with
+    /// BRIDGE_TRACE_SITE, BRIDGE_TRACE_REASON, BRIDGE_TRACE_PID and BRIDGE_TRACE_BUNDLE (with
+    /// --out-dir) set.
+    #[arg(long, value_name = "CMD")]
+    pub on_alert: Option<String>,
+    /// Directory for snapshots (every --snapshot-every) and incident bundles (at each alert):
+    /// flamegraph, folded stacks, pprof, JSON and text report.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// How often a snapshot is written to --out-dir.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub snapshot_every: String,
+    /// Snapshots kept in --out-dir (the oldest go first; incident bundles are kept).
+    #[arg(long, value_name = "N", default_value_t = 24)]
+    pub keep: usize,
+    /// Largest total size of the snapshots kept in --out-dir (the oldest go first).
+    #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+    pub keep_size: String,
+    /// Permissions of the files written to --out-dir, in octal (directories also searchable).
+    /// Under sudo they belong to the invoking user.
+    #[arg(long, value_name = "OCTAL", default_value = "600")]
+    pub mode: String,
+    /// Overhead tier to start in (see the tiers above); --max-overhead may change it.
+    #[arg(long, value_enum, default_value_t = Tier::Growth)]
+    pub tier: Tier,
+    /// Mean bytes allocated between two sampled allocations, in the sampled tier (e.g. 512KiB,
+    /// 64KiB): smaller sees smaller leaks sooner and costs more.
+    #[arg(long, value_name = "SIZE", default_value = "512KiB")]
+    pub sample_interval: String,
+    /// Overhead budget, in percent of one CPU (e.g. 1%, 0.5%), or `off`. The cost of the
+    /// probes is measured every window; over budget, the sampling interval grows or the tier
+    /// steps down, and every change is logged and exported.
+    #[arg(long, value_name = "PERCENT", default_value = "1%")]
+    pub max_overhead: String,
+    /// Stay in --tier whatever happens: no stepping up to name a leak, nor down for the budget.
+    #[arg(long)]
+    pub fixed_tier: bool,
+    /// Push each snapshot, as pprof, to a Pyroscope-compatible ingest endpoint (e.g.
+    /// http://pyroscope:4040).
+    #[arg(long, value_name = "URL")]
+    pub push: Option<String>,
+    /// Capacity of the kernel's live-allocation map.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ALLOCS)]
+    pub max_allocs: u32,
+    /// How to walk stacks (see `record --help`).
+    #[arg(long, value_enum, default_value_t = Unwind::Auto)]
+    pub unwind: Unwind,
+}
+
+pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
+    let target = match (args.pid, args.exe) {
+        (Some(0), _) => return Err(Error::Usage("--pid 0 is not a process".into())),
+        (Some(pid), None) => WatchTarget::Pid(pid),
+        (None, Some(exe)) => WatchTarget::Exe(
+            exe.canonicalize()
+                .map_err(|e| Error::Usage(format!("--exe {}: {e}", exe.display())))?,
+        ),
+        _ => return Err(Error::Usage("give --pid PID or --exe PATH".into())),
+    };
+    let interval = parse_duration("--interval", &args.interval)?;
+    if interval < Duration::from_millis(100) {
+        return Err(Error::Usage("--interval must be at least 100ms".into()));
+    }
+    let duration = args
+        .duration
+        .as_deref()
+        .map(|d| parse_duration("--duration", d))
+        .transpose()?;
+    if args.max_allocs == 0 {
+        return Err(Error::Usage("--max-allocs must be at least 1".into()));
+    }
+    Ok(WatchConfig {
+        target,
+        interval,
+        duration,
+        metrics_addr: Some(args.metrics_addr),
+        view_rows: None,
+        alert_growth: args
+            .alert_growth
+            .as_deref()
+            .map(|r| parse_rate("--alert-growth", r))
+            .transpose()?,
+        alert_window: parse_duration("--alert-window", &args.alert_window)?,
+        on_alert: args.on_alert,
+        out_dir: match args.out_dir {
+            Some(dir) => {
+                check_dir(&dir)?;
+                Some(dir)
+            }
+            None => None,
+        },
+        snapshot_every: parse_duration("--snapshot-every", &args.snapshot_every)?,
+        keep: args.keep.max(1),
+        keep_size: parse_size("--keep-size", &args.keep_size)?,
+        mode: parse_mode(&args.mode)?,
+        tier: args.tier,
+        sample_interval: {
+            let v = parse_size("--sample-interval", &args.sample_interval)?;
+            if v == 0 || v > MAX_SAMPLE_INTERVAL {
+                return Err(Error::Usage(
+                    "--sample-interval must be between 1B and 1TiB".into(),
+                ));
+            }
+            v
+        },
+        max_overhead: parse_budget(&args.max_overhead)?,
+        fixed_tier: args.fixed_tier,
+        push: match args.push {
+            Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                Some(url.trim_end_matches('/').to_string())
+            }
+            Some(url) => {
+                return Err(Error::Usage(format!(
+                    "--push {url}: give an http:// or https:// URL"
+                )))
+            }
+            None => None,
+        },
+        trace: TraceOptions {
+            max_allocs: args.max_allocs,
+            unwind: args.unwind,
+        },
+    })
+}
+
+/// `top`: a watch without metrics or alerts, printing its view every window.
+pub fn top_config(args: TopArgs) -> Result<WatchConfig> {
+    let watch = WatchArgs {
+        pid: Some(args.pid),
+        exe: None,
+        interval: args.interval,
+        duration: args.duration,
+        metrics_addr: ([127, 0, 0, 1], 0).into(),
+        alert_growth: None,
+        alert_window: "5m".into(),
+        on_alert: None,
+        out_dir: None,
+        snapshot_every: "10m".into(),
+        keep: 1,
+        keep_size: "1GiB".into(),
+        mode: "600".into(),
+        tier: Tier::Full,
+        sample_interval: "512KiB".into(),
+        max_overhead: "off".into(),
+        fixed_tier: true,
+        push: None,
+        max_allocs: DEFAULT_MAX_ALLOCS,
+        unwind: args.unwind,
+    };
+    Ok(WatchConfig {
+        metrics_addr: None,
+        view_rows: Some(args.rows.max(1)),
+        ..watch_config(watch)?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Request;
+
+    #[test]
+    fn watch_arguments() {
+        let w = |args: &[&str]| {
+            let mut all = vec!["bridge-trace", "watch"];
+            all.extend_from_slice(args);
+            Request::from_args(all)
+        };
+        match w(&[
+            "--pid",
+            "42",
+            "--interval",
+            "2s",
+            "--alert-growth",
+            "1MiB/min",
+        ]) {
+            Ok(Request::Watch(c)) => {
+                assert_eq!(c.interval, Duration::from_secs(2));
+                assert_eq!(c.alert_growth, Some(1024.0 * 1024.0 / 60.0));
+                assert_eq!(c.metrics_addr.unwrap().to_string(), "127.0.0.1:9464");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(w(&["--pid", "0"]).is_err());
+        assert!(w(&["--pid", "1", "--interval", "10ms"]).is_err());
+        assert!(
+            w(&["--interval", "1s"]).is_err(),
+            "--pid or --exe is required"
+        );
+        assert!(
+            w(&["--pid", "1", "--exe", "/bin/true"]).is_err(),
+            "not both"
+        );
+        assert!(w(&["--exe", "/no/such/program"]).is_err());
+        match w(&["--exe", "/bin/../bin/true"]) {
+            Ok(Request::Watch(c)) => {
+                assert_eq!(c.target, WatchTarget::Exe("/usr/bin/true".into()))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! A validated `record` request: what to trace, for how long, and where the report goes.
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use crate::{attach::TraceOptions, render::Format, target::EntryKind, unwind::Unwind};
+
+/// What to trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Pid(u32),
+    Command(Vec<OsString>),
+}
+
+/// A validated `record` request.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub target: Target,
+    pub duration: Option<Duration>,
+    /// Empty: a default name is chosen once the target is known.
+    pub outputs: Vec<(PathBuf, Format)>,
+    /// Format of the default output.
+    pub default_format: Format,
+    pub min_age: Option<Duration>,
+    pub max_allocs: u32,
+    pub top: usize,
+    pub unwind: Unwind,
+    pub quiet: bool,
+    /// Permissions of the files written.
+    pub mode: u32,
+    /// No raw capture beside the outputs.
+    pub no_raw: bool,
+    /// Trace the processes the target forks too, each as a process of its own.
+    pub follow_children: bool,
+    /// Custom allocator functions (`--alloc-fn`).
+    pub alloc_fns: Vec<(String, EntryKind)>,
+}
+
+impl Config {
+    /// What `record` traces and how.
+    pub fn trace_options(&self) -> TraceOptions {
+        TraceOptions {
+            max_allocs: self.max_allocs,
+            unwind: self.unwind,
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! `bridge-trace report`: a raw capture rendered again, later and elsewhere, without root or
+//! the process: its frames named from this machine's files (checked against the build-ids
+//! recorded) or from `--debug-dir`, then aggregated and rendered as `record` does.
+use std::path::PathBuf;
+
+use crate::{
+    aggregate::{report_of, Rendered},
+    capture::Capture,
+    error::Result,
+    output,
+    render::{self, Format, RenderOptions},
+};
+
+/// A validated `bridge-trace report`.
+#[derive(Clone, Debug)]
+pub struct ReportConfig {
+    pub capture: PathBuf,
+    pub outputs: Vec<(PathBuf, Format)>,
+    pub top: usize,
+    pub debug_dirs: Vec<PathBuf>,
+    pub mode: u32,
+}
+
+/// Runs `bridge-trace report`: renders every output first, then writes them.
+pub fn run(config: &ReportConfig) -> Result<Rendered> {
+    let capture = Capture::read(&config.capture)?;
+    let rendered = report_of(&capture, &config.debug_dirs);
+    let options = RenderOptions { top: config.top };
+    let bytes = render::render_all(&rendered.report, &config.outputs, options)?;
+    output::write_all(&bytes, config.mode)?;
+    Ok(rendered)
+}

@@ -1,0 +1,45 @@
+//! A validated `watch` (or `top`) request.
+use std::{path::PathBuf, time::Duration};
+
+use super::Tier;
+use crate::attach::TraceOptions;
+
+/// A validated `watch` request.
+#[derive(Clone, Debug)]
+pub struct WatchConfig {
+    pub target: WatchTarget,
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    /// None: no metrics served (`top`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `top`: rows of the live view printed every window.
+    pub view_rows: Option<usize>,
+    /// Bytes per second.
+    pub alert_growth: Option<f64>,
+    pub alert_window: Duration,
+    pub on_alert: Option<String>,
+    pub out_dir: Option<PathBuf>,
+    pub snapshot_every: Duration,
+    pub keep: usize,
+    pub keep_size: u64,
+    /// Permissions of the files written to `out_dir`.
+    pub mode: u32,
+    pub tier: Tier,
+    /// Mean bytes between sampled allocations (sampled tier).
+    pub sample_interval: u64,
+    /// Overhead budget in CPUs (0.01 = 1 % of one CPU); None: no budget.
+    pub max_overhead: Option<f64>,
+    /// Never change tier.
+    pub fixed_tier: bool,
+    /// Pyroscope-compatible base URL snapshots are pushed to.
+    pub push: Option<String>,
+    pub trace: TraceOptions,
+}
+
+/// What `watch` follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchTarget {
+    Pid(u32),
+    /// The process running this executable (canonical path), and its successors.
+    Exe(PathBuf),
+}

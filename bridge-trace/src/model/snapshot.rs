@@ -1,0 +1,91 @@
+//! What the kernel half knew about a process at one moment, owned: its live allocations and
+//! self-mapped regions with their stacks, heap growth per stack, and the counters. Filled by
+//! [`crate::collect`] (the only reader of the kernel maps), read by the capture and `watch`.
+use std::collections::HashMap;
+
+use bridge_trace_common::AllocKind;
+
+use super::counters::Counters;
+
+/// One allocation still live when the snapshot was taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveAlloc {
+    pub addr: u64,
+    pub size: u64,
+    /// CLOCK_MONOTONIC nanoseconds at allocation.
+    pub ts_ns: u64,
+    pub stack_id: u64,
+    pub ret_addr: u64,
+    pub kind: Option<AllocKind>,
+    pub tid: u32,
+    /// Mean sampling interval in bytes when this allocation was sampled; 0: every allocation
+    /// was recorded.
+    pub interval: u64,
+}
+
+impl LiveAlloc {
+    /// The probability that the byte sampler picked this allocation: 1 - exp(-size / interval),
+    /// or 1 when every allocation was recorded.
+    pub fn sample_probability(&self) -> f64 {
+        if self.interval == 0 {
+            return 1.0;
+        }
+        let p = -(-(self.size as f64) / self.interval as f64).exp_m1();
+        if p > 0.0 {
+            p
+        } else {
+            1.0
+        }
+    }
+
+    /// The (bytes, allocations) this allocation stands for: itself when every allocation was
+    /// recorded, else its size and 1 divided by the probability it was sampled (the unbiased
+    /// estimate jemalloc and tcmalloc use).
+    pub fn estimate(&self) -> (f64, f64) {
+        let p = self.sample_probability();
+        (self.size as f64 / p, 1.0 / p)
+    }
+}
+
+/// Heap growth attributed to one stack of one process (`watch --tier growth`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackGrowth {
+    pub stack_id: u64,
+    pub ret_addr: u64,
+    /// Bytes added by brk and anonymous mmap/mremap.
+    pub mapped: u64,
+    /// Bytes given back by brk, munmap and mremap.
+    pub unmapped: u64,
+    /// Bytes of pages touched for the first time.
+    pub faulted: u64,
+    pub events: u64,
+}
+
+/// A captured call stack: return addresses, the direct caller first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawStack {
+    pub frames: Vec<u64>,
+    pub truncated: bool,
+}
+
+/// Everything the kernel knew about the target at one moment, owned.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub allocs: Vec<LiveAlloc>,
+    /// Anonymous memory the process mapped itself (mmap, mremap) while traced and still
+    /// mapped, when the growth probes are attached.
+    pub regions: Vec<LiveAlloc>,
+    /// Heap growth per stack since tracing began (growth tracepoints attached).
+    pub growth: Vec<StackGrowth>,
+    pub stacks: HashMap<u64, RawStack>,
+    pub counters: Counters,
+    /// CLOCK_MONOTONIC nanoseconds when the snapshot was taken.
+    pub taken_ns: u64,
+}
+
+/// Cheap figures for the live status line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Status {
+    pub counters: Counters,
+    pub outstanding_bytes: i64,
+}

@@ -1,0 +1,153 @@
+//! The traced process: find it (or launch it, [`launch`]), read its memory maps, and locate
+//! the allocators it actually maps ([`allocators`]), through `/proc/PID/root` so that a
+//! process in a container works.
+mod allocators;
+mod launch;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use allocators::is_libc_name;
+pub use allocators::{
+    allocator_symbols, allocators_for_command, allocators_of, custom_allocators, describe,
+    find_allocators, hold_allocator, libc_allocator, program_objects, Allocator, EntryKind,
+    FoundSymbols, ENTRY_POINTS, PREFIXES,
+};
+pub use launch::{hold_points, resolve_program, HoldPoint, Launched};
+
+use object::Object as _;
+
+use crate::{
+    error::{Error, Result},
+    model::maps::{host_path, read_maps, Mapping},
+};
+
+fn map_file(path: &Path) -> Option<memmap2::Mmap> {
+    let file = fs::File::open(path).ok()?;
+    // SAFETY: a read-only mapping of a binary, read once, right now.
+    unsafe { memmap2::Mmap::map(&file) }.ok()
+}
+
+/// The processes running `exe` (a canonical path), lowest pid first. A process whose file was
+/// replaced since it started (an upgrade: `exe (deleted)`) still counts.
+pub fn processes_of(exe: &Path) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| {
+                let p = p.to_string_lossy();
+                p == exe.to_string_lossy()
+                    || p.strip_suffix(" (deleted)") == Some(&*exe.to_string_lossy())
+            })
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Is `pid` a live process?
+pub fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid as i32, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The executable of a process, as it sees it (`/proc/PID/exe`).
+pub fn exe(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// The process's short name (comm).
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+/// Go manages its own heap (runtime.mallocgc, a garbage collector): there is no malloc to
+/// trace, and return probes can crash Go programs (their stacks move).
+pub fn refuse_go(exe: &Path) -> Result<()> {
+    let Some(data) = map_file(exe) else {
+        return Ok(());
+    };
+    let Ok(obj) = object::File::parse(&*data) else {
+        return Ok(());
+    };
+    let go = obj.section_by_name(".go.buildinfo").is_some()
+        || obj.section_by_name(".gopclntab").is_some()
+        || obj.section_by_name(".note.go.buildid").is_some();
+    if go {
+        return Err(Error::GoProgram(exe.display().to_string()));
+    }
+    Ok(())
+}
+
+/// The thread ids of process `pid` (empty once it is gone).
+pub fn threads(pid: u32) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The object holding `pid`'s heap-growth wrappers (brk, mmap, munmap, mremap): its libc, or
+/// the executable itself when it is statically linked; reachable from here.
+pub fn growth_object(pid: u32, maps: &[Mapping]) -> Option<PathBuf> {
+    let path = maps
+        .iter()
+        .find(|m| is_libc_name(&m.path))
+        .map(|m| m.path.clone())
+        .or_else(|| {
+            let exe = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+            let exe = exe.to_string_lossy().into_owned();
+            maps.iter().any(|m| m.path == exe).then_some(exe)
+        })?;
+    Some(host_path(pid, &path))
+}
+
+/// Checks that `pid` can be traced and returns its maps.
+pub fn inspect_pid(pid: u32) -> Result<Vec<Mapping>> {
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(Error::NoSuchProcess(pid));
+    }
+    let maps = read_maps(pid)?;
+    if maps.is_empty() {
+        // Kernel threads have an empty maps file; so does a process that is exiting.
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let flags: u64 = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(6))
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(0);
+        const PF_KTHREAD: u64 = 0x0020_0000;
+        if flags & PF_KTHREAD != 0 {
+            return Err(Error::KernelThread(pid));
+        }
+        return Err(Error::ExitedBeforeAttach(pid));
+    }
+    Ok(maps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_pid() {
+        assert!(matches!(
+            inspect_pid(u32::MAX - 1),
+            Err(Error::NoSuchProcess(_))
+        ));
+    }
+}
