@@ -67,22 +67,28 @@ pub fn status(tracer: &Tracer, tgid: u32) -> Result<Status> {
     })
 }
 
+/// The entries of a key-by-key walk of a kernel hash map that `mine` keeps, each `id` once.
+/// The walk restarts from the first bucket when the key it continues from was deleted
+/// meanwhile (a free, in a live process): entries already read come again, and would be
+/// counted twice. An entry deleted while walking (an error) is skipped.
+fn once_each<K, V, E, I: std::hash::Hash + Eq>(
+    walk: impl IntoIterator<Item = std::result::Result<(K, V), E>>,
+    mine: impl Fn(&K) -> bool,
+    id: impl Fn(&K) -> I,
+) -> impl Iterator<Item = (K, V)> {
+    let mut seen = std::collections::HashSet::new();
+    walk.into_iter()
+        .filter_map(|item| item.ok())
+        .filter(move |(k, _)| mine(k) && seen.insert(id(k)))
+}
+
 /// Reads every live allocation of `tgid` and the stacks they reference.
 pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
     let taken_ns = monotonic_ns();
     let allocs_map: BpfHashMap<&MapData, AllocKey, AllocInfo> =
         BpfHashMap::try_from(open(tracer, map::ALLOCS)?).map_err(|e| map_err(map::ALLOCS, e))?;
     let mut allocs = Vec::new();
-    // The kernel's key-by-key walk of a hash map restarts from the first bucket when the key it
-    // continues from was deleted meanwhile (a free, in a live process): entries already read
-    // come again, and would be counted twice.
-    let mut seen = std::collections::HashSet::new();
-    for item in allocs_map.iter() {
-        // An entry deleted while iterating is simply skipped.
-        let Ok((key, info)) = item else { continue };
-        if key.tgid != tgid || !seen.insert(key.addr) {
-            continue;
-        }
+    for (key, info) in once_each(allocs_map.iter(), |k| k.tgid == tgid, |k| k.addr) {
         allocs.push(LiveAlloc {
             addr: key.addr,
             size: info.size,
@@ -110,12 +116,8 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
     let growth_map: PerCpuHashMap<&MapData, StackKey, GrowthTotals> =
         PerCpuHashMap::try_from(open(tracer, map::GROWTH)?).map_err(|e| map_err(map::GROWTH, e))?;
     let mut growth = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for item in growth_map.iter() {
-        let Ok((key, values)) = item else { continue };
-        if key.tgid != tgid || !seen.insert((key.stack_id, key.ret_addr)) {
-            continue;
-        }
+    let mine = |k: &StackKey| k.tgid == tgid;
+    for (key, values) in once_each(growth_map.iter(), mine, |k| (k.stack_id, k.ret_addr)) {
         let mut g = StackGrowth {
             stack_id: key.stack_id,
             ret_addr: key.ret_addr,
@@ -133,12 +135,7 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
     let regions_map: BpfHashMap<&MapData, AllocKey, MmapRegion> =
         BpfHashMap::try_from(open(tracer, map::REGIONS)?).map_err(|e| map_err(map::REGIONS, e))?;
     let mut regions = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for item in regions_map.iter() {
-        let Ok((key, r)) = item else { continue };
-        if key.tgid != tgid || !seen.insert(key.addr) {
-            continue;
-        }
+    for (key, r) in once_each(regions_map.iter(), |k| k.tgid == tgid, |k| k.addr) {
         regions.push(LiveAlloc {
             addr: key.addr,
             size: r.len,
@@ -187,4 +184,28 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
         counters: counters(tracer)?,
         taken_ns,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A walk that restarted after a delete (keys 1 and 2 again), with an entry gone meanwhile
+    /// and another process's entry: each of ours once, in walk order.
+    #[test]
+    fn a_restarted_walk_counts_each_entry_once() {
+        let walk: Vec<std::result::Result<((u32, u64), u64), &str>> = vec![
+            Ok(((7, 1), 10)),
+            Ok(((7, 2), 20)),
+            Err("deleted while walking"),
+            Ok(((7, 1), 10)),
+            Ok(((8, 3), 30)),
+            Ok(((7, 2), 20)),
+            Ok(((7, 4), 40)),
+        ];
+        let got: Vec<u64> = once_each(walk, |k| k.0 == 7, |k| k.1)
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(got, [10, 20, 40]);
+    }
 }

@@ -38,7 +38,6 @@ use crate::{
     error::{Error, Result},
     model::{maps::read_maps, meta::ProgramCost},
     target::{self, Allocator},
-    unwind::Unwind,
 };
 
 /// Program `$name` of the object as a `$kind` (UProbe, TracePoint, RawTracePoint), loaded
@@ -696,9 +695,79 @@ fn attach_one(
         })
 }
 
-/// What to trace and how, for the stages that `record` and `watch` share.
-#[derive(Clone, Copy, Debug)]
-pub struct TraceOptions {
-    pub max_allocs: u32,
-    pub unwind: Unwind,
+#[cfg(test)]
+mod tests {
+    use bridge_trace_common::names::{global, map, program};
+    use object::{Object as _, ObjectSymbol as _};
+
+    use super::*;
+    use crate::target::EntryKind;
+
+    /// Every map, global and program the user half asks for by name is in the object that
+    /// build.rs built (read as a file: no root, nothing loaded).
+    #[test]
+    fn every_name_the_user_half_uses_is_in_the_object() {
+        let elf = object::File::parse(EBPF_OBJECT).expect("the eBPF object parses");
+        let symbols: std::collections::HashSet<&str> =
+            elf.symbols().filter_map(|s| s.name().ok()).collect();
+        let missing: Vec<&str> = map::ALL
+            .iter()
+            .chain(global::ALL)
+            .chain(program::ALL)
+            .copied()
+            .filter(|name| !symbols.contains(name))
+            .collect();
+        assert!(missing.is_empty(), "not in the eBPF object: {missing:?}");
+        // And the probe tables name only programs of the object.
+        let tables = GROWTH_PROBES
+            .iter()
+            .chain(floor_probes(FloorParts::All))
+            .chain(floor_probes(FloorParts::FreeEntry))
+            .map(|p| p.program)
+            .chain(
+                target::ENTRY_POINTS
+                    .iter()
+                    .map(|(_, kind)| entry_program(*kind).0),
+            );
+        for name in tables {
+            assert!(
+                program::ALL.contains(&name),
+                "{name} is not in names::program"
+            );
+        }
+    }
+
+    /// What releases memory is attached first, then each allocation function's return probe
+    /// before its entry probe, and `_exit` last.
+    #[test]
+    fn allocator_probes_attach_in_a_safe_order() {
+        let allocator = Allocator {
+            entries: vec![
+                ("malloc".into(), EntryKind::Malloc),
+                ("free".into(), EntryKind::Free),
+                ("calloc".into(), EntryKind::Calloc),
+            ],
+            exit: true,
+            path: "/lib/libc.so.6".into(),
+            host_path: "/lib/libc.so.6".into(),
+            family: "glibc".into(),
+            aliases: Vec::new(),
+        };
+        let probes = allocator_probes(&allocator);
+        let order: Vec<(&str, &str)> = probes
+            .iter()
+            .map(|p| (p.program, p.symbol.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (program::FREE_ENTER, "free"),
+                (program::ALLOC_RETURN, "malloc"),
+                (program::MALLOC_ENTER, "malloc"),
+                (program::ALLOC_RETURN, "calloc"),
+                (program::CALLOC_ENTER, "calloc"),
+                (program::EXIT_ENTER, "_exit"),
+            ]
+        );
+    }
 }

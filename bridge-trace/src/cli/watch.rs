@@ -6,7 +6,6 @@ use bridge_trace_common::{DEFAULT_MAX_ALLOCS, MAX_SAMPLE_INTERVAL};
 use clap::Args;
 
 use crate::{
-    attach::TraceOptions,
     cmd::watch::{Tier, WatchConfig, WatchTarget},
     error::{Error, Result},
     output::check_dir,
@@ -186,10 +185,8 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
             }
             None => None,
         },
-        trace: TraceOptions {
-            max_allocs: args.max_allocs,
-            unwind: args.unwind,
-        },
+        max_allocs: args.max_allocs,
+        unwind: args.unwind,
     })
 }
 

@@ -1,7 +1,7 @@
 //! A validated `record` request: what to trace, for how long, and where the report goes.
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use crate::{attach::TraceOptions, render::Format, target::EntryKind, unwind::Unwind};
+use crate::{render::Format, target::EntryKind, unwind::Unwind};
 
 /// What to trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,14 +32,4 @@ pub struct Config {
     pub follow_children: bool,
     /// Custom allocator functions (`--alloc-fn`).
     pub alloc_fns: Vec<(String, EntryKind)>,
-}
-
-impl Config {
-    /// What `record` traces and how.
-    pub fn trace_options(&self) -> TraceOptions {
-        TraceOptions {
-            max_allocs: self.max_allocs,
-            unwind: self.unwind,
-        }
-    }
 }

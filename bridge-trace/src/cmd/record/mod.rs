@@ -2,35 +2,32 @@
 //! then snapshot → symbolize → aggregate → render, writing every requested output.
 use std::{
     io::{IsTerminal as _, Write as _},
-    os::fd::OwnedFd,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::{io::unix::AsyncFd, sync::mpsc};
-
 mod config;
+mod session;
 
 pub use config::{Config, Target};
 
+use session::{attach_pid, follow, launch, ChildEvent, Followed, CHILDREN_POLL};
+
 use crate::{
     aggregate::{aggregate, Report},
-    attach::{check_privileges, Knobs, TraceOptions, Tracer},
+    attach::check_privileges,
     capture::{self, keep_own_mappings, Capture},
     collect,
     error::{Error, Result},
     model::{
-        maps::{read_maps, Mapping, ProcessMaps},
         meta::{Meta, Process, UnwindSummary, REPORT_VERSION},
         snapshot::Snapshot,
     },
-    os::{pidfd_open, stop_signals, utc_now},
+    os::{stop_signals, utc_now},
     output::{self, Destination},
     render::{self, Format, RenderOptions},
     symbolize::Blazesym,
-    target::{self, EntryKind, Launched},
     units::human_bytes,
-    unwind::{Compiled, Unwinder},
 };
 
 /// How often the target's memory maps are re-read (to keep libraries it loads and unloads).
@@ -74,66 +71,6 @@ impl Drop for Outcome {
     }
 }
 
-/// How often held children (`--follow-children`) are looked for: each waits, stopped, until then.
-const CHILDREN_POLL: Duration = Duration::from_millis(10);
-
-/// A process the target forked, followed (`--follow-children`).
-struct Followed {
-    pid: u32,
-    parent: u32,
-    name: String,
-    maps: ProcessMaps,
-}
-
-/// Follows the anonymous memory running process `pid` maps itself, through its libc.
-fn trace_own_mappings(tracer: &mut Tracer, pid: u32, maps: &[Mapping]) -> Result<()> {
-    match target::growth_object(pid, maps) {
-        Some(object) => tracer.trace_growth(pid, &object, false),
-        None => Ok(()),
-    }
-}
-
-/// Attaches a held child's probes and lets it go. A child that cannot be followed is let go
-/// too, and said.
-fn follow(t: &mut Attached, child: u32, parent: u32, config: &Config) -> Option<Followed> {
-    let quiet = config.quiet;
-    let attached = (|| {
-        let maps = read_maps(child)?;
-        let allocators = target::allocators_of(child, &maps, &config.alloc_fns)?;
-        t.tracer.trace_allocator(child, &allocators)?;
-        trace_own_mappings(&mut t.tracer, child, &maps)?;
-        if let Some(u) = t.unwinder.as_mut() {
-            u.track(child, &maps)?;
-        }
-        Ok::<_, Error>(maps)
-    })();
-    t.tracer.release_child(child);
-    let name = target::comm(child).unwrap_or_else(|| format!("pid{child}"));
-    match attached {
-        Ok(maps) => {
-            if !quiet {
-                eprintln!("bridge-trace: following {name} (pid {child}), forked by pid {parent}");
-            }
-            Some(Followed {
-                pid: child,
-                parent,
-                name,
-                maps: ProcessMaps::new(child, maps),
-            })
-        }
-        Err(e) => {
-            eprintln!("bridge-trace: not following pid {child} (forked by pid {parent}): {e}");
-            None
-        }
-    }
-}
-
-/// Events about a launched child, from the thread that waits for it.
-enum ChildEvent {
-    Stopped(i32),
-    Exited(i32),
-}
-
 /// Runs a `record` to completion.
 pub fn run(config: &Config) -> Result<Outcome> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -143,205 +80,10 @@ pub fn run(config: &Config) -> Result<Outcome> {
     rt.block_on(run_async(config))
 }
 
-/// A traced process: probes attached, its maps kept, its unwind tables fed.
-pub(crate) struct Attached {
-    pub(crate) pid: u32,
-    pub(crate) name: String,
-    pub(crate) tracer: Tracer,
-    pub(crate) allocator: String,
-    /// The executable, as the process saw it.
-    pub(crate) exe: Option<String>,
-    /// The allocators' objects, as the process saw them: what they map is theirs.
-    pub(crate) allocator_paths: Vec<String>,
-    pub(crate) maps: ProcessMaps,
-    pub(crate) unwinder: Option<Unwinder>,
-    child: Option<mpsc::UnboundedReceiver<ChildEvent>>,
-    /// Readable once the process has exited (`--pid`).
-    pub(crate) pidfd: Option<AsyncFd<OwnedFd>>,
-}
-
-impl Attached {
-    /// Re-reads the process's maps and asks for the unwind tables of objects it has newly
-    /// mapped. False once the process is gone.
-    pub(crate) fn refresh_maps(&mut self) -> Result<bool> {
-        if !self.maps.refresh() {
-            return Ok(false);
-        }
-        if let Some(u) = self.unwinder.as_mut() {
-            u.track(self.pid, &self.maps.current)?;
-        }
-        Ok(true)
-    }
-
-    /// Loads a table the builder finished (`None`: the builder is gone).
-    pub(crate) fn table_compiled(&mut self, compiled: Option<Compiled>) -> Result<()> {
-        if let (Some(c), Some(u)) = (compiled, self.unwinder.as_mut()) {
-            u.loaded(c, self.pid, &self.maps.current)?;
-        }
-        Ok(())
-    }
-}
-
-/// Attaches to the running process `pid` (`record --pid`, `watch`).
-pub(crate) fn attach_pid(
-    pid: u32,
-    config: &TraceOptions,
-    follow: bool,
-    alloc_fns: &[(String, EntryKind)],
-) -> Result<Attached> {
-    let maps = target::inspect_pid(pid)?;
-    let allocators = target::allocators_of(pid, &maps, alloc_fns)?;
-    let mut tracer = Tracer::attach(
-        &allocators,
-        Knobs {
-            tgid: pid,
-            launched: false,
-            max_allocs: config.max_allocs,
-            unwind: config.unwind.mode(),
-            follow_children: follow,
-        },
-    )?;
-    if follow {
-        tracer.follow_children()?;
-    }
-    trace_own_mappings(&mut tracer, pid, &maps)?;
-    if !target::alive(pid) {
-        return Err(Error::ExitedBeforeAttach(pid));
-    }
-    // The probes are live: tables are built in the background, and frames they do not cover
-    // yet are walked with frame pointers (and counted).
-    let mut unwinder = Unwinder::new(&mut tracer, config.unwind)?;
-    if let Some(u) = unwinder.as_mut() {
-        u.track(pid, &maps)?;
-    }
-    // SAFETY: the OwnedFd stays open, unchanged, for as long as the AsyncFd owns it.
-    let pidfd = pidfd_open(pid).and_then(|fd| unsafe { AsyncFd::register(fd) }.ok());
-    Ok(Attached {
-        pid,
-        name: target::comm(pid).unwrap_or_else(|| format!("pid{pid}")),
-        tracer,
-        allocator: target::describe(&allocators),
-        allocator_paths: allocators.iter().map(|a| a.path.clone()).collect(),
-        exe: target::exe(pid),
-        maps: ProcessMaps::new(pid, maps),
-        unwinder,
-        child: None,
-        pidfd,
-    })
-}
-
-fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
-    let program = target::resolve_program(&argv[0])?;
-    let mut allocators = target::allocators_for_command(&program)?;
-    allocators.extend(target::custom_allocators(
-        &config.alloc_fns,
-        &target::program_objects(&program),
-    )?);
-    let mut launched = Launched::spawn(&program, argv)?;
-    let pid = launched.pid;
-    let prepared = Tracer::attach(
-        &allocators,
-        Knobs {
-            tgid: pid,
-            launched: true,
-            max_allocs: config.max_allocs,
-            unwind: config.unwind.mode(),
-            follow_children: config.follow_children,
-        },
-    )
-    .and_then(|mut tracer| {
-        if config.follow_children {
-            tracer.follow_children()?;
-        }
-        let hold = target::hold_allocator(&allocators);
-        tracer.trace_growth(pid, &hold.host_path, false)?;
-        let unwinder = Unwinder::new(&mut tracer, config.unwind)?;
-        if unwinder.is_some() {
-            // Held once its libraries are mapped, and at each dlopen, to load their tables
-            // before their code runs.
-            tracer.attach_holds(&program, target::hold_allocator(&allocators), pid)?;
-        }
-        Ok((tracer, unwinder))
-    });
-    let (tracer, unwinder) = match prepared {
-        Ok(t) => t,
-        Err(e) => {
-            drop(launched); // the child exits without running the program
-            reap(pid);
-            return Err(e);
-        }
-    };
-    if let Err(e) = launched.release() {
-        reap(pid);
-        return Err(Error::Spawn {
-            command: program.display().to_string(),
-            reason: match e {
-                Error::Spawn { reason, .. } => reason,
-                other => other.to_string(),
-            },
-        });
-    }
-    let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || wait_child(pid, tx));
-    let name = program
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "program".into());
-    let maps = read_maps(pid).unwrap_or_default();
-    Ok(Attached {
-        pid,
-        name,
-        tracer,
-        allocator: target::describe(&allocators),
-        allocator_paths: allocators.iter().map(|a| a.path.clone()).collect(),
-        exe: Some(program.to_string_lossy().into_owned()),
-        maps: ProcessMaps::new(pid, maps),
-        unwinder,
-        child: Some(rx),
-        pidfd: None,
-    })
-}
-
-fn reap(pid: u32) {
-    let mut status = 0;
-    // SAFETY: plain syscall on our own child.
-    unsafe { libc::waitpid(pid as i32, &mut status, 0) };
-}
-
-/// Waits for the launched child, reporting stops (the exit hold) and its exit.
-fn wait_child(pid: u32, tx: mpsc::UnboundedSender<ChildEvent>) {
-    loop {
-        let mut status = 0;
-        // SAFETY: plain syscall on our own child.
-        let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WUNTRACED) };
-        if r < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            let _ = tx.send(ChildEvent::Exited(-1));
-            return;
-        }
-        if libc::WIFSTOPPED(status) {
-            let _ = tx.send(ChildEvent::Stopped(libc::WSTOPSIG(status)));
-        } else if libc::WIFEXITED(status) {
-            let _ = tx.send(ChildEvent::Exited(libc::WEXITSTATUS(status)));
-            return;
-        } else if libc::WIFSIGNALED(status) {
-            let _ = tx.send(ChildEvent::Exited(128 + libc::WTERMSIG(status)));
-            return;
-        }
-    }
-}
-
 async fn run_async(config: &Config) -> Result<Outcome> {
     check_privileges()?;
     let mut t = match &config.target {
-        Target::Pid(pid) => attach_pid(
-            *pid,
-            &config.trace_options(),
-            config.follow_children,
-            &config.alloc_fns,
-        )?,
+        Target::Pid(pid) => attach_pid(*pid, config)?,
         Target::Command(argv) => launch(argv, config)?,
     };
     let pid = t.pid;

@@ -2,7 +2,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use super::Tier;
-use crate::attach::TraceOptions;
+use crate::unwind::Unwind;
 
 /// A validated `watch` request.
 #[derive(Clone, Debug)]
@@ -33,7 +33,9 @@ pub struct WatchConfig {
     pub fixed_tier: bool,
     /// Pyroscope-compatible base URL snapshots are pushed to.
     pub push: Option<String>,
-    pub trace: TraceOptions,
+    /// Capacity of the kernel's live-allocation map.
+    pub max_allocs: u32,
+    pub unwind: Unwind,
 }
 
 /// What `watch` follows.

@@ -129,8 +129,8 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
     let mut tracer = Tracer::load(Knobs {
         tgid: 0,
         launched: false,
-        max_allocs: config.trace.max_allocs,
-        unwind: config.trace.unwind.mode(),
+        max_allocs: config.max_allocs,
+        unwind: config.unwind.mode(),
         follow_children: false,
     })?;
     let probe_costs = tracer.calibrate().unwrap_or_else(|e| {
@@ -144,7 +144,7 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         probe_costs,
     );
     tracer.set_sample_interval(governor.interval)?;
-    let unwinder = Unwinder::new(&mut tracer, config.trace.unwind)?;
+    let unwinder = Unwinder::new(&mut tracer, config.unwind)?;
     let (exited_tx, mut exited_rx) = mpsc::unbounded_channel();
     let mut s = Session {
         config,
