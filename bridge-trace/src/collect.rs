@@ -194,7 +194,8 @@ mod tests {
     /// and another process's entry: each of ours once, in walk order.
     #[test]
     fn a_restarted_walk_counts_each_entry_once() {
-        let walk: Vec<std::result::Result<((u32, u64), u64), &str>> = vec![
+        type Entry = std::result::Result<((u32, u64), u64), &'static str>;
+        let walk: Vec<Entry> = vec![
             Ok(((7, 1), 10)),
             Ok(((7, 2), 20)),
             Err("deleted while walking"),
