@@ -156,7 +156,21 @@ fn setup() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     apt_packages()?;
+    tracefs()?;
     Ok(())
+}
+
+/// tracefs at /sys/kernel/tracing: `--follow-children` reads the task_newtask event's format
+/// there. A fresh machine may boot without it mounted.
+fn tracefs() -> Result<()> {
+    let dir = Path::new("/sys/kernel/tracing");
+    if dir.join("events").is_dir() {
+        return Ok(());
+    }
+    eprintln!("setup: mounting tracefs at {}", dir.display());
+    run(Command::new("mount")
+        .args(["-t", "tracefs", "nodev"])
+        .arg(dir))
 }
 
 fn rust_src() -> Result<()> {

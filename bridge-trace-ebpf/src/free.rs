@@ -1,0 +1,82 @@
+//! Release: `free` and its kin forget a live block and credit its stack, once even when one
+//! release calls another (a C++ `operator delete` ending in `free`).
+use aya_ebpf::{helpers::*, macros::*, programs::*};
+use bridge_trace_common::*;
+
+use crate::{helpers::*, maps::*};
+
+/// Whether release functions may nest ([`config::NESTED_FREES`]).
+#[inline(always)]
+pub(crate) fn nested_frees() -> bool {
+    CONFIG.get(config::NESTED_FREES).copied().unwrap_or(0) != 0
+}
+
+/// Forgets a live allocation and credits its stack. Returns false when the address is unknown,
+/// counted when `count_unknown` and not sampling (where most addresses are unknown by design).
+#[inline(always)]
+pub(crate) fn release(tgid: u32, addr: u64, count_unknown: bool) -> bool {
+    let key = AllocKey::new(tgid, addr);
+    // SAFETY: value copied out before the delete.
+    let Some(info) = (unsafe { ALLOCS.get(&key) }).copied() else {
+        if count_unknown && sample_interval() == 0 {
+            count(Counter::UnknownFrees);
+        }
+        return false;
+    };
+    let _ = ALLOCS.remove(&key);
+    count(Counter::Frees);
+    if let Some(t) = STACK_TOTALS.get_ptr_mut(&info.stack) {
+        // SAFETY: per-CPU value of a successful lookup.
+        unsafe {
+            (*t).free_bytes += info.size;
+            (*t).free_count += 1;
+        }
+    } else {
+        let t = StackTotals {
+            free_bytes: info.size,
+            free_count: 1,
+            ..StackTotals::default()
+        };
+        if STACK_TOTALS.insert(&info.stack, &t, 0).is_err() {
+            count(Counter::StackTotalsFull);
+        }
+    }
+    true
+}
+
+/// free: the map delete and the per-stack update, nothing else. A free the allocator makes
+/// itself (glibc's `realloc(p, 0)` calls `free(p)`) releases the block here, and the realloc's
+/// return then finds it gone ([`release`] with `count_unknown` false).
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let addr = arg(&ctx, 0);
+    if addr == 0 {
+        return 0;
+    }
+    let (tgid, tid) = current_task();
+    if !nested_frees() {
+        release(tgid, addr, true);
+        return 0;
+    }
+    // SAFETY: the context's registers are valid for the duration of the program.
+    let sp = unsafe { (*ctx.regs).rsp };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out.
+    if let Some(last) = unsafe { RELEASING.get(&tid) }.copied() {
+        let deeper = last.sp >= sp && last.sp - sp < NESTING_WINDOW;
+        if last.addr == addr && deeper && now.saturating_sub(last.ts_ns) < NESTED_FREE_NS {
+            // The same block, released again inside the release that just released it.
+            count(Counter::NestedFrees);
+            return 0;
+        }
+    }
+    release(tgid, addr, true);
+    let last = Releasing {
+        addr,
+        sp,
+        ts_ns: now,
+    };
+    let _ = RELEASING.insert(&tid, &last, 0);
+    0
+}

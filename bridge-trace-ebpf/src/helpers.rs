@@ -1,0 +1,132 @@
+//! What every probe family uses: counting, the current task, the sampler, the in-flight
+//! entry of a thread, and reading arguments.
+use aya_ebpf::{helpers::*, programs::*};
+use bridge_trace_common::*;
+
+use crate::maps::*;
+
+pub(crate) const SIGSTOP: u32 = 19;
+
+#[inline(always)]
+pub(crate) fn knob(k: &'static u32) -> u32 {
+    // SAFETY: a read of a global; volatile so that the value set at load time is used.
+    unsafe { core::ptr::read_volatile(k) }
+}
+
+#[inline(always)]
+pub(crate) fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+/// (tgid, tid) of the current task, for the allocator probes' hot path. Those probes need no
+/// [`TARGETS`] lookup: their links are attached per process (`UProbeScope::OneProcess`), and
+/// the kernel runs a per-process uprobe only for tasks sharing that process's memory (its
+/// threads; a forked child has its own), and user space detaches them before it forgets a
+/// target.
+#[inline(always)]
+pub(crate) fn current_task() -> (u32, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ((pid_tgid >> 32) as u32, pid_tgid as u32)
+}
+
+/// Returns (tgid, tid) when the current task belongs to a target.
+#[inline(always)]
+pub(crate) fn current_target() -> Option<(u32, u32)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: the value is not kept.
+    unsafe { TARGETS.get(&tgid) }?;
+    Some((tgid, pid_tgid as u32))
+}
+
+/// The mean sampling interval in bytes; 0 when every allocation is recorded.
+#[inline(always)]
+pub(crate) fn sample_interval() -> u64 {
+    CONFIG.get(config::SAMPLE_INTERVAL).copied().unwrap_or(0)
+}
+
+/// Whether an allocation of `size` bytes is sampled: a Poisson process over allocated bytes with
+/// mean `interval` (as jemalloc and tcmalloc sample), so an allocation is sampled with
+/// probability 1 - exp(-size / interval), which the user half inverts into its weight.
+#[inline(always)]
+pub(crate) fn sampled(size: u64, interval: u64) -> bool {
+    let Some(left) = SAMPLER.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: per-CPU slot, exclusive while the program runs.
+    let left = unsafe { &mut *left };
+    let first = *left == 0;
+    if !first && *left > size {
+        *left -= size;
+        return false;
+    }
+    // SAFETY: plain helper call.
+    let i = unsafe { bpf_get_prandom_u32() } & (EXP_QUANTILES - 1);
+    let q = EXP_TABLE.get(i).copied().unwrap_or(1 << EXP_QUANTILE_SHIFT) as u64;
+    // Memoryless: the distance from here to the next sample point is a fresh draw.
+    let next = ((q * interval) >> EXP_QUANTILE_SHIFT).max(1);
+    if first && next > size {
+        *left = next - size;
+        return false;
+    }
+    *left = next;
+    true
+}
+
+/// What this thread's in-flight entry, if any, means for a call entering at `sp`.
+pub(crate) enum Pending {
+    /// No allocator call in progress on this thread.
+    None,
+    /// A call still running further up this stack: the new call is nested in it.
+    Outer(*mut InFlight),
+    /// An entry whose return never ran (a missed return probe, or a thread that died inside
+    /// the allocator): its allocation is lost.
+    Stale,
+}
+
+#[inline(always)]
+pub(crate) fn pending_call(tid: u32, sp: u64) -> Pending {
+    let Some(p) = INFLIGHT.get_ptr_mut(tid) else {
+        return Pending::None;
+    };
+    // SAFETY: pointer from a successful map lookup.
+    let outer_sp = unsafe { (*p).sp };
+    // Equal stack pointers: the outer call tail-called this one (glibc's reallocarray jumps to
+    // realloc, aligned_alloc to malloc); its return address on the stack is already the outer
+    // call's uretprobe trampoline, so the outer call's stack and return are the ones to keep.
+    if outer_sp >= sp && outer_sp - sp < NESTING_WINDOW {
+        Pending::Outer(p)
+    } else {
+        Pending::Stale
+    }
+}
+
+#[inline(always)]
+pub(crate) fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// `a * b`, or `u64::MAX` on overflow (`checked_mul` needs a 128-bit multiply BPF lacks).
+#[inline(always)]
+pub(crate) fn mul_or_max(a: u64, b: u64) -> u64 {
+    if (a | b) >> 32 == 0 {
+        return a * b;
+    }
+    if a == 0 {
+        return 0;
+    }
+    // The volatile read keeps LLVM from turning this back into a 128-bit multiply.
+    let limit = u64::MAX / a;
+    // SAFETY: a read of a local.
+    let limit = unsafe { core::ptr::read_volatile(&limit) };
+    if b > limit {
+        u64::MAX
+    } else {
+        a * b
+    }
+}
+
+pub(crate) const PAGE_SIZE: u64 = 4096;
