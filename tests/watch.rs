@@ -73,13 +73,81 @@ fn value(metrics: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A running `watch` (or `top`) serving metrics on a port the kernel chose
+/// (`--metrics-addr 127.0.0.1:0`), which it says on stderr; its stderr is kept as it comes.
+struct Watch {
+    child: KillOnDrop,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    /// Starts `bridge-trace ARGS... --metrics-addr 127.0.0.1:0`.
+    fn start(args: &[&str]) -> Watch {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pipe = child.stderr.take().unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut all = kept.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        Watch {
+            child: KillOnDrop(child),
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    /// The metrics port, once `watch` has bound it.
+    fn port(&mut self) -> u16 {
+        let started = Instant::now();
+        loop {
+            let said = self.stderr.lock().unwrap().clone();
+            if let Some(rest) = said.split("bridge-trace: metrics at http://").nth(1) {
+                let addr = rest.split('/').next().unwrap();
+                return addr.rsplit(':').next().unwrap().parse().unwrap();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60) && self.running(),
+                "no metrics address said:\n{said}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.0.try_wait(), Ok(None))
+    }
+
+    /// Stops it (SIGTERM, if it still runs) and returns whether it exited 0, and its stderr.
+    fn finish(mut self) -> (bool, String) {
+        if self.running() {
+            signal(&self.child.0, libc::SIGTERM);
+        }
+        let ok = self.child.0.wait().unwrap().success();
+        self.reader.take().unwrap().join().unwrap();
+        let said = self.stderr.lock().unwrap().clone();
+        (ok, said)
+    }
+
+    /// Waits for it to end by itself (its --duration), then as [`Watch::finish`].
+    fn wait(mut self) -> (bool, String) {
+        let ok = self.child.0.wait().unwrap().success();
+        self.reader.take().unwrap().join().unwrap();
+        let said = self.stderr.lock().unwrap().clone();
+        (ok, said)
+    }
 }
 
 /// GET /metrics, the body (empty while nothing listens yet).
@@ -117,8 +185,6 @@ fn leak_is_flagged_cache_and_churn_are_not() {
     let _g = lock();
     let mut service = start_patterns();
 
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
     let pid = service.0.id().to_string();
     let dir = scratch("watch-bundles");
     let hook_log = dir.join("hook.log");
@@ -126,42 +192,44 @@ fn leak_is_flagged_cache_and_churn_are_not() {
         "echo \"$BRIDGE_TRACE_REASON|$BRIDGE_TRACE_SITE|$BRIDGE_TRACE_BUNDLE\" >> {}",
         hook_log.display()
     );
-    let watch = Command::new(BIN)
-        .args([
-            "watch",
-            "--pid",
-            &pid,
-            "--interval",
-            "1s",
-            "--duration",
-            "14s",
-        ])
-        .args(["--tier", "full", "--max-overhead", "off"])
-        .args(["--metrics-addr", &addr])
-        .args(["--out-dir", dir.to_str().unwrap(), "--snapshot-every", "3s"])
-        .args([
-            "--keep",
-            "2",
-            "--alert-growth",
-            "10KiB/s",
-            "--alert-window",
-            "5s",
-        ])
-        .args(["--on-alert", &hook])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
+    let out_dir = dir.to_str().unwrap();
+    let mut watch = Watch::start(&[
+        "watch",
+        "--pid",
+        &pid,
+        "--interval",
+        "1s",
+        "--duration",
+        "14s",
+        "--tier",
+        "full",
+        "--max-overhead",
+        "off",
+        "--out-dir",
+        out_dir,
+        "--snapshot-every",
+        "3s",
+        "--keep",
+        "2",
+        "--alert-growth",
+        "10KiB/s",
+        "--alert-window",
+        "5s",
+        "--on-alert",
+        &hook,
+    ]);
+    let port = watch.port();
+    // Each site's class as the windows go by, until the watch ends (its --duration): the
+    // window count, not the clock, says how soon (a busy machine slows both alike).
     let mut seen: Vec<(f64, String, String)> = Vec::new();
-    while started.elapsed() < Duration::from_secs(13) {
-        std::thread::sleep(Duration::from_millis(500));
-        let at = started.elapsed().as_secs_f64();
-        seen.extend(classes(&scrape(port)).into_iter().map(|(s, c)| (at, s, c)));
+    while watch.running() {
+        let metrics = scrape(port);
+        let window = value(&metrics, "bridge_trace_windows{").unwrap_or(0.0);
+        seen.extend(classes(&metrics).into_iter().map(|(s, c)| (window, s, c)));
+        std::thread::sleep(Duration::from_millis(200));
     }
-    let output = watch.wait_with_output().unwrap();
-    assert_ok(&output);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (ok, stderr) = watch.wait();
+    assert!(ok, "watch failed: {stderr}");
 
     let is = |site: &str, class: &str| {
         seen.iter()
@@ -171,8 +239,9 @@ fn leak_is_flagged_cache_and_churn_are_not() {
     };
     let flagged = is("leak_site (patterns.c:", "leaking")
         .unwrap_or_else(|| panic!("the leak was never flagged: {seen:#?}\n{stderr}"));
-    // Five windows of growth of allocations older than two windows: flagged by about 8 s.
-    assert!(flagged < 10.0, "flagged after {flagged:.1} s");
+    // Five windows of growth of allocations older than two windows: flagged by about the
+    // eighth window.
+    assert!(flagged < 10.0, "flagged after {flagged} windows");
     assert!(
         stderr.contains("leak at leak_site (patterns.c:"),
         "no log line: {stderr}"
@@ -261,22 +330,20 @@ fn prometheus_scrapes_the_leak() {
     let _g = lock();
     let dir = scratch("prometheus");
     let service = start_patterns();
-    let (metrics_port, prometheus_port) = (free_port(), free_port());
-    let log = dir.join("watch.log");
-    let watch = KillOnDrop(
-        Command::new(BIN)
-            .args([
-                "watch",
-                "--pid",
-                &service.0.id().to_string(),
-                "--interval",
-                "1s",
-            ])
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut watch = Watch::start(&[
+        "watch",
+        "--pid",
+        &service.0.id().to_string(),
+        "--interval",
+        "1s",
+    ]);
+    let metrics_port = watch.port();
+    // Prometheus cannot say which port it bound: one free a moment ago.
+    let prometheus_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
@@ -312,8 +379,7 @@ fn prometheus_scrapes_the_leak() {
             break;
         }
     }
-    drop(watch);
-    let stderr = std::fs::read_to_string(&log).unwrap();
+    let (_, stderr) = watch.finish();
     for line in [
         "tier growth, budget 1.00% of a CPU",
         "keeps growing",
@@ -352,7 +418,15 @@ fn top_shows_the_leak_first() {
     let service = start_patterns();
     let pid = service.0.id().to_string();
     let output = Command::new(BIN)
-        .args(["top", "--pid", &pid, "--interval", "1s", "--duration", "9s"])
+        .args([
+            "top",
+            "--pid",
+            &pid,
+            "--interval",
+            "1s",
+            "--duration",
+            "15s",
+        ])
         .output()
         .unwrap();
     assert_ok(&output);
@@ -429,19 +503,18 @@ fn exe_restarted_service_is_picked_up() {
     // A copy of its own, so that no other test's fixture runs the same executable.
     let exe = dir.join("patterns-service");
     std::fs::copy(patterns(), &exe).unwrap();
-    let port = free_port();
-    let watch = Command::new(BIN)
-        .args(["watch", "--exe", exe.to_str().unwrap(), "--interval", "1s"])
-        .args(["--tier", "full", "--max-overhead", "off"])
-        .args([
-            "--duration",
-            "24s",
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = Watch::start(&[
+        "watch",
+        "--exe",
+        exe.to_str().unwrap(),
+        "--interval",
+        "1s",
+        "--tier",
+        "full",
+        "--max-overhead",
+        "off",
+    ]);
+    let port = watch.port();
     let start = || start_ready(&exe).0;
     let pid_series = |pid: u32| format!("bridge_trace_rss_bytes{{pid=\"{pid}\"}}");
     let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| metrics_within(port, what, secs);
@@ -452,7 +525,7 @@ fn exe_restarted_service_is_picked_up() {
     assert!(
         wait_for(
             &|m| m.contains(&pid_series(first_pid)) && m.contains(&pid_series(other_pid)),
-            6
+            60
         ),
         "the two processes were not both watched: {}",
         scrape(port)
@@ -463,7 +536,7 @@ fn exe_restarted_service_is_picked_up() {
     assert!(
         wait_for(
             &|m| !m.contains(&pid_series(first_pid)) && m.contains(&pid_series(other_pid)),
-            4
+            60
         ),
         "{}",
         scrape(port)
@@ -476,16 +549,15 @@ fn exe_restarted_service_is_picked_up() {
             &|m| m
                 .lines()
                 .any(|l| l.contains(&leak) && l.contains("class=\"leaking\"")),
-            12
+            60
         ),
         "the restarted process's leak was not flagged: {}",
         scrape(port)
     );
     drop(second);
     drop(other);
-    let output = watch.wait_with_output().unwrap();
-    assert_ok(&output);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (ok, stderr) = watch.finish();
+    assert!(ok, "watch failed: {stderr}");
     assert!(
         stderr.contains(&format!("pid {first_pid} exited")),
         "{stderr}"
@@ -502,34 +574,31 @@ fn reused_pid_is_a_new_process() {
     let dir = scratch("watch-pid-reuse");
     let exe = dir.join("patterns-reused");
     std::fs::copy(patterns(), &exe).unwrap();
-    let port = free_port();
-    let watch = Command::new(BIN)
-        .args(["watch", "--exe", exe.to_str().unwrap(), "--interval", "1s"])
-        .args([
-            "--tier",
-            "full",
-            "--max-overhead",
-            "off",
-            "--duration",
-            "20s",
-        ])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = Watch::start(&[
+        "watch",
+        "--exe",
+        exe.to_str().unwrap(),
+        "--interval",
+        "1s",
+        "--tier",
+        "full",
+        "--max-overhead",
+        "off",
+    ]);
+    let port = watch.port();
     let start = || start_ready(&exe).0;
     let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| metrics_within(port, what, secs);
     let first = start();
     let pid = first.0.id();
     let series = format!("bridge_trace_rss_bytes{{pid=\"{pid}\"}}");
     assert!(
-        wait_for(&|m| m.contains(&series), 6),
+        wait_for(&|m| m.contains(&series), 60),
         "not watched: {}",
         scrape(port)
     );
     signal(&first.0, libc::SIGTERM);
     drop(first);
-    assert!(wait_for(&|m| !m.contains(&series), 4), "{}", scrape(port));
+    assert!(wait_for(&|m| !m.contains(&series), 60), "{}", scrape(port));
     // The next process gets the same pid (other tasks may take it first: try again).
     let mut second = None;
     for _ in 0..50 {
@@ -547,15 +616,14 @@ fn reused_pid_is_a_new_process() {
             &|m| m
                 .lines()
                 .any(|l| l.contains(&leak) && l.contains("class=\"leaking\"")),
-            12
+            60
         ),
         "the new process behind the reused pid was not watched: {}",
         scrape(port)
     );
     drop(second);
-    let output = watch.wait_with_output().unwrap();
-    assert_ok(&output);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (ok, stderr) = watch.finish();
+    assert!(ok, "watch failed: {stderr}");
     let watching = format!("(pid {pid})");
     let exited = format!("pid {pid} exited");
     let first_watch = stderr.find(&watching).expect("watched once");
@@ -570,18 +638,20 @@ fn reused_pid_is_a_new_process() {
 fn sampled_estimates_match_the_truth() {
     let _g = lock();
     let (service, mut out) = start_patterns_with_output();
-    let port = free_port();
-    let log = scratch("watch-sampled").join("watch.log");
-    let watch = KillOnDrop(
-        Command::new(BIN)
-            .args(["watch", "--pid", &service.0.id().to_string()])
-            .args(["--interval", "1s", "--tier", "sampled"])
-            .args(["--sample-interval", "4KiB", "--max-overhead", "off"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut watch = Watch::start(&[
+        "watch",
+        "--pid",
+        &service.0.id().to_string(),
+        "--interval",
+        "1s",
+        "--tier",
+        "sampled",
+        "--sample-interval",
+        "4KiB",
+        "--max-overhead",
+        "off",
+    ]);
+    let port = watch.port();
     // Attached once the first window's metrics are out.
     let started = Instant::now();
     while value(&scrape(port), "bridge_trace_windows{").is_none() {
@@ -638,20 +708,30 @@ fn overhead_budget_is_kept() {
             .spawn()
             .unwrap(),
     );
-    let port = free_port();
-    let watch = Command::new(BIN)
-        .args(["watch", "--pid", &target.0.id().to_string()])
-        .args(["--interval", "1s", "--duration", "9s", "--tier", "full"])
-        .args(["--max-overhead", "1%"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(8));
+    let mut watch = Watch::start(&[
+        "watch",
+        "--pid",
+        &target.0.id().to_string(),
+        "--interval",
+        "1s",
+        "--tier",
+        "full",
+        "--max-overhead",
+        "1%",
+    ]);
+    let port = watch.port();
+    // Until it has stepped down to growth and measured a window there.
+    let settled = |m: &str| {
+        m.contains("bridge_trace_tier{tier=\"growth\"} 1")
+            && value(m, "bridge_trace_tier_changes_total") >= Some(2.0)
+    };
+    assert!(metrics_within(port, &settled, 60), "{}", scrape(port));
+    let growth_window = value(&scrape(port), "bridge_trace_windows{").unwrap_or(0.0);
+    let metrics_at = |m: &str| value(m, "bridge_trace_windows{").unwrap_or(0.0) > growth_window;
+    assert!(metrics_within(port, &metrics_at, 60), "{}", scrape(port));
     let metrics = scrape(port);
-    let output = watch.wait_with_output().unwrap();
-    assert_ok(&output);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (ok, stderr) = watch.finish();
+    assert!(ok, "watch failed: {stderr}");
     let sampled = stderr
         .find("tier sampled")
         .unwrap_or_else(|| panic!("{stderr}"));
@@ -726,7 +806,7 @@ fn snapshots_are_pushed_as_pprof() {
     let watch = Command::new(BIN)
         .args(["watch", "--pid", &pid.to_string(), "--interval", "1s"])
         .args(["--tier", "full", "--max-overhead", "off"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .args(["--snapshot-every", "3s", "--duration", "8s", "--push", &url])
         .output()
         .unwrap();

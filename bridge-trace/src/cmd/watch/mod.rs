@@ -116,6 +116,10 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
     };
     let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(String::new()));
     if let Some(listener) = listener {
+        // The address bound, which `--metrics-addr 127.0.0.1:0` leaves to the kernel.
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("bridge-trace: metrics at http://{addr}/metrics");
+        }
         tokio::spawn(metrics::serve(listener, metrics_rx));
     }
     let mut stop = Stop {
