@@ -126,6 +126,11 @@ impl Watch {
         }
     }
 
+    /// Whether it has said `text` on stderr so far.
+    fn said(&self, text: &str) -> bool {
+        self.stderr.lock().unwrap().contains(text)
+    }
+
     fn running(&mut self) -> bool {
         matches!(self.child.0.try_wait(), Ok(None))
     }
@@ -652,14 +657,25 @@ fn sampled_estimates_match_the_truth() {
         "off",
     ]);
     let port = watch.port();
-    // Attached once the first window's metrics are out.
+    // The probes are attached when `watch` says it watches the process: the leak it sees
+    // starts about then.
     let started = Instant::now();
-    while value(&scrape(port), "bridge_trace_windows{").is_none() {
-        assert!(started.elapsed() < Duration::from_secs(10), "no metrics");
-        std::thread::sleep(Duration::from_millis(100));
+    while !watch.said("bridge-trace: watching ") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never attached"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
     let before = leaked(&service, &mut out);
-    std::thread::sleep(Duration::from_secs(12));
+    // Twelve windows later (a busy machine stretches the clock, not the count).
+    let windows = |m: &str| value(m, "bridge_trace_windows{").unwrap_or(0.0);
+    let first = windows(&scrape(port));
+    assert!(
+        metrics_within(port, &|m| windows(m) >= first + 12.0, 120),
+        "{}",
+        scrape(port)
+    );
     let metrics = scrape(port);
     let after = leaked(&service, &mut out);
     drop(watch);
@@ -669,9 +685,8 @@ fn sampled_estimates_match_the_truth() {
         .filter(|l| l.starts_with(site) && l.contains("site=\"leak_site (patterns.c:"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>();
-    // The leak the watch saw began when it attached, up to about two windows before the first
-    // count (the fixture leaks about 100 KB/s), and ended at the last window, up to one before
-    // the second. 1000-byte allocations are sampled with probability 1 - exp(-1000/4096) =
+    // The leak the watch saw began when it attached, just before the first count (the fixture
+    // leaks about 100 KB/s), and ended at the last window, up to one before the second. 1000-byte allocations are sampled with probability 1 - exp(-1000/4096) =
     // 0.22: about 260 samples, a relative error of about 6 %.
     let truth = after - before;
     assert!(

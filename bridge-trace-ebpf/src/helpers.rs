@@ -5,6 +5,7 @@ use bridge_trace_common::*;
 
 use crate::maps::*;
 
+/// The signal that holds a target (`bpf_send_signal`), as Linux numbers it on x86-64.
 pub(crate) const SIGSTOP: u32 = 19;
 
 #[inline(always)]

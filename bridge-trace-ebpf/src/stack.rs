@@ -93,6 +93,11 @@ pub(crate) fn find_mapping(procs: &ProcUnwind, pc: u64, hint: u32) -> Option<usi
     Some(opaque(base) as usize & (MAX_UNWIND_MAPPINGS - 1))
 }
 
+/// Steps of the binary search through one page's rows: a page of code (2^UNWIND_PAGE_SHIFT
+/// bytes) has at most one row per byte, plus the next page's first row.
+const ROW_SEARCH_STEPS: u32 = 16;
+const _: () = assert!(1u64 << ROW_SEARCH_STEPS >= (1u64 << UNWIND_PAGE_SHIFT) + 1);
+
 /// The unwind rule for `pc` from the target's tables, if any; `hint` is the mapping the
 /// previous frame was in, updated to this one's.
 #[inline(always)]
@@ -120,7 +125,7 @@ pub(crate) fn find_row(procs: &ProcUnwind, pc: u64, hint: &mut u32) -> Option<Un
         return None;
     }
     let (mut base, mut n) = (lo, hi - lo + 1);
-    for _ in 0..16 {
+    for _ in 0..ROW_SEARCH_STEPS {
         if n <= 1 {
             break;
         }
@@ -304,11 +309,15 @@ extern "C" fn unwind_step(index: u64, ctx: *mut c_void) -> i64 {
 }
 
 pub(crate) const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+/// The 64-bit FNV prime.
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+/// "File exists": a `BPF_NOEXIST` insert of a key already there.
+const EEXIST: i32 = 17;
 
 /// One step of the FNV-1a-like hash of a stack's frames (the key of [`STACKS`]).
 #[inline(always)]
 pub(crate) fn fnv_step(hash: u64, frame: u64) -> u64 {
-    (hash ^ frame).wrapping_mul(0x0000_0100_0000_01b3)
+    (hash ^ frame).wrapping_mul(FNV_PRIME)
 }
 
 /// Stores `frames` in [`STACKS`] under `hash` (once per distinct stack) and returns `key` with
@@ -318,8 +327,8 @@ pub(crate) fn store_stack(frames: &StackFrames, hash: u64, mut key: StackKey) ->
     let hash = if hash == 0 { 1 } else { hash };
     match STACKS.insert(hash, frames, BPF_NOEXIST as u64) {
         Ok(()) => key.stack_id = hash,
-        // -EEXIST: this stack is already stored.
-        Err(e) if e == -17 => key.stack_id = hash,
+        // This stack is already stored.
+        Err(e) if e == -EEXIST => key.stack_id = hash,
         Err(_) => count(Counter::StackFailures),
     }
     key

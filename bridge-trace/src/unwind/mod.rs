@@ -1,6 +1,6 @@
 //! Unwind tables for the kernel half's stack walker. [`compile`] turns one object's call-frame
-//! information into rows; [`Tables`] owns the two unwind maps (`UNWIND_ROWS`, written through a
-//! memory mapping, and `UNWIND_PROCS`), loads each object's table once (keyed by build-id, so
+//! information into rows; [`Tables`] owns the four unwind maps (`UNWIND_ROWS`, `UNWIND_PAGES`
+//! and `UNWIND_RULES`, written through memory mappings, and `UNWIND_PROCS`), loads each object's table once (keyed by build-id, so
 //! processes mapping the same file share it) and publishes every traced process's executable
 //! mappings; [`Builder`] compiles tables on a thread of its own, so attaching never waits for a
 //! large object.
