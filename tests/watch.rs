@@ -499,15 +499,8 @@ fn metrics_within(port: u16, what: &dyn Fn(&str) -> bool, secs: u64) -> bool {
     false
 }
 
-/// `--exe`: the service is restarted while watched; the new process is picked up and its
-/// leak flagged.
-#[test]
-fn exe_restarted_service_is_picked_up() {
-    let _g = lock();
-    let dir = scratch("watch-exe");
-    // A copy of its own, so that no other test's fixture runs the same executable.
-    let exe = dir.join("patterns-service");
-    std::fs::copy(patterns(), &exe).unwrap();
+/// `watch --exe EXE` in the full tier with 1 s windows, and its metrics port.
+fn watch_exe(exe: &Path) -> (Watch, u16) {
     let mut watch = Watch::start(&[
         "watch",
         "--exe",
@@ -520,6 +513,19 @@ fn exe_restarted_service_is_picked_up() {
         "off",
     ]);
     let port = watch.port();
+    (watch, port)
+}
+
+/// `--exe`: the service is restarted while watched; the new process is picked up and its
+/// leak flagged.
+#[test]
+fn exe_restarted_service_is_picked_up() {
+    let _g = lock();
+    let dir = scratch("watch-exe");
+    // A copy of its own, so that no other test's fixture runs the same executable.
+    let exe = dir.join("patterns-service");
+    std::fs::copy(patterns(), &exe).unwrap();
+    let (watch, port) = watch_exe(&exe);
     let start = || start_ready(&exe).0;
     let pid_series = |pid: u32| format!("bridge_trace_rss_bytes{{pid=\"{pid}\"}}");
     let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| metrics_within(port, what, secs);
@@ -579,18 +585,7 @@ fn reused_pid_is_a_new_process() {
     let dir = scratch("watch-pid-reuse");
     let exe = dir.join("patterns-reused");
     std::fs::copy(patterns(), &exe).unwrap();
-    let mut watch = Watch::start(&[
-        "watch",
-        "--exe",
-        exe.to_str().unwrap(),
-        "--interval",
-        "1s",
-        "--tier",
-        "full",
-        "--max-overhead",
-        "off",
-    ]);
-    let port = watch.port();
+    let (watch, port) = watch_exe(&exe);
     let start = || start_ready(&exe).0;
     let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| metrics_within(port, what, secs);
     let first = start();

@@ -11,7 +11,7 @@ mod session;
 
 pub use config::{Config, Target};
 
-use session::{attach_pid, follow, launch, ChildEvent, Followed, CHILDREN_POLL};
+use session::{attach_pid, follow, launch, Attached, ChildEvent, Followed, CHILDREN_POLL};
 
 use crate::{
     aggregate::{aggregate, Report},
@@ -196,8 +196,39 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         eprint!("\r\x1b[K");
         let _ = std::io::stderr().flush();
     }
-    let elapsed = started.elapsed();
+    let traced = Traced {
+        stop,
+        target_status,
+        elapsed: started.elapsed(),
+        started_at,
+    };
+    finish(t, children, exit_snapshot, traced, config)
+}
 
+/// How a recording ended.
+struct Traced {
+    stop: StopReason,
+    target_status: Option<i32>,
+    elapsed: Duration,
+    started_at: SystemTime,
+}
+
+/// Reads what the target (and each child followed) never freed, lets the probes go, and
+/// renders and writes every output from the capture, as `bridge-trace report` does later.
+fn finish(
+    mut t: Attached,
+    mut children: Vec<Followed>,
+    exit_snapshot: Option<Snapshot>,
+    traced: Traced,
+    config: &Config,
+) -> Result<Outcome> {
+    let Traced {
+        stop,
+        target_status,
+        elapsed,
+        started_at,
+    } = traced;
+    let pid = t.pid;
     let exited = stop == StopReason::TargetExited;
     let mut snapshot = match exit_snapshot {
         Some(s) => s,
