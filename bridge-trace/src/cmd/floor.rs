@@ -1,6 +1,6 @@
 //! `bridge-trace floor --pid PID` (hidden): the benchmark's floor. Empty programs on the
 //! process's malloc (entry and return, the return capturing the user stack with the kernel's
-//! own helper) and free, at the places [`crate::placement`] chooses, until the process exits or
+//! own helper) and free, at the places [`crate::attach::placement`] chooses, until the process exits or
 //! Ctrl-C: what any uprobe-based allocation tracer pays at least, per malloc+free pair. Each
 //! part can be measured alone (`--parts`), and free's probe put on its first instruction, to
 //! show what each costs.
