@@ -1,0 +1,219 @@
+//! A program launched to be traced: resolved on `PATH`, forked and held before `exec` until the
+//! probes are attached, and the places it is held again while unwind tables load
+//! ([`hold_points`]).
+use std::{
+    ffi::{CString, OsString},
+    fs,
+    io::{Read as _, Write as _},
+    os::unix::{
+        ffi::OsStrExt as _,
+        fs::MetadataExt as _,
+        io::{FromRawFd as _, OwnedFd},
+    },
+    path::{Path, PathBuf},
+};
+
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+
+use super::{allocators::Allocator, map_file};
+use crate::{
+    error::{Error, Result},
+    os::sudo_ids,
+};
+
+/// A place where a launched program is held (SIGSTOP from BPF) while the unwind tables of the
+/// objects it has just mapped are loaded, before any code in them runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldPoint {
+    pub object: PathBuf,
+    /// A file offset in `object`.
+    pub offset: u64,
+}
+
+/// The entry of the dynamic symbol `name` of `object`.
+fn symbol_point(object: &Path, name: &str) -> Option<HoldPoint> {
+    let data = map_file(object)?;
+    let elf = object::File::parse(&*data).ok()?;
+    let sym = elf.dynamic_symbols().find(|s| s.name() == Ok(name))?;
+    file_offset(&elf, sym.address()).map(|offset| HoldPoint {
+        object: object.to_path_buf(),
+        offset,
+    })
+}
+
+/// Where a launched program is held: glibc's `__libc_early_init`, which the dynamic loader
+/// calls once every library is mapped and before their constructors run, and the loader's
+/// `_dl_debug_state` (the hook debuggers use), which it calls whenever `dlopen` or `dlclose`
+/// changed the set of objects; for a static program, its entry point (`e_entry`). Empty for
+/// anything else (a script, say).
+pub fn hold_points(program: &Path, allocator: &Allocator) -> Vec<HoldPoint> {
+    if allocator.host_path == program {
+        let Some(data) = map_file(program) else {
+            return Vec::new();
+        };
+        let Ok(elf) = object::File::parse(&*data) else {
+            return Vec::new();
+        };
+        return file_offset(&elf, elf.entry())
+            .map(|offset| HoldPoint {
+                object: program.to_path_buf(),
+                offset,
+            })
+            .into_iter()
+            .collect();
+    }
+    let interpreter = map_file(program).and_then(|data| {
+        let elf = object::File::parse(&*data).ok()?;
+        let interp = elf.section_by_name(".interp")?.data().ok()?;
+        let interp = interp.split(|&b| b == 0).next()?;
+        Some(PathBuf::from(std::str::from_utf8(interp).ok()?))
+    });
+    [
+        symbol_point(&allocator.host_path, "__libc_early_init"),
+        interpreter.and_then(|ld| symbol_point(&ld, "_dl_debug_state")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+fn file_offset(elf: &object::File<'_>, addr: u64) -> Option<u64> {
+    use object::ObjectSegment as _;
+    elf.segments().find_map(|s| {
+        let (off, size) = s.file_range();
+        let start = s.address();
+        (addr >= start && addr < start + size).then(|| off + (addr - start))
+    })
+}
+
+/// Resolves a program name the way `execvp` does.
+pub fn resolve_program(program: &OsString) -> Result<PathBuf> {
+    let p = Path::new(program);
+    let not_found = |reason: &str| Error::Spawn {
+        command: p.display().to_string(),
+        reason: reason.to_string(),
+    };
+    if p.as_os_str().as_bytes().contains(&b'/') {
+        if !p.is_file() {
+            return Err(not_found("no such file"));
+        }
+        return Ok(p.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(p);
+        if let Ok(md) = fs::metadata(&candidate) {
+            if md.is_file() && md.mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(not_found("command not found in PATH"))
+}
+
+/// A launched program, stopped just before `exec` until [`Launched::release`] is called.
+pub struct Launched {
+    pub pid: u32,
+    gate: Option<fs::File>,
+    status: Option<fs::File>,
+}
+
+impl Launched {
+    /// Forks; the child waits for [`Launched::release`], then drops root back to the invoking
+    /// user when run through sudo, and execs `argv`.
+    pub fn spawn(program: &Path, argv: &[OsString]) -> Result<Launched> {
+        let spawn_err = |reason: String| Error::Spawn {
+            command: program.display().to_string(),
+            reason,
+        };
+        let c_program = CString::new(program.as_os_str().as_bytes())
+            .map_err(|_| spawn_err("NUL byte in program path".into()))?;
+        let c_args: Vec<CString> = argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| spawn_err("NUL byte in an argument".into()))?;
+        let mut c_argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
+        c_argv.push(std::ptr::null());
+        let drop_to = sudo_ids();
+
+        let (gate_r, gate_w) = pipe().map_err(|e| spawn_err(e.to_string()))?;
+        let (status_r, status_w) = pipe().map_err(|e| spawn_err(e.to_string()))?;
+        // SAFETY: the child only calls async-signal-safe functions before exec or _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(spawn_err(std::io::Error::last_os_error().to_string()));
+        }
+        if pid == 0 {
+            // Child.
+            // SAFETY: async-signal-safe calls only; every path ends in exec or _exit.
+            unsafe {
+                use std::os::fd::AsRawFd as _;
+                libc::close(gate_w.as_raw_fd());
+                libc::close(status_r.as_raw_fd());
+                let mut b = [0u8; 1];
+                if libc::read(gate_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) != 1 {
+                    libc::_exit(127);
+                }
+                libc::fcntl(status_w.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+                if let Some((uid, gid)) = drop_to {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        let errno = *libc::__errno_location();
+                        libc::write(status_w.as_raw_fd(), (&errno as *const i32).cast(), 4);
+                        libc::_exit(127);
+                    }
+                }
+                libc::execv(c_program.as_ptr(), c_argv.as_ptr());
+                let errno = *libc::__errno_location();
+                libc::write(status_w.as_raw_fd(), (&errno as *const i32).cast(), 4);
+                libc::_exit(127);
+            }
+        }
+        drop(gate_r);
+        drop(status_w);
+        Ok(Launched {
+            pid: pid as u32,
+            gate: Some(fs::File::from(gate_w)),
+            status: Some(fs::File::from(status_r)),
+        })
+    }
+
+    /// Lets the child exec; returns the exec error, if any.
+    pub fn release(&mut self) -> Result<()> {
+        if let Some(mut gate) = self.gate.take() {
+            let _ = gate.write_all(&[1]);
+        }
+        let mut buf = Vec::new();
+        if let Some(mut status) = self.status.take() {
+            let _ = status.read_to_end(&mut buf);
+        }
+        if buf.len() >= 4 {
+            let errno = i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            return Err(Error::Spawn {
+                command: format!("pid {}", self.pid),
+                reason: std::io::Error::from_raw_os_error(errno).to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        // Closing the gate unreleased makes the child _exit(127) instead of running.
+        self.gate.take();
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: plain syscall with a valid out-array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
