@@ -5,6 +5,14 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// An optional duration flag: absent, or parsed as [`parse_duration`] parses it.
+pub fn parse_optional_duration(
+    flag: &'static str,
+    value: Option<&str>,
+) -> Result<Option<Duration>> {
+    value.map(|v| parse_duration(flag, v)).transpose()
+}
+
 /// Parses a duration such as `60s`, `5m`, `1h30m`, `500ms`; a bare number is seconds.
 pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration> {
     let trimmed = value.trim();

@@ -10,7 +10,7 @@ use crate::{
     error::{Error, Result},
     render::Format,
     target::EntryKind,
-    units::{parse_duration, parse_mode},
+    units::{parse_mode, parse_optional_duration},
     unwind::Unwind,
 };
 #[derive(Debug, Args)]
@@ -91,19 +91,11 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
         (Some(pid), true) => Target::Pid(pid),
         (None, false) => Target::Command(args.command),
     };
-    let duration = args
-        .duration
-        .as_deref()
-        .map(|d| parse_duration("--duration", d))
-        .transpose()?;
+    let duration = parse_optional_duration("--duration", args.duration.as_deref())?;
     if duration == Some(Duration::ZERO) {
         return Err(Error::Usage("--duration must be longer than 0".into()));
     }
-    let min_age = args
-        .min_age
-        .as_deref()
-        .map(|d| parse_duration("--min-age", d))
-        .transpose()?;
+    let min_age = parse_optional_duration("--min-age", args.min_age.as_deref())?;
     if args.max_allocs == 0 {
         return Err(Error::Usage("--max-allocs must be at least 1".into()));
     }

@@ -9,7 +9,9 @@ use crate::{
     cmd::watch::{Tier, WatchConfig, WatchTarget},
     error::{Error, Result},
     output::check_dir,
-    units::{parse_budget, parse_duration, parse_mode, parse_rate, parse_size},
+    units::{
+        parse_budget, parse_duration, parse_mode, parse_optional_duration, parse_rate, parse_size,
+    },
     unwind::Unwind,
 };
 
@@ -130,11 +132,7 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
     if interval < Duration::from_millis(100) {
         return Err(Error::Usage("--interval must be at least 100ms".into()));
     }
-    let duration = args
-        .duration
-        .as_deref()
-        .map(|d| parse_duration("--duration", d))
-        .transpose()?;
+    let duration = parse_optional_duration("--duration", args.duration.as_deref())?;
     if args.max_allocs == 0 {
         return Err(Error::Usage("--max-allocs must be at least 1".into()));
     }
