@@ -184,7 +184,7 @@ fn rust_allocator_frame(f: &str) -> bool {
     .any(|p| f.starts_with(p))
 }
 
-const LIBC_ROOT: [&str; 3] = ["_start", "__libc_start_main_impl", "__libc_start_call_main"];
+const LIBC_ROOT: [&str; 3] = ["_start", "__libc_start_main", "__libc_start_call_main"];
 
 /// Every site's stacks: complete from `_start` (through `root` when given) down the chain
 /// the program knows, and holding exactly the bytes and allocations it leaked there.
@@ -509,6 +509,10 @@ fn gdb_backtrace(breaks: &[&str], argv: &[&str]) -> Vec<String> {
         .args(argv);
     let out = cmd.output().expect("gdb (cargo xtask setup installs it)");
     let text = String::from_utf8_lossy(&out.stdout);
+    // gdb names glibc's functions by whichever alias its DWARF has (`__libc_start_main_impl`);
+    // bridge-trace by their public names, as valgrind does: compare like with like.
+    let public =
+        bridge_trace::symbolize::public_names_of(Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6"));
     let frames: Vec<String> = text
         .lines()
         .filter(|l| l.starts_with('#'))
@@ -524,7 +528,8 @@ fn gdb_backtrace(breaks: &[&str], argv: &[&str]) -> Vec<String> {
                 Some(i) => &rest[..i],
                 None => rest,
             };
-            bare(name)
+            let name = bare(name);
+            public.get(&name).cloned().unwrap_or(name)
         })
         .collect();
     assert!(

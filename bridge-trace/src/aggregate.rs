@@ -25,6 +25,17 @@ pub struct StackReport {
     /// Only the direct caller is known (the stack could not be stored).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
+    /// The allocation wrappers between the site (the last of `frames`) and the allocator,
+    /// outermost first ([`crate::model::sites`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wrappers: Vec<Frame>,
+}
+
+impl StackReport {
+    /// The call site: the first frame above the allocator that is not a wrapper.
+    pub fn site(&self) -> Option<&Frame> {
+        self.frames.last()
+    }
 }
 
 /// The report every renderer draws.
@@ -90,27 +101,26 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
         &capture.modules,
         capture.stacks.iter().flat_map(|s| s.frames.iter().copied()),
     );
+    let named_stacks: Vec<Vec<Frame>> = capture
+        .stacks
+        .iter()
+        .map(|s| named_frames(capture, s, &names))
+        .collect();
+    let mut wrappers = capture.meta.wrappers.clone();
+    let innermost_first: Vec<Vec<Option<&str>>> = named_stacks
+        .iter()
+        .map(|frames| frames.iter().rev().map(|f| f.function.as_deref()).collect())
+        .collect();
+    wrappers.detect(&innermost_first);
     // Estimates are summed unrounded (sampled allocations stand for fractions of several).
-    let mut groups: HashMap<Vec<Frame>, (StackReport, f64, f64)> = HashMap::new();
-    for s in &capture.stacks {
-        // Leaf first in the kernel's order; reverse to root first, under its process's frame
-        // when several processes were traced.
-        let process = s
-            .process
-            .and_then(|p| capture.processes.get(p as usize))
-            .map(|p| Frame::named(format!("{} [pid {}]", p.name, p.pid)));
-        // Memory the program mapped itself stands apart, under a frame of its own.
-        let mapped = s.mmap.then(|| Frame::named(MMAP_FRAME.into()));
-        let mut named: Vec<Frame> = process
-            .into_iter()
-            .chain(mapped)
-            .chain(s.frames.iter().rev().flat_map(|l| names[l].iter().cloned()))
-            .collect();
-        // C++'s operator new ends in malloc: its caller is the allocation site.
-        while named.len() > 1 && named.last().is_some_and(is_operator_new) {
-            named.pop();
-        }
-        let (entry, bytes, count) = groups.entry(named.clone()).or_insert_with(|| {
+    // Stacks that show the same frames are one stack, whatever return addresses they came
+    // from (two calls on one source line, two wrappers on the way to the allocator).
+    let mut groups: HashMap<Vec<FrameKey>, (StackReport, f64, f64)> = HashMap::new();
+    for (s, mut named) in capture.stacks.iter().zip(named_stacks) {
+        let run = wrappers.run(named.iter().rev().map(|f| f.function.as_deref()));
+        let wrapped = named.split_off(named.len() - run);
+        let key: Vec<FrameKey> = named.iter().map(FrameKey::of).collect();
+        let (entry, bytes, count) = groups.entry(key).or_insert_with(|| {
             let r = StackReport {
                 bytes: 0,
                 count: 0,
@@ -118,6 +128,7 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
                 frames: named,
                 truncated: s.truncated,
                 partial: s.partial,
+                wrappers: wrapped,
             };
             (r, 0.0, 0.0)
         });
@@ -135,6 +146,7 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
         .collect();
     sort_stacks(&mut stacks);
     let mut meta = capture.meta.clone();
+    meta.wrappers = wrappers;
     meta.modules = capture.modules.clone();
     meta.processes = capture
         .processes
@@ -148,15 +160,57 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
     Report { meta, stacks }
 }
 
+/// What makes two frames the same frame in a report: a named frame is its function, source
+/// line, module and inlining, wherever in the function the return address was; an unnamed one
+/// is its address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FrameKey {
+    function: Option<String>,
+    module: Option<String>,
+    offset: Option<u64>,
+    file: Option<String>,
+    line: Option<u32>,
+    inlined: bool,
+}
+
+impl FrameKey {
+    fn of(f: &Frame) -> FrameKey {
+        FrameKey {
+            function: f.function.clone(),
+            module: f.module.clone(),
+            offset: if f.function.is_some() { None } else { f.offset },
+            file: f.file.clone(),
+            line: f.line,
+            inlined: f.inlined,
+        }
+    }
+}
+
+/// One captured stack's frames, root first, named.
+fn named_frames(
+    capture: &Capture,
+    s: &crate::capture::CapturedStack,
+    names: &HashMap<crate::capture::Location, Vec<Frame>>,
+) -> Vec<Frame> {
+    {
+        // Leaf first in the kernel's order; reverse to root first, under its process's frame
+        // when several processes were traced.
+        let process = s
+            .process
+            .and_then(|p| capture.processes.get(p as usize))
+            .map(|p| Frame::named(format!("{} [pid {}]", p.name, p.pid)));
+        // Memory the program mapped itself stands apart, under a frame of its own.
+        let mapped = s.mmap.then(|| Frame::named(MMAP_FRAME.into()));
+        process
+            .into_iter()
+            .chain(mapped)
+            .chain(s.frames.iter().rev().flat_map(|l| names[l].iter().cloned()))
+            .collect()
+    }
+}
+
 /// The root frame of anonymous memory the program mapped itself.
 pub const MMAP_FRAME: &str = "[anonymous mmap]";
-
-/// A C++ runtime's `operator new` (any variant), which only forwards to malloc.
-fn is_operator_new(f: &Frame) -> bool {
-    f.function
-        .as_deref()
-        .is_some_and(|name| name.starts_with("operator new"))
-}
 
 /// Largest first; ties broken by the frames so that output is deterministic.
 pub fn sort_stacks(stacks: &mut [StackReport]) {

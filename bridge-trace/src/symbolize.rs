@@ -55,9 +55,24 @@ impl Frame {
         }
     }
 
-    /// The name shown in flamegraphs and folded stacks.
+    /// The frame's function, or `[unknown]`.
     pub fn display_name(&self) -> &str {
         self.function.as_deref().unwrap_or("[unknown]")
+    }
+
+    /// The name in flamegraphs and folded stacks: the function, or for a frame that cannot be
+    /// named, `module+0xOFFSET` (the module's file name), so that distinct functions of a
+    /// stripped binary stay apart; `[unknown]` only where not even the module is known.
+    pub fn folded_label(&self) -> std::borrow::Cow<'_, str> {
+        match (&self.function, &self.module, self.offset) {
+            (Some(f), _, _) => f.as_str().into(),
+            (None, Some(module), Some(offset)) => format!(
+                "{}+{offset:#x}",
+                module.rsplit('/').next().unwrap_or(module)
+            )
+            .into(),
+            _ => "[unknown]".into(),
+        }
     }
 }
 
@@ -133,6 +148,8 @@ pub struct Blazesym {
     symbolizer: Symbolizer,
     /// Modules whose frames could not be named, and why.
     unnamed: BTreeMap<String, (usize, String)>,
+    /// Per file read: the public name of each internal alias (see [`public_names`]).
+    public: HashMap<PathBuf, HashMap<String, String>>,
 }
 
 impl Blazesym {
@@ -161,6 +178,7 @@ impl Blazesym {
             files,
             symbolizer,
             unnamed: BTreeMap::new(),
+            public: HashMap::new(),
         }
     }
 
@@ -223,6 +241,100 @@ impl Blazesym {
     }
 }
 
+/// The public name of each internal alias in `files` (an object and its separate debug file),
+/// by the alias's name (a symbolizer does not always say the address it found a name at): glibc calls its own functions
+/// through hidden aliases (`__GI___strdup`, `__GI__IO_file_doallocate`, `__libc_free`), which is
+/// the name a symbolizer finds first, where every other tool (valgrind, gdb's backtrace of a
+/// caller, the manual) says `strdup`, `_IO_file_doallocate`, `free`. Among the function
+/// symbols at one address: no `__GI_` alias, global or weak over local, the fewest leading
+/// underscores, then the shortest. A name given to functions at two addresses is left alone.
+pub fn public_names(files: &[PathBuf]) -> HashMap<String, String> {
+    use object::{Object as _, ObjectSymbol as _, SymbolKind};
+    let mut at: HashMap<u64, Vec<(bool, String)>> = HashMap::new();
+    for path in files {
+        let Ok(data) = std::fs::read(path) else {
+            continue;
+        };
+        let Ok(obj) = object::File::parse(&*data) else {
+            continue;
+        };
+        for sym in obj.symbols().chain(obj.dynamic_symbols()) {
+            if sym.kind() != SymbolKind::Text || sym.address() == 0 {
+                continue;
+            }
+            let Ok(name) = sym.name() else { continue };
+            if name.is_empty() || name.contains('@') {
+                continue;
+            }
+            let names = at.entry(sym.address()).or_default();
+            if !names.iter().any(|(_, n)| n == name) {
+                names.push((sym.is_global(), name.to_string()));
+            }
+        }
+    }
+    let mut public: HashMap<String, String> = HashMap::new();
+    let mut ambiguous: Vec<String> = Vec::new();
+    for names in at.into_values() {
+        let mut best: Vec<&(bool, String)> = names
+            .iter()
+            .filter(|(_, n)| !n.starts_with("__GI_"))
+            .collect();
+        best.sort_by_key(|(global, n)| {
+            (
+                !global,
+                n.len() - n.trim_start_matches('_').len(),
+                n.len(),
+                n.clone(),
+            )
+        });
+        let Some((_, best)) = best.first() else {
+            continue;
+        };
+        for (_, n) in &names {
+            match public.get(n) {
+                Some(other) if other != best => ambiguous.push(n.clone()),
+                _ => {
+                    public.insert(n.clone(), best.clone());
+                }
+            }
+        }
+    }
+    for n in ambiguous {
+        public.remove(&n);
+    }
+    public.retain(|alias, name| alias != name);
+    public
+}
+
+/// [`public_names`] of the object at `path` and its debug file under /usr/lib/debug.
+pub fn public_names_of(path: &Path) -> HashMap<String, String> {
+    let module = Module {
+        path: path.display().to_string(),
+        build_id: None,
+    };
+    let mut files = vec![path.to_path_buf()];
+    files.extend(debug_file(&module, path));
+    public_names(&files)
+}
+
+/// The separate debug file of `module` (read at `file`) under /usr/lib/debug, by build-id.
+fn debug_file(module: &Module, file: &Path) -> Vec<PathBuf> {
+    let id = module.build_id.clone().or_else(|| {
+        blazesym::helper::read_elf_build_id(file)
+            .ok()
+            .flatten()
+            .map(|id| hex(&id))
+    });
+    match id.filter(|id| id.len() > 2) {
+        Some(id) => vec![PathBuf::from(format!(
+            "/usr/lib/debug/.build-id/{}/{}.debug",
+            &id[..2],
+            &id[2..]
+        ))],
+        None => Vec::new(),
+    }
+}
+
 fn code_location(ci: Option<&blazesym::symbolize::CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
     match ci {
         Some(ci) => {
@@ -233,6 +345,30 @@ fn code_location(ci: Option<&blazesym::symbolize::CodeInfo<'_>>) -> (Option<Stri
             (Some(path.to_string_lossy().into_owned()), ci.line)
         }
         None => (None, None),
+    }
+}
+
+/// `name` as found in `file` (`module`'s), or its public name when it is an internal alias (C
+/// names start with `_` when they are one); `cache` keeps each file's aliases.
+fn public_name(
+    cache: &mut HashMap<PathBuf, HashMap<String, String>>,
+    module: &Module,
+    file: &Path,
+    name: &str,
+) -> String {
+    {
+        if !name.starts_with('_') {
+            return name.to_string();
+        }
+        let public = cache.entry(file.to_path_buf()).or_insert_with(|| {
+            let mut files = vec![file.to_path_buf()];
+            files.extend(debug_file(module, file));
+            public_names(&files)
+        });
+        public
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| name.to_string())
     }
 }
 
@@ -248,10 +384,11 @@ impl Symbolize for Blazesym {
                 return offsets.iter().map(|&off| unknown(off)).collect();
             }
         };
+        let file_read = file.clone();
         // The byte before each return address is in the call instruction: so the line is the
         // call's, and a call at a function's very end is not blamed on the next function.
         let calls: Vec<u64> = offsets.iter().map(|off| off.saturating_sub(1)).collect();
-        let src = Source::Elf(Elf::new(file));
+        let src = Source::Elf(Elf::new(file.clone()));
         let results = match self.symbolizer.symbolize(&src, Input::FileOffset(&calls)) {
             Ok(r) => r,
             Err(e) => {
@@ -269,8 +406,9 @@ impl Symbolize for Blazesym {
                     // blazesym gives each frame its own line: the outer function's is where it
                     // calls the first inlined one, and so on down to the address.
                     let (file, line) = code_location(sym.code_info.as_deref());
+                    let name = public_name(&mut self.public, module, &file_read, &sym.name);
                     frames.push(Frame {
-                        function: Some(sym.name.to_string()),
+                        function: Some(name),
                         module: path.clone(),
                         offset: Some(off),
                         file,
@@ -280,7 +418,12 @@ impl Symbolize for Blazesym {
                     for f in sym.inlined.iter() {
                         let (file, line) = code_location(f.code_info.as_ref());
                         frames.push(Frame {
-                            function: Some(f.name.to_string()),
+                            function: Some(public_name(
+                                &mut self.public,
+                                module,
+                                &file_read,
+                                &f.name,
+                            )),
                             module: path.clone(),
                             offset: Some(off),
                             file,

@@ -132,3 +132,15 @@ pub enum ArgsError {
     Clap(clap::Error),
     Invalid(Error),
 }
+
+/// `--wrapper` names, checked.
+fn wrappers(names: Vec<String>) -> Result<Vec<String>> {
+    for n in &names {
+        if n.trim().is_empty() || n.trim() == "*" {
+            return Err(Error::Usage(format!(
+                "--wrapper '{n}': give a function name (or a prefix ending in '*')"
+            )));
+        }
+    }
+    Ok(names.into_iter().map(|n| n.trim().to_string()).collect())
+}

@@ -37,6 +37,14 @@ pub struct ReportArgs {
     /// How many call stacks the text report lists.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
+    /// An allocation wrapper of the program (a function that only forwards to the allocator):
+    /// sites are named past it, at its callers. An exact name, or a prefix ending in `*`;
+    /// repeatable. The C++ operators and well-known wrappers (xmalloc, g_malloc, zmalloc,
+    /// CRYPTO_malloc, PyMem_Malloc, ...) are built in, with those given to `record`;
+    /// others are detected from the stacks.
+    #[arg(long, value_name = "NAME")]
+    pub wrapper: Vec<String>,
+
     /// Permissions of the files written, in octal.
     #[arg(long, value_name = "OCTAL", default_value = "600")]
     pub mode: String,
@@ -81,6 +89,7 @@ pub fn report_config(a: ReportArgs) -> Result<ReportConfig> {
         top: a.top.max(1),
         debug_dirs: a.debug_dir,
         mode: parse_mode(&a.mode)?,
+        wrappers: super::wrappers(a.wrapper)?,
     })
 }
 

@@ -69,6 +69,13 @@ pub struct RecordArgs {
     /// `--alloc-fn bridge_pool_get:alloc --alloc-fn bridge_pool_put:free`.
     #[arg(long, value_name = "NAME:KIND")]
     pub alloc_fn: Vec<String>,
+    /// An allocation wrapper of the program (a function that only forwards to the allocator):
+    /// sites are named past it, at its callers. An exact name, or a prefix ending in `*`;
+    /// repeatable. The C++ operators and well-known wrappers (xmalloc, g_malloc, zmalloc,
+    /// CRYPTO_malloc, PyMem_Malloc, ...) are built in; others are detected from the stacks (a
+    /// function named like an allocator, on top of it, called from two or more functions).
+    #[arg(long, value_name = "NAME")]
+    pub wrapper: Vec<String>,
     /// Program to launch and trace until it exits (everything after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -118,6 +125,7 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
             .iter()
             .map(|f| parse_alloc_fn(f))
             .collect::<Result<_>>()?,
+        wrappers: super::wrappers(args.wrapper)?,
     })
 }
 

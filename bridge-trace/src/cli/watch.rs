@@ -8,6 +8,7 @@ use clap::Args;
 use crate::{
     cmd::watch::{Tier, WatchConfig, WatchTarget},
     error::{Error, Result},
+    model::sites::Wrappers,
     output::check_dir,
     units::{
         parse_budget, parse_duration, parse_mode, parse_optional_duration, parse_rate, parse_size,
@@ -32,6 +33,12 @@ pub struct TopArgs {
     /// How to walk stacks (see `record --help`).
     #[arg(long, value_enum, default_value_t = Unwind::Auto)]
     pub unwind: Unwind,
+    /// An allocation wrapper of the program (a function that only forwards to the allocator):
+    /// sites are named past it, at its callers. An exact name, or a prefix ending in `*`;
+    /// repeatable. The C++ operators and well-known wrappers (xmalloc, g_malloc, zmalloc,
+    /// CRYPTO_malloc, PyMem_Malloc, ...) are built in.
+    #[arg(long, value_name = "NAME")]
+    pub wrapper: Vec<String>,
 }
 #[derive(Debug, Args)]
 #[command(after_help = "Tiers (--tier), cheapest first:\n  \
@@ -116,6 +123,12 @@ pub struct WatchArgs {
     /// How to walk stacks (see `record --help`).
     #[arg(long, value_enum, default_value_t = Unwind::Auto)]
     pub unwind: Unwind,
+    /// An allocation wrapper of the program (a function that only forwards to the allocator):
+    /// sites are named past it, at its callers. An exact name, or a prefix ending in `*`;
+    /// repeatable. The C++ operators and well-known wrappers (xmalloc, g_malloc, zmalloc,
+    /// CRYPTO_malloc, PyMem_Malloc, ...) are built in.
+    #[arg(long, value_name = "NAME")]
+    pub wrapper: Vec<String>,
 }
 
 pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
@@ -185,6 +198,7 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
         },
         max_allocs: args.max_allocs,
         unwind: args.unwind,
+        wrappers: Wrappers::new(super::wrappers(args.wrapper)?),
     })
 }
 
@@ -211,6 +225,7 @@ pub fn top_config(args: TopArgs) -> Result<WatchConfig> {
         push: None,
         max_allocs: DEFAULT_MAX_ALLOCS,
         unwind: args.unwind,
+        wrapper: args.wrapper,
     };
     Ok(WatchConfig {
         metrics_addr: None,

@@ -11,6 +11,7 @@ use crate::{
     aggregate::{report_of, Report},
     capture::{self, Capture},
     error::{Error, Result},
+    model::sites::Wrappers,
     output,
     render::folded_lines,
     units::human_bytes,
@@ -69,7 +70,7 @@ pub fn parse_folded(text: &str) -> std::result::Result<Stacks, String> {
     Ok(stacks)
 }
 
-/// One call site (a stack's leaf frame) in both reports.
+/// One call site (a stack's first frame past the allocation wrappers) in both reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Site {
     pub name: String,
@@ -83,9 +84,24 @@ impl Site {
     }
 }
 
-/// A folded stack's leaf frame: its call site.
-fn leaf(stack: &str) -> &str {
-    stack.rsplit(';').next().unwrap_or(stack)
+/// A folded stack's call site: its leaf frame, or the first frame above the allocation
+/// wrappers on top of it (folded stacks from other tools keep them).
+fn site<'a>(stack: &'a str, wrappers: &Wrappers) -> &'a str {
+    let frames: Vec<&str> = stack.split(';').collect();
+    let run = wrappers.run(frames.iter().rev().map(|f| Some(*f)));
+    frames[frames.len() - 1 - run]
+}
+
+/// The wrapper rule, with the wrappers these stacks show.
+fn wrappers_of(before: &Stacks, after: &Stacks) -> Wrappers {
+    let mut w = Wrappers::default();
+    let stacks: Vec<Vec<Option<&str>>> = before
+        .keys()
+        .chain(after.keys())
+        .map(|s| s.rsplit(';').map(Some).collect())
+        .collect();
+    w.detect(&stacks);
+    w
 }
 
 /// A folded stack, whole.
@@ -97,7 +113,7 @@ fn whole(stack: &str) -> &str {
 fn joined<'a>(
     before: &'a Stacks,
     after: &'a Stacks,
-    key: fn(&str) -> &str,
+    key: impl Fn(&'a str) -> &'a str,
 ) -> BTreeMap<&'a str, (u64, u64)> {
     let mut both: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for (stack, bytes) in before {
@@ -113,7 +129,8 @@ fn joined<'a>(
 
 /// Every call site of either report, the most grown first.
 pub fn sites(before: &Stacks, after: &Stacks) -> Vec<Site> {
-    let mut sites: Vec<Site> = joined(before, after, leaf)
+    let wrappers = wrappers_of(before, after);
+    let mut sites: Vec<Site> = joined(before, after, |s| site(s, &wrappers))
         .into_iter()
         .map(|(name, (before, after))| Site {
             name: name.to_string(),
@@ -274,5 +291,36 @@ mod tests {
             "{table}"
         );
         assert!(!table.contains("gone"), "{table}");
+    }
+
+    /// Folded stacks of other tools keep the wrappers: the site is the frame past them, and
+    /// one wrapper's callers stay apart.
+    #[test]
+    fn sites_skip_allocation_wrappers() {
+        let before = stacks(
+            "main;load;xmalloc 10
+",
+        );
+        let after = stacks(
+            "main;load;xmalloc 30
+main;parse;xstrdup;xmalloc 20
+\
+             main;build;operator new(unsigned long) 5
+main;a;my_alloc 1
+main;b;my_alloc 2
+",
+        );
+        let s = sites(&before, &after);
+        let names: Vec<_> = s.iter().map(|s| (s.name.as_str(), s.growth())).collect();
+        assert_eq!(
+            names,
+            [
+                ("load", 20),
+                ("parse", 20),
+                ("build", 5),
+                ("b", 2),
+                ("a", 1)
+            ]
+        );
     }
 }

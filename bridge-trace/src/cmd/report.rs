@@ -19,11 +19,18 @@ pub struct ReportConfig {
     pub top: usize,
     pub debug_dirs: Vec<PathBuf>,
     pub mode: u32,
+    /// Allocation wrappers a site is named past, beside those of the recording (`--wrapper`).
+    pub wrappers: Vec<String>,
 }
 
 /// Runs `bridge-trace report`: renders every output first, then writes them.
 pub fn run(config: &ReportConfig) -> Result<Rendered> {
-    let capture = Capture::read(&config.capture)?;
+    let mut capture = Capture::read(&config.capture)?;
+    capture
+        .meta
+        .wrappers
+        .user
+        .extend(config.wrappers.iter().cloned());
     let rendered = report_of(&capture, &config.debug_dirs);
     let options = RenderOptions { top: config.top };
     let bytes = render::render_all(&rendered.report, &config.outputs, options)?;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     counters::Counters,
     maps::{Mapping, Module},
+    sites::Wrappers,
 };
 
 /// Format version of the JSON report.
@@ -58,6 +59,10 @@ pub struct Meta {
     /// stack's root frame names its process (`name [pid N]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<Process>,
+    /// The allocation wrappers a site is named past: `--wrapper` names, and in a report the
+    /// ones detected from its stacks.
+    #[serde(default, skip_serializing_if = "Wrappers::is_default")]
+    pub wrappers: Wrappers,
 }
 
 /// One process of a recording that followed children (`--follow-children`).

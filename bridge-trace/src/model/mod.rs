@@ -4,4 +4,5 @@
 pub mod counters;
 pub mod maps;
 pub mod meta;
+pub mod sites;
 pub mod snapshot;

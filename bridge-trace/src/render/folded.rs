@@ -1,5 +1,6 @@
 //! Folded stacks (the inferno / FlameGraph convention): one line per stack, frames root first
-//! joined by `;`, a space, the outstanding bytes. Identical stacks are merged.
+//! joined by `;`, a space, the outstanding bytes. Identical stacks are merged. A stack ends at
+//! its site: the allocation wrappers above it are in the JSON and pprof outputs.
 use std::collections::BTreeMap;
 
 use super::{folded_name, Render};
@@ -14,7 +15,7 @@ pub fn folded_lines(report: &Report) -> Vec<String> {
         let key = s
             .frames
             .iter()
-            .map(|f| folded_name(f.display_name()))
+            .map(|f| folded_name(&f.folded_label()))
             .collect::<Vec<_>>()
             .join(";");
         *merged.entry(key).or_default() += s.bytes;

@@ -48,7 +48,7 @@ if(q){box.value=q;box.dispatchEvent(new Event('input'));}});\
 })();";
 
 fn site(s: &StackReport) -> (String, String) {
-    let leaf = s.frames.last();
+    let leaf = s.site();
     let name = leaf.map(|f| f.display_name()).unwrap_or("[unknown]");
     let at = match leaf {
         Some(f) => match (&f.file, f.line, &f.module, f.offset) {
@@ -176,7 +176,7 @@ impl Render for Html {
         writeln!(
             out,
             "<table>\n<tr><th>#</th><th>Bytes</th><th>Allocations</th><th>Oldest</th>\
-             <th>Site (direct caller)</th><th>Where</th></tr>"
+             <th>Call site</th><th>Where</th></tr>"
         )?;
         for (i, s) in report.stacks.iter().take(self.top).enumerate() {
             let (name, at) = site(s);

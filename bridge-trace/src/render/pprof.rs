@@ -3,7 +3,9 @@
 //! (count), one sample per stack; one location per (module, file offset) holding the chain of
 //! functions inlined there, innermost first; one mapping per module, with its build-id. Frames
 //! are already named, so the profile says so (`has_functions`) and pprof does not try to
-//! symbolize it again.
+//! symbolize it again. Each sample keeps the allocation wrappers between its site and the
+//! allocator; `drop_frames` holds the report's wrapper rule ([`crate::model::sites`]), so pprof
+//! and Pyroscope name the same sites as every other output.
 use std::{collections::HashMap, io::Write as _};
 
 use flate2::{write::GzEncoder, Compression};
@@ -30,6 +32,8 @@ pub mod proto {
         pub function: Vec<Function>,
         #[prost(string, repeated, tag = "6")]
         pub string_table: Vec<String>,
+        #[prost(int64, tag = "7")]
+        pub drop_frames: i64,
         #[prost(int64, tag = "10")]
         pub duration_nanos: i64,
         #[prost(message, optional, tag = "11")]
@@ -237,10 +241,11 @@ pub fn profile(report: &Report) -> proto::Profile {
     b.profile.period = 1;
     b.profile.default_sample_type = b.string("inuse_space");
     b.profile.duration_nanos = (report.meta.duration_secs * 1e9) as i64;
+    b.profile.drop_frames = b.string(&report.meta.wrappers.drop_frames_regex());
     for stack in &report.stacks {
         // Frames are root first; a frame not inlined starts the group of its address.
         let mut groups: Vec<Vec<&Frame>> = Vec::new();
-        for f in &stack.frames {
+        for f in stack.frames.iter().chain(&stack.wrappers) {
             match groups.last_mut() {
                 Some(g) if f.inlined => g.push(f),
                 _ => groups.push(vec![f]),
@@ -315,6 +320,7 @@ mod tests {
                 ],
                 truncated: false,
                 partial: false,
+                wrappers: vec![frame("xmalloc", 0x30, false)],
             }],
         };
         let p = profile(&report);
@@ -324,16 +330,20 @@ mod tests {
         };
         assert_eq!(p.sample.len(), 1);
         assert_eq!(p.sample[0].value, vec![300, 3]);
-        // Leaf first: the location at 0x20, then main's.
+        // Leaf first: the wrapper, the location at 0x20, then main's.
         let locs: Vec<&proto::Location> = p.sample[0]
             .location_id
             .iter()
             .map(|&id| &p.location[id as usize - 1])
             .collect();
-        assert_eq!(locs[0].address, 0x20);
-        let lines: Vec<String> = locs[0].line.iter().map(|l| name(l.function_id)).collect();
+        assert_eq!(name(locs[0].line[0].function_id), "xmalloc");
+        assert_eq!(locs[1].address, 0x20);
+        let lines: Vec<String> = locs[1].line.iter().map(|l| name(l.function_id)).collect();
         assert_eq!(lines, ["parse", "handle"]);
-        assert_eq!(name(locs[1].line[0].function_id), "main");
+        assert_eq!(name(locs[2].line[0].function_id), "main");
+        // pprof drops the wrapper by the same rule.
+        let drop = &p.string_table[p.drop_frames as usize];
+        assert!(drop.contains("xmalloc(\\(.*)?"), "{drop}");
         assert_eq!(p.duration_nanos, 2_000_000_000);
         // Round trip through the encoding.
         let decoded = proto::Profile::decode(&*p.encode_to_vec()).unwrap();

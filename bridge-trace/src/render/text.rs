@@ -80,6 +80,11 @@ impl Render for Text {
                     ""
                 }
             )?;
+            if !s.wrappers.is_empty() {
+                let through: Vec<&str> =
+                    s.wrappers.iter().rev().map(|f| f.display_name()).collect();
+                writeln!(out, "    (allocated through {})", through.join(" <- "))?;
+            }
             for f in s.frames.iter().rev() {
                 let location = match (&f.file, f.line) {
                     (Some(file), Some(line)) => format!(" at {file}:{line}"),

@@ -102,6 +102,26 @@ pub fn compile_object(object: &ObjectRef) -> Compiled {
     }
 }
 
+/// Compiles the tables of `objects` on every core, blocking until all are done.
+pub fn compile_all(objects: &[ObjectRef]) -> Vec<Compiled> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::with_capacity(objects.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(objects.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(object) = objects.get(i) else { return };
+                let compiled = compile_object(object);
+                done.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(compiled);
+            });
+        }
+    });
+    done.into_inner().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Compiles tables on one background thread, in request order.
 pub struct Builder {
     tx: std::sync::mpsc::Sender<ObjectRef>,
@@ -518,11 +538,22 @@ impl Unwinder {
         self.tables.publish(pid, maps)
     }
 
+    /// Loads the tables of every object `pid` maps, on every core, before returning: for a
+    /// running process, before any probe fires, so that no stack is walked without them.
+    pub fn load_all(&mut self, pid: u32, maps: &[Mapping]) -> Result<()> {
+        let wanted = self.tables.wanted(pid, maps);
+        for compiled in compile_all(&wanted) {
+            self.tables.insert(compiled);
+        }
+        self.tables.publish(pid, maps)
+    }
+
     /// Loads every missing table of `pid` before returning (the target is held meanwhile):
     /// compiles those never requested here, while the builder finishes those it has.
     pub async fn load_now(&mut self, pid: u32, maps: &[Mapping]) -> Result<()> {
-        for object in self.tables.wanted(pid, maps) {
-            self.tables.insert(compile_object(&object));
+        let wanted = self.tables.wanted(pid, maps);
+        for compiled in compile_all(&wanted) {
+            self.tables.insert(compiled);
         }
         while !self.tables.pending(pid, maps).is_empty() {
             match self.compiled.recv().await {

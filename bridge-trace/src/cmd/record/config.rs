@@ -32,4 +32,6 @@ pub struct Config {
     pub follow_children: bool,
     /// Custom allocator functions (`--alloc-fn`).
     pub alloc_fns: Vec<(String, EntryKind)>,
+    /// Allocation wrappers a site is named past (`--wrapper`).
+    pub wrappers: Vec<String>,
 }

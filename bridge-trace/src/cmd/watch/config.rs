@@ -2,7 +2,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use super::Tier;
-use crate::unwind::Unwind;
+use crate::{model::sites::Wrappers, unwind::Unwind};
 
 /// A validated `watch` request.
 #[derive(Clone, Debug)]
@@ -36,6 +36,8 @@ pub struct WatchConfig {
     /// Capacity of the kernel's live-allocation map.
     pub max_allocs: u32,
     pub unwind: Unwind,
+    /// Allocation wrappers a site is named past (`--wrapper`, and the well-known ones).
+    pub wrappers: Wrappers,
 }
 
 /// What `watch` follows.

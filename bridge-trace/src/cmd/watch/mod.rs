@@ -34,6 +34,7 @@ use crate::{
     model::{
         maps::ProcessMaps,
         meta::{Meta, REPORT_VERSION},
+        sites::{Callers, Wrappers},
         snapshot::{LiveAlloc, Snapshot},
     },
     os::{pidfd_open, stop_signals, utc_now},
@@ -90,6 +91,10 @@ struct Proc {
     named: BTreeMap<String, metrics::SiteSample>,
     /// Growth sites explained by a leak named while they grew.
     explained: HashSet<String>,
+    /// The wrapper rule for this process: the configured one and the wrappers its stacks show.
+    wrappers: Wrappers,
+    /// Candidate wrappers of its stacks, and their callers.
+    callers: Callers,
 }
 
 /// Everything a watch holds.
@@ -280,6 +285,10 @@ impl Session<'_> {
             // SAFETY: the OwnedFd stays open, unchanged, for as long as the AsyncFd owns it.
             .and_then(|fd| unsafe { AsyncFd::register(fd) }.ok())
             .ok_or(Error::NoSuchProcess(pid))?;
+        // The tables first, then the probes: no stack is walked without them.
+        if let Some(u) = self.unwinder.as_mut() {
+            u.load_now(pid, &maps).await?;
+        }
         self.tracer.add_target(pid)?;
         let growth = target::growth_object(pid, &maps).map_or(Ok(()), |object| {
             self.tracer.trace_growth(pid, &object, true)
@@ -321,6 +330,8 @@ impl Session<'_> {
                 growth: Sites::default(),
                 named: BTreeMap::new(),
                 explained: HashSet::new(),
+                wrappers: self.config.wrappers.clone(),
+                callers: Callers::default(),
             },
         );
         Ok(())
@@ -548,6 +559,7 @@ fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
         sample_interval: interval,
         exe: target::exe(pid),
         tier: Some(governor.tier.name().into()),
+        wrappers: p.wrappers.clone(),
         ..Meta::default()
     }
     .on_this_machine();

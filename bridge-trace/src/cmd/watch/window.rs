@@ -290,21 +290,38 @@ pub(super) fn suspects(p: &Proc, sample: &metrics::Sample) {
     }
 }
 
-/// Names the stacks not seen before by their site: the innermost frame outside the allocator's
-/// object (for allocations: the allocator's direct caller; for growth: the code that made the
-/// heap grow, through malloc or not), as `function (file:line)`.
+/// Names the stacks not seen before by their site, as `function (file:line)`: for
+/// allocations, the first frame above the allocator that is not an allocation wrapper (the
+/// well-known ones, `--wrapper`, and those the process's stacks show: [`crate::model::sites`]);
+/// for growth, the code that made the heap grow, through malloc or not, past the same wrappers.
+/// When a new stack shows a wrapper, every stack is named again.
 pub(super) fn label_new_stacks<'a>(
     p: &mut Proc,
     snap: &Snapshot,
     keys: impl Iterator<Item = &'a (u64, u64)>,
     growth: bool,
 ) {
+    let keys: Vec<&(u64, u64)> = keys.collect();
+    if label_stacks(p, snap, &keys, growth) {
+        if growth {
+            p.growth.labels.clear();
+        } else {
+            p.allocs.labels.clear();
+        }
+        label_stacks(p, snap, &keys, growth);
+    }
+}
+
+/// [`label_new_stacks`] once; whether the stacks showed a wrapper not known before.
+fn label_stacks(p: &mut Proc, snap: &Snapshot, keys: &[&(u64, u64)], growth: bool) -> bool {
     let labels = if growth {
         &mut p.growth.labels
     } else {
         &mut p.allocs.labels
     };
     let new: Vec<((u64, u64), Vec<u64>)> = keys
+        .iter()
+        .copied()
         .filter(|k| !labels.contains_key(k))
         .map(|&k| {
             let frames = match k {
@@ -319,7 +336,7 @@ pub(super) fn label_new_stacks<'a>(
         })
         .collect();
     if new.is_empty() {
-        return;
+        return false;
     }
     let mut addrs: Vec<u64> = new.iter().flat_map(|(_, f)| f.iter().copied()).collect();
     addrs.sort_unstable();
@@ -341,21 +358,28 @@ pub(super) fn label_new_stacks<'a>(
             .filter_map(|a| named.get(a).and_then(|fs| fs.last()))
             .take_while(|f| f.module.is_some() || f.function.is_some())
             .collect();
+        let wrappers = &p.wrappers;
+        let past_wrappers = |frames: &[&Frame]| {
+            let run = wrappers.run(frames.iter().map(|f| f.function.as_deref()));
+            frames.get(run).map(|f| site_label(f))
+        };
+        if !growth {
+            let names: Vec<Option<&str>> = known.iter().map(|f| f.function.as_deref()).collect();
+            wrappers.observe(&mut p.callers, &names);
+        }
         let label = if growth {
             // Growth whose stack never leaves the allocator (cut short by a return probe's
             // trampoline while allocations are sampled) says nothing about who grew the heap.
-            match known.iter().find(|f| !in_allocator(f)) {
-                Some(f) => site_label(f),
+            match known.iter().position(|f| !in_allocator(f)) {
+                Some(at) => past_wrappers(&known[at..]).unwrap_or_default(),
                 None => INSIDE_ALLOCATOR.to_string(),
             }
         } else {
-            known
-                .first()
-                .map(|f| site_label(f))
-                .unwrap_or_else(|| "[unknown]".into())
+            past_wrappers(&known).unwrap_or_else(|| "[unknown]".into())
         };
         labels.insert(key, label);
     }
+    p.wrappers.promote(&p.callers)
 }
 
 /// `function (file:line)`, the file by its last component; `[unknown] (module+0xoffset)`.
