@@ -23,6 +23,7 @@
 //! | UNWIND_PROCS | user: `unwind` | `stack::find_row` | user: `unwind::forget` |
 //! | EXECS | `process::process_exec` | user: `collect::snapshot` | `attach::remove_target` |
 //! | FORKED | `process::new_task` (insert), `process::child_fault` (take) | `process` | consumed at the child's first fault |
+//! | VFORKED | `process::new_task` (insert), `process::process_exec` (take) | `process` | consumed at the child's exec |
 //! | HELD_CHILDREN | `process::child_fault` | user: `attach::held_children` | user: `attach::release_child` |
 //! | FLOOR_STACK | `floor` (per CPU) | nobody (the floor measures the write) | never |
 //!
@@ -142,6 +143,12 @@ pub(crate) static EXECS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_TARGE
 /// Children a target forked that have not faulted yet: child pid → parent tgid.
 #[map]
 pub(crate) static FORKED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Children a target started sharing its memory (vfork, posix_spawn: a shell running a
+/// command) that have not exec'ed yet: child pid → parent tgid. At its exec the child is
+/// remembered in [`FORKED`], to be held at the first fault of its new image.
+#[map]
+pub(crate) static VFORKED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
 
 /// Children held (SIGSTOP) at their first fault: child pid → parent tgid. The user half
 /// attaches their probes, sends SIGCONT and removes the entry.

@@ -10,6 +10,14 @@ use crate::{helpers::*, knobs::*, maps::*};
 /// old image released at once, with no free to see.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
+    let (task, _) = current_task();
+    // SAFETY: the value is copied out.
+    if let Some(parent) = unsafe { VFORKED.get(&task) }.copied() {
+        // A child started to run a program: it is followed from its new image's first fault.
+        let _ = VFORKED.remove(&task);
+        let _ = FORKED.insert(task, parent, 0);
+        return 0;
+    }
     let Some((tgid, _)) = current_target() else {
         return 0;
     };
@@ -26,8 +34,9 @@ pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
 pub(crate) const CLONE_VM: u64 = 0x100;
 pub(crate) const CLONE_THREAD: u64 = 0x10000;
 
-/// A target creates a task: a forked process is remembered in [`FORKED`]; not its threads,
-/// and not a child sharing its memory (vfork, posix_spawn), which runs only to exec.
+/// A target creates a task: a forked process is remembered in [`FORKED`]; not its threads; a
+/// child sharing its memory (vfork, posix_spawn), which runs only to exec, in [`VFORKED`],
+/// to be followed into the program it execs.
 #[tracepoint(category = "task", name = "task_newtask")]
 pub fn new_task(ctx: TracePointContext) -> u32 {
     let Some((parent, _)) = current_target() else {
@@ -35,13 +44,17 @@ pub fn new_task(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: reads of the tracepoint's record at offsets its format gives.
     let flags: u64 = unsafe { ctx.read_at(knob(&NEWTASK_FLAGS_AT) as usize) }.unwrap_or(0);
-    if flags & (CLONE_THREAD | CLONE_VM) != 0 {
+    if flags & CLONE_THREAD != 0 {
         return 0;
     }
     // SAFETY: as above.
     let Ok(child) = (unsafe { ctx.read_at::<i32>(knob(&NEWTASK_PID_AT) as usize) }) else {
         return 0;
     };
+    if flags & CLONE_VM != 0 {
+        let _ = VFORKED.insert(child as u32, parent, 0);
+        return 0;
+    }
     let _ = FORKED.insert(child as u32, parent, 0);
     0
 }

@@ -111,6 +111,85 @@ pub fn resolve_program(program: &OsString) -> Result<PathBuf> {
     Err(not_found("command not found in PATH"))
 }
 
+/// A `#!` script (the way many services start): the interpreter the kernel runs it with, and
+/// the programs the script names (`exec ./service --port 8080`), which it may run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Script {
+    pub interpreter: PathBuf,
+    pub runs: Vec<PathBuf>,
+}
+
+/// Whether `program` is a `#!` script; if so, its interpreter (resolved as the kernel and
+/// `env` do) and the ELF programs it names: words with a `/` (relative to the current
+/// directory or the script's own) and the word after `exec`.
+pub fn script_of(program: &Path) -> Result<Option<Script>> {
+    let bad = |reason: String| Error::Spawn {
+        command: program.display().to_string(),
+        reason,
+    };
+    let text = match fs::read(program) {
+        Ok(t) => t,
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    if !text.starts_with(b"#!") {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&text[..text.len().min(64 * 1024)]).into_owned();
+    let first = text.lines().next().unwrap_or_default();
+    let mut words = first[2..].split_whitespace();
+    let Some(mut interpreter) = words.next().map(PathBuf::from) else {
+        return Err(bad("a script without an interpreter after #!".into()));
+    };
+    if interpreter.file_name().is_some_and(|n| n == "env") {
+        let name = words
+            .find(|w| !w.starts_with('-'))
+            .ok_or_else(|| bad(format!("{first}: no program for env")))?;
+        interpreter = resolve_program(&OsString::from(name))
+            .map_err(|_| bad(format!("its interpreter {name} is not in PATH")))?;
+    }
+    if !is_elf(&interpreter) {
+        return Err(bad(format!(
+            "its interpreter {} is not an ELF executable",
+            interpreter.display()
+        )));
+    }
+    let dir = program.parent().unwrap_or(Path::new("."));
+    let mut runs: Vec<PathBuf> = Vec::new();
+    for line in text.lines().skip(1) {
+        let line = line.split('#').next().unwrap_or_default();
+        let words: Vec<&str> = line
+            .split(|c: char| c.is_whitespace() || ";&|()`\"'".contains(c))
+            .filter(|w| !w.is_empty())
+            .collect();
+        for (i, w) in words.iter().enumerate() {
+            let after_exec = i > 0 && words[i - 1] == "exec";
+            let candidates: Vec<PathBuf> = if w.contains('/') {
+                vec![PathBuf::from(w), dir.join(w)]
+            } else if after_exec {
+                resolve_program(&OsString::from(w)).into_iter().collect()
+            } else {
+                Vec::new()
+            };
+            if let Some(found) = candidates.into_iter().find(|c| is_elf(c)) {
+                if !runs.contains(&found) && found != interpreter {
+                    runs.push(found);
+                }
+            }
+        }
+    }
+    Ok(Some(Script { interpreter, runs }))
+}
+
+/// An executable ELF file.
+fn is_elf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
+        && fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+        && magic == *b"\x7fELF"
+}
+
 /// A launched program, stopped just before `exec` until [`Launched::release`] is called.
 pub struct Launched {
     pub pid: u32,

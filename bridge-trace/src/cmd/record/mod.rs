@@ -21,6 +21,7 @@ use crate::{
     error::{Error, Result},
     model::{
         meta::{Meta, Process, UnwindSummary, REPORT_VERSION},
+        sites::Wrappers,
         snapshot::Snapshot,
     },
     os::{stop_signals, utc_now},
@@ -82,6 +83,10 @@ pub fn run(config: &Config) -> Result<Outcome> {
 
 async fn run_async(config: &Config) -> Result<Outcome> {
     check_privileges()?;
+    // Ctrl-C and SIGTERM are ours from the start: one that arrives while the program is
+    // being launched or held for its tables ends the recording once it runs, never
+    // bridge-trace half-way with the program stopped.
+    let (mut sigint, mut sigterm) = stop_signals()?;
     let mut t = match &config.target {
         Target::Pid(pid) => attach_pid(*pid, config)?,
         Target::Command(argv) => launch(argv, config)?,
@@ -98,10 +103,10 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         }
     );
 
-    let started = Instant::now();
-    let started_at = SystemTime::now();
-    let (mut sigint, mut sigterm) = stop_signals()?;
-    let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
+    let (started, started_at) = t.since;
+    let deadline = config
+        .duration
+        .map(|d| tokio::time::Instant::from_std(started) + d);
     let mut refresh = tokio::time::interval(MAPS_REFRESH);
     // A held child waits for this tick to be attached and let go.
     let mut held_children = tokio::time::interval(CHILDREN_POLL);
@@ -160,7 +165,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
             c = async { t.unwinder.as_mut().unwrap().next_compiled().await }, if t.unwinder.is_some() => {
                 t.table_compiled(c)?;
             }
-            _ = held_children.tick(), if config.follow_children => {
+            _ = held_children.tick(), if t.follow_children => {
                 for (child, parent) in t.tracer.held_children() {
                     children.extend(follow(&mut t, child, parent, config));
                 }
@@ -196,6 +201,11 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         eprint!("\r\x1b[K");
         let _ = std::io::stderr().flush();
     }
+    if stop != StopReason::TargetExited && t.child.is_some() {
+        // A launched program may be held (at its start, a dlopen or its exit) when the
+        // recording stops: it runs on, and is let go again once the probes are gone.
+        continue_process(pid);
+    }
     let traced = Traced {
         stop,
         target_status,
@@ -203,6 +213,12 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         started_at,
     };
     finish(t, children, exit_snapshot, traced, config)
+}
+
+/// Resumes `pid` if it is stopped (harmless if it runs).
+fn continue_process(pid: u32) {
+    // SAFETY: plain syscall on the process we launched.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
 }
 
 /// How a recording ended.
@@ -254,7 +270,13 @@ fn finish(
     // Detach every probe now, on a thread of its own: the kernel waits for a grace period per
     // uprobe (about 0.1 s each here), and the report need not wait for that.
     let tracer = t.tracer;
-    let detaching = std::thread::spawn(move || drop(tracer));
+    let launched_running = !exited && t.child.is_some();
+    let detaching = std::thread::spawn(move || {
+        drop(tracer);
+        if launched_running {
+            continue_process(pid);
+        }
+    });
     if !exited {
         t.maps.refresh();
     }
@@ -293,6 +315,7 @@ fn finish(
         exe: t.exe.clone(),
         started: Some(humantime::format_rfc3339_seconds(started_at).to_string()),
         tier: Some("full".into()),
+        wrappers: Wrappers::new(config.wrappers.clone()),
         ..Meta::default()
     }
     .on_this_machine();
@@ -308,7 +331,7 @@ fn finish(
         config.min_age.map(|d| d.as_nanos() as u64),
         meta,
     );
-    let capture = if config.follow_children {
+    let capture = if t.follow_children {
         let parts = children
             .iter()
             .zip(&child_snapshots)

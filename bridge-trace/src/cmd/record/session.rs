@@ -9,7 +9,7 @@ use super::Config;
 use crate::{
     attach::{Knobs, Tracer},
     error::{Error, Result},
-    model::maps::{read_maps, Mapping, ProcessMaps},
+    model::maps::{host_path, read_maps, Mapping, ProcessMaps},
     os::pidfd_open,
     target::{self, Launched},
     unwind::{Compiled, Unwinder},
@@ -45,12 +45,23 @@ pub(super) fn follow(
     let quiet = config.quiet;
     let attached = (|| {
         let maps = read_maps(child)?;
-        let allocators = target::allocators_of(child, &maps, &config.alloc_fns)?;
+        let allocators = match target::allocators_of(child, &maps, &config.alloc_fns) {
+            Ok(a) => a,
+            // Held at its new image's first fault (it exec'ed), before the loader mapped its
+            // libraries: the allocators it will load, as for a launched program.
+            Err(e) => match target::exe(child) {
+                Some(exe) => {
+                    target::allocators_for_command(&host_path(child, &exe)).map_err(|_| e)?
+                }
+                None => return Err(e),
+            },
+        };
+        // Its tables before its probes, while it is held.
+        if let Some(u) = t.unwinder.as_mut() {
+            u.load_all(child, &maps)?;
+        }
         t.tracer.trace_allocator(child, &allocators)?;
         trace_own_mappings(&mut t.tracer, child, &maps)?;
-        if let Some(u) = t.unwinder.as_mut() {
-            u.track(child, &maps)?;
-        }
         Ok::<_, Error>(maps)
     })();
     t.tracer.release_child(child);
@@ -95,6 +106,10 @@ pub(super) struct Attached {
     pub(super) child: Option<mpsc::UnboundedReceiver<ChildEvent>>,
     /// Readable once the process has exited (`--pid`).
     pub(super) pidfd: Option<AsyncFd<OwnedFd>>,
+    /// The processes it forks are traced too (`--follow-children`, or a script).
+    pub(super) follow_children: bool,
+    /// When the probes went live (ages and the duration count from here).
+    pub(super) since: (std::time::Instant, std::time::SystemTime),
 }
 
 impl Attached {
@@ -124,28 +139,27 @@ pub(super) fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
     let (follow, alloc_fns) = (config.follow_children, &config.alloc_fns);
     let maps = target::inspect_pid(pid)?;
     let allocators = target::allocators_of(pid, &maps, alloc_fns)?;
-    let mut tracer = Tracer::attach(
-        &allocators,
-        Knobs {
-            tgid: pid,
-            launched: false,
-            max_allocs: config.max_allocs,
-            unwind: config.unwind.mode(),
-            follow_children: follow,
-        },
-    )?;
+    let mut tracer = Tracer::load(Knobs {
+        tgid: pid,
+        launched: false,
+        max_allocs: config.max_allocs,
+        unwind: config.unwind.mode(),
+        follow_children: follow,
+    })?;
+    // The tables first, then the probes: no allocation is walked without them (frames of
+    // objects mapped later are walked with frame pointers until theirs load, and counted).
+    let mut unwinder = Unwinder::new(&mut tracer, config.unwind)?;
+    if let Some(u) = unwinder.as_mut() {
+        u.load_all(pid, &maps)?;
+    }
+    let since = (std::time::Instant::now(), std::time::SystemTime::now());
+    tracer.trace_allocator(pid, &allocators)?;
     if follow {
         tracer.follow_children()?;
     }
     trace_own_mappings(&mut tracer, pid, &maps)?;
     if !target::alive(pid) {
         return Err(Error::ExitedBeforeAttach(pid));
-    }
-    // The probes are live: tables are built in the background, and frames they do not cover
-    // yet are walked with frame pointers (and counted).
-    let mut unwinder = Unwinder::new(&mut tracer, config.unwind)?;
-    if let Some(u) = unwinder.as_mut() {
-        u.track(pid, &maps)?;
     }
     // SAFETY: the OwnedFd stays open, unchanged, for as long as the AsyncFd owns it.
     let pidfd = pidfd_open(pid).and_then(|fd| unsafe { AsyncFd::register(fd) }.ok());
@@ -160,16 +174,60 @@ pub(super) fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
         unwinder,
         child: None,
         pidfd,
+        follow_children: follow,
+        since,
     })
 }
 
 pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
     let program = target::resolve_program(&argv[0])?;
-    let mut allocators = target::allocators_for_command(&program)?;
-    allocators.extend(target::custom_allocators(
-        &config.alloc_fns,
-        &target::program_objects(&program),
-    )?);
+    // A script is run by its interpreter, and runs the programs it names: their allocators are
+    // traced, and the processes it starts are followed.
+    let script = target::script_of(&program)?;
+    let elf = script
+        .as_ref()
+        .map_or(program.clone(), |s| s.interpreter.clone());
+    let mut allocators = target::allocators_for_command(&elf)?;
+    let mut objects = target::program_objects(&elf);
+    for run in script.iter().flat_map(|s| &s.runs) {
+        // Each program the script may run: its allocators too (a Go or static program it
+        // names is left out, said at the start).
+        match target::allocators_for_command(run) {
+            Ok(more) => {
+                for a in more {
+                    if !allocators.iter().any(|b| b.path == a.path) {
+                        allocators.push(a);
+                    }
+                }
+            }
+            Err(e) => eprintln!(
+                "bridge-trace: not tracing what {} runs there: {e}",
+                run.display()
+            ),
+        }
+        objects.extend(target::program_objects(run));
+    }
+    allocators.extend(target::custom_allocators(&config.alloc_fns, &objects)?);
+    let follow_children = config.follow_children || script.is_some();
+    if let Some(s) = &script {
+        eprintln!(
+            "bridge-trace: {} is a script run by {}: tracing it{}, and every process it starts",
+            program.display(),
+            s.interpreter.display(),
+            if s.runs.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " and what it runs ({})",
+                    s.runs
+                        .iter()
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+    }
     let mut launched = Launched::spawn(&program, argv)?;
     let pid = launched.pid;
     let prepared = Tracer::attach(
@@ -179,11 +237,11 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
             launched: true,
             max_allocs: config.max_allocs,
             unwind: config.unwind.mode(),
-            follow_children: config.follow_children,
+            follow_children,
         },
     )
     .and_then(|mut tracer| {
-        if config.follow_children {
+        if follow_children {
             tracer.follow_children()?;
         }
         let hold = target::hold_allocator(&allocators);
@@ -192,7 +250,7 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
         if unwinder.is_some() {
             // Held once its libraries are mapped, and at each dlopen, to load their tables
             // before their code runs.
-            tracer.attach_holds(&program, target::hold_allocator(&allocators), pid)?;
+            tracer.attach_holds(&elf, target::hold_allocator(&allocators), pid)?;
         }
         Ok((tracer, unwinder))
     });
@@ -204,6 +262,7 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
             return Err(e);
         }
     };
+    let since = (std::time::Instant::now(), std::time::SystemTime::now());
     if let Err(e) = launched.release() {
         reap(pid);
         return Err(Error::Spawn {
@@ -232,6 +291,8 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
         unwinder,
         child: Some(rx),
         pidfd: None,
+        follow_children,
+        since,
     })
 }
 
