@@ -152,6 +152,7 @@ fn fixed_report() -> Report {
             ],
             processes: Vec::new(),
             wrappers: Default::default(),
+            entry_points: Vec::new(),
         },
         stacks,
     }

@@ -1020,6 +1020,24 @@ fn raw_capture_renders_again_later_without_root() {
         unnamed.contains(";leaky+0x") && !unnamed.contains("[unknown]") && unnamed != at_record,
         "{unnamed}"
     );
+    // Another build under the same name in --debug-dir: said so, not "not on this machine".
+    let other = dir.join("other-build");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(fixtures().join("noalloc"), other.join("leaky")).unwrap();
+    let out = as_nobody(&[
+        "report",
+        c,
+        "--debug-dir",
+        other.to_str().unwrap(),
+        "-o",
+        &o("v.folded"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("is another build of {}", leaky.display()))
+            && stderr.contains("build-id"),
+        "{stderr}"
+    );
     // Named again from where they are now.
     let out = as_nobody(&[
         "report",

@@ -146,6 +146,17 @@ fn leaks_are_named_past_their_wrappers() {
     assert!(via("make_buffer")[0].starts_with("operator new"));
     assert_eq!(via("keep_name"), ["strdup"]);
     assert_eq!(report["meta"]["wrappers"]["detected"][0], "my_alloc");
+    // The start line is one readable line; the entry points probed are in the JSON report.
+    let start = summary.lines().next().unwrap();
+    assert!(
+        start.len() < 200 && start.contains(" entry points"),
+        "{start}"
+    );
+    let probed = report["meta"]["entry_points"][0].as_str().unwrap();
+    assert!(
+        probed.contains("malloc") && probed.contains("free"),
+        "{probed}"
+    );
     // Identical stacks are one, in the text report as in the folded one.
     let rows = text
         .lines()
@@ -271,7 +282,11 @@ fn top_names_sites_past_wrappers() {
         .unwrap();
     assert_ok(&output);
     let text = String::from_utf8_lossy(&output.stdout);
-    let last = text.split("bridge-trace top: ").last().unwrap();
+    // One view per window, the one --duration ends included.
+    let views: Vec<&str> = text.split("bridge-trace top: ").skip(1).collect();
+    assert_eq!(views.len(), 4, "{text}");
+    let last = views.last().unwrap();
+    assert!(last.contains("window 4"), "{last}");
     for site in [
         "load_config()",
         "session_open()",

@@ -463,8 +463,16 @@ fn watch_errors_are_one_line() {
             "cannot serve metrics on",
         ),
         (
-            vec!["watch", "--pid", &me, "--out-dir", "/nonexistent/dir"],
-            "no such directory",
+            vec!["watch", "--pid", &me, "--out-dir", "/etc/passwd"],
+            "not a directory",
+        ),
+        (
+            vec!["watch", "--exe", "/etc/passwd"],
+            "not an executable ELF program",
+        ),
+        (
+            vec!["watch", "--exe", "/nonexistent/prog"],
+            "--exe /nonexistent/prog",
         ),
         (
             vec!["watch", "--pid", &me, "--alert-growth", "fast"],
@@ -482,6 +490,17 @@ fn watch_errors_are_one_line() {
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+    // An --out-dir that does not exist yet is made, private, with its parents.
+    let dir = scratch("watch-new-out-dir").join("a/b");
+    let out = Command::new(BIN)
+        .args(["watch", "--pid", &me, "--metrics-addr", &addr, "--out-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
 }
 
 /// Whether the metrics on `port` satisfy `what` within `secs` seconds.

@@ -156,7 +156,7 @@ pub fn check_writable(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Fails unless `dir` is an existing, writable directory.
+/// Fails unless `dir` is a writable directory; one that does not exist is created, private.
 pub fn check_dir(dir: &Path) -> Result<()> {
     let err = |reason: &str| Error::Output {
         path: dir.to_path_buf(),
@@ -165,7 +165,17 @@ pub fn check_dir(dir: &Path) -> Result<()> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(err("not a directory")),
-        Err(_) => return Err(err("no such directory")),
+        Err(_) => {
+            // Created, private (0700, under sudo the invoking user's), with its parents.
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| err(&format!("cannot create it: {e}")))?;
+            let opened = std::fs::File::open(dir).map_err(|e| err(&e.to_string()))?;
+            hand_over(&opened, 0o700).map_err(|e| err(&e.to_string()))?;
+        }
     }
     tempfile::tempfile_in(dir)
         .map(drop)

@@ -220,6 +220,23 @@ impl Blazesym {
         if let Some(found) = candidates.iter().find(|p| p.is_file() && matches(p)) {
             return Ok(found.clone());
         }
+        // A file of that name in --debug-dir, but of another build.
+        let other_build = candidates
+            .iter()
+            .filter(|p| **p != here && p.is_file())
+            .find_map(|p| {
+                let id = blazesym::helper::read_elf_build_id(p).ok().flatten()?;
+                Some((p.clone(), hex(&id)))
+            });
+        if let Some((path, id)) = other_build {
+            return Err(format!(
+                "{} is another build of {} (build-id {id}, the recording's is {}); pass \
+                 --debug-dir with the original or its debug file",
+                path.display(),
+                module.path,
+                module.build_id.as_deref().unwrap_or("?")
+            ));
+        }
         Err(if here.is_file() {
             format!(
                 "{} on this machine is another build (build-id {}); pass --debug-dir with the \

@@ -79,9 +79,13 @@ pub struct Knobs {
 /// The loaded and attached eBPF object. Maps are read through [`crate::collect`].
 pub struct Tracer {
     pub(crate) ebpf: Ebpf,
-    /// Per allocator object, `family (path) [symbols probed]` (an alias shows as
-    /// `alias=symbol`), for the last process whose allocators were attached.
+    /// Per allocator object, `family (path) with N entry points`, for the last process whose
+    /// allocators were attached: what the start line says.
     pub attached: Vec<String>,
+    /// Per allocator object, `family (path) [symbols probed]` (an entry probe moved past an
+    /// instruction the kernel would single-step shows as `free+9`, an alias as
+    /// `alias=symbol`): for `--verbose` and the JSON report.
+    pub entry_points: Vec<String>,
     /// The allocator probes' links, per process.
     links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     /// The growth probes' links, per process.
@@ -244,6 +248,7 @@ impl Tracer {
         let mut tracer = Tracer {
             ebpf,
             attached: Vec::new(),
+            entry_points: Vec::new(),
             links: HashMap::new(),
             growth_links: HashMap::new(),
             page_faults: false,
@@ -268,7 +273,7 @@ impl Tracer {
             cfg.set(config::NESTED_FREES, 1, 0)
                 .map_err(|e| ebpf_err("configuring nested frees", chain(&e)))?;
         }
-        let mut described = Vec::new();
+        let (mut summary, mut described) = (Vec::new(), Vec::new());
         for allocator in allocators {
             let mut attached: Vec<String> = Vec::new();
             for p in allocator_probes(allocator) {
@@ -302,13 +307,19 @@ impl Tracer {
             for (alias, target) in &allocator.aliases {
                 attached.push(format!("{alias}={target}"));
             }
+            summary.push(format!(
+                "{} with {} entry points",
+                allocator.describe(),
+                attached.len()
+            ));
             described.push(format!(
                 "{} [{}]",
                 allocator.describe(),
                 attached.join(", ")
             ));
         }
-        self.attached = described;
+        self.attached = summary;
+        self.entry_points = described;
         Ok(())
     }
 

@@ -51,6 +51,9 @@ pub struct RecordArgs {
     /// Do not print the live status line.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Also list, at the start, every entry point probed (the JSON report always has them).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
     /// Permissions of the files written, in octal. Under sudo they belong to the invoking user.
     #[arg(long, value_name = "OCTAL", default_value = "600")]
     pub mode: String,
@@ -117,6 +120,7 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
         top: args.top.max(1),
         unwind: args.unwind,
         quiet: args.quiet,
+        verbose: args.verbose,
         mode: parse_mode(&args.mode)?,
         no_raw: args.no_raw,
         follow_children: args.follow_children,

@@ -10,6 +10,7 @@ use crate::{
     error::{Error, Result},
     model::sites::Wrappers,
     output::check_dir,
+    target,
     units::{
         parse_budget, parse_duration, parse_mode, parse_optional_duration, parse_rate, parse_size,
     },
@@ -135,10 +136,20 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
     let target = match (args.pid, args.exe) {
         (Some(0), _) => return Err(Error::Usage("--pid 0 is not a process".into())),
         (Some(pid), None) => WatchTarget::Pid(pid),
-        (None, Some(exe)) => WatchTarget::Exe(
-            exe.canonicalize()
-                .map_err(|e| Error::Usage(format!("--exe {}: {e}", exe.display())))?,
-        ),
+        (None, Some(exe)) => {
+            let path = exe
+                .canonicalize()
+                .map_err(|e| Error::Usage(format!("--exe {}: {e}", exe.display())))?;
+            // A process runs an ELF executable: anything else would be waited for forever.
+            if !target::is_elf(&path) {
+                return Err(Error::Usage(format!(
+                    "--exe {}: not an executable ELF program (a script runs as its \
+                     interpreter: give the program it starts)",
+                    exe.display()
+                )));
+            }
+            WatchTarget::Exe(path)
+        }
         _ => return Err(Error::Usage("give --pid PID or --exe PATH".into())),
     };
     let interval = parse_duration("--interval", &args.interval)?;

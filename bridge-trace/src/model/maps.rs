@@ -61,8 +61,21 @@ pub fn parse_maps_line(line: &str) -> Option<Mapping> {
 pub fn read_maps(pid: u32) -> Result<Vec<Mapping>> {
     match fs::read_to_string(format!("/proc/{pid}/maps")) {
         Ok(text) => Ok(parse_maps(&text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NoSuchProcess(pid)),
-        Err(e) => Err(Error::io(format!("reading /proc/{pid}/maps"), e)),
+        Err(e) => Err(maps_error(pid, e)),
+    }
+}
+
+/// Why `/proc/PID/maps` could not be read, in words.
+fn maps_error(pid: u32, e: std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NoSuchProcess(pid),
+        std::io::ErrorKind::PermissionDenied => Error::Permission(format!(
+            "cannot read /proc/{pid}/maps: permission denied. Reading another process's \
+             mappings takes the right to ptrace it: run as root with CAP_SYS_PTRACE (a \
+             container may drop it), and check /proc's hidepid= option and \
+             kernel.yama.ptrace_scope"
+        )),
+        _ => Error::io(format!("reading /proc/{pid}/maps"), e),
     }
 }
 
@@ -206,5 +219,22 @@ garbage line
         let maps = ProcessMaps::new(1, vec![m(0x1000, "/old.so"), m(0x1000, "/new.so")]);
         assert_eq!(maps.lookup(0x1800).unwrap().path, "/new.so");
         assert!(maps.lookup(0x2000).is_none());
+    }
+
+    #[test]
+    fn unreadable_maps_say_why() {
+        let e = maps_error(
+            1,
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert_eq!(e.exit_code(), crate::error::exit_code::PERMISSION);
+        let line = e.to_string();
+        assert!(
+            line.contains("/proc/1/maps") && line.contains("CAP_SYS_PTRACE"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+        let e = maps_error(7, std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert_eq!(e.to_string(), "no process with PID 7");
     }
 }

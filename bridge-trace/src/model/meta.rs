@@ -63,6 +63,9 @@ pub struct Meta {
     /// ones detected from its stacks.
     #[serde(default, skip_serializing_if = "Wrappers::is_default")]
     pub wrappers: Wrappers,
+    /// Per allocator object, every entry point probed (`family (path) [malloc, free+3, ...]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entry_points: Vec<String>,
 }
 
 /// One process of a recording that followed children (`--follow-children`).

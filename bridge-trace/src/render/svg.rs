@@ -7,6 +7,34 @@ use crate::aggregate::Report;
 
 pub struct Svg;
 
+/// The most characters of a subtitle that fit the default 1200-pixel width: inferno centres
+/// it on one line and the ends of a longer one fall off the picture.
+const SUBTITLE_CHARS: usize = 150;
+
+/// The caveats as one subtitle that fits: all of them when they do, else the first (cut at a
+/// word) and how many more the text and HTML reports give in full.
+fn subtitle_of(caveats: &[String]) -> String {
+    let all = caveats.join("; ");
+    if all.chars().count() <= SUBTITLE_CHARS {
+        return all;
+    }
+    let more = if caveats.len() > 1 {
+        format!(" (+{} more notes in the text report)", caveats.len() - 1)
+    } else {
+        " (in full in the text report)".to_string()
+    };
+    let room = SUBTITLE_CHARS.saturating_sub(more.chars().count() + 1);
+    let first = &caveats[0];
+    let mut cut: String = first.chars().take(room).collect();
+    if cut.len() < first.len() {
+        if let Some(space) = cut.rfind(' ') {
+            cut.truncate(space);
+        }
+        cut.push('…');
+    }
+    cut + &more
+}
+
 impl Render for Svg {
     fn render(&self, report: &Report, out: &mut Vec<u8>) -> std::io::Result<()> {
         let m = &report.meta;
@@ -23,7 +51,7 @@ impl Render for Svg {
                 report.total_count()
             )
         } else {
-            caveats.join("; ")
+            subtitle_of(&caveats)
         });
         opts.count_name = "bytes".into();
         opts.colors = Palette::Basic(BasicPalette::Mem);
@@ -37,5 +65,30 @@ impl Render for Svg {
         }
         flamegraph::from_lines(&mut opts, lines.iter().map(|s| s.as_str()), out)
             .map_err(std::io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_notes_fit_the_subtitle() {
+        let short = vec!["3 stacks not stored".to_string()];
+        assert_eq!(subtitle_of(&short), "3 stacks not stored");
+        let long: Vec<String> = (0..4)
+            .map(|i| {
+                format!(
+                    "note {i}: {}",
+                    "a long explanation of what was lost ".repeat(3)
+                )
+            })
+            .collect();
+        let s = subtitle_of(&long);
+        assert!(s.chars().count() <= SUBTITLE_CHARS, "{s}");
+        assert!(
+            s.starts_with("note 0: a long") && s.ends_with("(+3 more notes in the text report)"),
+            "{s}"
+        );
     }
 }

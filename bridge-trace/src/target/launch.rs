@@ -181,7 +181,7 @@ pub fn script_of(program: &Path) -> Result<Option<Script>> {
 }
 
 /// An executable ELF file.
-fn is_elf(path: &Path) -> bool {
+pub fn is_elf(path: &Path) -> bool {
     let mut magic = [0u8; 4];
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
         && fs::File::open(path)

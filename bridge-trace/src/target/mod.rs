@@ -15,7 +15,7 @@ pub use allocators::{
     find_allocators, hold_allocator, libc_allocator, program_objects, Allocator, EntryKind,
     FoundSymbols, ENTRY_POINTS, PREFIXES,
 };
-pub use launch::{hold_points, resolve_program, script_of, HoldPoint, Launched, Script};
+pub use launch::{hold_points, is_elf, resolve_program, script_of, HoldPoint, Launched, Script};
 
 use object::Object as _;
 

@@ -24,6 +24,8 @@ pub struct Config {
     pub top: usize,
     pub unwind: Unwind,
     pub quiet: bool,
+    /// List every entry point probed at the start.
+    pub verbose: bool,
     /// Permissions of the files written.
     pub mode: u32,
     /// No raw capture beside the outputs.

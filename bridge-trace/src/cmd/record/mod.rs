@@ -102,6 +102,11 @@ async fn run_async(config: &Config) -> Result<Outcome> {
             None => " until it exits or Ctrl-C".into(),
         }
     );
+    if config.verbose {
+        for e in &t.tracer.entry_points {
+            eprintln!("bridge-trace: probed {e}");
+        }
+    }
 
     let (started, started_at) = t.since;
     let deadline = config
@@ -266,7 +271,7 @@ fn finish(
     }
     let programs = t.tracer.program_costs();
     snapshot.counters.missed_probe_runs = programs.iter().map(|p| p.missed_runs).sum();
-    let attached_symbols = t.tracer.attached.clone();
+    let attached_symbols = t.tracer.entry_points.clone();
     // Detach every probe now, on a thread of its own: the kernel waits for a grace period per
     // uprobe (about 0.1 s each here), and the report need not wait for that.
     let tracer = t.tracer;
@@ -316,6 +321,7 @@ fn finish(
         started: Some(humantime::format_rfc3339_seconds(started_at).to_string()),
         tier: Some("full".into()),
         wrappers: Wrappers::new(config.wrappers.clone()),
+        entry_points: attached_symbols.clone(),
         ..Meta::default()
     }
     .on_this_machine();

@@ -194,6 +194,9 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         }
     }
     let now = tokio::time::Instant::now();
+    // The duration counts from here, where the windows start: its last window ends with it.
+    stop.deadline = config.duration.map(|d| now + d);
+    let mut last_window = now;
     let mut refresh = tokio::time::interval(MAPS_REFRESH);
     let mut discover = tokio::time::interval_at(now + DISCOVER_EVERY, DISCOVER_EVERY);
     let mut windows = tokio::time::interval_at(now + config.interval, config.interval);
@@ -205,7 +208,15 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
     };
     loop {
         tokio::select! {
-            _ = stop.wait() => return Ok(()),
+            _ = stop.wait() => {
+                // `top` draws the window the stop ends (at --duration: the last whole one),
+                // unless it was drawn just now.
+                if config.view_rows.is_some() && last_window.elapsed() > config.interval / 2 {
+                    let (tracer_sample, samples) = s.window()?;
+                    show_view(&s, &tracer_sample, &samples);
+                }
+                return Ok(());
+            }
             Some(pid) = exited_rx.recv() => {
                 s.remove(pid);
                 eprintln!("bridge-trace: pid {pid} exited");
@@ -229,17 +240,24 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
             _ = refresh.tick() => s.refresh_maps()?,
             _ = discover.tick(), if exe.is_some() => s.discover(exe.as_ref().unwrap()).await,
             _ = windows.tick() => {
+                last_window = tokio::time::Instant::now();
                 let (tracer_sample, samples) = s.window()?;
                 let _ = metrics_tx.send(Arc::new(metrics::encode(&tracer_sample, &samples)));
-                if let Some(rows) = config.view_rows {
-                    for sample in &samples {
-                        let p = &s.procs[&sample.pid];
-                        view::show(&tracer_sample, sample, &p.name, p.started.elapsed(), rows);
-                    }
-                }
+                show_view(&s, &tracer_sample, &samples);
             }
             _ = snapshots.tick(), if config.out_dir.is_some() || config.push.is_some() => {
                 s.snapshots().await;
+            }
+        }
+    }
+}
+
+/// `top`'s view of one window, for every process.
+fn show_view(s: &Session<'_>, tracer: &metrics::TracerSample, samples: &[metrics::Sample]) {
+    if let Some(rows) = s.config.view_rows {
+        for sample in samples {
+            if let Some(p) = s.procs.get(&sample.pid) {
+                view::show(tracer, sample, &p.name, p.started.elapsed(), rows);
             }
         }
     }
