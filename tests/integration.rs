@@ -358,6 +358,15 @@ fn demo_leak_site_tops_the_report() {
         frames[frames.len() - 3..],
         ["consumer", "handle_message", "reject_message"]
     );
+    // Every block the program frees was recorded: no unknown frees. What glibc frees itself
+    // at its two threads' exit (their caches' chunks) is counted apart, by its cause.
+    assert_eq!(
+        counter(&report, "unknown_frees"),
+        0,
+        "{}",
+        report["meta"]["counters"]
+    );
+    assert!(counter(&report, "internal_frees") > 0);
     let folded = std::fs::read_to_string(&folded).unwrap();
     assert!(
         folded
@@ -556,6 +565,15 @@ fn followed_children_are_processes_of_their_own() {
     let all = by_leaf(&report);
     assert_eq!(all.len(), truth.len() + child_truth.len(), "{all:#?}");
     assert_eq!(counter(&report, "child_stops"), 1);
+    // The child freed its copy of a block of its parent's: said so, not "allocated before
+    // tracing"; the parent's own free of it is known.
+    assert_eq!(counter(&report, "inherited_frees"), 1);
+    assert_eq!(
+        counter(&report, "unknown_frees"),
+        0,
+        "{}",
+        report["meta"]["counters"]
+    );
 }
 
 /// SIGTERM to `record -- CMD` at every stage of its start (before the fork, while the program

@@ -128,9 +128,15 @@ pub enum Counter {
     /// Releases seen again inside the release that made them (a C++ `operator delete` ending
     /// in `free`): counted once.
     NestedFrees = 23,
+    /// Frees of addresses never handed out, made by the allocator's own code (glibc's
+    /// per-thread cache giving its cached chunks back when a thread exits): not the program's.
+    InternalFrees = 24,
+    /// Frees, by a followed child, of blocks its parent allocated before the fork (the child's
+    /// copy of them): the parent's own copies stay its.
+    InheritedFrees = 25,
 }
 
-pub const COUNTER_COUNT: u32 = 24;
+pub const COUNTER_COUNT: u32 = 26;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -158,8 +164,22 @@ impl Counter {
         Counter::GrowthMapFull,
         Counter::ChildStops,
         Counter::NestedFrees,
+        Counter::InternalFrees,
+        Counter::InheritedFrees,
     ];
 }
+
+/// The executable ranges of a target's allocator objects ([`names::map::ALLOCATOR_TEXT`]): a
+/// free called from inside them, of an address never handed out, is the allocator's own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TextRanges {
+    /// (start, end) pairs; unused ones are (0, 0).
+    pub ranges: [[u64; 2]; MAX_TEXT_RANGES],
+}
+
+/// Executable mappings of allocator objects kept per target.
+pub const MAX_TEXT_RANGES: usize = 4;
 
 /// Key of the live-allocation map: one process, one address.
 #[repr(C)]
@@ -464,6 +484,7 @@ mod user {
     unsafe impl aya::Pod for AllocInfo {}
     unsafe impl aya::Pod for InFlight {}
     unsafe impl aya::Pod for StackTotals {}
+    unsafe impl aya::Pod for TextRanges {}
     unsafe impl aya::Pod for StackFrames {}
     unsafe impl aya::Pod for UnwindRow {}
     unsafe impl aya::Pod for UnwindRule {}
@@ -499,6 +520,8 @@ pub mod names {
         pub const UNWIND_PAGES: &str = "UNWIND_PAGES";
         pub const UNWIND_RULES: &str = "UNWIND_RULES";
         pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
+        pub const ALLOCATOR_TEXT: &str = "ALLOCATOR_TEXT";
+        pub const CHILD_OF: &str = "CHILD_OF";
         /// Every map the user half opens by name.
         pub const ALL: &[&str] = &[
             TARGETS,
@@ -518,6 +541,8 @@ pub mod names {
             UNWIND_PAGES,
             UNWIND_RULES,
             UNWIND_PROCS,
+            ALLOCATOR_TEXT,
+            CHILD_OF,
         ];
     }
 

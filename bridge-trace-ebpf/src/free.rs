@@ -44,6 +44,44 @@ pub(crate) fn release(tgid: u32, addr: u64, count_unknown: bool) -> bool {
     true
 }
 
+/// [`release`] for a free probed at its entry (where `[sp]` is its return address: the
+/// placement moves no probe past a stack-pointer change): an unknown address freed from inside
+/// the allocator's own code is counted apart, as the allocator's own.
+#[inline(always)]
+fn release_or_count(tgid: u32, addr: u64, sp: u64) {
+    if release(tgid, addr, false) || sample_interval() != 0 {
+        return;
+    }
+    // SAFETY: the value is copied out.
+    if let Some(parent) = unsafe { CHILD_OF.get(&tgid) }.copied() {
+        // SAFETY: as above.
+        if unsafe { ALLOCS.get(&AllocKey::new(parent, addr)) }.is_some() {
+            count(Counter::InheritedFrees);
+            return;
+        }
+    }
+    // SAFETY: a read of the target's stack, checked by the helper.
+    let ret: u64 = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    // SAFETY: the value is copied out.
+    let inside = match unsafe { ALLOCATOR_TEXT.get(&tgid) } {
+        Some(text) => {
+            let mut found = false;
+            for r in text.ranges.iter() {
+                if ret >= r[0] && ret < r[1] {
+                    found = true;
+                }
+            }
+            found
+        }
+        None => false,
+    };
+    count(if inside {
+        Counter::InternalFrees
+    } else {
+        Counter::UnknownFrees
+    });
+}
+
 /// free: the map delete and the per-stack update, nothing else. A free the allocator makes
 /// itself (glibc's `realloc(p, 0)` calls `free(p)`) releases the block here, and the realloc's
 /// return then finds it gone ([`release`] with `count_unknown` false).
@@ -54,12 +92,12 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let (tgid, tid) = current_task();
-    if !nested_frees() {
-        release(tgid, addr, true);
-        return 0;
-    }
     // SAFETY: the context's registers are valid for the duration of the program.
     let sp = unsafe { (*ctx.regs).rsp };
+    if !nested_frees() {
+        release_or_count(tgid, addr, sp);
+        return 0;
+    }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the value is copied out.
@@ -71,7 +109,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
             return 0;
         }
     }
-    release(tgid, addr, true);
+    release_or_count(tgid, addr, sp);
     let last = Releasing {
         addr,
         sp,

@@ -23,6 +23,8 @@
 //! | UNWIND_PROCS | user: `unwind` | `stack::find_row` | user: `unwind::forget` |
 //! | EXECS | `process::process_exec` | user: `collect::snapshot` | `attach::remove_target` |
 //! | FORKED | `process::new_task` (insert), `process::child_fault` (take) | `process` | consumed at the child's first fault |
+//! | ALLOCATOR_TEXT | user: `attach::note_allocator_text` | `free::free_enter` | `attach::remove_target` |
+//! | CHILD_OF | `process::child_fault` | `free::free_enter` | user: `attach::remove_target` |
 //! | VFORKED | `process::new_task` (insert), `process::process_exec` (take) | `process` | consumed at the child's exec |
 //! | HELD_CHILDREN | `process::child_fault` | user: `attach::held_children` | user: `attach::release_child` |
 //! | FLOOR_STACK | `floor` (per CPU) | nobody (the floor measures the write) | never |
@@ -143,6 +145,16 @@ pub(crate) static EXECS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_TARGE
 /// Children a target forked that have not faulted yet: child pid → parent tgid.
 #[map]
 pub(crate) static FORKED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Per target: where its allocator objects' code is mapped ([`TextRanges`]).
+#[map]
+pub(crate) static ALLOCATOR_TEXT: HashMap<u32, TextRanges> =
+    HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Followed children: child pid → the target that forked it (its blocks from before the
+/// fork are the parent's, under the parent's key).
+#[map]
+pub(crate) static CHILD_OF: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
 
 /// Children a target started sharing its memory (vfork, posix_spawn: a shell running a
 /// command) that have not exec'ed yet: child pid → parent tgid. At its exec the child is

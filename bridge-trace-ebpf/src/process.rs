@@ -72,6 +72,7 @@ pub fn child_fault(_ctx: RawTracePointContext) -> i32 {
     if HELD_CHILDREN.insert(tgid, parent, 0).is_err() {
         return 0;
     }
+    let _ = CHILD_OF.insert(tgid, parent, 0);
     count(Counter::ChildStops);
     // SAFETY: plain helper call; the signal goes to the current process.
     unsafe { bpf_send_signal(SIGSTOP) };

@@ -31,7 +31,7 @@ use aya::{
 use bridge_trace_common::names::{global, map, program};
 use bridge_trace_common::{
     config, AllocInfo, AllocKey, GrowthTotals, InFlight, MmapRegion, StackKey, StackTotals,
-    UnwindMode, EXP_QUANTILES, EXP_QUANTILE_SHIFT, MAX_SAMPLE_INTERVAL,
+    TextRanges, UnwindMode, EXP_QUANTILES, EXP_QUANTILE_SHIFT, MAX_SAMPLE_INTERVAL,
 };
 
 use crate::{
@@ -90,6 +90,8 @@ pub struct Tracer {
     links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     /// The growth probes' links, per process.
     growth_links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    /// The allocator objects of each process, as it sees them ([`Tracer::note_allocator_text`]).
+    allocator_paths: HashMap<u32, Vec<String>>,
     page_faults: bool,
     /// Whether [`EXEC_TRACEPOINT`] is attached.
     execs: bool,
@@ -251,6 +253,7 @@ impl Tracer {
             entry_points: Vec::new(),
             links: HashMap::new(),
             growth_links: HashMap::new(),
+            allocator_paths: HashMap::new(),
             page_faults: false,
             execs: false,
         };
@@ -320,7 +323,34 @@ impl Tracer {
         }
         self.attached = summary;
         self.entry_points = described;
+        self.allocator_paths
+            .insert(pid, allocators.iter().map(|a| a.path.clone()).collect());
+        if let Ok(maps) = crate::model::maps::read_maps(pid) {
+            self.note_allocator_text(pid, &maps);
+        }
         Ok(())
+    }
+
+    /// Tells the kernel where `pid`'s allocator objects' code is mapped now (`maps`): a free
+    /// from there of an address never handed out is the allocator's own (glibc's per-thread
+    /// cache at thread exit), counted apart from the program's unknown frees. Called again
+    /// whenever the maps are re-read (a launched program maps its libc after its probes).
+    pub fn note_allocator_text(&mut self, pid: u32, maps: &[crate::model::maps::Mapping]) {
+        let Some(paths) = self.allocator_paths.get(&pid) else {
+            return;
+        };
+        let mut text = TextRanges::default();
+        for (slot, m) in text.ranges.iter_mut().zip(
+            maps.iter()
+                .filter(|m| m.executable && paths.contains(&m.path)),
+        ) {
+            *slot = [m.start, m.end];
+        }
+        if let Ok(mut map) =
+            self.map_mut::<BpfHashMap<&mut MapData, u32, TextRanges>>(map::ALLOCATOR_TEXT)
+        {
+            let _ = map.insert(pid, text, 0);
+        }
     }
 
     /// Attaches the floor's programs ([`floor_probes`]) for `pid` (`bridge-trace floor`).
@@ -379,6 +409,16 @@ impl Tracer {
         self.detach(links);
         if let Ok(mut targets) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>(map::TARGETS) {
             let _ = targets.remove(&pid);
+        }
+        self.allocator_paths.remove(&pid);
+        if let Ok(mut text) =
+            self.map_mut::<BpfHashMap<&mut MapData, u32, TextRanges>>(map::ALLOCATOR_TEXT)
+        {
+            let _ = text.remove(&pid);
+        }
+        if let Ok(mut child_of) = self.map_mut::<BpfHashMap<&mut MapData, u32, u32>>(map::CHILD_OF)
+        {
+            let _ = child_of.remove(&pid);
         }
         for name in [map::BREAKS, map::EXECS] {
             if let Ok(mut by_pid) = self.map_mut::<BpfHashMap<&mut MapData, u32, u64>>(name) {

@@ -150,6 +150,11 @@ counters! {
     child_stops: Kernel(Counter::ChildStops), Caveat::None;
     /// Releases seen again inside the release that made them, counted once.
     nested_frees: Kernel(Counter::NestedFrees), Caveat::None;
+    /// Frees, by the allocator's own code, of addresses it never handed out (glibc's
+    /// per-thread cache giving back its cached chunks when a thread exits).
+    internal_frees: Kernel(Counter::InternalFrees), Caveat::None;
+    /// Frees, by a followed child, of its copies of blocks its parent allocated before the fork.
+    inherited_frees: Kernel(Counter::InheritedFrees), Caveat::None;
 }
 
 impl Counters {

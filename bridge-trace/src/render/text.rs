@@ -55,8 +55,21 @@ impl Render for Text {
         writeln!(
             out,
             "events: {} allocations, {} frees, {} failed; lost: {} dropped (map full), {} stacks \
-             not stored, {} frees of unknown addresses",
-            c.allocs, c.frees, c.failed_allocs, c.map_full_drops, c.stack_failures, c.unknown_frees
+             not stored, {} frees of unknown addresses{}",
+            c.allocs,
+            c.frees,
+            c.failed_allocs,
+            c.map_full_drops,
+            c.stack_failures,
+            c.unknown_frees,
+            if c.internal_frees > 0 {
+                format!(
+                    " ({} more by the allocator itself, of its own cached blocks)",
+                    c.internal_frees
+                )
+            } else {
+                String::new()
+            }
         )?;
         if let Some(u) = &m.unwind {
             writeln!(out, "stacks: {}", u.describe())?;

@@ -138,6 +138,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
                             // code has not run. Load their tables, then let it go.
                             starts_released = c.start_stops;
                             t.maps.refresh();
+                            t.tracer.note_allocator_text(pid, &t.maps.current);
                             if let Some(u) = t.unwinder.as_mut() {
                                 let started = Instant::now();
                                 u.load_now(pid, &t.maps.current).await?;

@@ -119,6 +119,8 @@ impl Attached {
         if !self.maps.refresh() {
             return Ok(false);
         }
+        self.tracer
+            .note_allocator_text(self.pid, &self.maps.current);
         if let Some(u) = self.unwinder.as_mut() {
             u.track(self.pid, &self.maps.current)?;
         }

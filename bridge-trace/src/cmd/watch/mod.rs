@@ -385,6 +385,7 @@ impl Session<'_> {
     fn refresh_maps(&mut self) -> Result<()> {
         for (&pid, p) in self.procs.iter_mut() {
             if p.maps.refresh() {
+                self.tracer.note_allocator_text(pid, &p.maps.current);
                 if let Some(u) = self.unwinder.as_mut() {
                     u.track(pid, &p.maps.current)?;
                 }
