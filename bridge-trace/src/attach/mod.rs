@@ -331,6 +331,15 @@ impl Tracer {
         Ok(())
     }
 
+    /// How many uprobes are attached, all processes together.
+    pub fn probe_count(&self) -> usize {
+        self.links
+            .values()
+            .chain(self.growth_links.values())
+            .map(Vec::len)
+            .sum()
+    }
+
     /// Tells the kernel where `pid`'s allocator objects' code is mapped now (`maps`): a free
     /// from there of an address never handed out is the allocator's own (glibc's per-thread
     /// cache at thread exit), counted apart from the program's unknown frees. Called again

@@ -55,12 +55,23 @@ pub struct Outcome {
     /// The probes being detached (the kernel waits a grace period per uprobe, about 0.1 s
     /// each): the report is written already; [`Outcome::detached`] waits for the rest.
     detaching: Option<std::thread::JoinHandle<()>>,
+    /// Probes being detached.
+    probes: usize,
 }
 
 impl Outcome {
-    /// Waits until nothing of bridge-trace's stays in the kernel.
+    /// Waits until nothing of bridge-trace's stays in the kernel, saying so when that takes
+    /// a while.
     pub fn detached(&mut self) {
         if let Some(d) = self.detaching.take() {
+            if !d.is_finished() && self.probes > 0 {
+                // The kernel unregisters uprobes one at a time, a grace period each.
+                eprintln!(
+                    "bridge-trace: report written; detaching {} probes from the process \
+                     (about 0.1 s each)...",
+                    self.probes
+                );
+            }
             let _ = d.join();
         }
     }
@@ -275,6 +286,7 @@ fn finish(
     let attached_symbols = t.tracer.entry_points.clone();
     // Detach every probe now, on a thread of its own: the kernel waits for a grace period per
     // uprobe (about 0.1 s each here), and the report need not wait for that.
+    let probes = t.tracer.probe_count();
     let tracer = t.tracer;
     let launched_running = !exited && t.child.is_some();
     let detaching = std::thread::spawn(move || {
@@ -389,6 +401,7 @@ fn finish(
         stop,
         target_status,
         detaching: Some(detaching),
+        probes,
     })
 }
 
