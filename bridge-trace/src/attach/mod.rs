@@ -134,6 +134,11 @@ fn newtask_fields() -> Result<(u32, u32)> {
     }
 }
 
+/// A single-stepped uprobe hit on this kind of machine, and an emulated one (µs): what the start
+/// line quotes (`attach::placement` has the measurement).
+const SINGLE_STEP_US: f64 = 14.0;
+const EMULATED_US: f64 = 0.5;
+
 /// Drops `items` (links) on several threads: each uprobe's detach waits for a grace period
 /// (about 0.1 s here), and detaches running at once share them.
 fn drop_in_parallel<T: Send>(mut items: Vec<T>) {
@@ -279,6 +284,8 @@ impl Tracer {
         let (mut summary, mut described) = (Vec::new(), Vec::new());
         for allocator in allocators {
             let mut attached: Vec<String> = Vec::new();
+            // Entry points whose probe the kernel single-steps (no emulated place found).
+            let mut stepped: Vec<String> = Vec::new();
             for p in allocator_probes(allocator) {
                 let placed = attach_one(
                     &mut self.ebpf,
@@ -296,6 +303,11 @@ impl Tracer {
                     }
                 };
                 self.links.entry(pid).or_default().push((p.program, link));
+                if placement::single_stepped(&allocator.host_path, &p.symbol, offset)
+                    && !stepped.contains(&p.symbol)
+                {
+                    stepped.push(p.symbol.clone());
+                }
                 // Entry probes moved past an instruction the kernel would single-step:
                 // `free+9`.
                 let shown = if offset > 0 {
@@ -311,9 +323,18 @@ impl Tracer {
                 attached.push(format!("{alias}={target}"));
             }
             summary.push(format!(
-                "{} with {} entry points",
+                "{} with {} entry points{}",
                 allocator.describe(),
-                attached.len()
+                attached.len(),
+                if stepped.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} single-stepped: ~{SINGLE_STEP_US} µs a call instead of \
+                         {EMULATED_US})",
+                        stepped.join(", ")
+                    )
+                }
             ));
             described.push(format!(
                 "{} [{}]",

@@ -72,6 +72,28 @@ pub fn place(code: &[u8], ip: u64, reads: Reads) -> u64 {
 
 /// The placement of `symbol`'s entry probe in the ELF object at `path`, if its code can be read.
 pub fn place_symbol(path: &Path, symbol: &str, reads: Reads) -> Option<u64> {
+    let (code, addr) = code_of(path, symbol)?;
+    Some(place(&code, addr, reads))
+}
+
+/// Whether a probe at `symbol+offset` of the object at `path` is single-stepped by the kernel
+/// (its instruction is not one the kernel emulates): a hit then costs two traps.
+pub fn single_stepped(path: &Path, symbol: &str, offset: u64) -> bool {
+    code_of(path, symbol).is_some_and(|(code, _)| steps(&code, offset))
+}
+
+/// Whether the instruction `offset` bytes into `code` is single-stepped.
+fn steps(code: &[u8], offset: u64) -> bool {
+    let Some(at) = usize::try_from(offset).ok().and_then(|o| code.get(o..)) else {
+        return false;
+    };
+    let mut decoder = Decoder::with_ip(64, at, 0, DecoderOptions::NONE);
+    let instr = decoder.decode();
+    !instr.is_invalid() && !emulated(&instr)
+}
+
+/// The first 64 bytes of `symbol`'s code in the ELF object at `path`, and its address.
+fn code_of(path: &Path, symbol: &str) -> Option<(Vec<u8>, u64)> {
     use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
     let file = std::fs::File::open(path).ok()?;
     // SAFETY: a read-only mapping of a binary, read once, right now.
@@ -89,7 +111,7 @@ pub fn place_symbol(path: &Path, symbol: &str, reads: Reads) -> Option<u64> {
     })?;
     let start = usize::try_from(offset).ok()?;
     let code = data.get(start..(start + 64).min(data.len()))?;
-    Some(place(code, addr, reads))
+    Some((code.to_vec(), addr))
 }
 
 fn writes(access: OpAccess) -> bool {
@@ -119,6 +141,15 @@ mod tests {
     use super::*;
 
     const ONE: Reads = Reads { args: 1 };
+
+    #[test]
+    fn single_stepped_instructions_are_told_apart() {
+        // test %rdi,%rdi (stepped); je +0xbf (emulated); push %rbp (emulated).
+        let code = [0x48, 0x85, 0xff, 0x0f, 0x84, 0xbf, 0x00, 0x00, 0x00, 0x55];
+        assert!(steps(&code, 0));
+        assert!(!steps(&code, 3));
+        assert!(!steps(&code, 9));
+    }
 
     #[test]
     fn glibc_free_moves_to_its_null_check_branch() {
