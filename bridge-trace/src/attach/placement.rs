@@ -23,8 +23,9 @@ pub struct Reads {
     pub args: usize,
 }
 
-/// Instructions looked at past the entry.
-const LOOKAHEAD: usize = 6;
+/// Instructions looked at past the entry: enough for jemalloc's `free`, whose first branch (an
+/// emulated `jne`) is its tenth instruction, after register arithmetic only.
+const LOOKAHEAD: usize = 12;
 const ARG_REGISTERS: [Register; 6] = [
     Register::RDI,
     Register::RSI,
@@ -149,6 +150,20 @@ mod tests {
         assert!(steps(&code, 0));
         assert!(!steps(&code, 3));
         assert!(!steps(&code, 9));
+    }
+
+    #[test]
+    fn jemalloc_free_moves_to_its_first_branch() {
+        // Debian's libjemalloc.so.2 free: mov %rdi,%rax; mov 0xa530e(%rip),%rdx; mov %rdi,%rcx;
+        // shr $0x1a,%rax; and $-0x40000000,%rcx; and $0xf0,%eax; add %fs:0,%rax;
+        // add %rdx,%rax; cmp 0x1b0(%rax),%rcx; jne +0x8a: only scratch registers written.
+        let code = [
+            0x48, 0x89, 0xf8, 0x48, 0x8b, 0x15, 0x0e, 0x53, 0x0a, 0x00, 0x48, 0x89, 0xf9, 0x48,
+            0xc1, 0xe8, 0x1a, 0x48, 0x81, 0xe1, 0x00, 0x00, 0x00, 0xc0, 0x25, 0xf0, 0x00, 0x00,
+            0x00, 0x64, 0x48, 0x03, 0x04, 0x25, 0x00, 0x00, 0x00, 0x00, 0x48, 0x01, 0xd0, 0x48,
+            0x3b, 0x88, 0xb0, 0x01, 0x00, 0x00, 0x0f, 0x85, 0x8a, 0x00, 0x00, 0x00,
+        ];
+        assert_eq!(place(&code, 0x27c60, ONE), 48);
     }
 
     #[test]
