@@ -82,6 +82,24 @@ fn record_wrappers(
     )
 }
 
+/// Starts the fixture leaking through every wrapper until it is killed, and waits for its
+/// "ready"; killed if a failed assertion unwinds.
+fn start_serving(bin: &Path) -> KillOnDrop {
+    let mut service = KillOnDrop(
+        Command::new(bin)
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(service.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    service
+}
+
 /// Every function name of a report, frames and wrappers.
 fn all_names(report: &Value) -> Vec<String> {
     let mut names = Vec::new();
@@ -251,18 +269,7 @@ fn unnamed_frames_keep_module_and_offset() {
 fn top_names_sites_past_wrappers() {
     let _g = lock();
     let (bin, _) = fixture();
-    let mut service = KillOnDrop(
-        Command::new(bin)
-            .arg("serve")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(service.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
+    let service = start_serving(bin);
     let pid = service.0.id().to_string();
     let output = Command::new(BIN)
         .args([
@@ -309,17 +316,7 @@ fn top_names_sites_past_wrappers() {
 fn record_pid_walks_every_stack_from_the_start() {
     let _g = lock();
     let (bin, _) = fixture();
-    let mut service = KillOnDrop(
-        Command::new(bin)
-            .arg("serve")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(service.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let service = start_serving(bin);
     let dir = scratch("sites-pid");
     let out_json = dir.join("r.json");
     let pid = service.0.id().to_string();

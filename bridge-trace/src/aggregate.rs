@@ -192,21 +192,19 @@ fn named_frames(
     s: &crate::capture::CapturedStack,
     names: &HashMap<crate::capture::Location, Vec<Frame>>,
 ) -> Vec<Frame> {
-    {
-        // Leaf first in the kernel's order; reverse to root first, under its process's frame
-        // when several processes were traced.
-        let process = s
-            .process
-            .and_then(|p| capture.processes.get(p as usize))
-            .map(|p| Frame::named(format!("{} [pid {}]", p.name, p.pid)));
-        // Memory the program mapped itself stands apart, under a frame of its own.
-        let mapped = s.mmap.then(|| Frame::named(MMAP_FRAME.into()));
-        process
-            .into_iter()
-            .chain(mapped)
-            .chain(s.frames.iter().rev().flat_map(|l| names[l].iter().cloned()))
-            .collect()
-    }
+    // Leaf first in the kernel's order; reverse to root first, under its process's frame
+    // when several processes were traced.
+    let process = s
+        .process
+        .and_then(|p| capture.processes.get(p as usize))
+        .map(|p| Frame::named(format!("{} [pid {}]", p.name, p.pid)));
+    // Memory the program mapped itself stands apart, under a frame of its own.
+    let mapped = s.mmap.then(|| Frame::named(MMAP_FRAME.into()));
+    process
+        .into_iter()
+        .chain(mapped)
+        .chain(s.frames.iter().rev().flat_map(|l| names[l].iter().cloned()))
+        .collect()
 }
 
 /// The root frame of anonymous memory the program mapped itself.

@@ -206,10 +206,8 @@ impl Blazesym {
         let here = PathBuf::from(&module.path);
         let mut candidates = Vec::new();
         for dir in dirs {
-            if let Some(id) = module.build_id.as_deref().filter(|id| id.len() > 2) {
-                let by_id = dir.join(".build-id").join(&id[..2]);
-                candidates.push(by_id.join(format!("{}.debug", &id[2..])));
-                candidates.push(by_id.join(&id[2..]));
+            if let Some(id) = module.build_id.as_deref() {
+                candidates.extend(by_build_id(dir, id));
             }
             candidates.push(dir.join(module.path.trim_start_matches('/')));
             if let Some(name) = here.file_name() {
@@ -329,8 +327,13 @@ pub fn public_names_of(path: &Path) -> HashMap<String, String> {
         path: path.display().to_string(),
         build_id: None,
     };
-    let mut files = vec![path.to_path_buf()];
-    files.extend(debug_file(&module, path));
+    public_names_in(&module, path)
+}
+
+/// [`public_names`] of `module`, read at `file`, and of its debug file.
+fn public_names_in(module: &Module, file: &Path) -> HashMap<String, String> {
+    let mut files = vec![file.to_path_buf()];
+    files.extend(debug_file(module, file));
     public_names(&files)
 }
 
@@ -342,14 +345,25 @@ fn debug_file(module: &Module, file: &Path) -> Vec<PathBuf> {
             .flatten()
             .map(|id| hex(&id))
     });
-    match id.filter(|id| id.len() > 2) {
-        Some(id) => vec![PathBuf::from(format!(
-            "/usr/lib/debug/.build-id/{}/{}.debug",
-            &id[..2],
-            &id[2..]
-        ))],
-        None => Vec::new(),
+    id.map(|id| by_build_id(Path::new("/usr/lib/debug"), &id))
+        .unwrap_or_default()
+        .into_iter()
+        .take(1)
+        .collect()
+}
+
+/// Where a debug directory keeps the files of build-id `id`: `.build-id/ab/cdef….debug` (a
+/// separate debug file), then `.build-id/ab/cdef…` (the object itself); none for an id too
+/// short to split.
+fn by_build_id(dir: &Path, id: &str) -> Vec<PathBuf> {
+    if id.len() <= 2 {
+        return Vec::new();
     }
+    let by_id = dir.join(".build-id").join(&id[..2]);
+    vec![
+        by_id.join(format!("{}.debug", &id[2..])),
+        by_id.join(&id[2..]),
+    ]
 }
 
 fn code_location(ci: Option<&blazesym::symbolize::CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
@@ -373,20 +387,16 @@ fn public_name(
     file: &Path,
     name: &str,
 ) -> String {
-    {
-        if !name.starts_with('_') {
-            return name.to_string();
-        }
-        let public = cache.entry(file.to_path_buf()).or_insert_with(|| {
-            let mut files = vec![file.to_path_buf()];
-            files.extend(debug_file(module, file));
-            public_names(&files)
-        });
-        public
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| name.to_string())
+    if !name.starts_with('_') {
+        return name.to_string();
     }
+    let public = cache
+        .entry(file.to_path_buf())
+        .or_insert_with(|| public_names_in(module, file));
+    public
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| name.to_string())
 }
 
 impl Symbolize for Blazesym {

@@ -346,9 +346,6 @@ impl Tracer {
         self.entry_points = described;
         self.allocator_paths
             .insert(pid, allocators.iter().map(|a| a.path.clone()).collect());
-        if let Ok(maps) = crate::model::maps::read_maps(pid) {
-            self.note_allocator_text(pid, &maps);
-        }
         Ok(())
     }
 
@@ -363,8 +360,9 @@ impl Tracer {
 
     /// Tells the kernel where `pid`'s allocator objects' code is mapped now (`maps`): a free
     /// from there of an address never handed out is the allocator's own (glibc's per-thread
-    /// cache at thread exit), counted apart from the program's unknown frees. Called again
-    /// whenever the maps are re-read (a launched program maps its libc after its probes).
+    /// cache at thread exit), counted apart from the program's unknown frees. Called after
+    /// [`Tracer::trace_allocator`] by whoever holds the maps, and whenever they are re-read (a
+    /// launched program maps its libc after its probes).
     pub fn note_allocator_text(&mut self, pid: u32, maps: &[crate::model::maps::Mapping]) {
         let Some(paths) = self.allocator_paths.get(&pid) else {
             return;

@@ -127,14 +127,15 @@ pub fn script_of(program: &Path) -> Result<Option<Script>> {
         command: program.display().to_string(),
         reason,
     };
-    let text = match fs::read(program) {
-        Ok(t) => t,
-        Err(e) => return Err(bad(e.to_string())),
-    };
-    if !text.starts_with(b"#!") {
+    // The head only: a program is usually an ELF binary, perhaps a large one.
+    let mut head = Vec::new();
+    fs::File::open(program)
+        .and_then(|f| f.take(64 * 1024).read_to_end(&mut head))
+        .map_err(|e| bad(e.to_string()))?;
+    if !head.starts_with(b"#!") {
         return Ok(None);
     }
-    let text = String::from_utf8_lossy(&text[..text.len().min(64 * 1024)]).into_owned();
+    let text = String::from_utf8_lossy(&head).into_owned();
     let first = text.lines().next().unwrap_or_default();
     let mut words = first[2..].split_whitespace();
     let Some(mut interpreter) = words.next().map(PathBuf::from) else {

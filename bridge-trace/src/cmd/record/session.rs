@@ -61,6 +61,7 @@ pub(super) fn follow(
             u.load_all(child, &maps)?;
         }
         t.tracer.trace_allocator(child, &allocators)?;
+        t.tracer.note_allocator_text(child, &maps);
         trace_own_mappings(&mut t.tracer, child, &maps)?;
         Ok::<_, Error>(maps)
     })();
@@ -156,6 +157,7 @@ pub(super) fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
     }
     let since = (std::time::Instant::now(), std::time::SystemTime::now());
     tracer.trace_allocator(pid, &allocators)?;
+    tracer.note_allocator_text(pid, &maps);
     if follow {
         tracer.follow_children()?;
     }

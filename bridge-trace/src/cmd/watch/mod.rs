@@ -320,9 +320,7 @@ impl Session<'_> {
                 self.tracer.remove_target(pid);
                 return Err(e);
             }
-        }
-        if let Some(u) = self.unwinder.as_mut() {
-            u.track(pid, &maps)?;
+            self.tracer.note_allocator_text(pid, &maps);
         }
         let tx = self.exited.clone();
         tokio::spawn(async move {
@@ -491,8 +489,9 @@ impl Session<'_> {
                     p.allocs = Sites::default();
                 }
                 Tier::Sampled | Tier::Full if !self.tracer.traces_allocator(pid) => {
-                    if let Err(e) = self.tracer.trace_allocator(pid, &p.allocators) {
-                        eprintln!("bridge-trace: pid {pid}: {e}");
+                    match self.tracer.trace_allocator(pid, &p.allocators) {
+                        Ok(()) => self.tracer.note_allocator_text(pid, &p.maps.current),
+                        Err(e) => eprintln!("bridge-trace: pid {pid}: {e}"),
                     }
                 }
                 _ => {}
