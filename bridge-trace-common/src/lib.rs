@@ -134,9 +134,13 @@ pub enum Counter {
     /// Frees, by a followed child, of blocks its parent allocated before the fork (the child's
     /// copy of them): the parent's own copies stay its.
     InheritedFrees = 25,
+    /// Probe runs skipped because another of bridge-trace's programs was preempted mid-run on
+    /// the same CPU (multi-uprobe links have no kernel recursion guard; the per-CPU scratch
+    /// state must not be shared).
+    BusyCpu = 26,
 }
 
-pub const COUNTER_COUNT: u32 = 26;
+pub const COUNTER_COUNT: u32 = 27;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -166,6 +170,7 @@ impl Counter {
         Counter::NestedFrees,
         Counter::InternalFrees,
         Counter::InheritedFrees,
+        Counter::BusyCpu,
     ];
 }
 
@@ -271,6 +276,12 @@ pub struct InFlight {
     /// As [`AllocInfo::interval`]; [`NOT_SAMPLED`] for a realloc the sampler skipped, whose
     /// return only forgets the old block if it moved.
     pub interval: u64,
+    /// realloc/reallocarray: the old block, taken out of the live set at entry (when
+    /// `holds_old` is 1). Forgetting it at the return instead would race with another thread
+    /// that the allocator hands the freed address to before the return runs: the return would
+    /// forget that thread's new block.
+    pub old: AllocInfo,
+    pub holds_old: u64,
 }
 
 /// [`InFlight::interval`] of a call the sampler skipped.
@@ -290,6 +301,32 @@ pub mod config {
 
 /// Largest sampling interval (1 TiB): keeps the kernel's fixed-point product in range.
 pub const MAX_SAMPLE_INTERVAL: u64 = 1 << 40;
+
+/// Where an entry program finds each argument it reads, as its probe's attach cookie: a
+/// probe placed past the function's entry, after the function copied an argument to another
+/// register and reused the first (`mov %rdi,%rsi; mov %fs:(%rax),%rdi`), reads it from the
+/// copy. [`ARG_COOKIE_BITS`] bits per argument, in order: 0 for the ABI's register, otherwise
+/// 1 + the register's slot in the kernel's `struct pt_regs` ([`pt_regs_slot`]).
+pub const ARG_COOKIE_BITS: u32 = 5;
+
+/// The general registers' 8-byte slots in x86-64's `struct pt_regs`.
+pub mod pt_regs_slot {
+    pub const R15: u64 = 0;
+    pub const R14: u64 = 1;
+    pub const R13: u64 = 2;
+    pub const R12: u64 = 3;
+    pub const RBP: u64 = 4;
+    pub const RBX: u64 = 5;
+    pub const R11: u64 = 6;
+    pub const R10: u64 = 7;
+    pub const R9: u64 = 8;
+    pub const R8: u64 = 9;
+    pub const RAX: u64 = 10;
+    pub const RCX: u64 = 11;
+    pub const RDX: u64 = 12;
+    pub const RSI: u64 = 13;
+    pub const RDI: u64 = 14;
+}
 /// Entries of the table of exponential quantiles the sampler draws its intervals from.
 pub const EXP_QUANTILES: u32 = 4096;
 /// Fixed-point shift of those quantiles: entry i is -ln((i + 0.5) / N) << 16.
@@ -467,7 +504,7 @@ const _: () = assert!(core::mem::size_of::<ProcUnwind>() == 8 + 40 * MAX_UNWIND_
 const _: () = assert!(core::mem::size_of::<AllocKey>() == 16);
 const _: () = assert!(core::mem::size_of::<StackKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 56);
-const _: () = assert!(core::mem::size_of::<InFlight>() == 64);
+const _: () = assert!(core::mem::size_of::<InFlight>() == 128);
 const _: () = assert!(core::mem::size_of::<GrowthTotals>() == 32);
 const _: () = assert!(core::mem::size_of::<MmapRegion>() == 40);
 const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 64);

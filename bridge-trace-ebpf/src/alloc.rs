@@ -4,7 +4,7 @@ use aya_ebpf::{helpers::*, macros::*, programs::*};
 use bridge_trace_common::*;
 
 use crate::{
-    free::{nested_frees, release},
+    free::{credit_free, nested_frees, take},
     helpers::*,
     maps::*,
     stack::capture_stack,
@@ -12,6 +12,11 @@ use crate::{
 
 #[inline(always)]
 pub(crate) fn alloc_enter(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -> u32 {
+    guarded(|| remember_call(ctx, kind, size, ptr_arg))
+}
+
+#[inline(always)]
+fn remember_call(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -> u32 {
     let (tgid, tid) = current_task();
     // SAFETY: the context's registers are valid for the duration of the program.
     let regs = unsafe { &*ctx.regs };
@@ -31,9 +36,9 @@ pub(crate) fn alloc_enter(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_ar
     let interval = sample_interval();
     if interval != 0 && !sampled(size, interval) {
         count(Counter::Unsampled);
-        if matches!(kind, AllocKind::Realloc | AllocKind::Reallocarray) && ptr_arg != 0 {
+        if resizes(kind) && ptr_arg != 0 {
             // The old block may be a sampled one: its return forgets it if it moved.
-            let call = InFlight {
+            let mut call = InFlight {
                 size,
                 ptr_arg,
                 sp,
@@ -41,14 +46,12 @@ pub(crate) fn alloc_enter(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_ar
                 interval: NOT_SAMPLED,
                 ..InFlight::default()
             };
-            if INFLIGHT.insert(tid, &call, 0).is_err() {
-                count(Counter::InflightFull);
-            }
+            hold_old(tgid, tid, &mut call);
         }
         return 0;
     }
     let stack = capture_stack(tgid, regs.rip, sp, regs.rbp, true);
-    let call = InFlight {
+    let mut call = InFlight {
         size,
         ptr_arg,
         sp,
@@ -56,11 +59,54 @@ pub(crate) fn alloc_enter(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_ar
         kind: kind as u32,
         depth: 0,
         interval,
+        ..InFlight::default()
     };
-    if INFLIGHT.insert(tid, &call, 0).is_err() {
+    if resizes(kind) && ptr_arg != 0 {
+        hold_old(tgid, tid, &mut call);
+    } else if INFLIGHT.insert(tid, &call, 0).is_err() {
         count(Counter::InflightFull);
     }
     0
+}
+
+#[inline(always)]
+fn resizes(kind: AllocKind) -> bool {
+    matches!(kind, AllocKind::Realloc | AllocKind::Reallocarray)
+}
+
+/// A realloc's entry takes its old block out of the live set before the allocator can free
+/// it and hand its address to another thread; the return credits it or puts it back.
+#[inline(always)]
+fn hold_old(tgid: u32, tid: u32, call: &mut InFlight) {
+    if let Some(old) = take(tgid, call.ptr_arg) {
+        call.old = old;
+        call.holds_old = 1;
+    }
+    if INFLIGHT.insert(tid, &*call, 0).is_err() {
+        count(Counter::InflightFull);
+        // Untracked call: the block stays live, as if the realloc had not been seen.
+        put_back(tgid, call);
+    }
+}
+
+/// A realloc that left its old block where it was (failed, or an unsampled one in place).
+#[inline(always)]
+fn put_back(tgid: u32, call: &InFlight) {
+    if call.holds_old != 0
+        && ALLOCS
+            .insert(&AllocKey::new(tgid, call.ptr_arg), &call.old, 0)
+            .is_err()
+    {
+        count(Counter::AllocMapFull);
+    }
+}
+
+/// A realloc that released its old block (moved it, grew or shrank it, or freed it).
+#[inline(always)]
+fn credit_old(call: &InFlight) {
+    if call.holds_old != 0 {
+        credit_free(&call.old);
+    }
 }
 
 #[uprobe]
@@ -158,6 +204,11 @@ pub(crate) fn record(tgid: u32, tid: u32, addr: u64, size: u64, call: &InFlight)
 
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    guarded(|| record_return(&ctx))
+}
+
+#[inline(always)]
+fn record_return(ctx: &RetProbeContext) -> u32 {
     let (tgid, tid) = current_task();
     let Some(p) = INFLIGHT.get_ptr_mut(tid) else {
         // When sampling, the calls the sampler skipped have no entry.
@@ -181,24 +232,24 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     };
     if call.interval == NOT_SAMPLED {
         // A realloc the sampler skipped: only its old block matters, if it moved or was freed.
-        if call.ptr_arg != 0 && ret != call.ptr_arg && (ret != 0 || call.size == 0) {
-            release(tgid, call.ptr_arg, false);
+        if ret != call.ptr_arg && (ret != 0 || call.size == 0) {
+            credit_old(&call);
+        } else {
+            put_back(tgid, &call);
         }
         return 0;
     }
     match kind {
         AllocKind::Realloc | AllocKind::Reallocarray => {
-            let old = call.ptr_arg;
             if ret != 0 {
-                if old != 0 {
-                    release(tgid, old, false);
-                }
+                credit_old(&call);
                 record(tgid, tid, ret, call.size, &call);
-            } else if call.size == 0 && old != 0 && kind == AllocKind::Realloc {
+            } else if call.size == 0 && kind == AllocKind::Realloc {
                 // realloc(p, 0) frees p and returns NULL.
-                release(tgid, old, false);
+                credit_old(&call);
             } else {
                 // Failure: the old block is untouched.
+                put_back(tgid, &call);
                 count(Counter::FailedAllocs);
             }
         }

@@ -15,15 +15,30 @@ pub(crate) fn nested_frees() -> bool {
 /// counted when `count_unknown` and not sampling (where most addresses are unknown by design).
 #[inline(always)]
 pub(crate) fn release(tgid: u32, addr: u64, count_unknown: bool) -> bool {
-    let key = AllocKey::new(tgid, addr);
-    // SAFETY: value copied out before the delete.
-    let Some(info) = (unsafe { ALLOCS.get(&key) }).copied() else {
+    let Some(info) = take(tgid, addr) else {
         if count_unknown && sample_interval() == 0 {
             count(Counter::UnknownFrees);
         }
         return false;
     };
+    credit_free(&info);
+    true
+}
+
+/// Takes a live allocation out of the live set, uncredited (a realloc's old block until the
+/// realloc returns: [`credit_free`] then, or put back if it failed).
+#[inline(always)]
+pub(crate) fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
+    let key = AllocKey::new(tgid, addr);
+    // SAFETY: value copied out before the delete.
+    let info = (unsafe { ALLOCS.get(&key) }).copied()?;
     let _ = ALLOCS.remove(&key);
+    Some(info)
+}
+
+/// Credits a released block to its stack's totals.
+#[inline(always)]
+pub(crate) fn credit_free(info: &AllocInfo) {
     count(Counter::Frees);
     if let Some(t) = STACK_TOTALS.get_ptr_mut(&info.stack) {
         // SAFETY: per-CPU value of a successful lookup.
@@ -41,16 +56,23 @@ pub(crate) fn release(tgid: u32, addr: u64, count_unknown: bool) -> bool {
             count(Counter::StackTotalsFull);
         }
     }
-    true
 }
 
 /// [`release`] for a free probed at its entry (where `[sp]` is its return address: the
 /// placement moves no probe past a stack-pointer change): an unknown address freed from inside
 /// the allocator's own code is counted apart, as the allocator's own.
 #[inline(always)]
-fn release_or_count(tgid: u32, addr: u64, sp: u64) {
+fn release_or_count(tgid: u32, tid: u32, addr: u64, sp: u64) {
     if release(tgid, addr, false) || sample_interval() != 0 {
         return;
+    }
+    // SAFETY: the value is copied out.
+    if let Some(call) = unsafe { INFLIGHT.get(&tid) }.copied() {
+        if call.holds_old != 0 && call.ptr_arg == addr {
+            // A realloc freeing its own old block (realloc(p, 0), a move): its return
+            // credits the block, held since its entry.
+            return;
+        }
     }
     // SAFETY: the value is copied out.
     if let Some(parent) = unsafe { CHILD_OF.get(&tgid) }.copied() {
@@ -87,7 +109,12 @@ fn release_or_count(tgid: u32, addr: u64, sp: u64) {
 /// return then finds it gone ([`release`] with `count_unknown` false).
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
-    let addr = arg(&ctx, 0);
+    guarded(|| free_call(&ctx))
+}
+
+#[inline(always)]
+fn free_call(ctx: &ProbeContext) -> u32 {
+    let addr = arg(ctx, 0);
     if addr == 0 {
         return 0;
     }
@@ -95,7 +122,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     // SAFETY: the context's registers are valid for the duration of the program.
     let sp = unsafe { (*ctx.regs).rsp };
     if !nested_frees() {
-        release_or_count(tgid, addr, sp);
+        release_or_count(tgid, tid, addr, sp);
         return 0;
     }
     // SAFETY: plain helper call.
@@ -109,7 +136,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
             return 0;
         }
     }
-    release_or_count(tgid, addr, sp);
+    release_or_count(tgid, tid, addr, sp);
     let last = Releasing {
         addr,
         sp,

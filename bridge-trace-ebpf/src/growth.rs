@@ -50,6 +50,11 @@ pub(crate) fn grow(stack: &StackKey, mapped: u64, unmapped: u64, faulted: u64) {
 /// and the caller's stack until the return.
 #[inline(always)]
 pub(crate) fn growth_enter(ctx: &ProbeContext, nr: u64) -> u32 {
+    guarded(|| remember_syscall(ctx, nr))
+}
+
+#[inline(always)]
+fn remember_syscall(ctx: &ProbeContext, nr: u64) -> u32 {
     let Some((tgid, tid)) = current_target() else {
         return 0;
     };
@@ -95,6 +100,11 @@ pub(crate) const MAP_FAILED: u64 = u64::MAX;
 /// Return of a heap-growth wrapper: turns the call into growth (or shrinkage) of its stack.
 #[uretprobe]
 pub fn growth_return(ctx: RetProbeContext) -> u32 {
+    guarded(|| syscall_return(&ctx))
+}
+
+#[inline(always)]
+fn syscall_return(ctx: &RetProbeContext) -> u32 {
     let Some((tgid, tid)) = current_target() else {
         return 0;
     };
@@ -178,6 +188,11 @@ pub(crate) fn unmap(tgid: u32, addr: u64, len: u64) {
 /// attributed to the code that touched it.
 #[raw_tracepoint(tracepoint = "page_fault_user")]
 pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
+    guarded(|| first_touch(&ctx)) as i32
+}
+
+#[inline(always)]
+fn first_touch(ctx: &RawTracePointContext) -> u32 {
     // page_fault_user's arguments are (unsigned long address, struct pt_regs *regs,
     // unsigned long error_code).
     let error_code: u64 = ctx.arg(2);

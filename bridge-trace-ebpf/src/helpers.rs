@@ -1,6 +1,6 @@
 //! What every probe family uses: counting, the current task, the sampler, the in-flight
 //! entry of a thread, and reading arguments.
-use aya_ebpf::{helpers::*, programs::*};
+use aya_ebpf::{helpers::*, programs::*, EbpfContext as _};
 use bridge_trace_common::*;
 
 use crate::maps::*;
@@ -12,6 +12,31 @@ pub(crate) const SIGSTOP: u32 = 19;
 pub(crate) fn knob(k: &'static u32) -> u32 {
     // SAFETY: a read of a global; volatile so that the value set at load time is used.
     unsafe { core::ptr::read_volatile(k) }
+}
+
+/// Runs a program's body unless another guarded program is running on this CPU (preempted in
+/// the middle of its run: programs run with migration, not preemption, disabled). The kernel
+/// guards perf-event uprobes itself, but not multi-uprobe links or tracepoints, and the
+/// programs share per-CPU scratch state (the stack walk, the sampler, the counters).
+/// Interleavings on one CPU are whole preemptions, so a plain flag suffices: a run that sees
+/// it clear and is preempted before setting it resumes only after the other run cleared it.
+#[inline(always)]
+pub(crate) fn guarded(body: impl FnOnce() -> u32) -> u32 {
+    let Some(busy) = BUSY.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot of a successful lookup.
+    unsafe {
+        if *busy != 0 {
+            count(Counter::BusyCpu);
+            return 0;
+        }
+        *busy = 1;
+    }
+    let r = body();
+    // SAFETY: as above (the program has not migrated).
+    unsafe { *busy = 0 };
+    r
 }
 
 #[inline(always)]
@@ -105,9 +130,37 @@ pub(crate) fn pending_call(tid: u32, sp: u64) -> Pending {
     }
 }
 
+/// Integer argument `n` of the probed call: in its ABI register, or where the probe's cookie
+/// says the function had copied it by the probe's place ([`ARG_COOKIE_BITS`]).
 #[inline(always)]
 pub(crate) fn arg(ctx: &ProbeContext, n: usize) -> u64 {
-    ctx.arg::<u64>(n).unwrap_or(0)
+    // SAFETY: plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let slot = (cookie >> (ARG_COOKIE_BITS as usize * n)) & ((1 << ARG_COOKIE_BITS) - 1);
+    if slot == 0 {
+        return ctx.arg::<u64>(n).unwrap_or(0);
+    }
+    // A copy of the registers: the verifier allows only constant offsets into the context,
+    // which a match over the slots would otherwise become.
+    // SAFETY: the context's registers are valid for the duration of the program.
+    let regs = unsafe { core::ptr::read_volatile(ctx.regs) };
+    match slot - 1 {
+        pt_regs_slot::R15 => regs.r15,
+        pt_regs_slot::R14 => regs.r14,
+        pt_regs_slot::R13 => regs.r13,
+        pt_regs_slot::R12 => regs.r12,
+        pt_regs_slot::RBX => regs.rbx,
+        pt_regs_slot::R11 => regs.r11,
+        pt_regs_slot::R10 => regs.r10,
+        pt_regs_slot::R9 => regs.r9,
+        pt_regs_slot::R8 => regs.r8,
+        pt_regs_slot::RAX => regs.rax,
+        pt_regs_slot::RCX => regs.rcx,
+        pt_regs_slot::RDX => regs.rdx,
+        pt_regs_slot::RSI => regs.rsi,
+        pt_regs_slot::RDI => regs.rdi,
+        _ => 0,
+    }
 }
 
 /// `a * b`, or `u64::MAX` on overflow (`checked_mul` needs a 128-bit multiply BPF lacks).

@@ -7,6 +7,7 @@
 //! | CONFIG | user: `attach` (sampling interval, nested frees) | `alloc`, `free`, `helpers` | never (settings) |
 //! | EXP_TABLE | user: `attach` (once, at load) | `helpers::sampled` | never |
 //! | SAMPLER | `helpers::sampled` (per CPU) | the same | never (per-CPU scratch) |
+//! | BUSY | `helpers::guarded` (per CPU) | the same | never (per-CPU flag) |
 //! | ALLOCS | `alloc::alloc_return` (insert), `free`/`alloc` (delete) | user: `collect::snapshot` | `attach::untrace_allocator` |
 //! | INFLIGHT | allocation entries (insert), `alloc_return` (take) | `alloc` | `attach::untrace_allocator` |
 //! | RELEASING | `free::free_enter` | `free::free_enter` | entries expire (`NESTED_FREE_NS`) |
@@ -57,6 +58,10 @@ pub(crate) static EXP_TABLE: Array<u32> = Array::with_max_entries(EXP_QUANTILES,
 /// Per CPU: bytes still to be allocated before the next sampled allocation (0: not drawn yet).
 #[map]
 pub(crate) static SAMPLER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU: 1 while one of the guarded programs runs there ([`crate::helpers::guarded`]).
+#[map]
+pub(crate) static BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// Heap growth per stack, per CPU: written by the growth tracepoints.
 #[map]

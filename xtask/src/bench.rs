@@ -146,6 +146,10 @@ pub fn bench(short: bool) -> Result<()> {
     let watch_out = dir.join("watch.json");
     std::fs::write(&watch_out, serde_json::to_string_pretty(&tiers)? + "\n")?;
     println!("bench: wrote {}", watch_out.display());
+    let survey = crate::survey::survey(&tracer, &dir, short)?;
+    let survey_out = dir.join("allocators.json");
+    std::fs::write(&survey_out, serde_json::to_string_pretty(&survey)? + "\n")?;
+    println!("bench: wrote {}", survey_out.display());
     let peers = crate::peers::peers(&tracer, &dir, short)?;
     let peers_out = dir.join("peers.json");
     std::fs::write(&peers_out, serde_json::to_string_pretty(&peers)? + "\n")?;

@@ -17,6 +17,7 @@ mod bench;
 mod fuzz;
 mod peers;
 mod soak;
+mod survey;
 mod tiers;
 
 #[derive(Parser)]

@@ -4,10 +4,19 @@
 //! system-wide tracepoints ([`GROWTH_TRACEPOINT`], [`EXEC_TRACEPOINT`], and with
 //! `--follow-children` [`NEWTASK_TRACEPOINT`] and [`CHILD_FAULT_TRACEPOINT`]). Owns the
 //! user-written control maps (TARGETS, CONFIG, EXP_TABLE; HELD_CHILDREN's removals) and purges
-//! a process's entries from the other maps once it is no longer traced. Dropping the [`Tracer`] detaches everything; the links are file descriptors,
-//! so the kernel also detaches them if bridge-trace is killed.
-use std::{collections::HashMap, num::NonZeroU32, os::fd::AsFd as _, path::Path};
+//! a process's entries from the other maps once it is no longer traced. Uprobes are attached
+//! as multi-uprobe links ([`multi`]: one per program, object and process) where the kernel
+//! has them, as aya's perf-event uprobes otherwise. Dropping the [`Tracer`] detaches
+//! everything; the links are file descriptors, so the kernel also detaches them if
+//! bridge-trace is killed.
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+};
 
+mod multi;
 pub mod placement;
 mod probes;
 
@@ -22,7 +31,7 @@ pub use probes::{
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLink, UProbeLinkId, UProbeScope},
         ProgramError, RawTracePoint, TracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
@@ -86,10 +95,12 @@ pub struct Tracer {
     /// instruction the kernel would single-step shows as `free+9`, an alias as
     /// `alias=symbol`): for `--verbose` and the JSON report.
     pub entry_points: Vec<String>,
+    /// The object's uprobe programs loaded for multi-uprobe links, when the kernel has them.
+    multi: Option<multi::Programs>,
     /// The allocator probes' links, per process.
-    links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    links: HashMap<u32, Vec<Link>>,
     /// The growth probes' links, per process.
-    growth_links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    growth_links: HashMap<u32, Vec<Link>>,
     /// The allocator objects of each process, as it sees them ([`Tracer::note_allocator_text`]).
     allocator_paths: HashMap<u32, Vec<String>>,
     page_faults: bool,
@@ -139,11 +150,56 @@ fn newtask_fields() -> Result<(u32, u32)> {
 const SINGLE_STEP_US: f64 = 14.0;
 const EMULATED_US: f64 = 0.5;
 
-/// Drops `items` (links) on several threads: each uprobe's detach waits for a grace period
-/// (about 0.1 s here), and detaches running at once share them.
+/// Set to 1, uprobes are attached as perf-event uprobes even where the kernel has
+/// multi-uprobe links (to compare the two).
+pub const PERF_UPROBES_ENV: &str = "BRIDGE_TRACE_PERF_UPROBES";
+
+/// One attachment: a perf-event uprobe of aya's, or a multi-uprobe link holding `places`.
+enum Link {
+    Perf(&'static str, UProbeLinkId),
+    Multi { fd: OwnedFd, places: usize },
+}
+
+impl Link {
+    fn places(&self) -> usize {
+        match self {
+            Link::Perf(..) => 1,
+            Link::Multi { places, .. } => *places,
+        }
+    }
+}
+
+/// An attachment taken out of its program, to be dropped (detached) anywhere.
+enum Detaching {
+    // Held only to be dropped.
+    #[allow(dead_code)]
+    Perf(UProbeLink),
+    #[allow(dead_code)]
+    Multi(OwnedFd),
+}
+
+/// Takes `links` out of their programs, ready to be dropped.
+fn detaching(ebpf: &mut Ebpf, links: Vec<Link>) -> Vec<Detaching> {
+    let mut owned = Vec::with_capacity(links.len());
+    for link in links {
+        match link {
+            Link::Perf(program, id) => {
+                if let Ok(p) = loaded_uprobe(ebpf, program) {
+                    owned.extend(p.take_link(id).ok().map(Detaching::Perf));
+                }
+            }
+            Link::Multi { fd, .. } => owned.push(Detaching::Multi(fd)),
+        }
+    }
+    owned
+}
+
+/// Drops `items` (links) on several threads: each link's detach waits for a grace period
+/// (about 0.1 s here), and multi-uprobe links closed at once share it. (Perf-event uprobes
+/// gain nothing: the kernel unregisters them one at a time under one lock.)
 fn drop_in_parallel<T: Send>(mut items: Vec<T>) {
     const THREADS: usize = 16;
-    if items.len() < 4 {
+    if items.len() < 2 {
         return;
     }
     let chunk = items.len().div_ceil(THREADS);
@@ -158,13 +214,22 @@ fn drop_in_parallel<T: Send>(mut items: Vec<T>) {
 impl Drop for Tracer {
     /// Detaches every probe, several at a time (the object and its maps go after).
     fn drop(&mut self) {
-        let links: Vec<_> = self
+        let started = std::time::Instant::now();
+        let (probes, links) = (self.probe_count(), self.link_count());
+        let all: Vec<_> = self
             .links
             .drain()
             .chain(self.growth_links.drain())
             .flat_map(|(_, l)| l)
             .collect();
-        self.detach(links);
+        self.detach(all);
+        tracing::info!(
+            probes,
+            links,
+            multi = self.multi.is_some(),
+            ms = started.elapsed().as_millis() as u64,
+            "detached"
+        );
     }
 }
 
@@ -252,8 +317,20 @@ impl Tracer {
             .map_max_entries(map::ALLOCS, knobs.max_allocs)
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_err("loading the eBPF object", chain(&e)))?;
+        let multi = if std::env::var_os(PERF_UPROBES_ENV).is_some_and(|v| v == "1") {
+            None
+        } else {
+            match multi::Programs::new(&ebpf, EBPF_OBJECT, program::ALLOC_RETURN) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::info!("perf-event uprobes (no multi-uprobe links: {e})");
+                    None
+                }
+            }
+        };
         let mut tracer = Tracer {
             ebpf,
+            multi,
             attached: Vec::new(),
             entry_points: Vec::new(),
             links: HashMap::new(),
@@ -286,23 +363,25 @@ impl Tracer {
             let mut attached: Vec<String> = Vec::new();
             // Entry points whose probe the kernel single-steps (no emulated place found).
             let mut stepped: Vec<String> = Vec::new();
+            // Each program's places in this object, in the order of [`allocator_probes`]
+            // (what releases first, each return before its entry), attached one program at
+            // a time: the same order holds.
+            let mut groups: Vec<(&'static str, Vec<ProbeAt>)> = Vec::new();
+            let follow = self.multi.is_some();
             for p in allocator_probes(allocator) {
-                let placed = attach_one(
-                    &mut self.ebpf,
-                    p.program,
-                    &p.symbol,
-                    Some(p.reads),
-                    &allocator.host_path,
-                    nz,
-                );
-                let (link, offset) = match placed {
+                let placed = locate(&allocator.host_path, &p.symbol, Some(p.reads), follow);
+                let (at, offset) = match placed {
                     Ok(placed) => placed,
                     Err(e) => {
                         self.untrace_allocator(pid);
                         return Err(e);
                     }
                 };
-                self.links.entry(pid).or_default().push((p.program, link));
+                match groups.iter_mut().find(|(program, _)| *program == p.program) {
+                    Some((_, places)) if places.iter().any(|q| q.at == at.at) => {}
+                    Some((_, places)) => places.push(at),
+                    None => groups.push((p.program, vec![at])),
+                }
                 if placement::single_stepped(&allocator.host_path, &p.symbol, offset)
                     && !stepped.contains(&p.symbol)
                 {
@@ -317,6 +396,23 @@ impl Tracer {
                 };
                 if p.program != "alloc_return" && !attached.contains(&shown) {
                     attached.push(shown);
+                }
+            }
+            for (program, places) in groups {
+                let placed = attach_places(
+                    &mut self.ebpf,
+                    self.multi.as_mut(),
+                    program,
+                    &allocator.host_path,
+                    &places,
+                    nz,
+                );
+                match placed {
+                    Ok(links) => self.links.entry(pid).or_default().extend(links),
+                    Err(e) => {
+                        self.untrace_allocator(pid);
+                        return Err(e);
+                    }
                 }
             }
             for (alias, target) in &allocator.aliases {
@@ -354,8 +450,23 @@ impl Tracer {
         self.links
             .values()
             .chain(self.growth_links.values())
+            .flatten()
+            .map(Link::places)
+            .sum()
+    }
+
+    /// How many links hold them: each detaches in a grace period of its own (about 0.1 s).
+    pub fn link_count(&self) -> usize {
+        self.links
+            .values()
+            .chain(self.growth_links.values())
             .map(Vec::len)
             .sum()
+    }
+
+    /// Whether the probes are multi-uprobe links (their detaches share grace periods).
+    pub fn multi_links(&self) -> bool {
+        self.multi.is_some()
     }
 
     /// Tells the kernel where `pid`'s allocator objects' code is mapped now (`maps`): a free
@@ -391,15 +502,16 @@ impl Tracer {
         let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
         for p in floor_probes(parts) {
             let reads = static_reads(p);
-            let (link, _) = attach_one(
+            let (links, _) = attach_one(
                 &mut self.ebpf,
+                self.multi.as_mut(),
                 p.program,
                 p.symbol,
                 reads,
                 &allocator.host_path,
                 nz,
             )?;
-            self.links.entry(pid).or_default().push((p.program, link));
+            self.links.entry(pid).or_default().extend(links);
         }
         Ok(())
     }
@@ -515,17 +627,14 @@ impl Tracer {
         for p in GROWTH_PROBES.iter().filter(|p| heap || p.symbol != "brk") {
             match attach_one(
                 &mut self.ebpf,
+                self.multi.as_mut(),
                 p.program,
                 p.symbol,
                 static_reads(p),
                 object,
                 nz,
             ) {
-                Ok((link, _)) => self
-                    .growth_links
-                    .entry(pid)
-                    .or_default()
-                    .push((p.program, link)),
+                Ok((links, _)) => self.growth_links.entry(pid).or_default().extend(links),
                 Err(e @ Error::ExitedBeforeAttach(_)) => return Err(e),
                 // A libc without this wrapper: its growth is still seen through page faults.
                 Err(e) => tracing::debug!(pid, symbol = p.symbol, "no growth probe: {e}"),
@@ -565,24 +674,35 @@ impl Tracer {
             }
             started.elapsed().as_nanos() as f64 / CALLS as f64
         };
-        let with = |programs: &[Probe], ebpf: &mut Ebpf| {
-            let mut links = Vec::new();
-            for p in programs {
-                let reads = static_reads(p);
-                let placed = attach_one(ebpf, p.program, p.symbol, reads, &allocator.host_path, nz);
-                links.push((p.program, placed?.0));
-            }
-            let ns = per_call();
-            for (program, link) in links {
-                let _ = loaded_uprobe(ebpf, program)?.detach(link);
-            }
-            Ok::<f64, Error>(ns)
-        };
+        let with =
+            |programs: &[Probe], ebpf: &mut Ebpf, mut multi: Option<&mut multi::Programs>| {
+                let mut links = Vec::new();
+                for p in programs {
+                    let reads = static_reads(p);
+                    let placed = attach_one(
+                        ebpf,
+                        multi.as_deref_mut(),
+                        p.program,
+                        p.symbol,
+                        reads,
+                        &allocator.host_path,
+                        nz,
+                    );
+                    links.extend(placed?.0);
+                }
+                let ns = per_call();
+                drop_in_parallel(detaching(ebpf, links));
+                Ok::<f64, Error>(ns)
+            };
         let base = per_call();
         // Empty programs where the real ones go: the traps alone (the programs' own run time
         // is measured while watching), and nothing recorded of bridge-trace itself.
-        let free = with(&[FLOOR_FREE], &mut self.ebpf)?;
-        let malloc = with(&[FLOOR_RETURN, FLOOR_ENTRY], &mut self.ebpf)?;
+        let free = with(&[FLOOR_FREE], &mut self.ebpf, self.multi.as_mut())?;
+        let malloc = with(
+            &[FLOOR_RETURN, FLOOR_ENTRY],
+            &mut self.ebpf,
+            self.multi.as_mut(),
+        )?;
         let costs = ProbeCosts {
             alloc_ns: (malloc - base).max(0.0),
             free_ns: (free - base).max(0.0),
@@ -617,14 +737,8 @@ impl Tracer {
     }
 
     /// Detaches uprobe links of this object's programs.
-    fn detach(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
-        let mut owned = Vec::with_capacity(links.len());
-        for (program, link) in links {
-            if let Ok(p) = loaded_uprobe(&mut self.ebpf, program) {
-                owned.extend(p.take_link(link).ok());
-            }
-        }
-        drop_in_parallel(owned);
+    fn detach(&mut self, links: Vec<Link>) {
+        drop_in_parallel(detaching(&mut self.ebpf, links));
     }
 
     /// Deletes the entries of hash map `name` whose key matches.
@@ -673,22 +787,33 @@ impl Tracer {
     /// What each loaded program cost so far, from the kernel's own statistics (run time is
     /// counted only while `kernel.bpf_stats_enabled` is 1).
     pub fn program_costs(&self) -> Vec<ProgramCost> {
-        self.ebpf
+        let loaded = self
+            .ebpf
             .programs()
-            .filter_map(|(name, p)| {
-                let fd = p.fd().ok()?;
-                let Some(info) = prog_info(fd.as_fd()) else {
-                    tracing::debug!(program = name, "could not read bpf_prog_info");
-                    return None;
-                };
-                Some(ProgramCost {
+            .filter_map(|(name, p)| Some((name, p.fd().ok()?.as_fd())))
+            .chain(self.multi.iter().flat_map(|m| m.loaded()));
+        let mut costs: Vec<ProgramCost> = Vec::new();
+        for (name, fd) in loaded {
+            let Some(info) = prog_info(fd) else {
+                tracing::debug!(program = name, "could not read bpf_prog_info");
+                continue;
+            };
+            // A program loaded for both kinds of link is one program to the reader.
+            match costs.iter_mut().find(|c| c.program == name) {
+                Some(c) => {
+                    c.runs += info.run_cnt;
+                    c.run_time_ns += info.run_time_ns;
+                    c.missed_runs += info.recursion_misses;
+                }
+                None => costs.push(ProgramCost {
                     program: name.to_string(),
                     runs: info.run_cnt,
                     run_time_ns: info.run_time_ns,
                     missed_runs: info.recursion_misses,
-                })
-            })
-            .collect()
+                }),
+            }
+        }
+        costs
     }
 }
 
@@ -734,44 +859,114 @@ fn loaded_uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
     Ok(loaded!(ebpf, name, UProbe))
 }
 
-/// Attaches `program` for `pid` to `symbol` of `object` where [`placement::place`] puts an
-/// entry probe that reads `reads` (the function's first instruction when `None`); a return
-/// probe goes to the same place as its entry probe, so that the entry program still finds the
-/// real return address at `[rsp]` (a return probe replaces it with its trampoline's as soon as
-/// it fires). Returns the link and the offset past the symbol.
+/// Where a probe on `symbol` of `object` goes: its offset in the file, and how far past the
+/// symbol [`placement::place`] put it for an entry program that reads `reads` (the function's
+/// first instruction when `None`). A return probe goes to the same place as its entry probe,
+/// so that the entry program still finds the real return address at `[rsp]` (a return probe
+/// replaces it with its trampoline's as soon as it fires).
+///
+/// With `follow` (multi-uprobe links, which carry a cookie per place) the probe may go past a
+/// reuse of an argument's register once the argument was copied ([`placement::Placed`]).
+/// Returns the place (file offset and cookie) and the offset past the symbol.
+fn locate(
+    object: &Path,
+    symbol: &str,
+    reads: Option<Reads>,
+    follow: bool,
+) -> Result<(ProbeAt, u64)> {
+    let start = placement::symbol_file_offset(object, symbol)
+        .ok_or_else(|| Error::Ebpf(format!("no symbol {symbol} in {}", object.display())))?;
+    let placed = reads.and_then(|reads| placement::place_symbol(object, symbol, reads, follow));
+    let (past, cookie) = placed.map_or((0, 0), |p| (p.offset, p.cookie()));
+    Ok((
+        ProbeAt {
+            at: start + past,
+            cookie,
+        },
+        past,
+    ))
+}
+
+/// A probe's place: its offset in the file, and its cookie for the entry program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ProbeAt {
+    at: u64,
+    cookie: u64,
+}
+
+/// Attaches `program` for `pid` at `places` (offsets in the file) of `object`: one
+/// multi-uprobe link when `multi` is there, one perf-event uprobe per place otherwise (all or
+/// none).
+fn attach_places(
+    ebpf: &mut Ebpf,
+    multi: Option<&mut multi::Programs>,
+    program: &'static str,
+    object: &Path,
+    places: &[ProbeAt],
+    pid: NonZeroU32,
+) -> Result<Vec<Link>> {
+    if places.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(multi) = multi {
+        let offsets: Vec<u64> = places.iter().map(|p| p.at).collect();
+        let cookies: Vec<u64> = places.iter().map(|p| p.cookie).collect();
+        let fd = multi.attach(program, object, &offsets, &cookies, pid.get())?;
+        return Ok(vec![Link::Multi {
+            fd,
+            places: places.len(),
+        }]);
+    }
+    let loaded = loaded_uprobe(ebpf, program)?;
+    let mut links = Vec::with_capacity(places.len());
+    for &ProbeAt { at, cookie } in places {
+        // Perf-event uprobes carry no cookie here: placed without following copies.
+        debug_assert_eq!(cookie, 0);
+        let attached = loaded.attach(
+            UProbeAttachLocation::AbsoluteOffset(at),
+            object,
+            UProbeScope::OneProcess(pid),
+        );
+        match attached {
+            Ok(id) => links.push(id),
+            Err(e) => {
+                for id in links {
+                    let _ = loaded.detach(id);
+                }
+                let msg = chain(&e);
+                return Err(
+                    if msg.contains("No such process") || msg.contains("ESRCH") {
+                        Error::ExitedBeforeAttach(pid.get())
+                    } else {
+                        ebpf_err(
+                            &format!("attaching {program} to {}+{at:#x}", object.display()),
+                            msg,
+                        )
+                    },
+                );
+            }
+        }
+    }
+    Ok(links
+        .into_iter()
+        .map(|id| Link::Perf(program, id))
+        .collect())
+}
+
+/// Attaches `program` for `pid` to `symbol` of `object` ([`locate`]). Returns the links and
+/// the offset past the symbol.
 fn attach_one(
     ebpf: &mut Ebpf,
+    multi: Option<&mut multi::Programs>,
     program: &'static str,
     symbol: &str,
     reads: Option<Reads>,
     object: &Path,
     pid: NonZeroU32,
-) -> Result<(UProbeLinkId, u64)> {
-    let offset = reads
-        .and_then(|reads| placement::place_symbol(object, symbol, reads))
-        .unwrap_or(0);
-    let loaded = loaded_uprobe(ebpf, program)?;
-    loaded
-        .attach(
-            UProbeAttachLocation::SymbolOffset(symbol, offset),
-            object,
-            UProbeScope::OneProcess(pid),
-        )
-        .map(|link| (link, offset))
-        .map_err(|e| {
-            let msg = chain(&e);
-            if msg.contains("No such process") || msg.contains("ESRCH") {
-                Error::ExitedBeforeAttach(pid.get())
-            } else {
-                ebpf_err(
-                    &format!(
-                        "attaching {program} to {}:{symbol}+{offset}",
-                        object.display()
-                    ),
-                    msg,
-                )
-            }
-        })
+) -> Result<(Vec<Link>, u64)> {
+    let (at, past) = locate(object, symbol, reads, multi.is_some())?;
+    let links = attach_places(ebpf, multi, program, object, &[at], pid)?;
+    Ok((links, past))
 }
 
 #[cfg(test)]

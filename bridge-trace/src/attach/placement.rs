@@ -9,7 +9,14 @@
 //! instruction within reach, provided that the instructions before it run straight through
 //! (no branch: every call reaches the probe) and write no register the program reads (its
 //! arguments, `%rsp`, `%rbp`) and no memory. Anything else keeps the entry.
+//!
+//! With multi-uprobe links, which carry a cookie per place, [`place_following`] also goes past
+//! an argument's register being reused once the function has copied the argument to another
+//! one (mimalloc's `malloc` begins `mov %rdi,%rsi; mov %fs:(%rax),%rdi`): the program then
+//! reads the copy ([`Placed::cookie`]).
 use std::path::Path;
+
+use bridge_trace_common::{pt_regs_slot, ARG_COOKIE_BITS};
 
 use iced_x86::{
     Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
@@ -35,15 +42,48 @@ const ARG_REGISTERS: [Register; 6] = [
     Register::R9,
 ];
 
-/// Where to put the probe, in bytes past the function's entry, for code `code` at address `ip`.
+/// A probe's place: bytes past the function's entry, and the register holding each argument
+/// the program reads there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub offset: u64,
+    pub holders: Vec<Register>,
+}
+
+impl Placed {
+    /// The entry program's attach cookie ([`ARG_COOKIE_BITS`]): 0 when every argument is in
+    /// its ABI register.
+    pub fn cookie(&self) -> u64 {
+        self.holders
+            .iter()
+            .zip(ARG_REGISTERS)
+            .enumerate()
+            .map(|(i, (&held, abi))| {
+                let slot = if held == abi { 0 } else { slot_of(held) + 1 };
+                slot << (ARG_COOKIE_BITS as usize * i)
+            })
+            .sum()
+    }
+}
+
+/// Where to put the probe, in bytes past the function's entry, for code `code` at address `ip`,
+/// every argument the program reads still in its ABI register.
 pub fn place(code: &[u8], ip: u64, reads: Reads) -> u64 {
+    place_following(code, ip, reads, false).offset
+}
+
+/// Where to put the probe; with `follow`, past a reuse of an argument's register once the
+/// argument is copied to another (the probe then carries where: [`Placed::cookie`]).
+pub fn place_following(code: &[u8], ip: u64, reads: Reads, follow: bool) -> Placed {
+    let args = reads.args.min(6);
+    let entry = Placed {
+        offset: 0,
+        holders: ARG_REGISTERS[..args].to_vec(),
+    };
     let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
     let mut factory = InstructionInfoFactory::new();
-    let protected: Vec<Register> = ARG_REGISTERS[..reads.args.min(6)]
-        .iter()
-        .copied()
-        .chain([Register::RSP, Register::RBP])
-        .collect();
+    // The registers holding each argument so far.
+    let mut holders: Vec<Vec<Register>> = ARG_REGISTERS[..args].iter().map(|&r| vec![r]).collect();
     for _ in 0..LOOKAHEAD {
         if !decoder.can_decode() {
             break;
@@ -53,34 +93,104 @@ pub fn place(code: &[u8], ip: u64, reads: Reads) -> u64 {
             break;
         }
         if emulated(&instr) {
-            return instr.ip() - ip;
+            let holders = holders
+                .iter()
+                .zip(ARG_REGISTERS)
+                .map(|(h, abi)| if h.contains(&abi) { abi } else { h[0] })
+                .collect();
+            return Placed {
+                offset: instr.ip() - ip,
+                holders,
+            };
         }
         if instr.flow_control() != FlowControl::Next {
             break;
         }
         let info = factory.info(&instr);
-        let writes_protected = info
+        if info.used_memory().iter().any(|m| writes(m.access())) {
+            break;
+        }
+        // A whole 64-bit register copied to another.
+        let copy = (instr.mnemonic() == Mnemonic::Mov
+            && instr.op_count() == 2
+            && instr.op0_kind() == OpKind::Register
+            && instr.op1_kind() == OpKind::Register
+            && instr.op0_register().is_gpr64()
+            && instr.op1_register().is_gpr64())
+        .then(|| (instr.op0_register(), instr.op1_register()));
+        let written: Vec<Register> = info
             .used_registers()
             .iter()
-            .any(|r| writes(r.access()) && protected.contains(&r.register().full_register()));
-        let writes_memory = info.used_memory().iter().any(|m| writes(m.access()));
-        if writes_protected || writes_memory {
+            .filter(|r| writes(r.access()))
+            .map(|r| r.register().full_register())
+            .collect();
+        if written
+            .iter()
+            .any(|r| matches!(*r, Register::RSP | Register::RBP))
+        {
+            break;
+        }
+        for r in written {
+            for h in holders.iter_mut() {
+                // `r` now holds a copy of this argument.
+                let copied = matches!(copy, Some((dst, src)) if dst == r && h.contains(&src));
+                if copied {
+                    if follow && !h.contains(&r) {
+                        h.push(r);
+                    }
+                } else if follow {
+                    h.retain(|&held| held != r);
+                } else if h.contains(&r) {
+                    // Not following: any write of an argument's own register stops here.
+                    h.clear();
+                }
+            }
+        }
+        if holders.iter().any(Vec::is_empty) {
             break;
         }
     }
-    0
+    entry
 }
 
-/// The placement of `symbol`'s entry probe in the ELF object at `path`, if its code can be read.
-pub fn place_symbol(path: &Path, symbol: &str, reads: Reads) -> Option<u64> {
-    let (code, addr) = code_of(path, symbol)?;
-    Some(place(&code, addr, reads))
+/// `register`'s slot in `struct pt_regs`.
+fn slot_of(register: Register) -> u64 {
+    match register {
+        Register::R15 => pt_regs_slot::R15,
+        Register::R14 => pt_regs_slot::R14,
+        Register::R13 => pt_regs_slot::R13,
+        Register::R12 => pt_regs_slot::R12,
+        Register::RBP => pt_regs_slot::RBP,
+        Register::RBX => pt_regs_slot::RBX,
+        Register::R11 => pt_regs_slot::R11,
+        Register::R10 => pt_regs_slot::R10,
+        Register::R9 => pt_regs_slot::R9,
+        Register::R8 => pt_regs_slot::R8,
+        Register::RAX => pt_regs_slot::RAX,
+        Register::RCX => pt_regs_slot::RCX,
+        Register::RDX => pt_regs_slot::RDX,
+        Register::RSI => pt_regs_slot::RSI,
+        _ => pt_regs_slot::RDI,
+    }
+}
+
+/// The placement of `symbol`'s entry probe in the ELF object at `path`, if its code can be read
+/// ([`place_following`]).
+pub fn place_symbol(path: &Path, symbol: &str, reads: Reads, follow: bool) -> Option<Placed> {
+    let (code, addr, _) = code_of(path, symbol)?;
+    Some(place_following(&code, addr, reads, follow))
+}
+
+/// The offset in the file of `symbol`'s first instruction in the ELF object at `path` (where a
+/// uprobe on it goes).
+pub fn symbol_file_offset(path: &Path, symbol: &str) -> Option<u64> {
+    code_of(path, symbol).map(|(_, _, offset)| offset)
 }
 
 /// Whether a probe at `symbol+offset` of the object at `path` is single-stepped by the kernel
 /// (its instruction is not one the kernel emulates): a hit then costs two traps.
 pub fn single_stepped(path: &Path, symbol: &str, offset: u64) -> bool {
-    code_of(path, symbol).is_some_and(|(code, _)| steps(&code, offset))
+    code_of(path, symbol).is_some_and(|(code, _, _)| steps(&code, offset))
 }
 
 /// Whether the instruction `offset` bytes into `code` is single-stepped.
@@ -93,8 +203,9 @@ fn steps(code: &[u8], offset: u64) -> bool {
     !instr.is_invalid() && !emulated(&instr)
 }
 
-/// The first 64 bytes of `symbol`'s code in the ELF object at `path`, and its address.
-fn code_of(path: &Path, symbol: &str) -> Option<(Vec<u8>, u64)> {
+/// The first 64 bytes of `symbol`'s code in the ELF object at `path`, its address and its
+/// offset in the file.
+fn code_of(path: &Path, symbol: &str) -> Option<(Vec<u8>, u64, u64)> {
     use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
     let file = std::fs::File::open(path).ok()?;
     // SAFETY: a read-only mapping of a binary, read once, right now.
@@ -112,7 +223,7 @@ fn code_of(path: &Path, symbol: &str) -> Option<(Vec<u8>, u64)> {
     })?;
     let start = usize::try_from(offset).ok()?;
     let code = data.get(start..(start + 64).min(data.len()))?;
-    Some((code.to_vec(), addr))
+    Some((code.to_vec(), addr, offset))
 }
 
 fn writes(access: OpAccess) -> bool {
@@ -221,7 +332,50 @@ mod tests {
             return;
         }
         // Debian 12's glibc 2.36: free's null check branch 3 bytes in; malloc starts with a push.
-        assert_eq!(place_symbol(libc, "free", ONE), Some(3));
-        assert_eq!(place_symbol(libc, "malloc", ONE), Some(0));
+        let offset = |symbol| place_symbol(libc, symbol, ONE, true).map(|p| p.offset);
+        assert_eq!(offset("free"), Some(3));
+        assert_eq!(offset("malloc"), Some(0));
+    }
+
+    #[test]
+    fn an_argument_copied_before_its_register_is_reused_is_read_from_the_copy() {
+        // Debian's libmimalloc.so.2.0 malloc: mov 0xb449(%rip),%rax; mov %rdi,%rsi;
+        // mov %fs:(%rax),%rdi; cmp $0x400,%rsi; ja +0x29.
+        let code = [
+            0x48, 0x8b, 0x05, 0x49, 0xb4, 0x00, 0x00, 0x48, 0x89, 0xfe, 0x64, 0x48, 0x8b, 0x38,
+            0x48, 0x81, 0xfe, 0x00, 0x04, 0x00, 0x00, 0x77, 0x29,
+        ];
+        // Without a cookie to say where the size went, the entry (single-stepped) it is.
+        assert_eq!(place(&code, 0x10b70, ONE), 0);
+        let placed = place_following(&code, 0x10b70, ONE, true);
+        assert_eq!(placed.offset, 21);
+        assert_eq!(placed.holders, [Register::RSI]);
+        assert_eq!(placed.cookie(), pt_regs_slot::RSI + 1);
+        // Its realloc: mov …(%rip),%rax; mov %rsi,%rdx; mov %rdi,%rsi; mov %fs:(%rax),%rax;
+        // mov %rax,%rdi; jmp mi_heap_realloc: the pointer is in %rsi, the size in %rdx.
+        let code = [
+            0x48, 0x8b, 0x05, 0x49, 0xa9, 0x00, 0x00, 0x48, 0x89, 0xf2, 0x48, 0x89, 0xfe, 0x64,
+            0x48, 0x8b, 0x00, 0x48, 0x89, 0xc7, 0xe9, 0xf7, 0x4e, 0xff, 0xff,
+        ];
+        let placed = place_following(&code, 0x11670, Reads { args: 2 }, true);
+        assert_eq!(placed.offset, 20);
+        assert_eq!(placed.holders, [Register::RSI, Register::RDX]);
+        assert_eq!(
+            placed.cookie(),
+            (pt_regs_slot::RSI + 1) | (pt_regs_slot::RDX + 1) << ARG_COOKIE_BITS
+        );
+    }
+
+    #[test]
+    fn an_argument_whose_every_copy_is_overwritten_stops_the_search() {
+        // mov %rdi,%rsi; mov %rax,%rsi; mov %rax,%rdi; push %rbp: the size is gone.
+        let code = [0x48, 0x89, 0xfe, 0x48, 0x89, 0xc6, 0x48, 0x89, 0xc7, 0x55];
+        assert_eq!(place_following(&code, 0x1000, ONE, true).offset, 0);
+        // A 32-bit copy is not the whole argument: mov %edi,%esi; mov %rax,%rdi; push %rbp.
+        let code = [0x89, 0xfe, 0x48, 0x89, 0xc7, 0x55];
+        assert_eq!(place_following(&code, 0x1000, ONE, true).offset, 0);
+        // Nothing copied, nothing moved: the cookie stays 0 (mov %rdi,%rbx; push %rbp).
+        let placed = place_following(&[0x48, 0x89, 0xfb, 0x55], 0x1000, ONE, true);
+        assert_eq!((placed.offset, placed.cookie()), (3, 0));
     }
 }

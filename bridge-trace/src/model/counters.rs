@@ -155,6 +155,14 @@ counters! {
     internal_frees: Kernel(Counter::InternalFrees), Caveat::None;
     /// Frees, by a followed child, of its copies of blocks its parent allocated before the fork.
     inherited_frees: Kernel(Counter::InheritedFrees), Caveat::None;
+    /// Probe runs skipped because another of bridge-trace's programs was preempted mid-run
+    /// on that CPU.
+    busy_cpu_runs: Kernel(Counter::BusyCpu), LowerBound(|n| {
+        format!(
+            "{n} probe runs were skipped (another of bridge-trace's probes was preempted on \
+             that CPU): up to that many allocations or frees were not seen"
+        )
+    });
 }
 
 impl Counters {

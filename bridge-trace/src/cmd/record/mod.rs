@@ -52,11 +52,13 @@ pub struct Outcome {
     pub stop: StopReason,
     /// Exit status of a launched target, when it exited.
     pub target_status: Option<i32>,
-    /// The probes being detached (the kernel waits a grace period per uprobe, about 0.1 s
-    /// each): the report is written already; [`Outcome::detached`] waits for the rest.
+    /// The probes being detached (the kernel waits a grace period per link, about 0.1 s,
+    /// shared by multi-uprobe links, one after another for perf-event uprobes): the report is
+    /// written already; [`Outcome::detached`] waits for the rest.
     detaching: Option<std::thread::JoinHandle<()>>,
-    /// Probes being detached.
+    /// Probes being detached, and how long that takes about, in seconds.
     probes: usize,
+    detach_s: f64,
 }
 
 impl Outcome {
@@ -65,11 +67,10 @@ impl Outcome {
     pub fn detached(&mut self) {
         if let Some(d) = self.detaching.take() {
             if !d.is_finished() && self.probes > 0 {
-                // The kernel unregisters uprobes one at a time, a grace period each.
                 eprintln!(
                     "bridge-trace: report written; detaching {} probes from the process \
-                     (about 0.1 s each)...",
-                    self.probes
+                     (about {:.1} s)...",
+                    self.probes, self.detach_s
                 );
             }
             let _ = d.join();
@@ -284,9 +285,15 @@ fn finish(
     let programs = t.tracer.program_costs();
     snapshot.counters.missed_probe_runs = programs.iter().map(|p| p.missed_runs).sum();
     let attached_symbols = t.tracer.entry_points.clone();
-    // Detach every probe now, on a thread of its own: the kernel waits for a grace period per
-    // uprobe (about 0.1 s each here), and the report need not wait for that.
+    // Detach every probe now, on a thread of its own: the kernel waits for grace periods
+    // (about 0.1 s each here), and the report need not wait for that.
     let probes = t.tracer.probe_count();
+    let detach_s = if t.tracer.multi_links() {
+        0.2
+    } else {
+        // The kernel unregisters perf-event uprobes one at a time, a grace period each.
+        0.1 * t.tracer.link_count() as f64
+    };
     let tracer = t.tracer;
     let launched_running = !exited && t.child.is_some();
     let detaching = std::thread::spawn(move || {
@@ -402,6 +409,7 @@ fn finish(
         target_status,
         detaching: Some(detaching),
         probes,
+        detach_s,
     })
 }
 
