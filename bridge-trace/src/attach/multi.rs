@@ -183,7 +183,11 @@ impl Programs {
             .programs
             .get(name)
             .ok_or_else(|| Error::Ebpf(format!("program {name} missing from the object")))?;
-        let function = &self.object.functions[&program.function_key()];
+        let function = self
+            .object
+            .functions
+            .get(&program.function_key())
+            .ok_or_else(|| Error::Ebpf(format!("program {name} has no code in the object")))?;
         let insns: &[bpf_insn] = &function.instructions;
         let license = CString::new("GPL").expect("no NUL");
         let mut prog_name = [0u8; 16];
