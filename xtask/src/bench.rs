@@ -258,7 +258,7 @@ fn measure(
     })
 }
 
-fn first_number(text: &str) -> Result<f64> {
+pub(crate) fn first_number(text: &str) -> Result<f64> {
     text.lines()
         .find_map(|l| l.trim().parse().ok())
         .with_context(|| format!("no measurement in the workload's output: {text}"))

@@ -10,7 +10,10 @@ use std::{path::Path, process::Command};
 use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
-use crate::{bench::median, run};
+use crate::{
+    bench::{first_number, median},
+    run,
+};
 
 /// Each allocator, and how the loop links with it.
 const ALLOCATORS: &[(&str, &[&str])] = &[
@@ -126,10 +129,4 @@ fn traced_run(
         .collect();
     report["single_stepped"] = json!(stepped);
     Ok((first_number(&stdout)?, ms, report))
-}
-
-fn first_number(text: &str) -> Result<f64> {
-    text.lines()
-        .find_map(|l| l.trim().parse().ok())
-        .with_context(|| format!("no measurement in the workload's output: {text}"))
 }
