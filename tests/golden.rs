@@ -153,6 +153,7 @@ fn fixed_report() -> Report {
             processes: Vec::new(),
             wrappers: Default::default(),
             entry_points: Vec::new(),
+            verdicts: Vec::new(),
         },
         stacks,
     }

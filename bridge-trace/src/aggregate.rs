@@ -58,7 +58,8 @@ impl Report {
     /// Lines that say what the numbers miss; empty when nothing was lost.
     pub fn caveats(&self) -> Vec<String> {
         let c = &self.meta.counters;
-        let mut out = c.caveats();
+        let mut out: Vec<String> = self.meta.verdicts.clone();
+        out.extend(c.caveats());
         if let Some(interval) = self.meta.sample_interval {
             out.push(format!(
                 "allocations were sampled (one per {} allocated, on average; {} calls passed \

@@ -16,12 +16,15 @@ use std::{
     path::Path,
 };
 
+mod calibrate;
 mod multi;
 pub mod placement;
 mod probes;
 
 use placement::Reads;
-use probes::{static_reads, FLOOR_ENTRY, FLOOR_FREE, FLOOR_RETURN};
+use probes::{static_reads, RETURN_PROGRAMS};
+
+pub use calibrate::ProbeCosts;
 
 pub use probes::{
     allocator_probes, entry_program, floor_probes, AllocProbe, FloorParts, Place, Probe,
@@ -45,7 +48,7 @@ use bridge_trace_common::{
 
 use crate::{
     error::{Error, Result},
-    model::{maps::read_maps, meta::ProgramCost},
+    model::meta::ProgramCost,
     target::{self, Allocator},
 };
 
@@ -154,19 +157,37 @@ const EMULATED_US: f64 = 0.5;
 /// multi-uprobe links (to compare the two).
 pub const PERF_UPROBES_ENV: &str = "BRIDGE_TRACE_PERF_UPROBES";
 
-/// One attachment: a perf-event uprobe of aya's, or a multi-uprobe link holding `places`.
-enum Link {
-    Perf(&'static str, UProbeLinkId),
+/// One attachment of a program: a perf-event uprobe of aya's, or a multi-uprobe link holding
+/// `places`; and what a hit of it costs beyond its program's run time ([`Hit`]).
+struct Link {
+    program: &'static str,
+    hit: Hit,
+    kind: LinkKind,
+}
+
+enum LinkKind {
+    Perf(UProbeLinkId),
     Multi { fd: OwnedFd, places: usize },
 }
 
 impl Link {
     fn places(&self) -> usize {
-        match self {
-            Link::Perf(..) => 1,
-            Link::Multi { places, .. } => *places,
+        match self.kind {
+            LinkKind::Perf(..) => 1,
+            LinkKind::Multi { places, .. } => places,
         }
     }
+}
+
+/// What one run of a uprobe program costs the traced thread beyond the program itself: an
+/// entry probe's trap, whose instruction the kernel either emulates or single-steps; a return
+/// probe's extra trap on the way back (its entry shares the trap of the entry probe at the
+/// same place). Ordered by cost: a program with places of both kinds is charged the dearer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hit {
+    Return,
+    Emulated,
+    SingleStepped,
 }
 
 /// An attachment taken out of its program, to be dropped (detached) anywhere.
@@ -182,13 +203,13 @@ enum Detaching {
 fn detaching(ebpf: &mut Ebpf, links: Vec<Link>) -> Vec<Detaching> {
     let mut owned = Vec::with_capacity(links.len());
     for link in links {
-        match link {
-            Link::Perf(program, id) => {
-                if let Ok(p) = loaded_uprobe(ebpf, program) {
+        match link.kind {
+            LinkKind::Perf(id) => {
+                if let Ok(p) = loaded_uprobe(ebpf, link.program) {
                     owned.extend(p.take_link(id).ok().map(Detaching::Perf));
                 }
             }
-            Link::Multi { fd, .. } => owned.push(Detaching::Multi(fd)),
+            LinkKind::Multi { fd, .. } => owned.push(Detaching::Multi(fd)),
         }
     }
     owned
@@ -382,9 +403,7 @@ impl Tracer {
                     Some((_, places)) => places.push(at),
                     None => groups.push((p.program, vec![at])),
                 }
-                if placement::single_stepped(&allocator.host_path, &p.symbol, offset)
-                    && !stepped.contains(&p.symbol)
-                {
+                if at.stepped && !stepped.contains(&p.symbol) {
                     stepped.push(p.symbol.clone());
                 }
                 // Entry probes moved past an instruction the kernel would single-step:
@@ -462,6 +481,19 @@ impl Tracer {
             .chain(self.growth_links.values())
             .map(Vec::len)
             .sum()
+    }
+
+    /// What a run of each attached uprobe program costs beyond its own run time, as its
+    /// places are in the targets: the dearest of its places' [`Hit`]s. Programs that are not
+    /// uprobes (tracepoints) are not listed.
+    pub fn hit_classes(&self) -> HashMap<&'static str, Hit> {
+        let mut classes: HashMap<&'static str, Hit> = HashMap::new();
+        let links = self.links.values().chain(self.growth_links.values());
+        for link in links.flatten() {
+            let class = classes.entry(link.program).or_insert(link.hit);
+            *class = (*class).max(link.hit);
+        }
+        classes
     }
 
     /// Whether the probes are multi-uprobe links (their detaches share grace periods).
@@ -650,67 +682,6 @@ impl Tracer {
             .map_err(|e| ebpf_err("setting the sampling interval", chain(&e)))
     }
 
-    /// Measures what the allocator probes cost per call on this machine, beyond what their
-    /// programs' run time shows: the trap into the kernel (and, for an instruction the kernel
-    /// cannot emulate, a single step). Attaches empty programs where the allocator probes go
-    /// to bridge-trace's own malloc and free, times a malloc+free loop without, with the free
-    /// probe, and with the malloc probes, and detaches them again.
-    pub fn calibrate(&mut self) -> Result<ProbeCosts> {
-        const CALLS: u32 = 20_000;
-        let me = std::process::id();
-        let nz = NonZeroU32::new(me).ok_or_else(|| Error::Usage("no pid".into()))?;
-        let maps = read_maps(me)?;
-        let libc = target::libc_allocator(me, &maps)?;
-        let allocator = &libc;
-        let per_call = || {
-            let started = std::time::Instant::now();
-            for i in 0..CALLS {
-                // SAFETY: a plain allocation, freed at once.
-                unsafe {
-                    let p = libc::malloc(64 + (i as usize & 63));
-                    std::hint::black_box(p);
-                    libc::free(p);
-                }
-            }
-            started.elapsed().as_nanos() as f64 / CALLS as f64
-        };
-        let with =
-            |programs: &[Probe], ebpf: &mut Ebpf, mut multi: Option<&mut multi::Programs>| {
-                let mut links = Vec::new();
-                for p in programs {
-                    let reads = static_reads(p);
-                    let placed = attach_one(
-                        ebpf,
-                        multi.as_deref_mut(),
-                        p.program,
-                        p.symbol,
-                        reads,
-                        &allocator.host_path,
-                        nz,
-                    );
-                    links.extend(placed?.0);
-                }
-                let ns = per_call();
-                drop_in_parallel(detaching(ebpf, links));
-                Ok::<f64, Error>(ns)
-            };
-        let base = per_call();
-        // Empty programs where the real ones go: the traps alone (the programs' own run time
-        // is measured while watching), and nothing recorded of bridge-trace itself.
-        let free = with(&[FLOOR_FREE], &mut self.ebpf, self.multi.as_mut())?;
-        let malloc = with(
-            &[FLOOR_RETURN, FLOOR_ENTRY],
-            &mut self.ebpf,
-            self.multi.as_mut(),
-        )?;
-        let costs = ProbeCosts {
-            alloc_ns: (malloc - base).max(0.0),
-            free_ns: (free - base).max(0.0),
-        };
-        tracing::info!(?costs, base_ns = base, "probe costs measured");
-        Ok(costs)
-    }
-
     /// Quantiles of the unit exponential distribution for the kernel's sampler.
     fn fill_exp_table(&mut self) -> Result<()> {
         let mut table: Array<&mut MapData, u32> = self.map_mut(map::EXP_TABLE)?;
@@ -817,14 +788,6 @@ impl Tracer {
     }
 }
 
-/// What one call costs the traced program beyond the probes' own run time, in nanoseconds:
-/// an allocation (entry and return probe) and a free.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ProbeCosts {
-    pub alloc_ns: f64,
-    pub free_ns: f64,
-}
-
 /// `bpf_prog_info` of a loaded program (BPF_OBJ_GET_INFO_BY_FD).
 fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_prog_info> {
     use std::os::fd::AsRawFd as _;
@@ -874,24 +837,29 @@ fn locate(
     reads: Option<Reads>,
     follow: bool,
 ) -> Result<(ProbeAt, u64)> {
-    let start = placement::symbol_file_offset(object, symbol)
+    let located = placement::locate_symbol(object, symbol, reads, follow)
         .ok_or_else(|| Error::Ebpf(format!("no symbol {symbol} in {}", object.display())))?;
-    let placed = reads.and_then(|reads| placement::place_symbol(object, symbol, reads, follow));
-    let (past, cookie) = placed.map_or((0, 0), |p| (p.offset, p.cookie()));
+    let (past, cookie) = located
+        .placed
+        .as_ref()
+        .map_or((0, 0), |p| (p.offset, p.cookie()));
     Ok((
         ProbeAt {
-            at: start + past,
+            at: located.file_offset + past,
             cookie,
+            stepped: located.stepped,
         },
         past,
     ))
 }
 
-/// A probe's place: its offset in the file, and its cookie for the entry program.
+/// A probe's place: its offset in the file, its cookie for the entry program, and whether the
+/// kernel single-steps the instruction there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ProbeAt {
     at: u64,
     cookie: u64,
+    stepped: bool,
 }
 
 /// Attaches `program` for `pid` at `places` (offsets in the file) of `object`: one
@@ -908,18 +876,32 @@ fn attach_places(
     if places.is_empty() {
         return Ok(Vec::new());
     }
+    let hit_at = |stepped: bool| match stepped {
+        _ if RETURN_PROGRAMS.contains(&program) => Hit::Return,
+        true => Hit::SingleStepped,
+        false => Hit::Emulated,
+    };
     if let Some(multi) = multi {
         let offsets: Vec<u64> = places.iter().map(|p| p.at).collect();
         let cookies: Vec<u64> = places.iter().map(|p| p.cookie).collect();
         let fd = multi.attach(program, object, &offsets, &cookies, pid.get())?;
-        return Ok(vec![Link::Multi {
-            fd,
-            places: places.len(),
+        return Ok(vec![Link {
+            program,
+            hit: hit_at(places.iter().any(|p| p.stepped)),
+            kind: LinkKind::Multi {
+                fd,
+                places: places.len(),
+            },
         }]);
     }
     let loaded = loaded_uprobe(ebpf, program)?;
     let mut links = Vec::with_capacity(places.len());
-    for &ProbeAt { at, cookie } in places {
+    for &ProbeAt {
+        at,
+        cookie,
+        stepped,
+    } in places
+    {
         // Perf-event uprobes carry no cookie here: placed without following copies.
         debug_assert_eq!(cookie, 0);
         let attached = loaded.attach(
@@ -928,9 +910,9 @@ fn attach_places(
             UProbeScope::OneProcess(pid),
         );
         match attached {
-            Ok(id) => links.push(id),
+            Ok(id) => links.push((id, stepped)),
             Err(e) => {
-                for id in links {
+                for (id, _) in links {
                     let _ = loaded.detach(id);
                 }
                 let msg = chain(&e);
@@ -949,7 +931,11 @@ fn attach_places(
     }
     Ok(links
         .into_iter()
-        .map(|id| Link::Perf(program, id))
+        .map(|(id, stepped)| Link {
+            program,
+            hit: hit_at(stepped),
+            kind: LinkKind::Perf(id),
+        })
         .collect())
 }
 

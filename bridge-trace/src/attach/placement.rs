@@ -174,27 +174,38 @@ fn slot_of(register: Register) -> u64 {
     }
 }
 
-/// The placement of `symbol`'s entry probe in the ELF object at `path`, if its code can be read
-/// ([`place_following`]).
-pub fn place_symbol(path: &Path, symbol: &str, reads: Reads, follow: bool) -> Option<Placed> {
-    let (code, addr, _) = code_of(path, symbol)?;
-    Some(place_following(&code, addr, reads, follow))
+/// Where a probe on `symbol` of an ELF object goes, read from the object once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Located {
+    /// The offset in the file of the symbol's first instruction.
+    pub file_offset: u64,
+    /// Where an entry program that reads `reads` goes ([`place_following`]); none asked:
+    /// the first instruction.
+    pub placed: Option<Placed>,
+    /// Whether the kernel single-steps the instruction there (a hit then costs two traps).
+    pub stepped: bool,
 }
 
-/// The offset in the file of `symbol`'s first instruction in the ELF object at `path` (where a
-/// uprobe on it goes).
-pub fn symbol_file_offset(path: &Path, symbol: &str) -> Option<u64> {
-    code_of(path, symbol).map(|(_, _, offset)| offset)
-}
-
-/// Whether a probe at `symbol+offset` of the object at `path` is single-stepped by the kernel
-/// (its instruction is not one the kernel emulates): a hit then costs two traps.
-pub fn single_stepped(path: &Path, symbol: &str, offset: u64) -> bool {
-    code_of(path, symbol).is_some_and(|(code, _, _)| steps(&code, offset))
+/// Locates `symbol`'s probe in the ELF object at `path`: placed for `reads` when given, else
+/// on its first instruction. `None` when the object has no such symbol with code.
+pub fn locate_symbol(
+    path: &Path,
+    symbol: &str,
+    reads: Option<Reads>,
+    follow: bool,
+) -> Option<Located> {
+    let (code, addr, file_offset) = code_of(path, symbol)?;
+    let placed = reads.map(|reads| place_following(&code, addr, reads, follow));
+    let stepped = steps(&code, placed.as_ref().map_or(0, |p| p.offset));
+    Some(Located {
+        file_offset,
+        placed,
+        stepped,
+    })
 }
 
 /// Whether the instruction `offset` bytes into `code` is single-stepped.
-fn steps(code: &[u8], offset: u64) -> bool {
+pub fn steps(code: &[u8], offset: u64) -> bool {
     let Some(at) = usize::try_from(offset).ok().and_then(|o| code.get(o..)) else {
         return false;
     };
@@ -332,9 +343,14 @@ mod tests {
             return;
         }
         // Debian 12's glibc 2.36: free's null check branch 3 bytes in; malloc starts with a push.
-        let offset = |symbol| place_symbol(libc, symbol, ONE, true).map(|p| p.offset);
+        let located = |symbol| locate_symbol(libc, symbol, Some(ONE), true).unwrap();
+        let offset = |symbol| located(symbol).placed.map(|p| p.offset);
         assert_eq!(offset("free"), Some(3));
         assert_eq!(offset("malloc"), Some(0));
+        assert!(!located("free").stepped && !located("malloc").stepped);
+        // Its entry, where no placement was asked for, is single-stepped.
+        let entry = locate_symbol(libc, "free", None, true).unwrap();
+        assert!(entry.placed.is_none() && entry.stepped);
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub struct Meta {
     /// Per allocator object, every entry point probed (`family (path) [malloc, free+3, ...]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entry_points: Vec<String>,
+    /// `watch`: the verdicts reached so far (leaks named while sampling), which a snapshot
+    /// taken in another tier does not show in its stacks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdicts: Vec<String>,
 }
 
 /// One process of a recording that followed children (`--follow-children`).

@@ -24,14 +24,28 @@ impl Render for Text {
                 ""
             }
         )?;
-        writeln!(
-            out,
-            "outstanding: {} bytes ({}) in {} allocations from {} call stacks",
-            report.total_bytes(),
-            human_bytes(report.total_bytes()),
-            report.total_count(),
-            report.stacks.len()
-        )?;
+        // The growth tier sees first touches of new memory, not allocations.
+        let growth = m.tier.as_deref() == Some("growth");
+        if growth {
+            writeln!(
+                out,
+                "new memory first touched: {} bytes ({}) from {} call stacks (growth tier: \
+                 page faults, not allocations; the code that first touches memory is not \
+                 always the code that holds it)",
+                report.total_bytes(),
+                human_bytes(report.total_bytes()),
+                report.stacks.len()
+            )?;
+        } else {
+            writeln!(
+                out,
+                "outstanding: {} bytes ({}) in {} allocations from {} call stacks",
+                report.total_bytes(),
+                human_bytes(report.total_bytes()),
+                report.total_count(),
+                report.stacks.len()
+            )?;
+        }
         let place: Vec<String> = [
             m.host.as_ref().map(|h| format!("host {h}")),
             m.kernel.as_ref().map(|k| format!("kernel {k}")),
@@ -79,20 +93,30 @@ impl Render for Text {
         }
         for (i, s) in report.stacks.iter().take(self.top).enumerate() {
             writeln!(out)?;
-            writeln!(
-                out,
-                "#{} {} bytes ({}) in {} allocations, oldest {:.1}s{}",
-                i + 1,
-                s.bytes,
-                human_bytes(s.bytes),
-                s.count,
-                s.oldest_age_secs,
-                if s.partial {
-                    " (direct caller only)"
-                } else {
-                    ""
-                }
-            )?;
+            let partial = if s.partial {
+                " (direct caller only)"
+            } else {
+                ""
+            };
+            if growth {
+                writeln!(
+                    out,
+                    "#{} {} bytes ({}) of new memory first touched{partial}",
+                    i + 1,
+                    s.bytes,
+                    human_bytes(s.bytes),
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "#{} {} bytes ({}) in {} allocations, oldest {:.1}s{partial}",
+                    i + 1,
+                    s.bytes,
+                    human_bytes(s.bytes),
+                    s.count,
+                    s.oldest_age_secs,
+                )?;
+            }
             if !s.wrappers.is_empty() {
                 let through: Vec<&str> =
                     s.wrappers.iter().rev().map(|f| f.display_name()).collect();

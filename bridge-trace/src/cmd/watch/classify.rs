@@ -138,19 +138,32 @@ impl Trend {
 
     /// Growth of the site's memory in bytes per second over about the last `span_secs`.
     pub fn growth_rate(&self, span_secs: f64) -> f64 {
-        let Some(last) = self.windows.back() else {
+        let Some((first, last)) = self.span(span_secs) else {
             return 0.0;
         };
-        let first = self
-            .windows
-            .iter()
-            .find(|w| last.at_secs - w.at_secs <= span_secs)
-            .unwrap_or(last);
         let dt = last.at_secs - first.at_secs;
         if dt <= 0.0 {
             return 0.0;
         }
         (last.bytes as f64 - first.bytes as f64) / dt
+    }
+
+    /// How many seconds of the last `span_secs` the history covers: what a rate over "the
+    /// last 5m" was measured over, after 25 s of watching.
+    pub fn covered_secs(&self, span_secs: f64) -> f64 {
+        self.span(span_secs)
+            .map_or(0.0, |(first, last)| last.at_secs - first.at_secs)
+    }
+
+    /// The first and last windows within the last `span_secs`.
+    fn span(&self, span_secs: f64) -> Option<(&Window, &Window)> {
+        let last = self.windows.back()?;
+        let first = self
+            .windows
+            .iter()
+            .find(|w| last.at_secs - w.at_secs <= span_secs)
+            .unwrap_or(last);
+        Some((first, last))
     }
 }
 

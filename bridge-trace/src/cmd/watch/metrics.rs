@@ -27,7 +27,9 @@ pub struct Sample {
     pub rss_bytes: u64,
     /// Estimated bytes allocated and not freed since its allocations were traced (0 in the
     /// growth tier).
-    pub outstanding_bytes: u64,
+    /// None in the growth tier, where allocations are not traced (not 0: nothing says the
+    /// process holds nothing).
+    pub outstanding_bytes: Option<u64>,
     /// Heap growth seen since watching started: brk and anonymous mappings (net of what was
     /// given back), and pages touched for the first time.
     pub heap_growth_bytes: i64,
@@ -182,9 +184,9 @@ pub fn encode(t: &TracerSample, samples: &[Sample]) -> String {
     for s in samples {
         let pid = pid_label(s.pid);
         rss.get_or_create(&pid).set(s.rss_bytes as f64);
-        outstanding
-            .get_or_create(&pid)
-            .set(s.outstanding_bytes as f64);
+        if let Some(bytes) = s.outstanding_bytes {
+            outstanding.get_or_create(&pid).set(bytes as f64);
+        }
         heap.get_or_create(&pid).set(s.heap_growth_bytes as f64);
         faulted.get_or_create(&pid).set(s.faulted_bytes as f64);
         windows.get_or_create(&pid).set(s.windows as f64);
@@ -303,7 +305,7 @@ mod tests {
         let sample = Sample {
             pid: 7,
             rss_bytes: 4096,
-            outstanding_bytes: 3000,
+            outstanding_bytes: Some(3000),
             windows: 6,
             sites: vec![
                 SiteSample {

@@ -95,6 +95,8 @@ struct Proc {
     wrappers: Wrappers,
     /// Candidate wrappers of its stacks, and their callers.
     callers: Callers,
+    /// When (seconds since `started`) its growth sites last had a window.
+    growth_at: Option<f64>,
 }
 
 /// Everything a watch holds.
@@ -108,6 +110,8 @@ struct Session<'c> {
     /// Processes of `--exe` that could not be attached (not tried again).
     skipped: HashSet<u32>,
     windows: u64,
+    /// The length of the window under way: the watch's interval, shorter while stepped up.
+    window_length: Duration,
 }
 
 async fn run_async(config: &WatchConfig) -> Result<()> {
@@ -145,8 +149,14 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         follow_children: false,
     })?;
     let probe_costs = tracer.calibrate().unwrap_or_else(|e| {
-        tracing::warn!("could not measure the probes' cost: {e}");
-        ProbeCosts::default()
+        let costs = ProbeCosts::default();
+        eprintln!(
+            "bridge-trace: could not measure what a probe hit costs here ({e}): the budget \
+             assumes {:.1} µs a hit, {:.0} µs single-stepped",
+            costs.emulated_ns / 1e3,
+            costs.stepped_ns / 1e3
+        );
+        costs
     });
     let governor = Governor::new(
         config.tier,
@@ -166,11 +176,14 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         exited: exited_tx,
         skipped: HashSet::new(),
         windows: 0,
+        window_length: config.interval,
     };
     eprintln!(
-        "bridge-trace: probes cost {:.2} µs per allocation and {:.2} µs per free here; tier {}{}{}",
-        probe_costs.alloc_ns / 1e3,
-        probe_costs.free_ns / 1e3,
+        "bridge-trace: a probe hit costs {:.2} µs here ({:.1} µs single-stepped, {:.2} µs more \
+         for a return probe), charged as each probe is placed; tier {}{}{}",
+        probe_costs.emulated_ns / 1e3,
+        probe_costs.stepped_ns / 1e3,
+        probe_costs.return_ns / 1e3,
         config.tier.name(),
         match config.max_overhead {
             Some(b) => format!(", budget {:.2}% of a CPU", b * 100.0),
@@ -244,6 +257,12 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
                 let (tracer_sample, samples) = s.window()?;
                 let _ = metrics_tx.send(Arc::new(metrics::encode(&tracer_sample, &samples)));
                 show_view(&s, &tracer_sample, &samples);
+                // A step-up's windows are shorter.
+                let length = s.governor.window_length(config.interval);
+                if length != s.window_length {
+                    s.window_length = length;
+                    windows = tokio::time::interval_at(last_window + length, length);
+                }
             }
             _ = snapshots.tick(), if config.out_dir.is_some() || config.push.is_some() => {
                 s.snapshots().await;
@@ -348,6 +367,7 @@ impl Session<'_> {
                 explained: HashSet::new(),
                 wrappers: self.config.wrappers.clone(),
                 callers: Callers::default(),
+                growth_at: None,
             },
         );
         Ok(())
@@ -409,7 +429,8 @@ impl Session<'_> {
             };
             let traced = self.tracer.traces_allocator(pid);
             let p = self.procs.get_mut(&pid).expect("listed above");
-            let (sample, alerts) = process_window(pid, p, &snap, self.config, traced);
+            let (sample, alerts) =
+                process_window(pid, p, &snap, self.config, traced, self.window_length);
             let leak_named = traced && sample.sites.iter().any(|s| s.class == Class::Leaking);
             // The growth sites flagged so far are explained by a leak named while sampling;
             // a step-up is for growth not explained yet.
@@ -432,7 +453,7 @@ impl Session<'_> {
             samples.push(sample);
         }
         let programs = self.tracer.program_costs();
-        self.governor.measure(&programs);
+        self.governor.measure(&programs, &self.tracer.hit_classes());
         let secs = self.config.interval.as_secs_f64();
         let stepped_up = self.governor.stepped_up.is_some();
         let change = match self.config.fixed_tier {
@@ -578,6 +599,18 @@ fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
         exe: target::exe(pid),
         tier: Some(governor.tier.name().into()),
         wrappers: p.wrappers.clone(),
+        verdicts: p
+            .named
+            .values()
+            .map(|s| {
+                format!(
+                    "leaking: {} holds ~{} in ~{} allocations (named while sampling)",
+                    s.label,
+                    human_bytes(s.bytes),
+                    s.count
+                )
+            })
+            .collect(),
         ..Meta::default()
     }
     .on_this_machine();

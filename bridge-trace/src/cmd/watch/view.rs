@@ -26,7 +26,9 @@ pub fn render(
         elapsed.as_secs_f64(),
         sample.windows,
         human_bytes(sample.rss_bytes),
-        human_bytes(sample.outstanding_bytes),
+        sample
+            .outstanding_bytes
+            .map_or_else(|| "(growth tier)".into(), human_bytes),
         tracer.allocs,
         tracer.frees,
         tracer.tier,

@@ -1,7 +1,10 @@
 //! One window of one watched process: its snapshot grouped by call site (each stack labelled
 //! once, by its first frame outside the allocator), each site's window classified, and the
 //! log lines and alerts that follow.
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use super::{
     classify::{Class, Window, LEAK_WINDOWS, OLD_AFTER_WINDOWS},
@@ -39,13 +42,15 @@ pub(super) fn process_window(
     snap: &Snapshot,
     config: &WatchConfig,
     traced: bool,
+    length: Duration,
 ) -> (metrics::Sample, Vec<Alert>) {
     p.windows += 1;
     let at_secs = p.started.elapsed().as_secs_f64();
     let mut alerts = Vec::new();
     let mut sites = Vec::new();
     if traced {
-        let old_ns = (config.interval.as_secs_f64() * OLD_AFTER_WINDOWS * 1e9) as u64;
+        // Old: past two windows of the length this one has (a step-up's are shorter).
+        let old_ns = (length.as_secs_f64() * OLD_AFTER_WINDOWS * 1e9) as u64;
         let mut by_stack: HashMap<(u64, u64), Held> = HashMap::new();
         for a in &snap.allocs {
             let h = by_stack
@@ -77,6 +82,39 @@ pub(super) fn process_window(
             p.named.insert(s.label.clone(), s.clone());
         }
     }
+    // Growth sites keep the watch's own windows (a step-up's shorter ones would cut their
+    // history into slices too thin to see growth in).
+    let interval = config.interval.as_secs_f64();
+    if !traced || p.growth_at.is_none_or(|t| at_secs - t >= 0.9 * interval) {
+        p.growth_at = Some(at_secs);
+        process_growth(
+            pid,
+            p,
+            snap,
+            at_secs,
+            config,
+            traced,
+            &mut sites,
+            &mut alerts,
+        );
+    }
+    let sample = summarize(pid, p, snap, sites, traced);
+    (sample, alerts)
+}
+
+/// Pushes one window of each growth site; in the growth tier (`traced` false) they are the
+/// window's sites and alerts.
+#[allow(clippy::too_many_arguments)]
+fn process_growth(
+    pid: u32,
+    p: &mut Proc,
+    snap: &Snapshot,
+    at_secs: f64,
+    config: &WatchConfig,
+    traced: bool,
+    sites: &mut Vec<metrics::SiteSample>,
+    alerts: &mut Vec<Alert>,
+) {
     let mut by_stack: HashMap<(u64, u64), Held> = HashMap::new();
     for g in &snap.growth {
         let h = by_stack
@@ -106,7 +144,16 @@ pub(super) fn process_window(
         alerts.extend(growth_alerts);
         sites.extend(p.named.values().cloned());
     }
+}
 
+/// The window's sample of one process: its figures and its sites, worst first.
+fn summarize(
+    pid: u32,
+    p: &Proc,
+    snap: &Snapshot,
+    mut sites: Vec<metrics::SiteSample>,
+    traced: bool,
+) -> metrics::Sample {
     // Leaking or growing first, then fastest growing, then largest: the exported top sites.
     sites.sort_by(|a, b| {
         let bad = |s: &metrics::SiteSample| matches!(s.class, Class::Leaking | Class::Growing);
@@ -119,10 +166,11 @@ pub(super) fn process_window(
             .then(b.bytes.cmp(&a.bytes))
             .then(a.label.cmp(&b.label))
     });
-    let sample = metrics::Sample {
+    metrics::Sample {
         pid,
         rss_bytes: rss_bytes(pid),
-        outstanding_bytes: snap.allocs.iter().map(|a| a.estimate().0).sum::<f64>() as u64,
+        outstanding_bytes: traced
+            .then(|| snap.allocs.iter().map(|a| a.estimate().0).sum::<f64>() as u64),
         heap_growth_bytes: snap
             .growth
             .iter()
@@ -131,8 +179,7 @@ pub(super) fn process_window(
         faulted_bytes: snap.growth.iter().map(|g| g.faulted).sum(),
         windows: p.windows,
         sites,
-    };
-    (sample, alerts)
+    }
 }
 
 pub(super) fn stack_key(stack_id: u64, ret_addr: u64) -> (u64, u64) {
@@ -241,11 +288,13 @@ fn classify_sites(
         }
         if let Some(limit) = config.alert_growth {
             if flagged && growth >= limit && state.alerted.insert(label.clone()) {
+                // Over what the history covers of the alert window: "the last 25s" early on.
+                let covered = Duration::from_secs(trend.covered_secs(span).round() as u64);
                 let line = format!(
                     "bridge-trace: ALERT: {label} (pid {pid}) grows {}/s over the last {}, above \
                      {}/s",
                     human_bytes(growth as u64),
-                    humantime::format_duration(config.alert_window),
+                    humantime::format_duration(covered.min(config.alert_window)),
                     human_bytes(limit as u64)
                 );
                 eprintln!("{line}");
