@@ -188,6 +188,17 @@ mod tests {
         t
     }
 
+    /// A rate over "the last 5m" after 25 s of windows was measured over 25 s: the alert
+    /// says so.
+    #[test]
+    fn a_rate_says_what_it_covered() {
+        let t = trend(&(0..26).map(|i| (i, i as f64)).collect::<Vec<_>>());
+        assert_eq!(t.covered_secs(300.0), 25.0);
+        assert_eq!(t.covered_secs(10.0), 10.0);
+        assert_eq!(t.growth_rate(300.0), 100.0);
+        assert_eq!(Trend::default().covered_secs(300.0), 0.0);
+    }
+
     #[test]
     fn leak_cache_churn() {
         // A leak: one allocation a window, never freed; the first stays and ages.
