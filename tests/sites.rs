@@ -6,9 +6,8 @@
 //! stacks are one; glibc's frames have their public names; a stripped binary's frames keep
 //! their module and offset.
 use std::{
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::OnceLock,
 };
 
@@ -85,19 +84,7 @@ fn record_wrappers(
 /// Starts the fixture leaking through every wrapper until it is killed, and waits for its
 /// "ready"; killed if a failed assertion unwinds.
 fn start_serving(bin: &Path) -> KillOnDrop {
-    let mut service = KillOnDrop(
-        Command::new(bin)
-            .arg("serve")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(service.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
-    service
+    spawn_ready(Command::new(bin).arg("serve"))
 }
 
 /// Every function name of a report, frames and wrappers.

@@ -917,18 +917,7 @@ fn budget_holds_by_the_targets_own_cpu_time() {
         (&glibc, "reallocarray", "2100"),
         (&jemalloc, "pairs", "8000"),
     ] {
-        let mut target = KillOnDrop(
-            Command::new(exe)
-                .args([mode, rate])
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let mut line = String::new();
-        BufReader::new(target.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready");
+        let mut target = spawn_ready(Command::new(exe).args([mode, rate]));
         let pid = target.0.id();
         let untraced = cpus_over(pid, 3.0);
         let mut watch = Watch::start(&[

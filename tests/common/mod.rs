@@ -175,3 +175,15 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Starts `cmd` with its stdout piped and waits for its first line, "ready"; killed if a
+/// failed assertion unwinds.
+pub fn spawn_ready(cmd: &mut Command) -> KillOnDrop {
+    let mut child = KillOnDrop(cmd.stdout(Stdio::piped()).spawn().unwrap());
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    child
+}
