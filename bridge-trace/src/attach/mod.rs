@@ -22,7 +22,7 @@ pub mod placement;
 mod probes;
 
 use placement::Reads;
-use probes::{static_reads, RETURN_PROGRAMS};
+use probes::static_reads;
 
 pub use calibrate::ProbeCosts;
 
@@ -197,6 +197,21 @@ enum Detaching {
     Perf(UProbeLink),
     #[allow(dead_code)]
     Multi(OwnedFd),
+}
+
+/// Whether `program` is a return probe: its section in the object says so (`uretprobe`).
+fn is_return(program: &str) -> bool {
+    static RETURNS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let returns = RETURNS.get_or_init(|| match aya_obj::Object::parse(EBPF_OBJECT) {
+        Ok(object) => object
+            .programs
+            .iter()
+            .filter(|(_, p)| matches!(p.section, aya_obj::ProgramSection::URetProbe { .. }))
+            .map(|(name, _)| name.clone())
+            .collect(),
+        Err(_) => Vec::new(),
+    });
+    returns.iter().any(|name| name == program)
 }
 
 /// Takes `links` out of their programs, ready to be dropped.
@@ -466,21 +481,20 @@ impl Tracer {
 
     /// How many uprobes are attached, all processes together.
     pub fn probe_count(&self) -> usize {
+        self.all_links().map(Link::places).sum()
+    }
+
+    /// Every link, allocator and growth probes, of every process.
+    fn all_links(&self) -> impl Iterator<Item = &Link> {
         self.links
             .values()
             .chain(self.growth_links.values())
             .flatten()
-            .map(Link::places)
-            .sum()
     }
 
     /// How many links hold them: each detaches in a grace period of its own (about 0.1 s).
     pub fn link_count(&self) -> usize {
-        self.links
-            .values()
-            .chain(self.growth_links.values())
-            .map(Vec::len)
-            .sum()
+        self.all_links().count()
     }
 
     /// What a run of each attached uprobe program costs beyond its own run time, as its
@@ -488,8 +502,7 @@ impl Tracer {
     /// uprobes (tracepoints) are not listed.
     pub fn hit_classes(&self) -> HashMap<&'static str, Hit> {
         let mut classes: HashMap<&'static str, Hit> = HashMap::new();
-        let links = self.links.values().chain(self.growth_links.values());
-        for link in links.flatten() {
+        for link in self.all_links() {
             let class = classes.entry(link.program).or_insert(link.hit);
             *class = (*class).max(link.hit);
         }
@@ -877,7 +890,7 @@ fn attach_places(
         return Ok(Vec::new());
     }
     let hit_at = |stepped: bool| match stepped {
-        _ if RETURN_PROGRAMS.contains(&program) => Hit::Return,
+        _ if is_return(program) => Hit::Return,
         true => Hit::SingleStepped,
         false => Hit::Emulated,
     };
@@ -962,6 +975,26 @@ mod tests {
 
     use super::*;
     use crate::target::EntryKind;
+
+    /// The return programs are told by their section in the object.
+    #[test]
+    fn return_programs_are_told_by_the_object() {
+        for name in [
+            program::ALLOC_RETURN,
+            program::GROWTH_RETURN,
+            program::FLOOR_RETURN,
+            program::FLOOR_RETURN_EMPTY,
+        ] {
+            assert!(is_return(name), "{name}");
+        }
+        for name in [
+            program::MALLOC_ENTER,
+            program::FREE_ENTER,
+            program::FLOOR_ENTER,
+        ] {
+            assert!(!is_return(name), "{name}");
+        }
+    }
 
     /// Every map, global and program the user half asks for by name is in the object that
     /// build.rs built (read as a file: no root, nothing loaded).

@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya::{maps::Map, Ebpf};
-use aya_obj::{btf::BtfFeatures, generated::bpf_insn, Object, ProgramSection};
+use aya_obj::{btf::BtfFeatures, generated::bpf_insn, Object};
 
 use crate::error::{Error, Result};
 
@@ -253,10 +253,7 @@ impl Programs {
         pid: u32,
     ) -> Result<OwnedFd> {
         assert_eq!(offsets.len(), cookies.len());
-        let ret = matches!(
-            self.object.programs.get(name).map(|p| &p.section),
-            Some(ProgramSection::URetProbe { .. })
-        );
+        let ret = super::is_return(name);
         let prog_fd = self.fd(name)?.as_raw_fd() as u32;
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| Error::Usage(format!("{}: NUL in path", path.display())))?;

@@ -127,14 +127,6 @@ pub const GROWTH_PROBES: &[Probe] = &[
     entry(program::MMAP_ENTER, "mmap", false, 4),
 ];
 
-/// The return programs: a run of one costs a trap on the way back ([`super::Hit::Return`]).
-pub const RETURN_PROGRAMS: &[&str] = &[
-    program::ALLOC_RETURN,
-    program::GROWTH_RETURN,
-    program::FLOOR_RETURN,
-    program::FLOOR_RETURN_EMPTY,
-];
-
 // The floor of `cargo xtask bench` and of the overhead calibration: empty programs at the
 // same places as the allocator probes, and the kernel's own user stack capture in a return
 // probe.
