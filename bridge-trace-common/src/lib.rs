@@ -33,10 +33,13 @@ pub enum AllocKind {
     Pvalloc = 8,
     /// jemalloc's `xallocx(ptr, size, extra, flags)`: resizes in place, returns the real size.
     Xallocx = 9,
+    /// A sample the process reported itself (`otel_memory:alloc`): its weight is the bytes it
+    /// stands for ([`WEIGHTED`]).
+    Sampled = 10,
 }
 
 impl AllocKind {
-    pub const ALL: [AllocKind; 10] = [
+    pub const ALL: [AllocKind; 11] = [
         AllocKind::Malloc,
         AllocKind::Calloc,
         AllocKind::Realloc,
@@ -47,6 +50,7 @@ impl AllocKind {
         AllocKind::Valloc,
         AllocKind::Pvalloc,
         AllocKind::Xallocx,
+        AllocKind::Sampled,
     ];
 
     pub fn from_u32(v: u32) -> Option<AllocKind> {
@@ -66,6 +70,7 @@ impl AllocKind {
             AllocKind::Valloc => "valloc",
             AllocKind::Pvalloc => "pvalloc",
             AllocKind::Xallocx => "xallocx",
+            AllocKind::Sampled => "otel_memory:alloc",
         }
     }
 }
@@ -138,9 +143,14 @@ pub enum Counter {
     /// the same CPU (multi-uprobe links have no kernel recursion guard; the per-CPU scratch
     /// state must not be shared).
     BusyCpu = 26,
+    /// Sampled allocations a process reported through the `otel_memory` contract.
+    UsdtAllocs = 27,
+    /// Frees of reported samples bridge-trace had not seen allocated (reported before it
+    /// attached, or dropped when the live map was full).
+    UsdtUnknownFrees = 28,
 }
 
-pub const COUNTER_COUNT: u32 = 27;
+pub const COUNTER_COUNT: u32 = 29;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -171,6 +181,8 @@ impl Counter {
         Counter::InternalFrees,
         Counter::InheritedFrees,
         Counter::BusyCpu,
+        Counter::UsdtAllocs,
+        Counter::UsdtUnknownFrees,
     ];
 }
 
@@ -242,9 +254,13 @@ pub struct AllocInfo {
     pub kind: u32,
     pub tid: u32,
     /// Mean sampling interval in bytes when this allocation was sampled; 0: every allocation
-    /// was recorded (its weight is 1).
+    /// was recorded (its weight is 1); [`WEIGHTED`] | bytes for a sample the process reported
+    /// with its weight (`otel_memory:alloc`).
     pub interval: u64,
 }
+
+/// [`AllocInfo::interval`]'s flag for a sample whose weight the process gave.
+pub const WEIGHTED: u64 = 1 << 63;
 
 /// The last release a thread made, while nested releases are possible (`config::NESTED_FREES`).
 #[repr(C)]
@@ -326,6 +342,49 @@ pub mod pt_regs_slot {
     pub const RDX: u64 = 12;
     pub const RSI: u64 = 13;
     pub const RDI: u64 = 14;
+    pub const RIP: u64 = 16;
+    pub const RSP: u64 = 19;
+}
+
+/// 8-byte slots of x86-64's `struct pt_regs`, `r15` to `ss`.
+pub const PT_REGS_SLOTS: usize = 21;
+/// A copy of a probe's registers, by [`pt_regs_slot`].
+pub type Regs = [u64; PT_REGS_SLOTS];
+
+/// Probe sites of the `otel_memory` contract a spec can describe (`USDT_SPECS` slots).
+pub const MAX_USDT_SPECS: u32 = 1024;
+/// Arguments of one USDT probe bridge-trace reads (`otel_memory:alloc` has three).
+pub const MAX_USDT_ARGS: usize = 3;
+
+/// How a USDT argument is found, from its SDT descriptor (`8@%rdi`, `-4@-20(%rbp)`, `$42`).
+pub mod usdt_arg {
+    /// Not given.
+    pub const NONE: u32 = 0;
+    /// A constant: `value`.
+    pub const CONST: u32 = 1;
+    /// A register: its `pt_regs` slot.
+    pub const REG: u32 = 2;
+    /// Memory at a register plus `value`.
+    pub const DEREF: u32 = 3;
+}
+
+/// One USDT argument: where it is ([`usdt_arg`]) and its size in bytes, negative when signed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsdtArg {
+    pub kind: u32,
+    pub reg: u32,
+    pub value: i64,
+    pub size: i32,
+    pub _pad: u32,
+}
+
+/// Where one probe site's arguments are (the value of `USDT_SPECS`, indexed by the cookie of
+/// the site's probe).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsdtSpec {
+    pub args: [UsdtArg; MAX_USDT_ARGS],
 }
 /// Entries of the table of exponential quantiles the sampler draws its intervals from.
 pub const EXP_QUANTILES: u32 = 4096;
@@ -531,6 +590,7 @@ mod user {
     unsafe impl aya::Pod for GrowthTotals {}
     unsafe impl aya::Pod for MmapRegion {}
     unsafe impl aya::Pod for PendingSyscall {}
+    unsafe impl aya::Pod for UsdtSpec {}
 }
 
 /// The names the user half finds the kernel half's maps, globals and programs by. The kernel
@@ -559,6 +619,7 @@ pub mod names {
         pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
         pub const ALLOCATOR_TEXT: &str = "ALLOCATOR_TEXT";
         pub const CHILD_OF: &str = "CHILD_OF";
+        pub const USDT_SPECS: &str = "USDT_SPECS";
         /// Every map the user half opens by name.
         pub const ALL: &[&str] = &[
             TARGETS,
@@ -580,6 +641,7 @@ pub mod names {
             UNWIND_PROCS,
             ALLOCATOR_TEXT,
             CHILD_OF,
+            USDT_SPECS,
         ];
     }
 
@@ -630,6 +692,9 @@ pub mod names {
         pub const CHILD_FAULT: &str = "child_fault";
         pub const START_ENTER: &str = "start_enter";
         pub const EXIT_ENTER: &str = "exit_enter";
+        // The otel_memory USDT contract.
+        pub const USDT_ALLOC: &str = "usdt_alloc";
+        pub const USDT_FREE: &str = "usdt_free";
         // The benchmark's floor.
         pub const FLOOR_ENTER: &str = "floor_enter";
         pub const FLOOR_RETURN: &str = "floor_return";
@@ -659,6 +724,8 @@ pub mod names {
             CHILD_FAULT,
             START_ENTER,
             EXIT_ENTER,
+            USDT_ALLOC,
+            USDT_FREE,
             FLOOR_ENTER,
             FLOOR_RETURN,
             FLOOR_RETURN_EMPTY,

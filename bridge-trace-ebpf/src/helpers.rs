@@ -144,6 +144,8 @@ pub(crate) fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     // which a match over the slots would otherwise become.
     // SAFETY: the context's registers are valid for the duration of the program.
     let regs = unsafe { core::ptr::read_volatile(ctx.regs) };
+    // Not [`register`]: each arm is a branch the verifier walks with the stack walk after it,
+    // and the entry programs read up to three arguments.
     match slot - 1 {
         pt_regs_slot::R15 => regs.r15,
         pt_regs_slot::R14 => regs.r14,

@@ -11,6 +11,7 @@
 //! | [`stack`] | none: the stack walker the others call |
 //! | [`growth`] | `brk_enter`, `mmap_enter`, `munmap_enter`, `mremap_enter`, `growth_return`, `page_fault_user` |
 //! | [`process`] | `process_exec`, `new_task`, `child_fault`, `start_enter`, `exit_enter` |
+//! | [`usdt`] | `usdt_alloc`, `usdt_free` (the `otel_memory` contract) |
 //! | [`floor`] | `floor_enter`, `floor_return`, `floor_return_empty`, `floor_free` |
 #![no_std]
 #![no_main]
@@ -23,6 +24,7 @@ mod alloc;
 mod free;
 mod growth;
 mod process;
+mod usdt;
 mod floor;
 
 #[cfg(not(test))]

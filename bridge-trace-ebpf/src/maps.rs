@@ -28,6 +28,8 @@
 //! | CHILD_OF | `process::child_fault` | `free::free_enter` | user: `attach::remove_target` |
 //! | VFORKED | `process::new_task` (insert), `process::process_exec` (take) | `process` | consumed at the child's exec |
 //! | HELD_CHILDREN | `process::child_fault` | user: `attach::held_children` | user: `attach::release_child` |
+//! | USDT_SPECS | user: `attach::usdt` (one slot per probe site of each process) | `usdt` | user: `attach::usdt` (slots reused) |
+//! | USDT_REGS | `usdt` (per CPU) | the same | never (per-CPU scratch) |
 //! | FLOOR_STACK | `floor` (per CPU) | nobody (the floor measures the write) | never |
 //!
 //! The names the user half opens maps by are `bridge_trace_common::names::map`.
@@ -171,6 +173,16 @@ pub(crate) static VFORKED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TAR
 /// attaches their probes, sends SIGCONT and removes the entry.
 #[map]
 pub(crate) static HELD_CHILDREN: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Where each `otel_memory` probe site finds its arguments, by the cookie of its probe
+/// (user-written from the site's SDT descriptors).
+#[map]
+pub(crate) static USDT_SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_USDT_SPECS, 0);
+
+/// Per CPU: the registers of the `otel_memory` probe running there, copied to be read at the
+/// slots the site's spec names.
+#[map]
+pub(crate) static USDT_REGS: PerCpuArray<Regs> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per CPU: where the floor's return probe puts the user stack it captures.
 #[map]

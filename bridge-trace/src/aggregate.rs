@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     capture::Capture,
-    model::meta::{Meta, Process},
+    model::meta::{Meta, Process, USDT_TIER},
     symbolize::{symbolize_locations, Blazesym, Frame, Symbolize},
     units::human_bytes,
 };
@@ -60,6 +60,14 @@ impl Report {
         let c = &self.meta.counters;
         let mut out: Vec<String> = self.meta.verdicts.clone();
         out.extend(c.caveats());
+        if self.meta.tier.as_deref() == Some(USDT_TIER) {
+            out.push(format!(
+                "allocations were sampled by the process itself (the otel_memory contract: {} \
+                 samples reported): bytes and counts are unbiased estimates from their weights, \
+                 not exact",
+                c.usdt_allocs
+            ));
+        }
         if let Some(interval) = self.meta.sample_interval {
             out.push(format!(
                 "allocations were sampled (one per {} allocated, on average; {} calls passed \

@@ -20,6 +20,7 @@ mod calibrate;
 mod multi;
 pub mod placement;
 mod probes;
+mod usdt;
 
 use placement::Reads;
 use probes::static_reads;
@@ -109,6 +110,8 @@ pub struct Tracer {
     page_faults: bool,
     /// Whether [`EXEC_TRACEPOINT`] is attached.
     execs: bool,
+    /// The `otel_memory` sites' argument specs written so far.
+    usdt_slots: usdt::Slots,
 }
 
 /// Where `task:task_newtask`'s `pid` and `clone_flags` are in its record, from the event's
@@ -374,6 +377,7 @@ impl Tracer {
             allocator_paths: HashMap::new(),
             page_faults: false,
             execs: false,
+            usdt_slots: usdt::Slots::default(),
         };
         tracer.fill_exp_table()?;
         Ok(tracer)
@@ -384,10 +388,7 @@ impl Tracer {
     pub fn trace_allocator(&mut self, pid: u32, allocators: &[Allocator]) -> Result<()> {
         let nz = NonZeroU32::new(pid).ok_or_else(|| Error::Usage("cannot trace pid 0".into()))?;
         self.add_target(pid)?;
-        if !self.execs {
-            self.attach_raw_tracepoint(EXEC_TRACEPOINT)?;
-            self.execs = true;
-        }
+        self.attach_exec_tracepoint()?;
         if allocators.iter().any(|a| a.family != "glibc") {
             // Their release functions may end in one another (operator delete in free).
             let mut cfg: Array<&mut MapData, u64> = self.map_mut(map::CONFIG)?;
@@ -649,6 +650,15 @@ impl Tracer {
         unsafe { libc::kill(pid as i32, libc::SIGCONT) };
     }
 
+    /// Attaches [`EXEC_TRACEPOINT`] once: an exec releases every block of the old image.
+    fn attach_exec_tracepoint(&mut self) -> Result<()> {
+        if !self.execs {
+            self.attach_raw_tracepoint(EXEC_TRACEPOINT)?;
+            self.execs = true;
+        }
+        Ok(())
+    }
+
     /// Loads and attaches a system-wide raw tracepoint program, for as long as the tracer lives.
     fn attach_raw_tracepoint(&mut self, (name, tracepoint): (&str, &str)) -> Result<()> {
         let program = loaded!(self.ebpf, name, RawTracePoint);
@@ -897,7 +907,7 @@ fn attach_places(
     if let Some(multi) = multi {
         let offsets: Vec<u64> = places.iter().map(|p| p.at).collect();
         let cookies: Vec<u64> = places.iter().map(|p| p.cookie).collect();
-        let fd = multi.attach(program, object, &offsets, &cookies, pid.get())?;
+        let fd = multi.attach(program, object, &offsets, &cookies, &[], pid.get())?;
         return Ok(vec![Link {
             program,
             hit: hit_at(places.iter().any(|p| p.stepped)),

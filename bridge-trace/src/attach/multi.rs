@@ -231,7 +231,13 @@ impl Programs {
         attr.log_buf = log.as_mut_ptr() as u64;
         let _ = bpf(BPF_PROG_LOAD, &mut attr);
         let text = String::from_utf8_lossy(&log);
-        let why: Vec<&str> = text.trim_end_matches('\0').lines().rev().take(3).collect();
+        let why: Vec<&str> = text
+            .trim_end_matches('\0')
+            .lines()
+            .rev()
+            .filter(|l| !l.trim().is_empty())
+            .take(3)
+            .collect();
         Err(Error::Ebpf(format!(
             "loading {name} for multi-uprobe links: {first}{}",
             if why.is_empty() {
@@ -243,16 +249,20 @@ impl Programs {
     }
 
     /// Attaches `name` at `offsets` (file offsets) of the object at `path`, each with its
-    /// cookie, for process `pid` only: one link.
+    /// cookie, for process `pid` only: one link. `semaphores`, when not empty, are the file
+    /// offsets of each place's USDT semaphore (0: none), which the kernel raises in the
+    /// process while the link lives and lowers when it closes, however the tracer ends.
     pub fn attach(
         &mut self,
         name: &str,
         path: &Path,
         offsets: &[u64],
         cookies: &[u64],
+        semaphores: &[u64],
         pid: u32,
     ) -> Result<OwnedFd> {
         assert_eq!(offsets.len(), cookies.len());
+        assert!(semaphores.is_empty() || semaphores.len() == offsets.len());
         let ret = super::is_return(name);
         let prog_fd = self.fd(name)?.as_raw_fd() as u32;
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
@@ -263,6 +273,11 @@ impl Programs {
             path: c_path.as_ptr() as u64,
             offsets: offsets.as_ptr() as u64,
             cookies: cookies.as_ptr() as u64,
+            ref_ctr_offsets: if semaphores.is_empty() {
+                0
+            } else {
+                semaphores.as_ptr() as u64
+            },
             cnt: offsets.len() as u32,
             multi_flags: if ret { BPF_F_UPROBE_MULTI_RETURN } else { 0 },
             pid,

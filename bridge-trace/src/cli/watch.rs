@@ -114,6 +114,11 @@ pub struct WatchArgs {
     /// Stay in --tier whatever happens: no stepping up to name a leak, nor down for the budget.
     #[arg(long)]
     pub fixed_tier: bool,
+    /// Ignore the otel_memory USDT probes of a process that samples its own heap (such as one
+    /// running with bridge-trace's sampler preloaded), and trace it with uprobes as any other.
+    /// By default such a process is traced through its probes (tier usdt): the cheapest.
+    #[arg(long)]
+    pub no_usdt: bool,
     /// Push each snapshot, as pprof, to a Pyroscope-compatible ingest endpoint (e.g.
     /// http://pyroscope:4040).
     #[arg(long, value_name = "URL")]
@@ -196,6 +201,7 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
         },
         max_overhead: parse_budget(&args.max_overhead)?,
         fixed_tier: args.fixed_tier,
+        usdt: !args.no_usdt,
         push: match args.push {
             Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
                 Some(url.trim_end_matches('/').to_string())
@@ -233,6 +239,7 @@ pub fn top_config(args: TopArgs) -> Result<WatchConfig> {
         sample_interval: "512KiB".into(),
         max_overhead: "off".into(),
         fixed_tier: true,
+        no_usdt: false,
         push: None,
         max_allocs: DEFAULT_MAX_ALLOCS,
         unwind: args.unwind,

@@ -163,6 +163,10 @@ counters! {
              that CPU): up to that many allocations or frees were not seen"
         )
     });
+    /// Sampled allocations the process reported through the `otel_memory` contract.
+    usdt_allocs: Kernel(Counter::UsdtAllocs), Caveat::None;
+    /// Frees of reported samples not seen allocated (reported before bridge-trace attached).
+    usdt_unknown_frees: Kernel(Counter::UsdtUnknownFrees), Caveat::None;
 }
 
 impl Counters {

@@ -9,6 +9,10 @@ use super::{
     sites::Wrappers,
 };
 
+/// [`Meta::tier`] of a process traced through the `otel_memory` contract: allocations the
+/// process sampled itself, with their weights.
+pub const USDT_TIER: &str = "usdt";
+
 /// Format version of the JSON report.
 pub const REPORT_VERSION: u32 = 1;
 

@@ -3,7 +3,7 @@
 //! [`crate::collect`] (the only reader of the kernel maps), read by the capture and `watch`.
 use std::collections::HashMap;
 
-use bridge_trace_common::AllocKind;
+use bridge_trace_common::{AllocKind, WEIGHTED};
 
 use super::counters::Counters;
 
@@ -19,7 +19,7 @@ pub struct LiveAlloc {
     pub kind: Option<AllocKind>,
     pub tid: u32,
     /// Mean sampling interval in bytes when this allocation was sampled; 0: every allocation
-    /// was recorded.
+    /// was recorded; [`WEIGHTED`] | weight for a sample the process reported itself.
     pub interval: u64,
 }
 
@@ -29,6 +29,10 @@ impl LiveAlloc {
     pub fn sample_probability(&self) -> f64 {
         if self.interval == 0 {
             return 1.0;
+        }
+        if let Some(w) = self.weight() {
+            // The bytes it stands for over its own: the inverse of its weight per byte.
+            return (self.size.max(1) as f64 / w.max(1) as f64).min(1.0);
         }
         let p = -(-(self.size as f64) / self.interval as f64).exp_m1();
         if p > 0.0 {
@@ -40,10 +44,19 @@ impl LiveAlloc {
 
     /// The (bytes, allocations) this allocation stands for: itself when every allocation was
     /// recorded, else its size and 1 divided by the probability it was sampled (the unbiased
-    /// estimate jemalloc and tcmalloc use).
+    /// estimate jemalloc and tcmalloc use); a sample the process reported stands for its
+    /// weight in bytes, and as many allocations of its size.
     pub fn estimate(&self) -> (f64, f64) {
+        if let Some(w) = self.weight() {
+            return (w as f64, w as f64 / self.size.max(1) as f64);
+        }
         let p = self.sample_probability();
         (self.size as f64 / p, 1.0 / p)
+    }
+
+    /// The weight the process reported this sample with (`otel_memory:alloc`), if it did.
+    pub fn weight(&self) -> Option<u64> {
+        (self.interval & WEIGHTED != 0).then_some(self.interval & !WEIGHTED)
     }
 }
 
@@ -66,6 +79,23 @@ pub struct StackGrowth {
 pub struct RawStack {
     pub frames: Vec<u64>,
     pub truncated: bool,
+}
+
+impl Snapshot {
+    /// Drops, from the top of every stack, the frames inside `ranges` (the code of an
+    /// in-process sampler that interposes the allocator: its frames are not the program's).
+    /// A stack made only of such frames keeps its last one.
+    pub fn drop_leading_frames(&mut self, ranges: &[(u64, u64)]) {
+        if ranges.is_empty() {
+            return;
+        }
+        let inside = |pc: u64| ranges.iter().any(|&(lo, hi)| pc >= lo && pc < hi);
+        for s in self.stacks.values_mut() {
+            let n = s.frames.iter().take_while(|&&pc| inside(pc)).count();
+            let n = n.min(s.frames.len().saturating_sub(1));
+            s.frames.drain(..n);
+        }
+    }
 }
 
 /// Everything the kernel knew about the target at one moment, owned.

@@ -15,7 +15,7 @@ use std::{
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
-use super::{allocators::Allocator, map_file};
+use super::{allocators::Allocator, file_offset, map_file};
 use crate::{
     error::{Error, Result},
     os::sudo_ids,
@@ -75,15 +75,6 @@ pub fn hold_points(program: &Path, allocator: &Allocator) -> Vec<HoldPoint> {
     .into_iter()
     .flatten()
     .collect()
-}
-
-fn file_offset(elf: &object::File<'_>, addr: u64) -> Option<u64> {
-    use object::ObjectSegment as _;
-    elf.segments().find_map(|s| {
-        let (off, size) = s.file_range();
-        let start = s.address();
-        (addr >= start && addr < start + size).then(|| off + (addr - start))
-    })
 }
 
 /// Resolves a program name the way `execvp` does.

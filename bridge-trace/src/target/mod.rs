@@ -3,6 +3,7 @@
 //! process in a container works.
 mod allocators;
 mod launch;
+pub mod usdt;
 
 use std::{
     fs,
@@ -23,6 +24,16 @@ use crate::{
     error::{Error, Result},
     model::maps::{host_path, read_maps, Mapping},
 };
+
+/// Where the byte at virtual address `addr` of an ELF object is in its file.
+pub(crate) fn file_offset(elf: &object::File<'_>, addr: u64) -> Option<u64> {
+    use object::ObjectSegment as _;
+    elf.segments().find_map(|s| {
+        let (off, size) = s.file_range();
+        let start = s.address();
+        (addr >= start && addr < start + size).then(|| off + (addr - start))
+    })
+}
 
 fn map_file(path: &Path) -> Option<memmap2::Mmap> {
     let file = fs::File::open(path).ok()?;

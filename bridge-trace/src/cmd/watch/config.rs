@@ -31,6 +31,8 @@ pub struct WatchConfig {
     pub max_overhead: Option<f64>,
     /// Never change tier.
     pub fixed_tier: bool,
+    /// Trace a process that carries the `otel_memory` contract through it (tier usdt).
+    pub usdt: bool,
     /// Pyroscope-compatible base URL snapshots are pushed to.
     pub push: Option<String>,
     /// Capacity of the kernel's live-allocation map.

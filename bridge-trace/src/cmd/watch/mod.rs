@@ -32,14 +32,14 @@ use crate::{
     collect,
     error::{Error, Result},
     model::{
-        maps::ProcessMaps,
-        meta::{Meta, REPORT_VERSION},
+        maps::{Mapping, ProcessMaps},
+        meta::{Meta, REPORT_VERSION, USDT_TIER},
         sites::{Callers, Wrappers},
         snapshot::{LiveAlloc, Snapshot},
     },
     os::{pidfd_open, stop_signals, utc_now},
     symbolize::Blazesym,
-    target::{self, Allocator},
+    target::{self, usdt::Carrier, Allocator},
     units::human_bytes,
     unwind::Unwinder,
 };
@@ -97,6 +97,43 @@ struct Proc {
     callers: Callers,
     /// When (seconds since `started`) its growth sites last had a window.
     growth_at: Option<f64>,
+    /// It is traced through the `otel_memory` contract (tier usdt, whatever the governor's):
+    /// the objects that carry it, and those of them that interpose the allocator (whose
+    /// frames top each sample's stack).
+    usdt: Option<UsdtObjects>,
+}
+
+/// The objects through which a process reports its samples ([`Tier::Usdt`]).
+struct UsdtObjects {
+    interposers: Vec<String>,
+}
+
+impl Proc {
+    /// The tier this process is traced at.
+    fn tier(&self, governor: &Governor) -> Tier {
+        if self.usdt.is_some() {
+            Tier::Usdt
+        } else {
+            governor.tier
+        }
+    }
+
+    /// A snapshot of the process as the kernel half knows it, without the frames of an
+    /// interposing in-process sampler.
+    fn snapshot(&self, tracer: &Tracer, pid: u32) -> Result<Snapshot> {
+        let mut snap = collect::snapshot(tracer, pid)?;
+        if let Some(u) = &self.usdt {
+            let ranges: Vec<(u64, u64)> = self
+                .maps
+                .current
+                .iter()
+                .filter(|m| m.executable && u.interposers.contains(&m.path))
+                .map(|m| (m.start, m.end))
+                .collect();
+            snap.drop_leading_frames(&ranges);
+        }
+        Ok(snap)
+    }
 }
 
 /// Everything a watch holds.
@@ -326,20 +363,29 @@ impl Session<'_> {
         if let Some(u) = self.unwinder.as_mut() {
             u.load_now(pid, &maps).await?;
         }
-        self.tracer.add_target(pid)?;
-        let growth = target::growth_object(pid, &maps).map_or(Ok(()), |object| {
-            self.tracer.trace_growth(pid, &object, true)
-        });
-        if let Err(e) = growth {
-            self.tracer.remove_target(pid);
-            return Err(e);
-        }
-        if self.governor.tier != Tier::Growth {
-            if let Err(e) = self.tracer.trace_allocator(pid, &allocators) {
+        let usdt = match self.trace_usdt(pid, &maps) {
+            Ok(u) => u,
+            Err(e) => {
                 self.tracer.remove_target(pid);
                 return Err(e);
             }
-            self.tracer.note_allocator_text(pid, &maps);
+        };
+        if usdt.is_none() {
+            self.tracer.add_target(pid)?;
+            let growth = target::growth_object(pid, &maps).map_or(Ok(()), |object| {
+                self.tracer.trace_growth(pid, &object, true)
+            });
+            if let Err(e) = growth {
+                self.tracer.remove_target(pid);
+                return Err(e);
+            }
+            if self.governor.tier != Tier::Growth {
+                if let Err(e) = self.tracer.trace_allocator(pid, &allocators) {
+                    self.tracer.remove_target(pid);
+                    return Err(e);
+                }
+                self.tracer.note_allocator_text(pid, &maps);
+            }
         }
         let tx = self.exited.clone();
         tokio::spawn(async move {
@@ -347,10 +393,14 @@ impl Session<'_> {
             let _ = tx.send(pid);
         });
         let name = target::comm(pid).unwrap_or_else(|| format!("pid{pid}"));
+        let (through, tier) = match &usdt {
+            Some((_, line)) => (line.clone(), Tier::Usdt),
+            None => (target::describe(&allocators), self.governor.tier),
+        };
         eprintln!(
-            "bridge-trace: watching {name} (pid {pid}) through {} [tier {}], a window every {}",
-            target::describe(&allocators),
-            self.governor.tier.name(),
+            "bridge-trace: watching {name} (pid {pid}) through {through} [tier {}], a window \
+             every {}",
+            tier.name(),
             humantime::format_duration(self.config.interval),
         );
         self.procs.insert(
@@ -368,9 +418,54 @@ impl Session<'_> {
                 wrappers: self.config.wrappers.clone(),
                 callers: Callers::default(),
                 growth_at: None,
+                usdt: usdt.map(|(u, _)| u),
             },
         );
         Ok(())
+    }
+
+    /// Traces `pid` through the `otel_memory` contract when the objects it maps carry it
+    /// (unless --no-usdt): its objects and the start line's description; `None` when it
+    /// does not carry it, or when its probes could not be attached (said; today's tiers then).
+    fn trace_usdt(&mut self, pid: u32, maps: &[Mapping]) -> Result<Option<(UsdtObjects, String)>> {
+        if !self.config.usdt {
+            return Ok(None);
+        }
+        let carriers: Vec<Carrier> = target::usdt::carriers(pid, maps)
+            .into_iter()
+            .filter(|c| {
+                for why in &c.skipped {
+                    eprintln!("bridge-trace: {}: skipping {why}", c.path);
+                }
+                c.sites.iter().any(|s| s.name == "alloc")
+            })
+            .collect();
+        if carriers.is_empty() {
+            return Ok(None);
+        }
+        let sites = match self.tracer.trace_usdt(pid, &carriers) {
+            Ok(n) => n,
+            Err(e @ (Error::ExitedBeforeAttach(_) | Error::NoSuchProcess(_))) => return Err(e),
+            Err(e) => {
+                eprintln!("bridge-trace: pid {pid} carries the otel_memory probes, not used: {e}");
+                self.tracer.untrace_allocator(pid);
+                return Ok(None);
+            }
+        };
+        let objects: Vec<&str> = carriers
+            .iter()
+            .map(|c| c.path.rsplit('/').next().unwrap_or(&c.path))
+            .collect();
+        let line = format!(
+            "the otel_memory probes of {} ({sites} sites)",
+            objects.join(", ")
+        );
+        let interposers = carriers
+            .iter()
+            .filter(|c| c.interposes)
+            .map(|c| c.path.clone())
+            .collect();
+        Ok(Some((UsdtObjects { interposers }, line)))
     }
 
     /// Starts watching the processes of `exe` not watched yet.
@@ -420,7 +515,7 @@ impl Session<'_> {
         let mut named = false;
         let pids: Vec<u32> = self.procs.keys().copied().collect();
         for pid in pids {
-            let snap = match collect::snapshot(&self.tracer, pid) {
+            let snap = match self.procs[&pid].snapshot(&self.tracer, pid) {
                 Ok(snap) => snap,
                 Err(e) => {
                     tracing::warn!(pid, "snapshot failed: {e}");
@@ -479,7 +574,12 @@ impl Session<'_> {
                 + c.lost_returns
                 + c.growth_map_full
                 + programs.iter().map(|p| p.missed_runs).sum::<u64>(),
-            tier: self.governor.tier.name(),
+            // Every process reporting its own samples: the governor's tier is not theirs.
+            tier: if !self.procs.is_empty() && self.procs.values().all(|p| p.usdt.is_some()) {
+                USDT_TIER
+            } else {
+                self.governor.tier.name()
+            },
             sample_interval_bytes: self.governor.interval,
             overhead: self.governor.overhead,
             overhead_budget: self.governor.budget(),
@@ -503,7 +603,7 @@ impl Session<'_> {
             change.reason
         );
         self.tracer.set_sample_interval(change.interval)?;
-        for (&pid, p) in self.procs.iter_mut() {
+        for (&pid, p) in self.procs.iter_mut().filter(|(_, p)| p.usdt.is_none()) {
             match change.tier {
                 Tier::Growth => {
                     self.tracer.untrace_allocator(pid);
@@ -524,7 +624,7 @@ impl Session<'_> {
     /// Writes a snapshot of every process to --out-dir and pushes it to --push.
     async fn snapshots(&mut self) {
         for (&pid, p) in &self.procs {
-            let snap = match collect::snapshot(&self.tracer, pid) {
+            let snap = match p.snapshot(&self.tracer, pid) {
                 Ok(snap) => snap,
                 Err(e) => {
                     eprintln!("bridge-trace: {e}");
@@ -556,7 +656,8 @@ impl Session<'_> {
 /// touched new memory (growth tier), weighted by the bytes they touched.
 fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
     let view;
-    let (snap, interval) = if governor.tier == Tier::Growth {
+    let tier = p.tier(governor);
+    let (snap, interval) = if tier == Tier::Growth {
         view = Snapshot {
             allocs: snap
                 .growth
@@ -584,7 +685,8 @@ fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
         let allocators: Vec<String> = p.allocators.iter().map(|a| a.path.clone()).collect();
         keep_own_mappings(&mut own, &p.maps, &allocators);
         view = own;
-        (&view, (governor.interval > 0).then_some(governor.interval))
+        let sampled = tier == Tier::Sampled && governor.interval > 0;
+        (&view, sampled.then_some(governor.interval))
     };
     let meta = Meta {
         version: REPORT_VERSION,
@@ -597,7 +699,7 @@ fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
         counters: snap.counters,
         sample_interval: interval,
         exe: target::exe(pid),
-        tier: Some(governor.tier.name().into()),
+        tier: Some(tier.name().into()),
         wrappers: p.wrappers.clone(),
         verdicts: p
             .named
@@ -708,6 +810,11 @@ pub enum Tier {
     Sampled,
     /// Every allocation and free, with its stack, as `record` does.
     Full,
+    /// A process that samples its own heap and reports it through the `otel_memory` USDT
+    /// contract (bridge-trace's preloadable sampler, or any other): its samples and their
+    /// frees only, the cheapest with allocation stacks. Chosen per process, never by --tier.
+    #[value(skip)]
+    Usdt,
 }
 
 impl Tier {
@@ -716,6 +823,7 @@ impl Tier {
             Tier::Growth => "growth",
             Tier::Sampled => "sampled",
             Tier::Full => "full",
+            Tier::Usdt => USDT_TIER,
         }
     }
 }

@@ -1,0 +1,155 @@
+//! The allocator underneath: each malloc-family function of the next object in the lookup
+//! order (`dlsym(RTLD_NEXT)`: glibc, or jemalloc, mimalloc, tcmalloc linked or preloaded
+//! after this library), resolved at the first call. The first calls can arrive before
+//! `dlsym` answers, and `dlsym` itself may allocate: those are served from [`Arena`], a
+//! static bump area whose blocks are never released.
+use core::{
+    ffi::{c_char, c_int, c_void},
+    ptr::null_mut,
+    sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering},
+};
+
+pub type Malloc = unsafe extern "C" fn(usize) -> *mut c_void;
+pub type Calloc = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+pub type Realloc = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
+pub type Free = unsafe extern "C" fn(*mut c_void);
+pub type PosixMemalign = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int;
+pub type Aligned = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+pub type UsableSize = unsafe extern "C" fn(*mut c_void) -> usize;
+
+/// The functions of the allocator underneath, by name, in [`NAMES`] order.
+#[derive(Clone, Copy)]
+#[repr(usize)]
+pub enum F {
+    Malloc,
+    Calloc,
+    Realloc,
+    Free,
+    PosixMemalign,
+    AlignedAlloc,
+    Memalign,
+    Valloc,
+    Pvalloc,
+    UsableSize,
+}
+
+const NAMES: [&[u8]; 10] = [
+    b"malloc\0",
+    b"calloc\0",
+    b"realloc\0",
+    b"free\0",
+    b"posix_memalign\0",
+    b"aligned_alloc\0",
+    b"memalign\0",
+    b"valloc\0",
+    b"pvalloc\0",
+    b"malloc_usable_size\0",
+];
+
+static FNS: [AtomicPtr<c_void>; 10] = [const { AtomicPtr::new(null_mut()) }; 10];
+
+const UNRESOLVED: u8 = 0;
+const RESOLVING: u8 = 1;
+const READY: u8 = 2;
+static STATE: AtomicU8 = AtomicU8::new(UNRESOLVED);
+
+/// The next allocator's `f`, or null when it is not resolved yet (or has no such function):
+/// the caller then serves the call from the [`Arena`] (or fails it).
+#[inline(always)]
+pub fn get(f: F) -> *mut c_void {
+    if STATE.load(Ordering::Acquire) != READY {
+        resolve();
+    }
+    FNS[f as usize].load(Ordering::Relaxed)
+}
+
+#[cold]
+fn resolve() {
+    if STATE
+        .compare_exchange(UNRESOLVED, RESOLVING, Ordering::Acquire, Ordering::Acquire)
+        .is_err()
+    {
+        // Resolving on this thread (dlsym allocating) or another: the arena serves meanwhile.
+        return;
+    }
+    for (name, slot) in NAMES.iter().zip(&FNS) {
+        // SAFETY: a NUL-terminated name; RTLD_NEXT asks for the next definition after ours.
+        let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr() as *const c_char) };
+        slot.store(p, Ordering::Relaxed);
+    }
+    // SAFETY: a NUL-terminated name; getenv does not allocate.
+    let env = unsafe { libc::getenv(c"BRIDGE_TRACE_SAMPLE_INTERVAL".as_ptr()) };
+    let value = (!env.is_null()).then(|| {
+        // SAFETY: getenv returned a NUL-terminated string that lives as long as the environment.
+        unsafe { core::ffi::CStr::from_ptr(env) }.to_bytes()
+    });
+    crate::sample::configure(value);
+    STATE.store(READY, Ordering::Release);
+}
+
+/// Calls the next allocator's `f` as `T`; null when it has none.
+#[inline(always)]
+pub fn func<T: Copy>(f: F) -> Option<T> {
+    let p = get(f);
+    if p.is_null() {
+        return None;
+    }
+    debug_assert_eq!(
+        core::mem::size_of::<T>(),
+        core::mem::size_of::<*mut c_void>()
+    );
+    // SAFETY: `T` is the function pointer type of `f` (the callers name both together).
+    Some(unsafe { core::mem::transmute_copy::<*mut c_void, T>(&p) })
+}
+
+/// Where calls made before the allocator underneath is known are served: 1 MiB, 16-byte
+/// blocks each preceded by its size, never released.
+pub struct Arena;
+
+const ARENA_SIZE: usize = 1 << 20;
+
+#[repr(C, align(4096))]
+struct ArenaBytes([u8; ARENA_SIZE]);
+
+static mut ARENA: ArenaBytes = ArenaBytes([0; ARENA_SIZE]);
+static ARENA_USED: AtomicUsize = AtomicUsize::new(0);
+
+impl Arena {
+    fn base() -> usize {
+        &raw const ARENA as usize
+    }
+
+    /// A zeroed block of `size` bytes aligned to `align` (a power of two, at least 16), or
+    /// null when the arena is spent.
+    pub fn alloc(size: usize, align: usize) -> *mut c_void {
+        let align = align.max(16);
+        let mut used = ARENA_USED.load(Ordering::Relaxed);
+        loop {
+            let start = (Self::base() + used + 16).next_multiple_of(align);
+            let end = match start.checked_add(size) {
+                Some(e) if e <= Self::base() + ARENA_SIZE => e,
+                _ => return null_mut(),
+            };
+            let next = end - Self::base();
+            match ARENA_USED.compare_exchange(used, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => {
+                    // SAFETY: the 8 bytes before `start` are inside this block's reservation.
+                    unsafe { *((start - 8) as *mut usize) = size };
+                    return start as *mut c_void;
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    pub fn contains(p: *mut c_void) -> bool {
+        let p = p as usize;
+        p >= Self::base() && p < Self::base() + ARENA_SIZE
+    }
+
+    /// The size a block of the arena was allocated with.
+    pub fn size(p: *mut c_void) -> usize {
+        // SAFETY: `p` is a block of the arena ([`Arena::contains`]): its size precedes it.
+        unsafe { *((p as usize - 8) as *const usize) }
+    }
+}

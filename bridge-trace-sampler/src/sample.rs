@@ -1,0 +1,169 @@
+//! Which allocations are sampled: a Poisson process over allocated bytes, as jemalloc and
+//! tcmalloc sample. Each thread counts down the bytes to its next sample point (initial-exec
+//! TLS: a decrement and a predicted branch); an allocation that reaches it is sampled with a
+//! weight of `mean × sample points it crossed`, the unbiased bytes it stands for, and the
+//! distance to the next point is a fresh exponential draw.
+use core::{
+    cell::Cell,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+/// Mean bytes between samples when `BRIDGE_TRACE_SAMPLE_INTERVAL` does not say (jemalloc's).
+pub const DEFAULT_MEAN: u64 = 512 << 10;
+/// More sample points than this in one allocation are counted, not drawn one by one.
+const MAX_DRAWS: u64 = 64;
+
+/// The mean interval in bytes; 0 until [`configure`] ran.
+static MEAN: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Bytes still to be allocated by this thread before its next sample point; 0 or less:
+    /// this allocation reaches it (0 also before the first draw).
+    static LEFT: Cell<i64> = const { Cell::new(0) };
+    /// This thread's xorshift state; 0 before it was seeded.
+    static RNG: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Reads the mean from the environment (`BRIDGE_TRACE_SAMPLE_INTERVAL`: bytes, or with a
+/// K/M/G suffix, powers of 1024). Allocation-free: runs inside the first malloc.
+pub fn configure(value: Option<&[u8]>) {
+    let mean = value.and_then(parse_bytes).unwrap_or(DEFAULT_MEAN).max(1);
+    MEAN.store(mean, Ordering::Relaxed);
+}
+
+pub fn mean() -> u64 {
+    match MEAN.load(Ordering::Relaxed) {
+        0 => DEFAULT_MEAN,
+        m => m,
+    }
+}
+
+fn parse_bytes(s: &[u8]) -> Option<u64> {
+    let (digits, unit) = match s.iter().position(|c| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, &b""[..]),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for d in digits {
+        n = n.checked_mul(10)?.checked_add((d - b'0') as u64)?;
+    }
+    let shift = match unit {
+        b"" | b"B" => 0,
+        b"K" | b"KiB" | b"k" => 10,
+        b"M" | b"MiB" => 20,
+        b"G" | b"GiB" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
+}
+
+/// The weight of an allocation of `size` bytes if it is sampled, else `None`: the hot path.
+#[inline(always)]
+pub fn take(size: usize) -> Option<u64> {
+    LEFT.with(|left| {
+        let l = left
+            .get()
+            .saturating_sub(size.min(i64::MAX as usize) as i64);
+        left.set(l);
+        if l > 0 {
+            None
+        } else {
+            crossed(left, l)
+        }
+    })
+}
+
+/// The slow path: the countdown reached (or passed) a sample point, `over` bytes ago (≤ 0).
+#[cold]
+#[inline(never)]
+fn crossed(left: &Cell<i64>, over: i64) -> Option<u64> {
+    let mean = mean();
+    let first = RNG.with(|r| r.get()) == 0;
+    let mut past = -over as u64;
+    if first {
+        // Not drawn yet: the thread's first sample point is a draw from its first byte.
+        let next = draw(mean);
+        let size = past;
+        if next > size {
+            left.set((next - size) as i64);
+            return None;
+        }
+        past = size - next;
+    }
+    let mut points = 1u64;
+    loop {
+        if points >= MAX_DRAWS {
+            // A huge allocation: the points in the rest of it are about rest / mean.
+            points += past / mean;
+            past %= mean;
+        }
+        let next = draw(mean);
+        if next > past {
+            left.set((next - past) as i64);
+            break;
+        }
+        past -= next;
+        points += 1;
+    }
+    Some(points.saturating_mul(mean))
+}
+
+/// An exponential draw with mean `mean` bytes, at least 1.
+fn draw(mean: u64) -> u64 {
+    let u = RNG.with(|r| {
+        let mut x = r.get();
+        if x == 0 {
+            // Seed from where this thread's TLS is and the time stamp counter.
+            x = (r as *const Cell<u64> as u64) ^ tsc() ^ 0x9E37_79B9_7F4A_7C15;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        r.set(x.max(1));
+        x
+    });
+    // (0, 1]: 53 random bits.
+    let unit = ((u >> 11) + 1) as f64 / (1u64 << 53) as f64;
+    ((-unit.ln()) * mean as f64).max(1.0) as u64
+}
+
+fn tsc() -> u64 {
+    // SAFETY: rdtsc has no preconditions.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes(b"4096"), Some(4096));
+        assert_eq!(parse_bytes(b"512K"), Some(512 << 10));
+        assert_eq!(parse_bytes(b"2MiB"), Some(2 << 20));
+        assert_eq!(parse_bytes(b"1G"), Some(1 << 30));
+        assert_eq!(parse_bytes(b"x"), None);
+        assert_eq!(parse_bytes(b"12Q"), None);
+        assert_eq!(parse_bytes(b"99999999999999999999"), None);
+    }
+
+    /// The weights add up to the bytes allocated, for small and for huge allocations.
+    #[test]
+    fn weights_are_unbiased() {
+        configure(Some(b"4K"));
+        for size in [48usize, 4000, 300_000, 20 << 20] {
+            // At least ~20000 sample points each: 5 % is over 7 standard deviations.
+            let n = (20_000 * 4096 / size).max(200);
+            let total: u64 = (0..n).filter_map(|_| take(size)).sum();
+            let truth = (size * n) as f64;
+            let err = (total as f64 - truth).abs() / truth;
+            assert!(
+                err < 0.05,
+                "size {size}: weights {total} for {truth} bytes ({err:.3})"
+            );
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The `otel_memory` USDT contract as this library emits it: the probe sites (a 5-byte nop
+//! each, which Linux 6.18 optimizes into a call instead of a trap) with their
+//! `.note.stapsdt` entries, and the semaphores a tracer raises while it is attached.
+//!
+//! | probe | arguments | fired |
+//! |---|---|---|
+//! | `otel_memory:alloc` | pointer, size, weight (bytes the sample stands for) | on a sampled allocation |
+//! | `otel_memory:free` | pointer | on the release of a sampled block |
+
+/// Raised by the kernel (a uprobe's reference counter) while a tracer's `alloc` probe is
+/// attached; read before anything is sampled. The `.probes` section and the
+/// `provider_name_semaphore` name follow `<sys/sdt.h>`.
+#[no_mangle]
+#[used]
+#[link_section = ".probes"]
+static mut otel_memory_alloc_semaphore: u16 = 0;
+
+/// Raised while a tracer's `free` probe is attached.
+#[no_mangle]
+#[used]
+#[link_section = ".probes"]
+static mut otel_memory_free_semaphore: u16 = 0;
+
+/// Whether a tracer is attached to the `alloc` probe: one load.
+#[inline(always)]
+pub fn alloc_enabled() -> bool {
+    // SAFETY: a read of a 2-byte global the kernel writes as a whole; volatile, since the
+    // kernel changes it behind the compiler's back.
+    unsafe { core::ptr::read_volatile(&raw const otel_memory_alloc_semaphore) != 0 }
+}
+
+/// One probe site: a 5-byte nop and its note, `args` being the SDT argument descriptors.
+macro_rules! site {
+    ($name:literal, $sem:ident, $args:literal, $($op:expr),*) => {
+        // SAFETY: a nop; the note and base sections are data the program never reads.
+        unsafe {
+            core::arch::asm!(
+                concat!(
+                    "990: nopl 0x0(%rax,%rax,1)\n",
+                    ".pushsection .note.stapsdt,\"?\",\"note\"\n",
+                    ".balign 4\n",
+                    ".4byte 992f-991f, 994f-993f, 3\n",
+                    "991: .asciz \"stapsdt\"\n",
+                    "992: .balign 4\n",
+                    "993: .8byte 990b\n",
+                    ".8byte _.stapsdt.base\n",
+                    ".8byte {sem}\n",
+                    ".asciz \"otel_memory\"\n",
+                    ".asciz \"", $name, "\"\n",
+                    ".asciz \"", $args, "\"\n",
+                    "994: .balign 4\n",
+                    ".popsection\n",
+                    ".ifndef _.stapsdt.base\n",
+                    ".pushsection .stapsdt.base,\"aGR\",\"progbits\",.stapsdt.base,comdat\n",
+                    ".weak _.stapsdt.base\n",
+                    ".hidden _.stapsdt.base\n",
+                    "_.stapsdt.base: .space 1\n",
+                    ".size _.stapsdt.base, 1\n",
+                    ".popsection\n",
+                    ".endif\n",
+                ),
+                $(in(reg) $op,)*
+                sem = sym $sem,
+                options(att_syntax, readonly, nostack, preserves_flags),
+            )
+        }
+    };
+}
+
+/// `otel_memory:alloc(ptr, size, weight)`.
+#[inline(never)]
+pub fn alloc(ptr: usize, size: usize, weight: u64) {
+    site!(
+        "alloc",
+        otel_memory_alloc_semaphore,
+        "8@{0} 8@{1} 8@{2}",
+        ptr,
+        size,
+        weight
+    );
+}
+
+/// `otel_memory:free(ptr)`.
+#[inline(never)]
+pub fn free(ptr: usize) {
+    site!("free", otel_memory_free_semaphore, "8@{0}", ptr);
+}
