@@ -7,31 +7,35 @@
 //! | `otel_memory:alloc` | pointer, size, weight (bytes the sample stands for) | on a sampled allocation |
 //! | `otel_memory:free` | pointer | on the release of a sampled block |
 
-/// Raised by the kernel (a uprobe's reference counter) while a tracer's `alloc` probe is
-/// attached; read before anything is sampled. The `.probes` section and the
-/// `provider_name_semaphore` name follow `<sys/sdt.h>`.
-#[no_mangle]
-#[used]
-#[link_section = ".probes"]
-static mut otel_memory_alloc_semaphore: u16 = 0;
+/// The semaphores, raised by the kernel (a uprobe's reference counter) while a tracer's probe
+/// is attached: `alloc` is read before anything is sampled. In `.probes` as in `<sys/sdt.h>`,
+/// and alone in a page of the file: the kernel finds a semaphore by its file offset in the
+/// first writable mapping that covers it, and a page the linker shares between the RELRO
+/// segment and the data segment is mapped twice (writable, briefly, at the RELRO address
+/// too, while the loader maps the library: a tracer attached before the program started
+/// would raise that copy instead).
+#[repr(C, align(4096))]
+struct Semaphores {
+    alloc: u16,
+    free: u16,
+}
 
-/// Raised while a tracer's `free` probe is attached.
 #[no_mangle]
 #[used]
 #[link_section = ".probes"]
-static mut otel_memory_free_semaphore: u16 = 0;
+static mut otel_memory_semaphores: Semaphores = Semaphores { alloc: 0, free: 0 };
 
 /// Whether a tracer is attached to the `alloc` probe: one load.
 #[inline(always)]
 pub fn alloc_enabled() -> bool {
     // SAFETY: a read of a 2-byte global the kernel writes as a whole; volatile, since the
     // kernel changes it behind the compiler's back.
-    unsafe { core::ptr::read_volatile(&raw const otel_memory_alloc_semaphore) != 0 }
+    unsafe { core::ptr::read_volatile(&raw const otel_memory_semaphores.alloc) != 0 }
 }
 
 /// One probe site: a 5-byte nop and its note, `args` being the SDT argument descriptors.
 macro_rules! site {
-    ($name:literal, $sem:ident, $args:literal, $($op:expr),*) => {
+    ($name:literal, $sem:literal, $args:literal, $($op:expr),*) => {
         // SAFETY: a nop; the note and base sections are data the program never reads.
         unsafe {
             core::arch::asm!(
@@ -44,7 +48,7 @@ macro_rules! site {
                     "992: .balign 4\n",
                     "993: .8byte 990b\n",
                     ".8byte _.stapsdt.base\n",
-                    ".8byte {sem}\n",
+                    ".8byte {sem}+", $sem, "\n",
                     ".asciz \"otel_memory\"\n",
                     ".asciz \"", $name, "\"\n",
                     ".asciz \"", $args, "\"\n",
@@ -60,7 +64,7 @@ macro_rules! site {
                     ".endif\n",
                 ),
                 $(in(reg) $op,)*
-                sem = sym $sem,
+                sem = sym otel_memory_semaphores,
                 options(att_syntax, readonly, nostack, preserves_flags),
             )
         }
@@ -72,7 +76,7 @@ macro_rules! site {
 pub fn alloc(ptr: usize, size: usize, weight: u64) {
     site!(
         "alloc",
-        otel_memory_alloc_semaphore,
+        "0",
         "8@{0} 8@{1} 8@{2}",
         ptr,
         size,
@@ -83,5 +87,5 @@ pub fn alloc(ptr: usize, size: usize, weight: u64) {
 /// `otel_memory:free(ptr)`.
 #[inline(never)]
 pub fn free(ptr: usize) {
-    site!("free", otel_memory_free_semaphore, "8@{0}", ptr);
+    site!("free", "2", "8@{0}", ptr);
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use bridge_trace::{
     cli::{ArgsError, Request},
-    cmd::{diff, floor, record, report, watch},
+    cmd::{diff, floor, record, report, sampler, watch},
     error::exit_code,
     output::{self, Destination},
     units::human_bytes,
@@ -63,6 +63,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Request::Floor(pid, parts) => floor::run(*pid, *parts).map(|()| ExitCode::SUCCESS),
+        Request::SamplerInstall(dir) => sampler::install(dir).map(|(path, advice)| {
+            println!("{}", path.display());
+            eprintln!("bridge-trace: {advice}");
+            ExitCode::SUCCESS
+        }),
     };
     match result {
         Ok(code) => code,

@@ -52,9 +52,25 @@ pub enum Command {
     /// any machine and without root: frames are named from this machine's files when their
     /// build-ids match, else from --debug-dir.
     Report(ReportArgs),
+    /// bridge-trace's in-process heap sampler, a library to preload into a service
+    /// (`LD_PRELOAD`): it samples allocations by bytes inside the process and reports them
+    /// through the OpenTelemetry otel_memory USDT probes, which `watch`, `top` and `record`
+    /// then use (tier usdt: the cheapest way to see allocation stacks).
+    #[command(subcommand)]
+    Sampler(SamplerCommand),
     /// The benchmark's floor: empty probes on malloc and free (hidden; `cargo xtask bench`).
     #[command(hide = true)]
     Floor(FloorArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SamplerCommand {
+    /// Write libbridge_trace_sampler.so into DIR (created if missing), for a service to
+    /// preload: e.g. a systemd drop-in with Environment=LD_PRELOAD=DIR/libbridge_trace_sampler.so.
+    Install {
+        /// Where to put it: a directory every user of the service can read.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -104,6 +120,8 @@ pub enum Request {
     Report(ReportConfig),
     /// The benchmark's floor (or a part of it), on this pid.
     Floor(u32, FloorParts),
+    /// Write the sampler library into this directory.
+    SamplerInstall(PathBuf),
 }
 
 impl Request {
@@ -121,6 +139,7 @@ impl Request {
             Command::Diff(a) => offline::diff_config(a).map(Request::Diff),
             Command::Report(a) => offline::report_config(a).map(Request::Report),
             Command::Floor(a) => Ok(Request::Floor(a.pid, a.parts)),
+            Command::Sampler(SamplerCommand::Install { dir }) => Ok(Request::SamplerInstall(dir)),
         }
         .map_err(ArgsError::Invalid)
     }

@@ -79,6 +79,17 @@ pub struct RecordArgs {
     /// function named like an allocator, on top of it, called from two or more functions).
     #[arg(long, value_name = "NAME")]
     pub wrapper: Vec<String>,
+    /// Launch the program with bridge-trace's in-process sampler preloaded (`LD_PRELOAD`; its
+    /// mean interval from BRIDGE_TRACE_SAMPLE_INTERVAL, default 512KiB) and trace it through
+    /// the otel_memory probes the sampler fires: sampled allocations and their frees only,
+    /// weighted estimates instead of exact figures, at a fraction of the cost. `-- CMD` only.
+    #[arg(long)]
+    pub sampler: bool,
+    /// Trace a process that samples its own heap (the otel_memory USDT probes: one started
+    /// with the sampler preloaded, say) with uprobes on its allocator like any other: exact
+    /// figures, at their cost. By default its probes are used.
+    #[arg(long, conflicts_with = "sampler")]
+    pub no_usdt: bool,
     /// Program to launch and trace until it exits (everything after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -101,6 +112,13 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
         (Some(pid), true) => Target::Pid(pid),
         (None, false) => Target::Command(args.command),
     };
+    if args.sampler && matches!(target, Target::Pid(_)) {
+        return Err(Error::Usage(
+            "--sampler preloads the sampler into a program record launches (-- CMD); a running \
+             process must have been started with it (see `bridge-trace sampler install`)"
+                .into(),
+        ));
+    }
     let duration = parse_optional_duration("--duration", args.duration.as_deref())?;
     if duration == Some(Duration::ZERO) {
         return Err(Error::Usage("--duration must be longer than 0".into()));
@@ -124,6 +142,8 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
         mode: parse_mode(&args.mode)?,
         no_raw: args.no_raw,
         follow_children: args.follow_children,
+        sampler: args.sampler,
+        usdt: !args.no_usdt,
         alloc_fns: args
             .alloc_fn
             .iter()

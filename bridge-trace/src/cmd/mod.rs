@@ -4,4 +4,5 @@ pub mod diff;
 pub mod floor;
 pub mod record;
 pub mod report;
+pub mod sampler;
 pub mod watch;

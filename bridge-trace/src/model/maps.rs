@@ -114,6 +114,15 @@ impl ProcessMaps {
         maps
     }
 
+    /// The code ranges of the objects at `paths` (as the process sees them), at any time.
+    pub fn text_of(&self, paths: &[String]) -> Vec<(u64, u64)> {
+        self.mappings
+            .iter()
+            .filter(|m| m.executable && paths.contains(&m.path))
+            .map(|m| (m.start, m.end))
+            .collect()
+    }
+
     /// Re-reads `/proc/PID/maps`, keeping what was seen before. False when the process is gone.
     pub fn refresh(&mut self) -> bool {
         match read_maps(self.pid) {

@@ -191,8 +191,8 @@ pub struct Launched {
 
 impl Launched {
     /// Forks; the child waits for [`Launched::release`], then drops root back to the invoking
-    /// user when run through sudo, and execs `argv`.
-    pub fn spawn(program: &Path, argv: &[OsString]) -> Result<Launched> {
+    /// user when run through sudo, and execs `argv` with this environment, `env` set on top.
+    pub fn spawn(program: &Path, argv: &[OsString], env: &[(&str, OsString)]) -> Result<Launched> {
         let spawn_err = |reason: String| Error::Spawn {
             command: program.display().to_string(),
             reason,
@@ -206,6 +206,22 @@ impl Launched {
             .map_err(|_| spawn_err("NUL byte in an argument".into()))?;
         let mut c_argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
         c_argv.push(std::ptr::null());
+        // The environment, prepared before the fork (the child may not allocate).
+        let mut vars: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| !env.iter().any(|(name, _)| k == name))
+            .collect();
+        vars.extend(env.iter().map(|(k, v)| (OsString::from(k), v.clone())));
+        let c_env: Vec<CString> = vars
+            .iter()
+            .filter_map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                CString::new(kv).ok()
+            })
+            .collect();
+        let mut c_envp: Vec<*const libc::c_char> = c_env.iter().map(|a| a.as_ptr()).collect();
+        c_envp.push(std::ptr::null());
         let drop_to = sudo_ids();
 
         let (gate_r, gate_w) = pipe().map_err(|e| spawn_err(e.to_string()))?;
@@ -237,7 +253,7 @@ impl Launched {
                         libc::_exit(127);
                     }
                 }
-                libc::execv(c_program.as_ptr(), c_argv.as_ptr());
+                libc::execve(c_program.as_ptr(), c_argv.as_ptr(), c_envp.as_ptr());
                 let errno = *libc::__errno_location();
                 libc::write(status_w.as_raw_fd(), (&errno as *const i32).cast(), 4);
                 libc::_exit(127);

@@ -3,6 +3,7 @@
 //! process in a container works.
 mod allocators;
 mod launch;
+pub mod sampler;
 pub mod usdt;
 
 use std::{

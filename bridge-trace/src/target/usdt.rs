@@ -43,8 +43,36 @@ pub struct Carrier {
     pub skipped: Vec<String>,
 }
 
-/// The objects of `pid` (its `maps`) that carry the contract, each once.
+/// The objects of `pid` (its `maps`) that report samples through the contract (an `alloc`
+/// site at least), each once. The sites that could not be read are in each one's `skipped`.
 pub fn carriers(pid: u32, maps: &[Mapping]) -> Vec<Carrier> {
+    all_carriers(pid, maps)
+        .into_iter()
+        .filter(|c| c.sites.iter().any(|s| s.name == "alloc"))
+        .collect()
+}
+
+/// What a start line says of the objects a process reports through: `the otel_memory probes
+/// of libbridge_trace_sampler.so (2 sites)`.
+pub fn describe(carriers: &[Carrier], sites: usize) -> String {
+    let names: Vec<&str> = carriers
+        .iter()
+        .map(|c| c.path.rsplit('/').next().unwrap_or(&c.path))
+        .collect();
+    format!("the {PROVIDER} probes of {} ({sites} sites)", names.join(", "))
+}
+
+/// The objects among `carriers` that interpose the allocator, as the process sees them.
+pub fn interposers(carriers: &[Carrier]) -> Vec<String> {
+    carriers
+        .iter()
+        .filter(|c| c.interposes)
+        .map(|c| c.path.clone())
+        .collect()
+}
+
+/// Every object of `pid` with a site of the provider, readable or not.
+fn all_carriers(pid: u32, maps: &[Mapping]) -> Vec<Carrier> {
     let mut seen: Vec<&str> = Vec::new();
     let mut found = Vec::new();
     for m in maps

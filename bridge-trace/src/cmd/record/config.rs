@@ -32,6 +32,10 @@ pub struct Config {
     pub no_raw: bool,
     /// Trace the processes the target forks too, each as a process of its own.
     pub follow_children: bool,
+    /// Launch the program with the in-process sampler preloaded (`--sampler`).
+    pub sampler: bool,
+    /// Trace a process that carries the otel_memory contract through it (not `--no-usdt`).
+    pub usdt: bool,
     /// Custom allocator functions (`--alloc-fn`).
     pub alloc_fns: Vec<(String, EntryKind)>,
     /// Allocation wrappers a site is named past (`--wrapper`).

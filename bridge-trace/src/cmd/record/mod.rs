@@ -20,7 +20,7 @@ use crate::{
     collect,
     error::{Error, Result},
     model::{
-        meta::{Meta, Process, UnwindSummary, REPORT_VERSION},
+        meta::{Meta, Process, UnwindSummary, REPORT_VERSION, USDT_TIER},
         sites::Wrappers,
         snapshot::Snapshot,
     },
@@ -108,7 +108,10 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     eprintln!(
         "bridge-trace: tracing {} (pid {pid}) through {}{}",
         t.name,
-        t.tracer.attached.join(" and "),
+        match t.usdt {
+            Some(_) => t.allocator.clone(),
+            None => t.tracer.attached.join(" and "),
+        },
         match config.duration {
             Some(d) => format!(" for {}", humantime::format_duration(d)),
             None => " until it exits or Ctrl-C".into(),
@@ -339,7 +342,7 @@ fn finish(
         }),
         exe: t.exe.clone(),
         started: Some(humantime::format_rfc3339_seconds(started_at).to_string()),
-        tier: Some("full".into()),
+        tier: Some(if t.usdt.is_some() { USDT_TIER } else { "full" }.into()),
         wrappers: Wrappers::new(config.wrappers.clone()),
         entry_points: attached_symbols.clone(),
         ..Meta::default()
@@ -347,6 +350,9 @@ fn finish(
     .on_this_machine();
     // What the allocators mapped for their own blocks is counted as those blocks.
     keep_own_mappings(&mut snapshot, &t.maps, &t.allocator_paths);
+    if let Some(interposers) = &t.usdt {
+        snapshot.drop_leading_frames(&t.maps.text_of(interposers));
+    }
     for (c, snap) in children.iter().zip(child_snapshots.iter_mut()) {
         keep_own_mappings(snap, &c.maps, &t.allocator_paths);
     }

@@ -102,6 +102,9 @@ pub(super) struct Attached {
     pub(super) exe: Option<String>,
     /// The allocators' objects, as the process saw them: what they map is theirs.
     pub(super) allocator_paths: Vec<String>,
+    /// Traced through the otel_memory contract: the objects whose frames top each sample's
+    /// stack (an interposing sampler's).
+    pub(super) usdt: Option<Vec<String>>,
     pub(super) maps: ProcessMaps,
     pub(super) unwinder: Option<Unwinder>,
     pub(super) child: Option<mpsc::UnboundedReceiver<ChildEvent>>,
@@ -156,8 +159,11 @@ pub(super) fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
         u.load_all(pid, &maps)?;
     }
     let since = (std::time::Instant::now(), std::time::SystemTime::now());
-    tracer.trace_allocator(pid, &allocators)?;
-    tracer.note_allocator_text(pid, &maps);
+    let usdt = trace_usdt(&mut tracer, pid, &maps, config)?;
+    if usdt.is_none() {
+        tracer.trace_allocator(pid, &allocators)?;
+        tracer.note_allocator_text(pid, &maps);
+    }
     if follow {
         tracer.follow_children()?;
     }
@@ -167,11 +173,16 @@ pub(super) fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
     }
     // SAFETY: the OwnedFd stays open, unchanged, for as long as the AsyncFd owns it.
     let pidfd = pidfd_open(pid).and_then(|fd| unsafe { AsyncFd::register(fd) }.ok());
+    let allocator = match &usdt {
+        Some((_, line)) => line.clone(),
+        None => target::describe(&allocators),
+    };
     Ok(Attached {
         pid,
         name: target::comm(pid).unwrap_or_else(|| format!("pid{pid}")),
         tracer,
-        allocator: target::describe(&allocators),
+        allocator,
+        usdt: usdt.map(|(interposers, _)| interposers),
         allocator_paths: allocators.iter().map(|a| a.path.clone()).collect(),
         exe: target::exe(pid),
         maps: ProcessMaps::new(pid, maps),
@@ -181,6 +192,41 @@ pub(super) fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
         follow_children: follow,
         since,
     })
+}
+
+/// Traces `pid` through the otel_memory contract when it carries it (and `--no-usdt` was not
+/// given): the objects whose frames top its samples' stacks, and the start line's words.
+/// `None` when it does not, or its probes could not be attached (said; uprobes then).
+fn trace_usdt(
+    tracer: &mut Tracer,
+    pid: u32,
+    maps: &[Mapping],
+    config: &Config,
+) -> Result<Option<(Vec<String>, String)>> {
+    if !config.usdt {
+        return Ok(None);
+    }
+    let carriers = target::usdt::carriers(pid, maps);
+    for c in &carriers {
+        for why in &c.skipped {
+            eprintln!("bridge-trace: {}: skipping {why}", c.path);
+        }
+    }
+    if carriers.is_empty() {
+        return Ok(None);
+    }
+    match tracer.trace_usdt(pid, &carriers) {
+        Ok(sites) => Ok(Some((
+            target::usdt::interposers(&carriers),
+            target::usdt::describe(&carriers, sites),
+        ))),
+        Err(e @ (Error::ExitedBeforeAttach(_) | Error::NoSuchProcess(_))) => Err(e),
+        Err(e) => {
+            eprintln!("bridge-trace: pid {pid} carries the otel_memory probes, not used: {e}");
+            tracer.untrace_allocator(pid);
+            Ok(None)
+        }
+    }
 }
 
 pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Attached> {
@@ -232,18 +278,52 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
             }
         );
     }
-    let mut launched = Launched::spawn(&program, argv)?;
+    // --sampler: the library goes where the program (run as the sudo user) can load it.
+    let sampler = match config.sampler {
+        true => Some(target::sampler::install(&target::sampler::default_dir()?)?),
+        false => None,
+    };
+    let env: Vec<(&str, std::ffi::OsString)> = sampler
+        .iter()
+        .map(|lib| {
+            let preload = target::sampler::preload(lib, std::env::var_os("LD_PRELOAD"));
+            ("LD_PRELOAD", preload)
+        })
+        .collect();
+    let mut launched = Launched::spawn(&program, argv, &env)?;
     let pid = launched.pid;
-    let prepared = Tracer::attach(
-        &allocators,
-        Knobs {
-            tgid: pid,
-            launched: true,
-            max_allocs: config.max_allocs,
-            unwind: config.unwind.mode(),
-            follow_children,
-        },
-    )
+    let knobs = Knobs {
+        tgid: pid,
+        launched: true,
+        max_allocs: config.max_allocs,
+        unwind: config.unwind.mode(),
+        follow_children,
+    };
+    let mut usdt = None;
+    let prepared = match &sampler {
+        None => Tracer::attach(&allocators, knobs),
+        Some(lib) => Tracer::load(knobs).and_then(|mut tracer| {
+            let shown = lib.to_string_lossy().into_owned();
+            let carrier = target::usdt::carrier(&shown, lib).ok_or_else(|| {
+                Error::Ebpf(format!("{shown} carries no otel_memory probes"))
+            })?;
+            let carriers = [carrier];
+            let sites = tracer.trace_usdt(pid, &carriers)?;
+            usdt = Some((
+                target::usdt::interposers(&carriers),
+                target::usdt::describe(&carriers, sites),
+            ));
+            // The allocator's own entry points stay unprobed; only the hold at `_exit`.
+            let hold = target::hold_allocator(&allocators);
+            let exit_only = target::Allocator {
+                entries: Vec::new(),
+                aliases: Vec::new(),
+                ..hold.clone()
+            };
+            tracer.trace_allocator(pid, &[exit_only])?;
+            Ok(tracer)
+        }),
+    }
     .and_then(|mut tracer| {
         if follow_children {
             tracer.follow_children()?;
@@ -284,11 +364,16 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "program".into());
     let maps = read_maps(pid).unwrap_or_default();
+    let allocator = match &usdt {
+        Some((_, line)) => format!("{line}, the sampler preloaded"),
+        None => target::describe(&allocators),
+    };
     Ok(Attached {
         pid,
         name,
         tracer,
-        allocator: target::describe(&allocators),
+        allocator,
+        usdt: usdt.map(|(interposers, _)| interposers),
         allocator_paths: allocators.iter().map(|a| a.path.clone()).collect(),
         exe: Some(program.to_string_lossy().into_owned()),
         maps: ProcessMaps::new(pid, maps),

@@ -123,14 +123,7 @@ impl Proc {
     fn snapshot(&self, tracer: &Tracer, pid: u32) -> Result<Snapshot> {
         let mut snap = collect::snapshot(tracer, pid)?;
         if let Some(u) = &self.usdt {
-            let ranges: Vec<(u64, u64)> = self
-                .maps
-                .current
-                .iter()
-                .filter(|m| m.executable && u.interposers.contains(&m.path))
-                .map(|m| (m.start, m.end))
-                .collect();
-            snap.drop_leading_frames(&ranges);
+            snap.drop_leading_frames(&self.maps.text_of(&u.interposers));
         }
         Ok(snap)
     }
@@ -431,15 +424,12 @@ impl Session<'_> {
         if !self.config.usdt {
             return Ok(None);
         }
-        let carriers: Vec<Carrier> = target::usdt::carriers(pid, maps)
-            .into_iter()
-            .filter(|c| {
-                for why in &c.skipped {
-                    eprintln!("bridge-trace: {}: skipping {why}", c.path);
-                }
-                c.sites.iter().any(|s| s.name == "alloc")
-            })
-            .collect();
+        let carriers: Vec<Carrier> = target::usdt::carriers(pid, maps);
+        for c in &carriers {
+            for why in &c.skipped {
+                eprintln!("bridge-trace: {}: skipping {why}", c.path);
+            }
+        }
         if carriers.is_empty() {
             return Ok(None);
         }
@@ -452,19 +442,8 @@ impl Session<'_> {
                 return Ok(None);
             }
         };
-        let objects: Vec<&str> = carriers
-            .iter()
-            .map(|c| c.path.rsplit('/').next().unwrap_or(&c.path))
-            .collect();
-        let line = format!(
-            "the otel_memory probes of {} ({sites} sites)",
-            objects.join(", ")
-        );
-        let interposers = carriers
-            .iter()
-            .filter(|c| c.interposes)
-            .map(|c| c.path.clone())
-            .collect();
+        let line = target::usdt::describe(&carriers, sites);
+        let interposers = target::usdt::interposers(&carriers);
         Ok(Some((UsdtObjects { interposers }, line)))
     }
 
