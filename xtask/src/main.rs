@@ -70,7 +70,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// program bridge-trace must refuse), chromium (with a font) opens the SVG and HTML reports in a
 /// test, jemalloc, mimalloc and tcmalloc are the allocators the fixtures are built against (make
 /// builds tikv-jemallocator's jemalloc for the Rust one), and bpftrace and heaptrack are the peers
-/// `cargo xtask bench` measures bridge-trace against.
+/// `cargo xtask bench` measures bridge-trace against; systemtap-sdt-dev's `<sys/sdt.h>` writes
+/// the otel_memory probes of the fixture that carries the contract without bridge-trace's
+/// sampler.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -90,6 +92,7 @@ const APT_PACKAGES: &[&str] = &[
     "make",
     "bpftrace",
     "heaptrack",
+    "systemtap-sdt-dev",
 ];
 
 fn main() -> Result<()> {
