@@ -34,7 +34,13 @@ fn build_sampler() -> anyhow::Result<()> {
     let target_dir = out.join("sampler");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "--locked", "-p", "bridge-trace-sampler"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "bridge-trace-sampler",
+        ])
         .arg("--manifest-path")
         .arg(format!("{manifest}/Cargo.toml"))
         .arg("--target-dir")

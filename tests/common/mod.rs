@@ -187,3 +187,20 @@ pub fn spawn_ready(cmd: &mut Command) -> KillOnDrop {
     assert_eq!(line.trim(), "ready");
     child
 }
+
+/// The in-process sampler, written out by `bridge-trace sampler install` (once per test binary).
+pub fn sampler_lib() -> &'static Path {
+    static LIB: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LIB.get_or_init(|| {
+        let dir = Path::new(TMP).join("sampler");
+        let out = Command::new(BIN)
+            .args(["sampler", "install"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        assert!(path.starts_with(&dir) && path.is_file(), "{path:?}");
+        path
+    })
+}

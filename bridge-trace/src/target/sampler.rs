@@ -97,7 +97,11 @@ mod tests {
         let mut names: Vec<&str> = c.sites.iter().map(|s| s.name.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["alloc", "free"]);
-        assert!(c.sites.iter().all(|s| s.semaphore.is_some()), "{:?}", c.sites);
+        assert!(
+            c.sites.iter().all(|s| s.semaphore.is_some()),
+            "{:?}",
+            c.sites
+        );
         assert!(c.interposes && c.skipped.is_empty());
     }
 

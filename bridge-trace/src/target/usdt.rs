@@ -48,8 +48,25 @@ pub struct Carrier {
 pub fn carriers(pid: u32, maps: &[Mapping]) -> Vec<Carrier> {
     all_carriers(pid, maps)
         .into_iter()
-        .filter(|c| c.sites.iter().any(|s| s.name == "alloc"))
+        .filter(Carrier::reports)
         .collect()
+}
+
+/// The `objects` (as a program to be launched will see them, and where they are) that report
+/// samples through the contract.
+pub fn carriers_in(objects: &[(String, PathBuf)]) -> Vec<Carrier> {
+    objects
+        .iter()
+        .filter_map(|(path, host)| carrier(path, host))
+        .filter(Carrier::reports)
+        .collect()
+}
+
+impl Carrier {
+    /// Whether it reports samples: it has an `alloc` site.
+    fn reports(&self) -> bool {
+        self.sites.iter().any(|s| s.name == "alloc")
+    }
 }
 
 /// What a start line says of the objects a process reports through: `the otel_memory probes
@@ -59,7 +76,10 @@ pub fn describe(carriers: &[Carrier], sites: usize) -> String {
         .iter()
         .map(|c| c.path.rsplit('/').next().unwrap_or(&c.path))
         .collect();
-    format!("the {PROVIDER} probes of {} ({sites} sites)", names.join(", "))
+    format!(
+        "the {PROVIDER} probes of {} ({sites} sites)",
+        names.join(", ")
+    )
 }
 
 /// The objects among `carriers` that interpose the allocator, as the process sees them.

@@ -290,6 +290,24 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
             ("LD_PRELOAD", preload)
         })
         .collect();
+    // The objects that report through the otel_memory contract: the sampler's library, and
+    // the program's own objects that carry it (not a script's: they run in other processes).
+    let mut carriers = Vec::new();
+    if let Some(lib) = &sampler {
+        let shown = lib.to_string_lossy().into_owned();
+        carriers.push(
+            target::usdt::carrier(&shown, lib)
+                .ok_or_else(|| Error::Ebpf(format!("{shown} carries no otel_memory probes")))?,
+        );
+    }
+    if config.usdt && script.is_none() {
+        carriers.extend(target::usdt::carriers_in(&objects));
+    }
+    for c in &carriers {
+        for why in &c.skipped {
+            eprintln!("bridge-trace: {}: skipping {why}", c.path);
+        }
+    }
     let mut launched = Launched::spawn(&program, argv, &env)?;
     let pid = launched.pid;
     let knobs = Knobs {
@@ -300,14 +318,9 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
         follow_children,
     };
     let mut usdt = None;
-    let prepared = match &sampler {
-        None => Tracer::attach(&allocators, knobs),
-        Some(lib) => Tracer::load(knobs).and_then(|mut tracer| {
-            let shown = lib.to_string_lossy().into_owned();
-            let carrier = target::usdt::carrier(&shown, lib).ok_or_else(|| {
-                Error::Ebpf(format!("{shown} carries no otel_memory probes"))
-            })?;
-            let carriers = [carrier];
+    let prepared = match carriers.is_empty() {
+        true => Tracer::attach(&allocators, knobs),
+        false => Tracer::load(knobs).and_then(|mut tracer| {
             let sites = tracer.trace_usdt(pid, &carriers)?;
             usdt = Some((
                 target::usdt::interposers(&carriers),
@@ -365,7 +378,8 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
         .unwrap_or_else(|| "program".into());
     let maps = read_maps(pid).unwrap_or_default();
     let allocator = match &usdt {
-        Some((_, line)) => format!("{line}, the sampler preloaded"),
+        Some((_, line)) if sampler.is_some() => format!("{line}, the sampler preloaded"),
+        Some((_, line)) => line.clone(),
         None => target::describe(&allocators),
     };
     Ok(Attached {
