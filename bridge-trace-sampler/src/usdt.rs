@@ -74,14 +74,7 @@ macro_rules! site {
 /// `otel_memory:alloc(ptr, size, weight)`.
 #[inline(never)]
 pub fn alloc(ptr: usize, size: usize, weight: u64) {
-    site!(
-        "alloc",
-        "0",
-        "8@{0} 8@{1} 8@{2}",
-        ptr,
-        size,
-        weight
-    );
+    site!("alloc", "0", "8@{0} 8@{1} 8@{2}", ptr, size, weight);
 }
 
 /// `otel_memory:free(ptr)`.
