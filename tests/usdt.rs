@@ -3,7 +3,8 @@
 //! sampler) is traced through them exactly, every event it fires accounted once, and its
 //! semaphores are zero whenever no tracer is attached, also after a SIGKILL of the tracer. The
 //! producer: bridge-trace's preloadable sampler estimates the demo's leak from its weights,
-//! and a program sees the same allocator with it as without it, under glibc and jemalloc.
+//! and a program sees the same allocator with it as without it, under glibc and jemalloc. A
+//! library carrying the contract that a traced process dlopens later is picked up.
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
@@ -284,6 +285,97 @@ fn semaphores_are_raised_only_while_traced() {
         freed <= fired_frees && fired_frees - freed <= 1,
         "fired {fired_frees} frees, seen {freed}: {c}"
     );
+}
+
+/// A process traced at tier usdt (the sampler preloaded) that dlopens a library carrying its
+/// own probes after `watch` attached: `watch` sees the new mapping, attaches the library's
+/// probes too (its semaphores rise and its events fire) and says so.
+#[test]
+fn a_carrier_dlopened_later_is_picked_up() {
+    let _g = lock();
+    let dir = scratch("usdt-dlopen");
+    let lib = dir.join("libcontract.so");
+    let host = dir.join("dlopen_host");
+    let fixtures = repo().join("tests/fixtures");
+    gcc(&[
+        "-O2",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-fPIC",
+        "-shared",
+        "-DCONTRACT_LIBRARY",
+        "-I",
+        fixtures.to_str().unwrap(),
+        "-o",
+        lib.to_str().unwrap(),
+        fixtures.join("usdt_contract.c").to_str().unwrap(),
+    ]);
+    gcc(&[
+        "-O1",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-o",
+        host.to_str().unwrap(),
+        fixtures.join("dlopen_host.c").to_str().unwrap(),
+    ]);
+    let mut child = KillOnDrop(
+        Command::new(&host)
+            .arg(&lib)
+            .arg("serve")
+            .arg(dir.join("serve.truth"))
+            .env("LD_PRELOAD", sampler_lib())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = child.0.id().to_string();
+
+    let said = dir.join("watch.stderr");
+    let _watch = KillOnDrop(
+        Command::new(BIN)
+            .args(["watch", "--pid", &pid, "--interval", "1s"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&said).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = || std::fs::read_to_string(&said).unwrap_or_default();
+    let started = Instant::now();
+    let wait = |what: &str, done: &dyn Fn(&str) -> bool| {
+        while !done(&stderr()) {
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "{what}:\n{}",
+                stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("watching at tier usdt", &|s| {
+        s.contains("libbridge_trace_sampler.so") && s.contains("[tier usdt]")
+    });
+    // Now the host loads the library and runs it.
+    use std::io::Write as _;
+    writeln!(child.0.stdin.as_mut().unwrap(), "go").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("ready "), "{line:?}");
+    wait("the library's probes picked up", &|s| {
+        s.contains(&format!(
+            "pid {pid} mapped the otel_memory probes of libcontract.so (2 sites)"
+        ))
+    });
+    let mut served = Served { child, out };
+    let state = served.wait_for("its semaphores raised", |s| {
+        s.alloc_semaphore == 1 && s.free_semaphore == 1 && s.fired_allocs > 0
+    });
+    assert!(state.fired_frees > 0, "{state:?}");
 }
 
 /// `record --sampler -- data-bridge`: the demo run with the sampler preloaded (one sample in

@@ -101,6 +101,8 @@ struct Proc {
     /// the objects that carry it, and those of them that interpose the allocator (whose
     /// frames top each sample's stack).
     usdt: Option<UsdtObjects>,
+    /// The objects carrying the contract it maps, seen so far (traced or not).
+    usdt_seen: Vec<String>,
 }
 
 /// The objects through which a process reports its samples ([`Tier::Usdt`]).
@@ -396,6 +398,13 @@ impl Session<'_> {
             tier.name(),
             humantime::format_duration(self.config.interval),
         );
+        let usdt_seen = match self.config.usdt {
+            true => target::usdt::carriers(pid, &maps)
+                .into_iter()
+                .map(|c| c.path)
+                .collect(),
+            false => Vec::new(),
+        };
         self.procs.insert(
             pid,
             Proc {
@@ -411,6 +420,7 @@ impl Session<'_> {
                 wrappers: self.config.wrappers.clone(),
                 callers: Callers::default(),
                 growth_at: None,
+                usdt_seen,
                 usdt: usdt.map(|(u, _)| u),
             },
         );
@@ -443,8 +453,51 @@ impl Session<'_> {
             }
         };
         let line = target::usdt::describe(&carriers, sites);
-        let interposers = target::usdt::interposers(&carriers);
-        Ok(Some((UsdtObjects { interposers }, line)))
+        let objects = UsdtObjects {
+            interposers: target::usdt::interposers(&carriers),
+        };
+        Ok(Some((objects, line)))
+    }
+
+    /// The objects carrying the contract that `pid` mapped since its probes were attached (a
+    /// dlopen): a process traced at tier usdt gets their probes too; one traced by uprobes
+    /// keeps them (its samples would count its allocations twice), which is said once.
+    fn trace_new_carriers(&mut self, pid: u32) {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        let fresh: Vec<Carrier> = target::usdt::carriers(pid, &p.maps.current)
+            .into_iter()
+            .filter(|c| !p.usdt_seen.contains(&c.path))
+            .collect();
+        if fresh.is_empty() || !self.config.usdt {
+            return;
+        }
+        p.usdt_seen.extend(fresh.iter().map(|c| c.path.clone()));
+        let Some(u) = p.usdt.as_mut() else {
+            eprintln!(
+                "bridge-trace: pid {pid} mapped {}, which carries the otel_memory probes: not \
+                 used, as the process is traced by uprobes (a new watch uses them)",
+                fresh
+                    .iter()
+                    .map(|c| c.path.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            return;
+        };
+        match self.tracer.trace_usdt(pid, &fresh) {
+            Ok(sites) => {
+                eprintln!(
+                    "bridge-trace: pid {pid} mapped {}: tracing it through them too",
+                    target::usdt::describe(&fresh, sites)
+                );
+                u.interposers.extend(target::usdt::interposers(&fresh));
+            }
+            Err(e) => eprintln!(
+                "bridge-trace: pid {pid}: the otel_memory probes of a new object, not used: {e}"
+            ),
+        }
     }
 
     /// Starts watching the processes of `exe` not watched yet.
@@ -475,13 +528,18 @@ impl Session<'_> {
     }
 
     fn refresh_maps(&mut self) -> Result<()> {
+        let mut changed = Vec::new();
         for (&pid, p) in self.procs.iter_mut() {
             if p.maps.refresh() {
                 self.tracer.note_allocator_text(pid, &p.maps.current);
                 if let Some(u) = self.unwinder.as_mut() {
                     u.track(pid, &p.maps.current)?;
                 }
+                changed.push(pid);
             }
+        }
+        for pid in changed {
+            self.trace_new_carriers(pid);
         }
         Ok(())
     }
