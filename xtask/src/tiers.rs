@@ -4,25 +4,59 @@
 //!   time the service itself spends (from /proc/PID/stat) over a fixed stretch of wall time;
 //! - the allocation-heavy loop (`bench/alloc-loop.c`), as nanoseconds per malloc+free pair.
 //!
-//! Every tier runs with `--max-overhead off --fixed-tier`, so that what is measured is the tier
-//! itself, not the governor stepping up or down. Results go to `target/bench/watch.json`.
+//! The configurations: untraced; the in-process sampler preloaded with nothing attached (its
+//! semaphore zero: what a service pays for carrying it); the sampler with `watch` attached
+//! (tier usdt, at the default 512 KiB); the uprobe tiers; and heaptrack (which preloads its
+//! own library and writes every event to a pipe). Every tier runs with `--max-overhead off
+//! --fixed-tier`, so that what is measured is the tier itself, not the governor stepping up or
+//! down. Then, at default settings with the sampler preloaded, how long `watch` takes to name
+//! the demo's leak. Results go to `target/bench/watch.json`.
 use std::{
-    path::Path,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 
 use crate::bench::Killed;
 
-/// (name, tier): None is untraced.
-const CONFIGS: [(&str, Option<&str>); 4] = [
-    ("untraced", None),
-    ("watch --tier growth", Some("growth")),
-    ("watch --tier sampled", Some("sampled")),
-    ("watch --tier full", Some("full")),
+/// One way of running the workloads.
+struct Config {
+    name: &'static str,
+    /// The `watch` tier attached, if any.
+    tier: Option<&'static str>,
+    /// With the sampler preloaded.
+    sampler: bool,
+    /// Under heaptrack.
+    heaptrack: bool,
+}
+
+const fn config(name: &'static str, tier: Option<&'static str>, sampler: bool) -> Config {
+    Config {
+        name,
+        tier,
+        sampler,
+        heaptrack: false,
+    }
+}
+
+const CONFIGS: [Config; 7] = [
+    config("untraced", None, false),
+    config("sampler, nothing attached", None, true),
+    // The process carries the contract: watch traces it at tier usdt whatever --tier says.
+    config("sampler + watch (usdt)", Some("growth"), true),
+    config("watch --tier growth", Some("growth"), false),
+    config("watch --tier sampled", Some("sampled"), false),
+    config("watch --tier full", Some("full"), false),
+    Config {
+        name: "heaptrack",
+        tier: None,
+        sampler: false,
+        heaptrack: true,
+    },
 ];
 
 /// Messages a second of the data bridge: about 9 allocations each.
@@ -30,6 +64,13 @@ const DEMO_RATE: u32 = 11_000;
 
 /// The slowdown goals of the tiers at the realistic rate, in percent of the untraced CPU time.
 const GOALS: [(&str, f64); 2] = [("growth", 1.0), ("sampled", 5.0)];
+
+/// What the sampler and `watch` at tier usdt may add at the realistic rate, in percent of one
+/// CPU; what the sampler with nothing attached may add per malloc+free pair of the loop, in
+/// nanoseconds; how soon `watch` must name the demo's leak at default settings, in seconds.
+const USDT_GOAL_CPU_PERCENT: f64 = 0.3;
+const IDLE_GOAL_NS: f64 = 5.0;
+const NAMED_GOAL_SECS: f64 = 60.0;
 
 /// User and system CPU seconds of `pid` so far.
 fn cpu_seconds(pid: u32) -> Result<f64> {
@@ -53,18 +94,53 @@ fn watch(tracer: &Path, pid: u32, tier: &str) -> Result<Killed> {
     ))
 }
 
-/// CPU of the data bridge over `secs`, in CPUs, with `tier` watching it.
-fn demo_cpu(tracer: &Path, demo: &Path, tier: Option<&str>, secs: f64) -> Result<f64> {
+/// The command that runs `program` under `c` (the sampler preloaded, or heaptrack).
+fn command(c: &Config, program: &Path, sampler: &Path, dir: &Path) -> Command {
+    let mut cmd = if c.heaptrack {
+        let mut cmd = Command::new("heaptrack");
+        cmd.arg("-o").arg(dir.join("heaptrack.bench")).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    };
+    if c.sampler {
+        cmd.env("LD_PRELOAD", sampler);
+    }
+    cmd
+}
+
+/// The process running `program` (heaptrack starts it from a script), once it runs.
+fn process_of(program: &Path, launched: u32) -> Result<u32> {
+    let started = Instant::now();
+    loop {
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == program) {
+                return Ok(pid);
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("{} never started (from pid {launched})", program.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// CPU of the data bridge over `secs`, in CPUs, run and watched as `c` says.
+fn demo_cpu(tracer: &Path, demo: &Path, c: &Config, dir: &Path, secs: f64) -> Result<f64> {
+    let sampler = dir.join("sampler/libbridge_trace_sampler.so");
     let service = Killed(
-        Command::new(demo)
+        command(c, demo, &sampler, dir)
             .args(["--rate", &DEMO_RATE.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting the data bridge")?,
     );
-    let pid = service.0.id();
-    let _watch = match tier {
+    let pid = process_of(demo, service.0.id())?;
+    let _watch = match c.tier {
         Some(t) => Some(watch(tracer, pid, t)?),
         None => None,
     };
@@ -73,25 +149,119 @@ fn demo_cpu(tracer: &Path, demo: &Path, tier: Option<&str>, secs: f64) -> Result
     let (c0, t0) = (cpu_seconds(pid)?, Instant::now());
     std::thread::sleep(Duration::from_secs_f64(secs));
     let (c1, t1) = (cpu_seconds(pid)?, Instant::now());
+    if c.heaptrack {
+        // The script's child: stopped by itself, heaptrack then writes its file and exits.
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
     Ok((c1 - c0) / t1.duration_since(t0).as_secs_f64())
 }
 
-/// Nanoseconds per pair of the loop with `tier` watching it.
-fn loop_ns(tracer: &Path, workload: &Path, tier: Option<&str>, iterations: u64) -> Result<f64> {
-    let child = Command::new(workload)
+/// Nanoseconds per pair of the loop, run and watched as `c` says.
+fn loop_ns(tracer: &Path, workload: &Path, c: &Config, dir: &Path, iterations: u64) -> Result<f64> {
+    let sampler = dir.join("sampler/libbridge_trace_sampler.so");
+    let child = command(c, workload, &sampler, dir)
         .args([&iterations.to_string(), "10", "2000"])
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .context("starting alloc-loop")?;
-    let _watch = match tier {
-        Some(t) => Some(watch(tracer, child.id(), t)?),
+    let _watch = match c.tier {
+        Some(t) => Some(watch(tracer, process_of(workload, child.id())?, t)?),
         None => None,
     };
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .parse()
+    // The loop's figure is the last line that is a number (heaptrack says more).
+    text.lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .next_back()
         .with_context(|| format!("alloc-loop printed {text:?}"))
+}
+
+/// Seconds until `watch`, at default settings, names the data bridge's leak (at its default
+/// rate, the sampler preloaded at its default interval), None if not within `limit`; and what
+/// `watch` measured a probe hit to cost, at each kind of place.
+fn time_to_name(
+    tracer: &Path,
+    demo: &Path,
+    sampler: &Path,
+    limit: f64,
+) -> Result<(Option<f64>, String)> {
+    let _service = Killed(
+        Command::new(demo)
+            .env("LD_PRELOAD", sampler)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the data bridge")?,
+    );
+    let pid = process_of(demo, _service.0.id())?;
+    let mut watch = Killed(
+        Command::new(tracer)
+            .args(["watch", "--pid", &pid.to_string()])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting watch")?,
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = watch.0.stderr.take().context("watch's stderr")?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut usdt = false;
+    let mut costs = String::new();
+    while started.elapsed().as_secs_f64() < limit {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) if line.contains("[tier usdt]") => usdt = true,
+            Ok(line) if line.contains("a probe hit costs") => {
+                costs = line
+                    .split("costs ")
+                    .nth(1)
+                    .and_then(|l| l.split(", charged").next())
+                    .unwrap_or_default()
+                    .to_string();
+            }
+            Ok(line) if line.contains("leak at reject_message") => {
+                if !usdt {
+                    bail!("watch did not trace the data bridge at tier usdt");
+                }
+                return Ok((Some(started.elapsed().as_secs_f64()), costs));
+            }
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => bail!("watch ended"),
+        }
+    }
+    Ok((None, costs))
+}
+
+/// The sampler, written out by the binary that carries it.
+fn install_sampler(tracer: &Path, dir: &Path) -> Result<PathBuf> {
+    let out = Command::new(tracer)
+        .args(["sampler", "install"])
+        .arg(dir.join("sampler"))
+        .stderr(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!("bridge-trace sampler install failed");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// Whether heaptrack is installed (its row is left out otherwise).
+fn heaptrack_installed() -> bool {
+    Command::new("heaptrack")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
@@ -102,13 +272,18 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     } else {
         (3, 10.0, 200_000)
     };
-    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
-    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
+    let sampler = install_sampler(tracer, dir)?;
+    let configs: Vec<&Config> = CONFIGS
+        .iter()
+        .filter(|c| !c.heaptrack || heaptrack_installed())
+        .collect();
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..rounds {
         eprintln!("bench: watch tiers, round {} of {rounds}", round + 1);
-        for (i, (_, tier)) in CONFIGS.iter().enumerate() {
-            cpu[i].push(demo_cpu(tracer, &demo, *tier, secs)?);
-            ns[i].push(loop_ns(tracer, &workload, *tier, iterations)?);
+        for (i, c) in configs.iter().enumerate() {
+            cpu[i].push(demo_cpu(tracer, &demo, c, dir, secs)?);
+            ns[i].push(loop_ns(tracer, &workload, c, dir, iterations)?);
         }
     }
     let median = |v: &[f64]| crate::bench::median(v.iter().copied());
@@ -120,7 +295,7 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
         DEMO_RATE * 9 / 1000
     );
     println!(
-        "{:<22} {:>12} {:>12} {:>16} {:>14} {:>12}",
+        "{:<26} {:>12} {:>12} {:>16} {:>14} {:>12}",
         "configuration",
         "demo CPU %",
         "slowdown %",
@@ -130,18 +305,32 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     );
     let mut results = Vec::new();
     let mut missed = Vec::new();
-    for (i, (name, tier)) in CONFIGS.iter().enumerate() {
+    for (i, config) in configs.iter().enumerate() {
+        let (name, tier) = (config.name, config.tier.filter(|_| !config.sampler));
         let (c, n) = (median(&cpu[i]), median(&ns[i]));
         let slowdown = (c - base_cpu) / base_cpu * 100.0;
         println!(
-            "{name:<22} {:>12.2} {:>12.1} {:>16.2} {:>14.0} {:>11.1}x",
+            "{name:<26} {:>12.2} {:>12.1} {:>16.2} {:>14.1} {:>11.2}x",
             c * 100.0,
             slowdown,
             (c - base_cpu) * 100.0,
             n,
             n / base_ns
         );
-        if let Some((_, goal)) = GOALS.iter().find(|(t, _)| Some(*t) == *tier) {
+        if config.sampler && config.tier.is_some() && (c - base_cpu) * 100.0 > USDT_GOAL_CPU_PERCENT
+        {
+            missed.push(format!(
+                "{name}: {:.2}% of a CPU added (goal: at most {USDT_GOAL_CPU_PERCENT}%)",
+                (c - base_cpu) * 100.0
+            ));
+        }
+        if config.sampler && config.tier.is_none() && n - base_ns > IDLE_GOAL_NS {
+            missed.push(format!(
+                "{name}: {:.1} ns added per pair (goal: at most {IDLE_GOAL_NS} ns)",
+                n - base_ns
+            ));
+        }
+        if let Some((_, goal)) = GOALS.iter().find(|(t, _)| Some(*t) == tier) {
             if slowdown > *goal {
                 missed.push(format!(
                     "{name}: {slowdown:.1}% slower (goal: under {goal}%)"
@@ -156,7 +345,27 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
             "loop_ns_per_pair": ns[i],
             "median_loop_ns_per_pair": n,
             "loop_ratio_to_untraced": n / base_ns,
+            "demo_extra_cpu_percent_of_one": (c - base_cpu) * 100.0,
+            "loop_ns_added_per_pair": n - base_ns,
         }));
+    }
+    let (named, costs) = time_to_name(tracer, &demo, &sampler, if short { 90.0 } else { 180.0 })?;
+    println!("a probe hit, as watch measured it: {costs}");
+    match named {
+        Some(t) => {
+            println!(
+            "sampler + watch at default settings: the demo's leak named leaking after {t:.0} s \
+             (goal: within {NAMED_GOAL_SECS:.0} s){}",
+            if t <= NAMED_GOAL_SECS { "" } else { "  ABOVE GOAL" }
+        )
+        }
+        None => println!("sampler + watch at default settings: the demo's leak never named"),
+    }
+    if named.is_none_or(|t| t > NAMED_GOAL_SECS) {
+        missed.push(format!(
+            "sampler + watch: the leak named after {} (goal {NAMED_GOAL_SECS} s)",
+            named.map_or("never".into(), |t| format!("{t:.0} s"))
+        ));
     }
     for m in &missed {
         println!("  ABOVE GOAL: {m}");
@@ -167,6 +376,11 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
         "rounds": rounds,
         "goals_slowdown_percent": GOALS.iter().map(|(t, g)| json!({"tier": t, "goal": g})).collect::<Vec<_>>(),
         "results": results,
+        "goal_usdt_cpu_percent_of_one": USDT_GOAL_CPU_PERCENT,
+        "goal_sampler_idle_ns_per_pair": IDLE_GOAL_NS,
+        "usdt_leak_named_after_secs": named,
+        "probe_hit_costs": costs,
+        "goal_named_secs": NAMED_GOAL_SECS,
         "missed": missed,
     }))
 }

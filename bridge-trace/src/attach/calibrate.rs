@@ -1,7 +1,8 @@
 //! What a probe hit costs the traced thread on this machine beyond the program's own run time
 //! (which the kernel's statistics count): measured at start by `watch`, once per kind of place
-//! ([`Hit`]), on two functions of bridge-trace's own whose first instruction the kernel emulates
-//! (`push %rbp`) and single-steps (`mov %rdi,%rax`). The budget then charges each program's
+//! ([`Hit`]), on three functions of bridge-trace's own whose first instruction the kernel emulates
+//! (`push %rbp`), single-steps (`mov %rdi,%rax`), and turns into a call (the 5-byte nop of a
+//! USDT site, which x86 kernels since 6.18 rewrite after its first hit). The budget then charges each program's
 //! runs at the cost of its places as they are in the target ([`Tracer::hit_classes`]), so a
 //! service whose allocator is probed on single-stepped instructions is charged for them.
 use std::{num::NonZeroU32, path::PathBuf, time::Instant};
@@ -22,6 +23,8 @@ pub struct ProbeCosts {
     pub stepped_ns: f64,
     /// A return probe's trap on the way back.
     pub return_ns: f64,
+    /// A probe on a 5-byte nop (a USDT site).
+    pub nop_ns: f64,
 }
 
 impl Default for ProbeCosts {
@@ -32,6 +35,7 @@ impl Default for ProbeCosts {
             emulated_ns: 500.0,
             stepped_ns: 14_000.0,
             return_ns: 500.0,
+            nop_ns: 500.0,
         }
     }
 }
@@ -39,6 +43,7 @@ impl Default for ProbeCosts {
 impl ProbeCosts {
     pub fn per_run(&self, hit: Hit) -> f64 {
         match hit {
+            Hit::Nop => self.nop_ns,
             Hit::Return => self.return_ns,
             Hit::Emulated => self.emulated_ns,
             Hit::SingleStepped => self.stepped_ns,
@@ -50,6 +55,12 @@ impl ProbeCosts {
 #[unsafe(naked)]
 extern "C" fn emulated_entry() {
     core::arch::naked_asm!("push rbp", "pop rbp", "ret")
+}
+
+/// Begins with a 5-byte nop, as a USDT site is.
+#[unsafe(naked)]
+extern "C" fn nop_entry() {
+    core::arch::naked_asm!(".byte 0x0f, 0x1f, 0x44, 0x00, 0x00", "ret")
 }
 
 /// Begins with an instruction the kernel single-steps.
@@ -130,10 +141,13 @@ impl Tracer {
         )?;
         let stepped_base = per_call(stepped_entry, CALLS);
         let stepped = with(stepped_entry, true, STEPPED_CALLS, &[program::FLOOR_ENTER])?;
+        let nop_base = per_call(nop_entry, CALLS);
+        let nop = with(nop_entry, false, CALLS, &[program::FLOOR_ENTER])?;
         let costs = ProbeCosts {
             emulated_ns: (emulated - base).max(0.0),
             stepped_ns: (stepped - stepped_base).max(0.0),
             return_ns: (both - emulated).max(0.0),
+            nop_ns: (nop - nop_base).max(0.0),
         };
         tracing::info!(?costs, base_ns = base, "probe costs measured");
         Ok(costs)
@@ -155,7 +169,11 @@ mod tests {
         };
         assert!(!steps(&code(emulated_entry), 0));
         assert!(steps(&code(stepped_entry), 0));
+        // SAFETY: as above, the nop and the ret after it.
+        let nop = unsafe { std::slice::from_raw_parts(nop_entry as *const () as *const u8, 6) };
+        assert_eq!(nop, [0x0f, 0x1f, 0x44, 0x00, 0x00, 0xc3]);
         emulated_entry();
         stepped_entry();
+        nop_entry();
     }
 }

@@ -2,8 +2,10 @@
 //! every allocator object of each traced process, from one declarative table of entry points
 //! ([`target::ENTRY_POINTS`], each kind read by one program: [`entry_program`]), and the
 //! system-wide tracepoints ([`GROWTH_TRACEPOINT`], [`EXEC_TRACEPOINT`], and with
-//! `--follow-children` [`NEWTASK_TRACEPOINT`] and [`CHILD_FAULT_TRACEPOINT`]). Owns the
-//! user-written control maps (TARGETS, CONFIG, EXP_TABLE; HELD_CHILDREN's removals) and purges
+//! `--follow-children` [`NEWTASK_TRACEPOINT`] and [`CHILD_FAULT_TRACEPOINT`]); or, for a
+//! process that carries the `otel_memory` contract, the probes at its sites ([`usdt`], the
+//! semaphores raised through the links' reference counters). Owns the
+//! user-written control maps (TARGETS, CONFIG, EXP_TABLE, USDT_SPECS; HELD_CHILDREN's removals) and purges
 //! a process's entries from the other maps once it is no longer traced. Uprobes are attached
 //! as multi-uprobe links ([`multi`]: one per program, object and process) where the kernel
 //! has them, as aya's perf-event uprobes otherwise. Dropping the [`Tracer`] detaches
@@ -185,9 +187,11 @@ impl Link {
 /// What one run of a uprobe program costs the traced thread beyond the program itself: an
 /// entry probe's trap, whose instruction the kernel either emulates or single-steps; a return
 /// probe's extra trap on the way back (its entry shares the trap of the entry probe at the
-/// same place). Ordered by cost: a program with places of both kinds is charged the dearer.
+/// same place); a probe on a USDT site's 5-byte nop, which the kernel turns into a call. Ordered
+/// by cost: a program with places of both kinds is charged the dearer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hit {
+    Nop,
     Return,
     Emulated,
     SingleStepped,

@@ -73,7 +73,7 @@ impl Tracer {
                 // a call after the first hit).
                 self.links.entry(nz.get()).or_default().push(Link {
                     program,
-                    hit: Hit::Emulated,
+                    hit: Hit::Nop,
                     kind: LinkKind::Multi {
                         fd,
                         places: sites.len(),

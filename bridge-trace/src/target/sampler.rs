@@ -103,6 +103,16 @@ mod tests {
             c.sites
         );
         assert!(c.interposes && c.skipped.is_empty());
+        // Each site is the 5-byte nop the kernel emulates (a shorter one it single-steps).
+        for s in &c.sites {
+            let at = s.offset as usize;
+            assert_eq!(
+                LIBRARY[at..at + 5],
+                [0x0f, 0x1f, 0x44, 0x00, 0x00],
+                "{}",
+                s.name
+            );
+        }
     }
 
     #[test]

@@ -369,6 +369,7 @@ mod tests {
         emulated_ns: 500.0,
         stepped_ns: 10_000.0,
         return_ns: 500.0,
+        nop_ns: 200.0,
     };
 
     fn governor(tier: Tier, budget: f64) -> Governor {

@@ -212,10 +212,12 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
     };
     eprintln!(
         "bridge-trace: a probe hit costs {:.2} µs here ({:.1} µs single-stepped, {:.2} µs more \
-         for a return probe), charged as each probe is placed; tier {}{}{}",
+         for a return probe, {:.2} µs at a USDT site), charged as each probe is placed; tier \
+         {}{}{}",
         probe_costs.emulated_ns / 1e3,
         probe_costs.stepped_ns / 1e3,
         probe_costs.return_ns / 1e3,
+        probe_costs.nop_ns / 1e3,
         config.tier.name(),
         match config.max_overhead {
             Some(b) => format!(", budget {:.2}% of a CPU", b * 100.0),
