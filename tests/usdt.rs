@@ -378,6 +378,52 @@ fn a_carrier_dlopened_later_is_picked_up() {
     assert!(state.fired_frees > 0, "{state:?}");
 }
 
+/// `watch --sampler -- CMD`: the program is started with the sampler preloaded and watched
+/// through its probes; it keeps running when the watch ends (--duration).
+#[test]
+fn watch_starts_a_program_with_the_sampler() {
+    let _g = lock();
+    let dir = scratch("usdt-watch-launch");
+    let patterns = dir.join("patterns");
+    gcc(&[
+        "-O1",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-o",
+        patterns.to_str().unwrap(),
+        repo().join("tests/fixtures/patterns.c").to_str().unwrap(),
+    ]);
+    // Its stderr to a file: the program inherits it, and outlives the watch.
+    let said = dir.join("watch.stderr");
+    let status = Command::new(BIN)
+        .args(["watch", "--sampler", "--interval", "1s", "--duration", "3s"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--"])
+        .arg(&patterns)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&said).unwrap())
+        .status()
+        .unwrap();
+    let stderr = std::fs::read_to_string(&said).unwrap();
+    // The program's pid, from the start line, so that it is stopped whatever happens next.
+    let pid: Option<i32> = stderr
+        .split("watching patterns (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next()?.parse().ok());
+    let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+    if let Some(p) = pid {
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(p, libc::SIGTERM) };
+    }
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("through the otel_memory probes of libbridge_trace_sampler.so")
+            && stderr.contains("[tier usdt]"),
+        "{stderr}"
+    );
+    assert!(alive, "the program ended with the watch: {stderr}");
+}
+
 /// `record --sampler -- data-bridge`: the demo run with the sampler preloaded (one sample in
 /// about every 4 KiB), traced through its probes; the leak's estimate is within 25 % of the
 /// demo's own count, and the sampler's frames are not in the stacks.

@@ -67,7 +67,7 @@ impl Drop for BpfStats {
     }
 }
 
-pub fn bench(short: bool) -> Result<()> {
+pub fn bench(short: bool, watch_only: bool) -> Result<()> {
     let root = root();
     let tracer = build_release()?;
     let dir = root.join("target/bench");
@@ -77,6 +77,9 @@ pub fn bench(short: bool) -> Result<()> {
         .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
         .arg(&workload)
         .arg(root.join("bench/alloc-loop.c")))?;
+    if watch_only {
+        return watch_tiers(&tracer, &dir, short);
+    }
     let (iterations, rounds, depth) = if short {
         (20_000u64, 1usize, 10u32)
     } else {
@@ -142,10 +145,7 @@ pub fn bench(short: bool) -> Result<()> {
     );
     println!("end to end: dwarf {pair_ratio:.2}x the cost of fp per malloc+free pair");
     let tables = table_costs(&tracer, &dir)?;
-    let tiers = crate::tiers::tiers(&tracer, &dir, short)?;
-    let watch_out = dir.join("watch.json");
-    std::fs::write(&watch_out, serde_json::to_string_pretty(&tiers)? + "\n")?;
-    println!("bench: wrote {}", watch_out.display());
+    watch_tiers(&tracer, &dir, short)?;
     let survey = crate::survey::survey(&tracer, &dir, short)?;
     let survey_out = dir.join("allocators.json");
     std::fs::write(&survey_out, serde_json::to_string_pretty(&survey)? + "\n")?;
@@ -170,6 +170,15 @@ pub fn bench(short: bool) -> Result<()> {
     if ratio > DWARF_GOAL {
         bail!("the dwarf stack walk costs {ratio:.2}x the frame-pointer walk (goal {DWARF_GOAL}x)");
     }
+    Ok(())
+}
+
+/// The `watch` tiers part, written to `watch.json`.
+fn watch_tiers(tracer: &Path, dir: &Path, short: bool) -> Result<()> {
+    let tiers = crate::tiers::tiers(tracer, dir, short)?;
+    let watch_out = dir.join("watch.json");
+    std::fs::write(&watch_out, serde_json::to_string_pretty(&tiers)? + "\n")?;
+    println!("bench: wrote {}", watch_out.display());
     Ok(())
 }
 

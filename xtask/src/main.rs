@@ -41,6 +41,9 @@ enum Task {
         /// One quick round with fewer iterations: proves the benchmark still runs.
         #[arg(long)]
         short: bool,
+        /// Only the `watch` tiers part (the sampler, the uprobe tiers, heaptrack).
+        #[arg(long)]
+        watch_only: bool,
     },
     /// Run `watch` against the data bridge for a long time and check that the tracer's memory
     /// stays bounded (results in target/bench/soak.json).
@@ -102,9 +105,9 @@ fn main() -> Result<()> {
             setup()?;
             demo(messages)
         }
-        Task::Bench { short } => {
+        Task::Bench { short, watch_only } => {
             setup()?;
-            bench::bench(short)
+            bench::bench(short, watch_only)
         }
         Task::Fuzz { seconds } => {
             setup()?;

@@ -135,10 +135,36 @@ pub struct WatchArgs {
     /// CRYPTO_malloc, PyMem_Malloc, ...) are built in.
     #[arg(long, value_name = "NAME")]
     pub wrapper: Vec<String>,
+    /// With `-- CMD`: start the program with bridge-trace's in-process sampler preloaded
+    /// (LD_PRELOAD; BRIDGE_TRACE_SAMPLE_INTERVAL=SIZE sets its mean interval) and watch it
+    /// through its probes, at tier usdt.
+    #[arg(long)]
+    pub sampler: bool,
+    /// A program to start and watch (after `--`), instead of --pid or --exe; it keeps running
+    /// when the watch ends.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
+    if args.sampler && args.command.is_empty() {
+        return Err(Error::Usage(
+            "--sampler starts the program given after `--` with the sampler preloaded: \
+             `watch --sampler -- CMD ARGS` (a running process must have been started with it: \
+             see `bridge-trace sampler install`)"
+                .into(),
+        ));
+    }
     let target = match (args.pid, args.exe) {
+        (Some(_), _) | (_, Some(_)) if !args.command.is_empty() => {
+            return Err(Error::Usage(
+                "give one of --pid PID, --exe PATH or -- CMD".into(),
+            ))
+        }
+        (None, None) if !args.command.is_empty() => WatchTarget::Launch {
+            argv: args.command,
+            sampler: args.sampler,
+        },
         (Some(0), _) => return Err(Error::Usage("--pid 0 is not a process".into())),
         (Some(pid), None) => WatchTarget::Pid(pid),
         (None, Some(exe)) => {
@@ -155,7 +181,7 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
             }
             WatchTarget::Exe(path)
         }
-        _ => return Err(Error::Usage("give --pid PID or --exe PATH".into())),
+        _ => return Err(Error::Usage("give --pid PID, --exe PATH or -- CMD".into())),
     };
     let interval = parse_duration("--interval", &args.interval)?;
     if interval < Duration::from_millis(100) {
@@ -244,6 +270,8 @@ pub fn top_config(args: TopArgs) -> Result<WatchConfig> {
         max_allocs: DEFAULT_MAX_ALLOCS,
         unwind: args.unwind,
         wrapper: args.wrapper,
+        sampler: false,
+        command: Vec::new(),
     };
     Ok(WatchConfig {
         metrics_addr: None,
@@ -289,6 +317,18 @@ mod tests {
             w(&["--pid", "1", "--exe", "/bin/true"]).is_err(),
             "not both"
         );
+        assert!(w(&["--sampler"]).is_err(), "--sampler starts a command");
+        assert!(w(&["--pid", "1", "--", "/bin/true"]).is_err(), "not both");
+        match w(&["--sampler", "--", "/bin/true", "x"]) {
+            Ok(Request::Watch(c)) => assert_eq!(
+                c.target,
+                WatchTarget::Launch {
+                    argv: vec!["/bin/true".into(), "x".into()],
+                    sampler: true
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
         assert!(w(&["--exe", "/no/such/program"]).is_err());
         match w(&["--exe", "/bin/../bin/true"]) {
             Ok(Request::Watch(c)) => {

@@ -48,4 +48,9 @@ pub enum WatchTarget {
     Pid(u32),
     /// The process running this executable (canonical path), and its successors.
     Exe(PathBuf),
+    /// A program `watch` starts (`-- CMD`), with the sampler preloaded (`--sampler`) or not.
+    Launch {
+        argv: Vec<std::ffi::OsString>,
+        sampler: bool,
+    },
 }

@@ -131,6 +131,46 @@ impl Proc {
     }
 }
 
+/// Starts `argv` (`watch -- CMD`) as the invoking user, with the sampler preloaded when
+/// asked, reaped by a thread of its own; returns its pid once the sampler is mapped (its
+/// probes are found from the maps), or at once without it.
+fn launch(argv: &[std::ffi::OsString], sampler: bool) -> Result<u32> {
+    let program = target::resolve_program(&argv[0])?;
+    let lib = match sampler {
+        true => Some(target::sampler::install(&target::sampler::default_dir()?)?),
+        false => None,
+    };
+    let env: Vec<(&str, std::ffi::OsString)> = lib
+        .iter()
+        .map(|l| {
+            (
+                "LD_PRELOAD",
+                target::sampler::preload(l, std::env::var_os("LD_PRELOAD")),
+            )
+        })
+        .collect();
+    let mut launched = target::Launched::spawn(&program, argv, &env)?;
+    let pid = launched.pid;
+    launched.release()?;
+    std::thread::spawn(move || {
+        let mut status = 0;
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+    });
+    if let Some(lib) = lib {
+        // The dynamic loader maps preloaded libraries first, within milliseconds of the exec.
+        let started = Instant::now();
+        let mapped = || {
+            crate::model::maps::read_maps(pid)
+                .is_ok_and(|maps| maps.iter().any(|m| std::path::Path::new(&m.path) == lib))
+        };
+        while !mapped() && target::alive(pid) && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Ok(pid)
+}
+
 /// Everything a watch holds.
 struct Session<'c> {
     config: &'c WatchConfig,
@@ -230,6 +270,7 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
     );
     match &config.target {
         WatchTarget::Pid(pid) => s.add(*pid).await?,
+        WatchTarget::Launch { argv, sampler } => s.add(launch(argv, *sampler)?).await?,
         WatchTarget::Exe(exe) => {
             s.discover(exe).await;
             if s.procs.is_empty() {
@@ -251,7 +292,7 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
         tokio::time::interval_at(now + config.snapshot_every, config.snapshot_every);
     let exe = match &config.target {
         WatchTarget::Exe(exe) => Some(exe.clone()),
-        WatchTarget::Pid(_) => None,
+        WatchTarget::Pid(_) | WatchTarget::Launch { .. } => None,
     };
     loop {
         tokio::select! {
