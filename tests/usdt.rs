@@ -21,19 +21,7 @@ fn usdt_contract(opt: &str) -> PathBuf {
     let dir = Path::new(TMP).join("usdt");
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(format!("usdt_contract{opt}"));
-    gcc(&[
-        opt,
-        "-g",
-        "-fno-omit-frame-pointer",
-        "-I",
-        repo().join("tests/fixtures").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        repo()
-            .join("tests/fixtures/usdt_contract.c")
-            .to_str()
-            .unwrap(),
-    ]);
+    build_c(&out, "tests/fixtures/usdt_contract.c", &[opt]);
     out
 }
 
@@ -121,12 +109,7 @@ fn the_contract_of_another_producer_is_consumed_exactly() {
             "{opt}: report against the program's truth"
         );
         for s in r["stacks"].as_array().unwrap() {
-            let frames: Vec<&str> = s["frames"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| f["function"].as_str().unwrap_or("[unknown]"))
-                .collect();
+            let frames = functions(s);
             assert!(frames.contains(&"main"), "{opt}: broken stack {frames:?}");
         }
     }
@@ -296,28 +279,12 @@ fn a_carrier_dlopened_later_is_picked_up() {
     let dir = scratch("usdt-dlopen");
     let lib = dir.join("libcontract.so");
     let host = dir.join("dlopen_host");
-    let fixtures = repo().join("tests/fixtures");
-    gcc(&[
-        "-O2",
-        "-g",
-        "-fno-omit-frame-pointer",
-        "-fPIC",
-        "-shared",
-        "-DCONTRACT_LIBRARY",
-        "-I",
-        fixtures.to_str().unwrap(),
-        "-o",
-        lib.to_str().unwrap(),
-        fixtures.join("usdt_contract.c").to_str().unwrap(),
-    ]);
-    gcc(&[
-        "-O1",
-        "-g",
-        "-fno-omit-frame-pointer",
-        "-o",
-        host.to_str().unwrap(),
-        fixtures.join("dlopen_host.c").to_str().unwrap(),
-    ]);
+    build_c(
+        &lib,
+        "tests/fixtures/usdt_contract.c",
+        &["-O2", "-fPIC", "-shared", "-DCONTRACT_LIBRARY"],
+    );
+    build_c(&host, "tests/fixtures/dlopen_host.c", &["-O1"]);
     let mut child = KillOnDrop(
         Command::new(&host)
             .arg(&lib)
@@ -385,14 +352,7 @@ fn watch_starts_a_program_with_the_sampler() {
     let _g = lock();
     let dir = scratch("usdt-watch-launch");
     let patterns = dir.join("patterns");
-    gcc(&[
-        "-O1",
-        "-g",
-        "-fno-omit-frame-pointer",
-        "-o",
-        patterns.to_str().unwrap(),
-        repo().join("tests/fixtures/patterns.c").to_str().unwrap(),
-    ]);
+    build_c(&patterns, "tests/fixtures/patterns.c", &["-O1"]);
     // Its stderr to a file: the program inherits it, and outlives the watch.
     let said = dir.join("watch.stderr");
     let status = Command::new(BIN)
@@ -432,15 +392,7 @@ fn sampler_estimates_the_demo_leak() {
     let _g = lock();
     let dir = scratch("usdt-demo");
     let demo = dir.join("data-bridge");
-    gcc(&[
-        "-O1",
-        "-g",
-        "-fno-omit-frame-pointer",
-        "-pthread",
-        "-o",
-        demo.to_str().unwrap(),
-        repo().join("demo/data-bridge.c").to_str().unwrap(),
-    ]);
+    build_c(&demo, "demo/data-bridge.c", &["-O1", "-pthread"]);
     let truth_file = dir.join("truth");
     let report = dir.join("report.json");
     let out = Command::new(BIN)
@@ -493,26 +445,20 @@ fn sampler_estimates_the_demo_leak() {
 fn the_sampler_changes_nothing_a_program_sees() {
     let _g = lock();
     let dir = scratch("usdt-abi");
-    let source = repo().join("tests/fixtures/sampler_abi.c");
+    let source = "tests/fixtures/sampler_abi.c";
     let glibc = dir.join("abi");
     let linked = dir.join("abi-jemalloc");
-    gcc(&[
-        "-O1",
-        "-g",
-        "-pthread",
-        "-o",
-        glibc.to_str().unwrap(),
-        source.to_str().unwrap(),
-    ]);
-    gcc(&[
-        "-O1",
-        "-g",
-        "-pthread",
-        "-o",
-        linked.to_str().unwrap(),
-        source.to_str().unwrap(),
-        "-ljemalloc",
-    ]);
+    build_c(&glibc, source, &["-O1", "-pthread"]);
+    build_c(&linked, source, &["-O1", "-pthread", "-ljemalloc"]);
+    let dynamic = Command::new("readelf")
+        .arg("-d")
+        .arg(&linked)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&dynamic.stdout).contains("libjemalloc"),
+        "not linked with jemalloc"
+    );
     let jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
     let runs: [(&str, &Path, Option<&str>); 3] = [
         ("glibc", &glibc, None),

@@ -131,6 +131,18 @@ impl Watch {
         }
     }
 
+    /// Waits (a minute at most) until it says it watches the process: its probes are attached.
+    fn attached(&mut self) {
+        let started = Instant::now();
+        while !self.said("bridge-trace: watching ") {
+            assert!(
+                started.elapsed() < Duration::from_secs(60) && self.running(),
+                "never attached"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether it has said `text` on stderr so far.
     fn said(&self, text: &str) -> bool {
         self.stderr.lock().unwrap().contains(text)
@@ -675,14 +687,7 @@ fn sampled_estimates_match_the_truth() {
     let port = watch.port();
     // The probes are attached when `watch` says it watches the process: the leak it sees
     // starts about then.
-    let started = Instant::now();
-    while !watch.said("bridge-trace: watching ") {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "never attached"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    watch.attached();
     let before = leaked(&service, &mut out);
     // Twelve windows later (a busy machine stretches the clock, not the count).
     let windows = |m: &str| value(m, "bridge_trace_windows{").unwrap_or(0.0);
@@ -741,13 +746,7 @@ fn usdt_tier_estimates_and_classifies() {
     ]);
     let port = watch.port();
     let started = Instant::now();
-    while !watch.said("bridge-trace: watching ") {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "never attached"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    watch.attached();
     let before = leaked(&service, &mut out);
     let windows = |m: &str| value(m, "bridge_trace_windows{").unwrap_or(0.0);
     let first = windows(&scrape(port));

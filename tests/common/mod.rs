@@ -36,12 +36,7 @@ pub fn truth(path: &Path) -> Sites {
 pub fn sites_by(report: &Value, site: impl Fn(&[&str]) -> Option<String>) -> Sites {
     let mut out = Sites::new();
     for s in report["stacks"].as_array().unwrap() {
-        let frames: Vec<&str> = s["frames"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["function"].as_str().unwrap_or("[unknown]"))
-            .collect();
+        let frames = functions(s);
         let Some(name) = site(&frames) else { continue };
         let e = out.entry(name).or_default();
         e.0 += s["bytes"].as_u64().unwrap();
@@ -203,4 +198,31 @@ pub fn sampler_lib() -> &'static Path {
         assert!(path.starts_with(&dir) && path.is_file(), "{path:?}");
         path
     })
+}
+
+/// Builds `source` (a path in the repository) into `out` with gcc: debug information, frame
+/// pointers, tests/fixtures on the include path, and `flags` (optimisation, -shared, libraries).
+pub fn build_c(out: &Path, source: &str, flags: &[&str]) {
+    let include = repo().join("tests/fixtures");
+    let source = repo().join(source);
+    let mut args = vec![
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-I",
+        include.to_str().unwrap(),
+    ];
+    args.extend(["-o", out.to_str().unwrap(), source.to_str().unwrap()]);
+    // After the source: a library is linked only where it is named after what uses it.
+    args.extend_from_slice(flags);
+    gcc(&args);
+}
+
+/// The function names of a report stack's frames, root first (`[unknown]` for an unnamed one).
+pub fn functions(stack: &Value) -> Vec<&str> {
+    stack["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["function"].as_str().unwrap_or("[unknown]"))
+        .collect()
 }
