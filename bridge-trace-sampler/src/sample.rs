@@ -16,12 +16,53 @@ const MAX_DRAWS: u64 = 64;
 /// The mean interval in bytes; 0 until [`configure`] ran.
 static MEAN: AtomicU64 = AtomicU64::new(0);
 
-thread_local! {
+/// This thread's sampling state, zero-filled at the thread's start.
+#[repr(C)]
+struct ThreadState {
     /// Bytes still to be allocated by this thread before its next sample point; 0 or less:
     /// this allocation reaches it (0 also before the first draw).
-    static LEFT: Cell<i64> = const { Cell::new(0) };
+    left: Cell<i64>,
     /// This thread's xorshift state; 0 before it was seeded.
-    static RNG: Cell<u64> = const { Cell::new(0) };
+    rng: Cell<u64>,
+}
+
+// The state lives in the library's static TLS block, reached by the initial-exec model: the
+// thread pointer plus an offset the dynamic loader wrote in the GOT at load. Stable Rust's
+// `thread_local!` in a shared library is general-dynamic (a call to `__tls_get_addr` on every
+// allocation: measured 0.5 % of the data bridge's CPU while traced); the attribute or flag that
+// selects the model is unstable, so the variable and its access are written here. Preloaded,
+// the library's TLS is static; a library dlopened later takes the block from glibc's surplus
+// of static TLS (16 bytes here).
+core::arch::global_asm!(
+    // Global for the other codegen units of this crate, hidden from every other object.
+    ".globl bridge_trace_sampler_thread",
+    ".hidden bridge_trace_sampler_thread",
+    ".type bridge_trace_sampler_thread, @tls_object",
+    ".size bridge_trace_sampler_thread, 16",
+    ".pushsection .tbss,\"awT\",@nobits",
+    ".balign 8",
+    "bridge_trace_sampler_thread:",
+    ".zero 16",
+    ".popsection",
+);
+
+/// This thread's state.
+#[inline(always)]
+fn state() -> &'static ThreadState {
+    let at: usize;
+    // SAFETY: %fs:0 holds the thread pointer (x86-64 TLS ABI); the GOT entry holds the
+    // variable's offset from it, which the dynamic loader filled in before any code ran. The
+    // state is this thread's alone, zero-filled as a `ThreadState` of zeros is valid; the
+    // reference never leaves the thread (it is used within one call of the allocator).
+    unsafe {
+        core::arch::asm!(
+            "mov {at}, qword ptr fs:[0]",
+            "add {at}, qword ptr [rip + bridge_trace_sampler_thread@GOTTPOFF]",
+            at = out(reg) at,
+            options(nostack, pure, readonly),
+        );
+        &*(at as *const ThreadState)
+    }
 }
 
 /// Reads the mean from the environment (`BRIDGE_TRACE_SAMPLE_INTERVAL`: bytes, or with a
@@ -63,17 +104,16 @@ fn parse_bytes(s: &[u8]) -> Option<u64> {
 /// The weight of an allocation of `size` bytes if it is sampled, else `None`: the hot path.
 #[inline(always)]
 pub fn take(size: usize) -> Option<u64> {
-    LEFT.with(|left| {
-        let l = left
-            .get()
-            .saturating_sub(size.min(i64::MAX as usize) as i64);
-        left.set(l);
-        if l > 0 {
-            None
-        } else {
-            crossed(left, l)
-        }
-    })
+    let left = &state().left;
+    let l = left
+        .get()
+        .saturating_sub(size.min(i64::MAX as usize) as i64);
+    left.set(l);
+    if l > 0 {
+        None
+    } else {
+        crossed(left, l)
+    }
 }
 
 /// The slow path: the countdown reached (or passed) a sample point, `over` bytes ago (≤ 0).
@@ -81,7 +121,7 @@ pub fn take(size: usize) -> Option<u64> {
 #[inline(never)]
 fn crossed(left: &Cell<i64>, over: i64) -> Option<u64> {
     let mean = mean();
-    let first = RNG.with(|r| r.get()) == 0;
+    let first = state().rng.get() == 0;
     let mut past = -over as u64;
     if first {
         // Not drawn yet: the thread's first sample point is a draw from its first byte.
@@ -113,18 +153,17 @@ fn crossed(left: &Cell<i64>, over: i64) -> Option<u64> {
 
 /// An exponential draw with mean `mean` bytes, at least 1.
 fn draw(mean: u64) -> u64 {
-    let u = RNG.with(|r| {
-        let mut x = r.get();
-        if x == 0 {
-            // Seed from where this thread's TLS is and the time stamp counter.
-            x = (r as *const Cell<u64> as u64) ^ tsc() ^ 0x9E37_79B9_7F4A_7C15;
-        }
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        r.set(x.max(1));
-        x
-    });
+    let r = &state().rng;
+    let mut x = r.get();
+    if x == 0 {
+        // Seed from where this thread's TLS is and the time stamp counter.
+        x = (r as *const Cell<u64> as u64) ^ tsc() ^ 0x9E37_79B9_7F4A_7C15;
+    }
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    r.set(x.max(1));
+    let u = x;
     // (0, 1]: 53 random bits.
     let unit = ((u >> 11) + 1) as f64 / (1u64 << 53) as f64;
     ((-unit.ln()) * mean as f64).max(1.0) as u64
