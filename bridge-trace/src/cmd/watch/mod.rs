@@ -506,14 +506,14 @@ impl Session<'_> {
     /// dlopen): a process traced at tier usdt gets their probes too; one traced by uprobes
     /// keeps them (its samples would count its allocations twice), which is said once.
     fn trace_new_carriers(&mut self, pid: u32) {
-        let Some(p) = self.procs.get_mut(&pid) else {
+        let Some(p) = self.procs.get_mut(&pid).filter(|_| self.config.usdt) else {
             return;
         };
         let fresh: Vec<Carrier> = target::usdt::carriers(pid, &p.maps.current)
             .into_iter()
             .filter(|c| !p.usdt_seen.contains(&c.path))
             .collect();
-        if fresh.is_empty() || !self.config.usdt {
+        if fresh.is_empty() {
             return;
         }
         p.usdt_seen.extend(fresh.iter().map(|c| c.path.clone()));
