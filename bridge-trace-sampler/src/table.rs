@@ -44,7 +44,7 @@ static TABLE: [Bucket; BUCKETS] = [const {
 /// Bits of a block's granule number that index [`FILTER`].
 const FILTER_BITS: u32 = 12;
 
-/// Held pointers per slice of the hash (sticky at [`STUCK`]).
+/// Held pointers per 16-byte granule of the address, modulo 64 KiB (sticky at [`STUCK`]).
 static FILTER: [AtomicU8; 1 << FILTER_BITS] = [const { AtomicU8::new(0) }; 1 << FILTER_BITS];
 const STUCK: u8 = u8::MAX;
 

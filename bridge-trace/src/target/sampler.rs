@@ -108,7 +108,7 @@ mod tests {
             let at = s.offset as usize;
             assert_eq!(
                 LIBRARY[at..at + 5],
-                [0x0f, 0x1f, 0x44, 0x00, 0x00],
+                crate::target::usdt::SITE_NOP,
                 "{}",
                 s.name
             );

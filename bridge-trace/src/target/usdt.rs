@@ -82,6 +82,19 @@ pub fn describe(carriers: &[Carrier], sites: usize) -> String {
     )
 }
 
+/// What to say of the sites of `carriers` that could not be read: a line each.
+pub fn skipped(carriers: &[Carrier]) -> impl Iterator<Item = String> + '_ {
+    carriers.iter().flat_map(|c| {
+        c.skipped
+            .iter()
+            .map(move |why| format!("{}: skipping {why}", c.path))
+    })
+}
+
+/// The 5-byte nop a USDT site should be (`nopl 0x0(%rax,%rax,1)`): the kernel emulates it, and
+/// since 6.18 turns it into a call; a shorter nop it single-steps.
+pub const SITE_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+
 /// The objects among `carriers` that interpose the allocator, as the process sees them.
 pub fn interposers(carriers: &[Carrier]) -> Vec<String> {
     carriers

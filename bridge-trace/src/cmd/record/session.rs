@@ -207,10 +207,8 @@ fn trace_usdt(
         return Ok(None);
     }
     let carriers = target::usdt::carriers(pid, maps);
-    for c in &carriers {
-        for why in &c.skipped {
-            eprintln!("bridge-trace: {}: skipping {why}", c.path);
-        }
+    for line in target::usdt::skipped(&carriers) {
+        eprintln!("bridge-trace: {line}");
     }
     if carriers.is_empty() {
         return Ok(None);
@@ -303,10 +301,8 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
     if config.usdt && script.is_none() {
         carriers.extend(target::usdt::carriers_in(&objects));
     }
-    for c in &carriers {
-        for why in &c.skipped {
-            eprintln!("bridge-trace: {}: skipping {why}", c.path);
-        }
+    for line in target::usdt::skipped(&carriers) {
+        eprintln!("bridge-trace: {line}");
     }
     let mut launched = Launched::spawn(&program, argv, &env)?;
     let pid = launched.pid;

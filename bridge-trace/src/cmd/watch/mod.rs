@@ -32,7 +32,7 @@ use crate::{
     collect,
     error::{Error, Result},
     model::{
-        maps::{Mapping, ProcessMaps},
+        maps::ProcessMaps,
         meta::{Meta, REPORT_VERSION, USDT_TIER},
         sites::{Callers, Wrappers},
         snapshot::{LiveAlloc, Snapshot},
@@ -401,7 +401,13 @@ impl Session<'_> {
         if let Some(u) = self.unwinder.as_mut() {
             u.load_now(pid, &maps).await?;
         }
-        let usdt = match self.trace_usdt(pid, &maps) {
+        // The objects carrying the contract, read once: traced now, and known at each refresh.
+        let carriers = match self.config.usdt {
+            true => target::usdt::carriers(pid, &maps),
+            false => Vec::new(),
+        };
+        let usdt_seen: Vec<String> = carriers.iter().map(|c| c.path.clone()).collect();
+        let usdt = match self.trace_usdt(pid, &carriers) {
             Ok(u) => u,
             Err(e) => {
                 self.tracer.remove_target(pid);
@@ -441,13 +447,6 @@ impl Session<'_> {
             tier.name(),
             humantime::format_duration(self.config.interval),
         );
-        let usdt_seen = match self.config.usdt {
-            true => target::usdt::carriers(pid, &maps)
-                .into_iter()
-                .map(|c| c.path)
-                .collect(),
-            false => Vec::new(),
-        };
         self.procs.insert(
             pid,
             Proc {
@@ -470,23 +469,21 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Traces `pid` through the `otel_memory` contract when the objects it maps carry it
-    /// (unless --no-usdt): its objects and the start line's description; `None` when it
-    /// does not carry it, or when its probes could not be attached (said; today's tiers then).
-    fn trace_usdt(&mut self, pid: u32, maps: &[Mapping]) -> Result<Option<(UsdtObjects, String)>> {
-        if !self.config.usdt {
-            return Ok(None);
-        }
-        let carriers: Vec<Carrier> = target::usdt::carriers(pid, maps);
-        for c in &carriers {
-            for why in &c.skipped {
-                eprintln!("bridge-trace: {}: skipping {why}", c.path);
-            }
+    /// Traces `pid` through the `otel_memory` contract of `carriers`, the objects it maps that
+    /// carry it (none with --no-usdt): its objects and the start line's description; `None`
+    /// when there are none, or when its probes could not be attached (said; today's tiers then).
+    fn trace_usdt(
+        &mut self,
+        pid: u32,
+        carriers: &[Carrier],
+    ) -> Result<Option<(UsdtObjects, String)>> {
+        for line in target::usdt::skipped(carriers) {
+            eprintln!("bridge-trace: {line}");
         }
         if carriers.is_empty() {
             return Ok(None);
         }
-        let sites = match self.tracer.trace_usdt(pid, &carriers) {
+        let sites = match self.tracer.trace_usdt(pid, carriers) {
             Ok(n) => n,
             Err(e @ (Error::ExitedBeforeAttach(_) | Error::NoSuchProcess(_))) => return Err(e),
             Err(e) => {
@@ -495,9 +492,9 @@ impl Session<'_> {
                 return Ok(None);
             }
         };
-        let line = target::usdt::describe(&carriers, sites);
+        let line = target::usdt::describe(carriers, sites);
         let objects = UsdtObjects {
-            interposers: target::usdt::interposers(&carriers),
+            interposers: target::usdt::interposers(carriers),
         };
         Ok(Some((objects, line)))
     }
@@ -517,6 +514,9 @@ impl Session<'_> {
             return;
         }
         p.usdt_seen.extend(fresh.iter().map(|c| c.path.clone()));
+        for line in target::usdt::skipped(&fresh) {
+            eprintln!("bridge-trace: {line}");
+        }
         let Some(u) = p.usdt.as_mut() else {
             eprintln!(
                 "bridge-trace: pid {pid} mapped {}, which carries the otel_memory probes: not \
