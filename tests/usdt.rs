@@ -132,17 +132,7 @@ struct State {
 
 impl Served {
     fn start(exe: &Path, truth: &Path) -> Served {
-        let mut child = KillOnDrop(
-            Command::new(exe)
-                .arg("serve")
-                .arg(truth)
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let mut out = BufReader::new(child.0.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
+        let (child, out, line) = spawn_reading(Command::new(exe).arg("serve").arg(truth));
         assert!(line.starts_with("ready "), "{line:?}");
         Served { child, out }
     }
@@ -285,20 +275,14 @@ fn a_carrier_dlopened_later_is_picked_up() {
         &["-O2", "-fPIC", "-shared", "-DCONTRACT_LIBRARY"],
     );
     build_c(&host, "tests/fixtures/dlopen_host.c", &["-O1"]);
-    let mut child = KillOnDrop(
+    let (mut child, mut out, mut line) = spawn_reading(
         Command::new(&host)
             .arg(&lib)
             .arg("serve")
             .arg(dir.join("serve.truth"))
             .env("LD_PRELOAD", sampler_lib())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .stdin(Stdio::piped()),
     );
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
     let pid = child.0.id().to_string();
 

@@ -50,10 +50,7 @@ fn start_ready(exe: &Path) -> (KillOnDrop, BufReader<std::process::ChildStdout>)
 
 /// Starts `cmd` (one of the fixtures) and waits for its "ready".
 fn start_command(cmd: &mut Command) -> (KillOnDrop, BufReader<std::process::ChildStdout>) {
-    let mut service = KillOnDrop(cmd.stdout(Stdio::piped()).spawn().unwrap());
-    let mut out = BufReader::new(service.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (service, out, line) = spawn_reading(cmd);
     assert_eq!(line.trim(), "ready");
     (service, out)
 }

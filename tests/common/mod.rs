@@ -174,13 +174,21 @@ impl Drop for KillOnDrop {
 /// Starts `cmd` with its stdout piped and waits for its first line, "ready"; killed if a
 /// failed assertion unwinds.
 pub fn spawn_ready(cmd: &mut Command) -> KillOnDrop {
-    let mut child = KillOnDrop(cmd.stdout(Stdio::piped()).spawn().unwrap());
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (child, _, line) = spawn_reading(cmd);
     assert_eq!(line.trim(), "ready");
     child
+}
+
+/// Starts `cmd` with its stdout piped: the child (killed if a failed assertion unwinds), its
+/// stdout for what it says later, and its first line, once said.
+pub fn spawn_reading(
+    cmd: &mut Command,
+) -> (KillOnDrop, BufReader<std::process::ChildStdout>, String) {
+    let mut child = KillOnDrop(cmd.stdout(Stdio::piped()).spawn().unwrap());
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    (child, out, line)
 }
 
 /// The in-process sampler, written out by `bridge-trace sampler install` (once per test binary).

@@ -79,7 +79,7 @@ fn bpftrace_script() -> String {
     )
 }
 
-fn installed(program: &str) -> bool {
+pub(crate) fn installed(program: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
         .stdout(Stdio::null())
@@ -88,7 +88,7 @@ fn installed(program: &str) -> bool {
 }
 
 /// The loop's own figure: the last line of its output that is a number.
-fn ns_per_pair(text: &str) -> Result<f64> {
+pub(crate) fn ns_per_pair(text: &str) -> Result<f64> {
     text.lines()
         .filter_map(|l| l.trim().parse::<f64>().ok())
         .next_back()

@@ -134,10 +134,17 @@ fn process_of(program: &Path, launched: u32) -> Result<u32> {
 }
 
 /// CPU of the data bridge over `secs`, in CPUs, run and watched as `c` says.
-fn demo_cpu(tracer: &Path, demo: &Path, c: &Config, dir: &Path, secs: f64) -> Result<f64> {
-    let sampler = dir.join("sampler/libbridge_trace_sampler.so");
+/// `sampler`: the library, as [`install_sampler`] wrote it.
+fn demo_cpu(
+    tracer: &Path,
+    demo: &Path,
+    c: &Config,
+    sampler: &Path,
+    dir: &Path,
+    secs: f64,
+) -> Result<f64> {
     let service = Killed(
-        command(c, demo, &sampler, dir)
+        command(c, demo, sampler, dir)
             .args(["--rate", &DEMO_RATE.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -163,9 +170,15 @@ fn demo_cpu(tracer: &Path, demo: &Path, c: &Config, dir: &Path, secs: f64) -> Re
 }
 
 /// Nanoseconds per pair of the loop, run and watched as `c` says.
-fn loop_ns(tracer: &Path, workload: &Path, c: &Config, dir: &Path, iterations: u64) -> Result<f64> {
-    let sampler = dir.join("sampler/libbridge_trace_sampler.so");
-    let child = command(c, workload, &sampler, dir)
+fn loop_ns(
+    tracer: &Path,
+    workload: &Path,
+    c: &Config,
+    sampler: &Path,
+    dir: &Path,
+    iterations: u64,
+) -> Result<f64> {
+    let child = command(c, workload, sampler, dir)
         .args([&iterations.to_string(), "10", "2000"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -176,12 +189,8 @@ fn loop_ns(tracer: &Path, workload: &Path, c: &Config, dir: &Path, iterations: u
         None => None,
     };
     let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // The loop's figure is the last line that is a number (heaptrack says more).
-    text.lines()
-        .filter_map(|l| l.trim().parse::<f64>().ok())
-        .next_back()
-        .with_context(|| format!("alloc-loop printed {text:?}"))
+    // Heaptrack says more than the loop's figure.
+    crate::peers::ns_per_pair(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Seconds until `watch`, at default settings, names the data bridge's leak (at its default
@@ -300,16 +309,6 @@ fn install_sampler(tracer: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
-/// Whether heaptrack is installed (its row is left out otherwise).
-fn heaptrack_installed() -> bool {
-    Command::new("heaptrack")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     let demo = crate::bench::build_demo(dir)?;
     let workload = dir.join("alloc-loop");
@@ -321,15 +320,16 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     let sampler = install_sampler(tracer, dir)?;
     let configs: Vec<&Config> = CONFIGS
         .iter()
-        .filter(|c| !c.heaptrack || heaptrack_installed())
+        // Heaptrack's row is left out where it is not installed.
+        .filter(|c| !c.heaptrack || crate::peers::installed("heaptrack"))
         .collect();
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..rounds {
         eprintln!("bench: watch tiers, round {} of {rounds}", round + 1);
         for (i, c) in configs.iter().enumerate() {
-            cpu[i].push(demo_cpu(tracer, &demo, c, dir, secs)?);
-            ns[i].push(loop_ns(tracer, &workload, c, dir, iterations)?);
+            cpu[i].push(demo_cpu(tracer, &demo, c, &sampler, dir, secs)?);
+            ns[i].push(loop_ns(tracer, &workload, c, &sampler, dir, iterations)?);
         }
     }
     let median = |v: &[f64]| crate::bench::median(v.iter().copied());
