@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use bridge_trace::{
-    aggregate::{aggregate, report_of, Report, StackReport},
+    aggregate::{aggregate, report_of, Report, StackReport, View},
     capture::{Capture, CapturedStack, Location},
     model::{
         counters::Counters,
@@ -102,6 +102,37 @@ fn fixed_report() -> Report {
             wrappers: Vec::new(),
         },
     ];
+    // What was allocated while traced: the leak site, a churning one that holds nothing,
+    // and the route table.
+    let allocated = vec![
+        StackReport {
+            bytes: 96_000_000,
+            count: 240_000,
+            oldest_age_secs: 0.0,
+            frames: [
+                root.clone(),
+                vec![
+                    frame("consumer", exe, 0x1aa1, "demo/data-bridge.c", 220),
+                    frame("handle_message", exe, 0x1a31, "demo/data-bridge.c", 208),
+                    frame("frame_build", exe, 0x1801, "demo/data-bridge.c", 122),
+                ],
+            ]
+            .concat(),
+            truncated: false,
+            partial: false,
+            wrappers: Vec::new(),
+        },
+        StackReport {
+            oldest_age_secs: 0.0,
+            ..stacks[0].clone()
+        },
+        StackReport {
+            bytes: 8192,
+            count: 4,
+            oldest_age_secs: 0.0,
+            ..stacks[1].clone()
+        },
+    ];
     Report {
         meta: Meta {
             version: REPORT_VERSION,
@@ -156,50 +187,56 @@ fn fixed_report() -> Report {
             verdicts: Vec::new(),
         },
         stacks,
+        allocated: Some(allocated),
     }
 }
 
 /// The capture the fixed report was made from: each stack's frames as (module, file offset),
 /// the direct caller first, inlined frames sharing their caller's location.
-/// The fixed report as version 1 knew it: no allocation wrappers kept apart.
+/// The fixed report as version 1 knew it: no allocation wrappers kept apart, no allocation
+/// profile.
 fn fixed_report_v1() -> Report {
     let mut report = fixed_report();
     for s in &mut report.stacks {
         s.wrappers.clear();
     }
+    report.allocated = None;
     report
 }
 
 /// The capture `report` was made from.
 fn capture_of(report: Report) -> Capture {
     let modules = report.meta.modules.clone();
-    let stacks = report
-        .stacks
-        .iter()
-        .map(|s| CapturedStack {
-            frames: s
-                .frames
-                .iter()
-                .chain(&s.wrappers)
-                .rev()
-                .filter(|f| !f.inlined)
-                .map(|f| Location {
-                    module: modules
-                        .iter()
-                        .position(|m| Some(&m.path) == f.module.as_ref())
-                        .map(|i| i as u32),
-                    offset: f.offset.unwrap(),
-                })
-                .collect(),
-            truncated: s.truncated,
-            partial: s.partial,
-            bytes: s.bytes as f64,
-            count: s.count as f64,
-            oldest_age_secs: s.oldest_age_secs,
-            process: None,
-            mmap: false,
-        })
-        .collect();
+    let captured = |stacks: &[StackReport]| -> Vec<CapturedStack> {
+        stacks
+            .iter()
+            .map(|s| CapturedStack {
+                frames: s
+                    .frames
+                    .iter()
+                    .chain(&s.wrappers)
+                    .rev()
+                    .filter(|f| !f.inlined)
+                    .map(|f| Location {
+                        module: modules
+                            .iter()
+                            .position(|m| Some(&m.path) == f.module.as_ref())
+                            .map(|i| i as u32),
+                        offset: f.offset.unwrap(),
+                    })
+                    .collect(),
+                truncated: s.truncated,
+                partial: s.partial,
+                bytes: s.bytes as f64,
+                count: s.count as f64,
+                oldest_age_secs: s.oldest_age_secs,
+                process: None,
+                mmap: false,
+            })
+            .collect()
+    };
+    let stacks = captured(&report.stacks);
+    let allocated = report.allocated.as_deref().map(captured);
     let mapping = |start: u64, path: &str| Mapping {
         start,
         end: start + 0x20_0000,
@@ -222,6 +259,7 @@ fn capture_of(report: Report) -> Capture {
         modules,
         stacks,
         processes: Vec::new(),
+        allocated,
     }
 }
 
@@ -237,6 +275,7 @@ impl Symbolize for AsInTheReport {
                     .0
                     .stacks
                     .iter()
+                    .chain(self.0.allocated.iter().flatten())
                     .flat_map(|s| s.frames.iter().chain(&s.wrappers));
                 let mut group: Vec<Frame> = Vec::new();
                 for f in frames {
@@ -364,6 +403,40 @@ fn html() {
     check_format(Format::Html, "report.html");
 }
 
+/// `--view alloc`: the flamegraph and folded stacks of what was allocated, freed or not.
+#[test]
+fn alloc_view() {
+    let alloc = RenderOptions {
+        view: View::Alloc,
+        ..RenderOptions::default()
+    };
+    for (format, name) in [
+        (Format::Folded, "report-alloc.folded"),
+        (Format::Svg, "report-alloc.svg"),
+    ] {
+        check(
+            &render_to_vec(&fixed_report(), format, alloc).unwrap(),
+            name,
+        );
+    }
+    // A report without the profile (an older capture) says so instead.
+    let err = render_to_vec(&fixed_report_v1(), Format::Svg, alloc).unwrap_err();
+    assert!(err.to_string().contains("no allocation profile"), "{err}");
+}
+
+/// The capture of the fixed report round-trips through the current format, its allocation
+/// profile included, and aggregates back to the report.
+#[test]
+fn capture_round_trips_with_the_allocation_profile() {
+    let capture = capture_of(fixed_report());
+    let back = Capture::from_bytes(&capture.to_bytes().unwrap()).unwrap();
+    assert_eq!(back, capture);
+    assert_eq!(
+        aggregate(&back, &mut AsInTheReport(fixed_report())),
+        fixed_report()
+    );
+}
+
 #[test]
 fn json_round_trips() {
     let r = fixed_report();
@@ -394,6 +467,13 @@ fn go_tool_pprof_agrees_with_the_text_report() {
     assert!(
         text.contains(&format!("{total}B total")),
         "total {total}: {text}"
+    );
+    // And the allocation profile, by its own sample type.
+    let alloc = common::pprof_top(&path, &["-sample_index=alloc_space", "-nodefraction=0"]);
+    let allocated: u64 = report.allocated.iter().flatten().map(|s| s.bytes).sum();
+    assert!(
+        alloc.contains(&format!("{allocated}B total")),
+        "allocated {allocated}: {alloc}"
     );
     // Flat bytes per leaf function, as pprof's table has them.
     let mut by_leaf: std::collections::BTreeMap<String, u64> = Default::default();

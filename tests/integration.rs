@@ -258,6 +258,88 @@ fn min_age_keeps_only_old_allocations() {
     assert!(report["meta"]["younger_than_min_age"].as_u64().unwrap() >= 1);
 }
 
+/// The allocation profile: what each site allocated while traced, freed or not (a realloc an
+/// allocation of its new size), exactly as the program counts it, in the JSON report and in the
+/// pprof profile's `alloc_space` as `go tool pprof` reads it; the leaks beside it unchanged.
+#[test]
+fn allocation_profile_is_exact() {
+    let _g = lock();
+    let out = scratch("churn-outputs");
+    let pprof = out.join("r.pb.gz");
+    let (report, _) = record_fixture("churn", &["-o", pprof.to_str().unwrap()]);
+    let want = truth(&Path::new(TMP).join("runs/churn/truth.alloc"));
+    assert_eq!(want.len(), 4, "{want:?}");
+    let got = allocated_by_leaf(&report);
+    for (site, w) in &want {
+        assert_eq!(got.get(site), Some(w), "{site} allocated\nall: {got:#?}");
+    }
+    // The churning sites hold nothing.
+    let held = by_leaf(&report);
+    assert!(held.keys().all(|k| !k.starts_with("churn_")), "{held:#?}");
+    for (index, site) in [
+        ("alloc_space", "churn_malloc"),
+        ("alloc_objects", "churn_realloc"),
+    ] {
+        let text = pprof_top(
+            &pprof,
+            &[&format!("-sample_index={index}"), "-nodefraction=0"],
+        );
+        let (bytes, count) = want[site];
+        let value = if index == "alloc_space" { bytes } else { count };
+        let row = text
+            .lines()
+            .find(|l| l.trim_end().ends_with(site))
+            .unwrap_or_else(|| panic!("{site} missing: {text}"));
+        // (`pprof_top` asks for -unit=B, which pprof writes after counts too.)
+        assert!(
+            row.trim_start().starts_with(&format!("{value}B ")),
+            "{index} of {site}: want {value}: {row}"
+        );
+    }
+}
+
+/// Under the in-process sampler (1 KiB mean), the allocation profile is the unbiased estimate
+/// of its weights: the sites that allocated megabytes within 25 % of what they allocated.
+#[test]
+fn sampler_estimates_what_each_site_allocated() {
+    let _g = lock();
+    let dir = scratch("churn-sampled");
+    let (truth_path, out_json) = (dir.join("truth"), dir.join("r.json"));
+    let out = Command::new(BIN)
+        .args(["record", "--quiet", "--sampler", "-o"])
+        .arg(&out_json)
+        .arg("--")
+        .arg(fixtures().join("leaky"))
+        .arg("churn")
+        .arg(&truth_path)
+        .env("BRIDGE_TRACE_SAMPLE_INTERVAL", "1K")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let report = json(&out_json);
+    assert_eq!(report["meta"]["tier"], "usdt");
+    let want = truth(&dir.join("truth.alloc"));
+    let got = allocated_by_leaf(&report);
+    let near = |got: u64, want: u64| (got as f64 - want as f64).abs() < 0.25 * want as f64;
+    for site in ["churn_malloc", "churn_realloc"] {
+        let (bytes, _) = want[site];
+        let estimate = got.get(site).map_or(0, |e| e.0);
+        eprintln!("{site}: allocated {bytes}, estimated {estimate}");
+        assert!(
+            near(estimate, bytes),
+            "{site}: {estimate} for {bytes}\n{got:#?}"
+        );
+    }
+    // One size at churn_malloc's: the count is the bytes' estimate over the size.
+    let (_, count) = want["churn_malloc"];
+    assert!(
+        near(got["churn_malloc"].1, count),
+        "{:?} for {count}",
+        got["churn_malloc"]
+    );
+}
+
 /// Starts the `wait` fixture and returns it once it has allocated its early blocks.
 fn start_waiting_fixture(truth_path: &Path) -> (Child, BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(fixtures().join("leaky"))

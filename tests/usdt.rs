@@ -108,6 +108,13 @@ fn the_contract_of_another_producer_is_consumed_exactly() {
             sites,
             "{opt}: report against the program's truth"
         );
+        // And what each site allocated, freed or not: the weights summed, exact here too.
+        let allocated = truth(&dir.join("traced.truth.alloc"));
+        assert_eq!(
+            allocated_by_leaf(&r),
+            allocated,
+            "{opt}: allocation profile against the program's truth"
+        );
         for s in r["stacks"].as_array().unwrap() {
             let frames = functions(s);
             assert!(frames.contains(&"main"), "{opt}: broken stack {frames:?}");

@@ -253,13 +253,14 @@ pub struct AllocInfo {
     pub stack: StackKey,
     pub kind: u32,
     pub tid: u32,
-    /// Mean sampling interval in bytes when this allocation was sampled; 0: every allocation
-    /// was recorded (its weight is 1); [`WEIGHTED`] | bytes for a sample the process reported
-    /// with its weight (`otel_memory:alloc`).
+    /// 0: every allocation was recorded (its weight is its size); [`WEIGHTED`] | bytes for a
+    /// sample, with the bytes it stands for: the weight the process reported
+    /// (`otel_memory:alloc`), or the kernel sampler's (`sampled`). A plain interval (no flag)
+    /// is the mean sampling interval of a sample whose weight is 1 / its probability.
     pub interval: u64,
 }
 
-/// [`AllocInfo::interval`]'s flag for a sample whose weight the process gave.
+/// [`AllocInfo::interval`]'s flag for a sample that carries its weight.
 pub const WEIGHTED: u64 = 1 << 63;
 
 /// The last release a thread made, while nested releases are possible (`config::NESTED_FREES`).
@@ -436,6 +437,13 @@ pub struct StackTotals {
     pub alloc_count: u64,
     pub free_bytes: u64,
     pub free_count: u64,
+    /// The bytes the recorded allocations stand for: their sizes when every allocation is
+    /// recorded, else the sum of their samples' weights ([`WEIGHTED`]): an unbiased estimate
+    /// of the bytes this stack allocated (pprof's `alloc_space`).
+    pub est_bytes: u64,
+    /// The allocations they stand for, in thousandths: each weight over its size (pprof's
+    /// `alloc_objects`).
+    pub est_objects_milli: u64,
 }
 
 /// How the kernel half walks user stacks (`--unwind`).
@@ -567,7 +575,7 @@ const _: () = assert!(core::mem::size_of::<InFlight>() == 128);
 const _: () = assert!(core::mem::size_of::<GrowthTotals>() == 32);
 const _: () = assert!(core::mem::size_of::<MmapRegion>() == 40);
 const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 64);
-const _: () = assert!(core::mem::size_of::<StackTotals>() == 32);
+const _: () = assert!(core::mem::size_of::<StackTotals>() == 48);
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 + 8 * MAX_STACK_DEPTH);
 
 #[cfg(feature = "user")]

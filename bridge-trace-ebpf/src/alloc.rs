@@ -34,7 +34,12 @@ fn remember_call(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -
         Pending::None => {}
     }
     let interval = sample_interval();
-    if interval != 0 && !sampled(size, interval) {
+    // Every allocation, or a sample with the bytes it stands for.
+    let interval = if interval == 0 {
+        0
+    } else if let Some(weight) = sampled(size, interval) {
+        WEIGHTED | weight.min(WEIGHTED - 1)
+    } else {
         count(Counter::Unsampled);
         if resizes(kind) && ptr_arg != 0 {
             // The old block may be a sampled one: its return forgets it if it moved.
@@ -49,7 +54,7 @@ fn remember_call(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -
             hold_old(tgid, tid, &mut call);
         }
         return 0;
-    }
+    };
     let stack = capture_stack(tgid, regs.rip, sp, regs.rbp, true);
     let mut call = InFlight {
         size,
@@ -184,16 +189,32 @@ pub(crate) fn record(tgid: u32, tid: u32, addr: u64, size: u64, call: &InFlight)
         return;
     }
     count(Counter::Allocs);
+    // What it stands for among the allocations: itself, or its sample's weight.
+    let est = if call.interval & WEIGHTED != 0 && call.interval != NOT_SAMPLED {
+        call.interval & !WEIGHTED
+    } else {
+        size
+    };
+    let est_objects_milli = if size == 0 {
+        1000
+    } else {
+        // Bounded first (1 PiB): no 128-bit product on this target.
+        est.min(1 << 50) * 1000 / size
+    };
     if let Some(t) = STACK_TOTALS.get_ptr_mut(&call.stack) {
         // SAFETY: per-CPU value of a successful lookup.
         unsafe {
             (*t).alloc_bytes += size;
             (*t).alloc_count += 1;
+            (*t).est_bytes += est;
+            (*t).est_objects_milli += est_objects_milli;
         }
     } else {
         let t = StackTotals {
             alloc_bytes: size,
             alloc_count: 1,
+            est_bytes: est,
+            est_objects_milli,
             ..StackTotals::default()
         };
         if STACK_TOTALS.insert(&call.stack, &t, 0).is_err() {

@@ -76,30 +76,40 @@ pub(crate) fn sample_interval() -> u64 {
 
 /// Whether an allocation of `size` bytes is sampled: a Poisson process over allocated bytes with
 /// mean `interval` (as jemalloc and tcmalloc sample), so an allocation is sampled with
-/// probability 1 - exp(-size / interval), which the user half inverts into its weight.
+/// probability 1 - exp(-size / interval), which the user half inverts into its estimate of
+/// what is held. A sampled allocation comes with the bytes it stands for among those
+/// allocated: `interval` for the sample point it reached, plus the rest of the block past that
+/// point (where the further points are expected to fall one per `interval`), an unbiased
+/// estimate that needs no exponential here.
 #[inline(always)]
-pub(crate) fn sampled(size: u64, interval: u64) -> bool {
+pub(crate) fn sampled(size: u64, interval: u64) -> Option<u64> {
     let Some(left) = SAMPLER.get_ptr_mut(0) else {
-        return true;
+        return Some(size);
     };
     // SAFETY: per-CPU slot, exclusive while the program runs.
     let left = unsafe { &mut *left };
     let first = *left == 0;
     if !first && *left > size {
         *left -= size;
-        return false;
+        return None;
     }
     // SAFETY: plain helper call.
     let i = unsafe { bpf_get_prandom_u32() } & (EXP_QUANTILES - 1);
     let q = EXP_TABLE.get(i).copied().unwrap_or(1 << EXP_QUANTILE_SHIFT) as u64;
     // Memoryless: the distance from here to the next sample point is a fresh draw.
     let next = ((q * interval) >> EXP_QUANTILE_SHIFT).max(1);
-    if first && next > size {
-        *left = next - size;
-        return false;
-    }
+    // Where in this block the sample point is.
+    let reached = if first {
+        if next > size {
+            *left = next - size;
+            return None;
+        }
+        next
+    } else {
+        *left
+    };
     *left = next;
-    true
+    Some(interval + (size - reached))
 }
 
 /// What this thread's in-flight entry, if any, means for a call entering at `sp`.

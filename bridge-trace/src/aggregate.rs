@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     capture::Capture,
-    model::meta::{Meta, Process, USDT_TIER},
+    model::{
+        meta::{Meta, Process, USDT_TIER},
+        sites::Wrappers,
+    },
     symbolize::{symbolize_locations, Blazesym, Frame, Symbolize},
     units::human_bytes,
 };
@@ -42,8 +45,22 @@ impl StackReport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub meta: Meta,
-    /// Largest first.
+    /// What is held, largest first.
     pub stacks: Vec<StackReport>,
+    /// The allocation profile: what each stack allocated while traced, freed or not (no
+    /// ages), most bytes first; `None` when the capture predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<Vec<StackReport>>,
+}
+
+/// Which of a report's profiles a flamegraph or folded file shows (`--view`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum View {
+    /// What is still held (pprof's `inuse_space`): the leaks.
+    #[default]
+    Inuse,
+    /// What was allocated while traced, freed or not (pprof's `alloc_space`): the churn.
+    Alloc,
 }
 
 impl Report {
@@ -53,6 +70,26 @@ impl Report {
 
     pub fn total_count(&self) -> u64 {
         self.stacks.iter().map(|s| s.count).sum()
+    }
+
+    /// The report as `view` shows it: its allocation profile in place of what is held, or an
+    /// error saying why there is none.
+    pub fn view(self, view: View) -> Result<Report, String> {
+        match view {
+            View::Inuse => Ok(self),
+            View::Alloc => match self.allocated {
+                Some(allocated) => Ok(Report {
+                    stacks: allocated,
+                    allocated: None,
+                    ..self
+                }),
+                None => Err(
+                    "this capture has no allocation profile (written before capture format \
+                     version 3): only --view inuse"
+                        .into(),
+                ),
+            },
+        }
     }
 
     /// Lines that say what the numbers miss; empty when nothing was lost.
@@ -108,7 +145,11 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
     let names = symbolize_locations(
         symbolizer,
         &capture.modules,
-        capture.stacks.iter().flat_map(|s| s.frames.iter().copied()),
+        capture
+            .stacks
+            .iter()
+            .chain(capture.allocated.iter().flatten())
+            .flat_map(|s| s.frames.iter().copied()),
     );
     let named_stacks: Vec<Vec<Frame>> = capture
         .stacks
@@ -121,11 +162,45 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
         .map(|frames| frames.iter().rev().map(|f| f.function.as_deref()).collect())
         .collect();
     wrappers.detect(&innermost_first);
+    let stacks = group(&capture.stacks, named_stacks, &wrappers);
+    let allocated = capture.allocated.as_ref().map(|allocated| {
+        let named = allocated
+            .iter()
+            .map(|s| named_frames(capture, s, &names))
+            .collect();
+        group(allocated, named, &wrappers)
+    });
+    let mut meta = capture.meta.clone();
+    meta.wrappers = wrappers;
+    meta.modules = capture.modules.clone();
+    meta.processes = capture
+        .processes
+        .iter()
+        // A report names the processes; their mappings stay in the capture.
+        .map(|p| Process {
+            mappings: Vec::new(),
+            ..p.clone()
+        })
+        .collect();
+    Report {
+        meta,
+        stacks,
+        allocated,
+    }
+}
+
+/// Groups `captured` stacks (named as `named`) that show the same frames once the allocation
+/// wrappers are cut off, largest first.
+fn group(
+    captured: &[crate::capture::CapturedStack],
+    named_stacks: Vec<Vec<Frame>>,
+    wrappers: &Wrappers,
+) -> Vec<StackReport> {
     // Estimates are summed unrounded (sampled allocations stand for fractions of several).
     // Stacks that show the same frames are one stack, whatever return addresses they came
     // from (two calls on one source line, two wrappers on the way to the allocator).
     let mut groups: HashMap<Vec<FrameKey>, (StackReport, f64, f64)> = HashMap::new();
-    for (s, mut named) in capture.stacks.iter().zip(named_stacks) {
+    for (s, mut named) in captured.iter().zip(named_stacks) {
         let run = wrappers.run(named.iter().rev().map(|f| f.function.as_deref()));
         let wrapped = named.split_off(named.len() - run);
         let key: Vec<FrameKey> = named.iter().map(FrameKey::of).collect();
@@ -154,19 +229,7 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
         })
         .collect();
     sort_stacks(&mut stacks);
-    let mut meta = capture.meta.clone();
-    meta.wrappers = wrappers;
-    meta.modules = capture.modules.clone();
-    meta.processes = capture
-        .processes
-        .iter()
-        // A report names the processes; their mappings stay in the capture.
-        .map(|p| Process {
-            mappings: Vec::new(),
-            ..p.clone()
-        })
-        .collect();
-    Report { meta, stacks }
+    stacks
 }
 
 /// What makes two frames the same frame in a report: a named frame is its function, source
@@ -286,6 +349,7 @@ mod tests {
                 stack(&[0xe], 160.0, 2.0, 1.0),
             ],
             processes: Vec::new(),
+            allocated: None,
         };
         let r = aggregate(&capture, &mut Fake);
         assert_eq!(r.stacks.len(), 2);

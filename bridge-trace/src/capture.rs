@@ -26,8 +26,9 @@ use crate::model::{
 /// CR LF (caught by newline conversion), as PNG does.
 pub const MAGIC: &[u8; 8] = b"\x89BTCAP\r\n";
 /// The format version this build writes; it reads this one and every older one. Version 2
-/// added the followed children (`processes`, each stack's `process`).
-pub const VERSION: u32 = 2;
+/// added the followed children (`processes`, each stack's `process`); version 3 the
+/// allocation profile (`allocated`).
+pub const VERSION: u32 = 3;
 /// The extension of capture files.
 pub const EXTENSION: &str = "btcap";
 
@@ -77,6 +78,11 @@ pub struct Capture {
     /// With `--follow-children`: the first process, then each child followed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<Process>,
+    /// The allocation profile: what each stack allocated while traced, freed or not (`bytes`
+    /// and `count` allocated, no age), most bytes first. `None` in a capture older than
+    /// version 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<Vec<CapturedStack>>,
 }
 
 /// Why a file is not a capture this build can read.
@@ -139,12 +145,32 @@ impl Capture {
             entry.oldest_age_secs = entry.oldest_age_secs.max(age_ns as f64 / 1e9);
         }
         meta.younger_than_min_age = younger;
+        let mut allocated: HashMap<(Vec<Location>, bool, bool), CapturedStack> = HashMap::new();
+        for a in &snapshot.allocated {
+            let (addrs, truncated, partial) = stored_stack(snapshot, a.stack_id, a.ret_addr);
+            let frames: Vec<Location> = addrs.iter().map(|&addr| locator.locate(addr)).collect();
+            let entry = allocated
+                .entry((frames.clone(), truncated, partial))
+                .or_insert_with(|| CapturedStack {
+                    frames,
+                    truncated,
+                    partial,
+                    bytes: 0.0,
+                    count: 0.0,
+                    oldest_age_secs: 0.0,
+                    process: None,
+                    mmap: false,
+                });
+            entry.bytes += a.bytes;
+            entry.count += a.count;
+        }
         let mut capture = Capture {
             meta,
             modules: locator.modules,
             mappings: maps.mappings.clone(),
             stacks: groups.into_values().collect(),
             processes: Vec::new(),
+            allocated: Some(allocated.into_values().collect()),
         };
         capture.sort();
         capture
@@ -152,16 +178,10 @@ impl Capture {
 
     /// Largest first, ties in a fixed order.
     fn sort(&mut self) {
-        self.stacks.sort_by(|a, b| {
-            b.bytes
-                .total_cmp(&a.bytes)
-                .then(b.count.total_cmp(&a.count))
-                .then_with(|| a.process.cmp(&b.process))
-                .then(a.mmap.cmp(&b.mmap))
-                .then_with(|| a.frames.cmp(&b.frames))
-                .then(a.truncated.cmp(&b.truncated))
-                .then(a.partial.cmp(&b.partial))
-        });
+        sort_stacks(&mut self.stacks);
+        if let Some(a) = &mut self.allocated {
+            sort_stacks(a);
+        }
     }
 
     /// One capture of a process and the children it forked, each stack marked with its
@@ -173,7 +193,11 @@ impl Capture {
             parent: None,
             mappings: Vec::new(),
         }];
-        for s in &mut self.stacks {
+        for s in self
+            .stacks
+            .iter_mut()
+            .chain(self.allocated.iter_mut().flatten())
+        {
             s.process = Some(0);
         }
         for (mut process, child) in children {
@@ -189,12 +213,18 @@ impl Capture {
                     }
                 })
                 .collect();
-            for mut s in child.stacks {
+            let remap = |mut s: CapturedStack| {
                 for l in &mut s.frames {
                     l.module = l.module.map(|m| modules[m as usize]);
                 }
                 s.process = Some(index);
-                self.stacks.push(s);
+                s
+            };
+            self.stacks.extend(child.stacks.into_iter().map(remap));
+            match (&mut self.allocated, child.allocated) {
+                (Some(mine), Some(theirs)) => mine.extend(theirs.into_iter().map(remap)),
+                // One without the profile: none for all.
+                _ => self.allocated = None,
             }
             self.meta.younger_than_min_age += child.meta.younger_than_min_age;
             process.mappings = child.mappings;
@@ -258,7 +288,7 @@ impl Capture {
     fn check(&self) -> Result<(), CaptureError> {
         let n = self.modules.len() as u32;
         let processes = self.processes.len() as u32;
-        for s in &self.stacks {
+        for s in self.stacks.iter().chain(self.allocated.iter().flatten()) {
             if let Some(bad) = s.process.filter(|&p| p >= processes) {
                 return Err(CaptureError::Corrupted(format!(
                     "a stack names process {bad}, but there are {processes}"
@@ -342,10 +372,28 @@ impl<'a> Locator<'a> {
 /// An allocation's stack: the stored frames, or just the direct caller. (addresses, truncated,
 /// partial)
 fn raw_stack(snapshot: &Snapshot, a: &LiveAlloc) -> (Vec<u64>, bool, bool) {
-    match snapshot.stacks.get(&a.stack_id) {
+    stored_stack(snapshot, a.stack_id, a.ret_addr)
+}
+
+/// Stack `id`'s frames, or just `ret_addr` (the direct caller) when it was not stored.
+fn stored_stack(snapshot: &Snapshot, id: u64, ret_addr: u64) -> (Vec<u64>, bool, bool) {
+    match snapshot.stacks.get(&id) {
         Some(s) => (s.frames.clone(), s.truncated, false),
-        None => (vec![a.ret_addr], false, true),
+        None => (vec![ret_addr], false, true),
     }
+}
+/// Largest first, ties in a fixed order.
+fn sort_stacks(stacks: &mut [CapturedStack]) {
+    stacks.sort_by(|a, b| {
+        b.bytes
+            .total_cmp(&a.bytes)
+            .then(b.count.total_cmp(&a.count))
+            .then_with(|| a.process.cmp(&b.process))
+            .then(a.mmap.cmp(&b.mmap))
+            .then_with(|| a.frames.cmp(&b.frames))
+            .then(a.truncated.cmp(&b.truncated))
+            .then(a.partial.cmp(&b.partial))
+    });
 }
 
 #[cfg(test)]

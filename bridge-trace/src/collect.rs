@@ -14,7 +14,7 @@ use crate::{
     error::{Error, Result},
     model::{
         counters::Counters,
-        snapshot::{LiveAlloc, RawStack, Snapshot, StackGrowth, Status},
+        snapshot::{LiveAlloc, RawStack, Snapshot, StackAllocated, StackGrowth, Status},
     },
     os::monotonic_ns,
 };
@@ -150,6 +150,29 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
     if let Some(exec_ns) = exec_ns {
         regions.retain(|r| r.ts_ns > exec_ns);
     }
+    // What each stack allocated, freed or not.
+    let totals: PerCpuHashMap<&MapData, StackKey, StackTotals> =
+        PerCpuHashMap::try_from(open(tracer, map::STACK_TOTALS)?)
+            .map_err(|e| map_err(map::STACK_TOTALS, e))?;
+    let mut allocated = Vec::new();
+    for (key, values) in once_each(totals.iter(), mine, |k| (k.stack_id, k.ret_addr)) {
+        let mut a = StackAllocated {
+            stack_id: key.stack_id,
+            ret_addr: key.ret_addr,
+            ..StackAllocated::default()
+        };
+        let mut objects_milli = 0u64;
+        for v in values.iter() {
+            a.recorded += v.alloc_count;
+            a.recorded_bytes += v.alloc_bytes;
+            a.bytes += v.est_bytes as f64;
+            objects_milli += v.est_objects_milli;
+        }
+        a.count = objects_milli as f64 / 1000.0;
+        if a.recorded > 0 {
+            allocated.push(a);
+        }
+    }
     let stacks_map: BpfHashMap<&MapData, u64, StackFrames> =
         BpfHashMap::try_from(open(tracer, map::STACKS)?).map_err(|e| map_err(map::STACKS, e))?;
     let mut stacks = HashMap::new();
@@ -157,7 +180,8 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
         .iter()
         .chain(&regions)
         .map(|a| a.stack_id)
-        .chain(growth.iter().map(|g| g.stack_id));
+        .chain(growth.iter().map(|g| g.stack_id))
+        .chain(allocated.iter().map(|a| a.stack_id));
     for id in ids {
         if id == 0 || stacks.contains_key(&id) {
             continue;
@@ -176,10 +200,12 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
     allocs.sort_by_key(|a| (a.ts_ns, a.addr));
     regions.sort_by_key(|a| (a.ts_ns, a.addr));
     growth.sort_by_key(|g| (g.stack_id, g.ret_addr));
+    allocated.sort_by_key(|a| (a.stack_id, a.ret_addr));
     Ok(Snapshot {
         allocs,
         regions,
         growth,
+        allocated,
         stacks,
         counters: counters(tracer)?,
         taken_ns,

@@ -59,6 +59,15 @@ pub fn leaf(frames: &[&str]) -> Option<String> {
 pub fn by_leaf(report: &Value) -> Sites {
     sites_by(report, leaf)
 }
+
+/// What each leaf function allocated while traced, freed or not (the report's allocation
+/// profile).
+pub fn allocated_by_leaf(report: &Value) -> Sites {
+    let allocated = report
+        .get("allocated")
+        .unwrap_or_else(|| panic!("no allocation profile in the report"));
+    sites_by(&serde_json::json!({ "stacks": allocated }), leaf)
+}
 pub const TMP: &str = env!("CARGO_TARGET_TMPDIR");
 
 pub fn lock() -> MutexGuard<'static, ()> {

@@ -5,6 +5,7 @@ use clap::Args;
 
 use super::outputs_by_format;
 use crate::{
+    aggregate::View,
     cmd::{
         diff::{DiffConfig, DiffFormat},
         report::ReportConfig,
@@ -37,6 +38,10 @@ pub struct ReportArgs {
     /// How many call stacks the text report lists.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
+    /// What the flamegraph and folded outputs show: `inuse` (held when recording stopped) or
+    /// `alloc` (allocated while traced, freed or not; captures from version 3 on).
+    #[arg(long, value_enum, default_value_t = View::Inuse)]
+    pub view: View,
     /// An allocation wrapper of the program (a function that only forwards to the allocator):
     /// sites are named past it, at its callers. An exact name, or a prefix ending in `*`;
     /// repeatable. The C++ operators and well-known wrappers (xmalloc, g_malloc, zmalloc,
@@ -87,6 +92,7 @@ pub fn report_config(a: ReportArgs) -> Result<ReportConfig> {
         capture: a.capture,
         outputs,
         top: a.top.max(1),
+        view: a.view,
         debug_dirs: a.debug_dir,
         mode: parse_mode(&a.mode)?,
         wrappers: super::wrappers(a.wrapper)?,

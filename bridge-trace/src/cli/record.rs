@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::outputs_by_format;
 use crate::{
+    aggregate::View,
     cmd::record::{Config, Target},
     error::{Error, Result},
     render::Format,
@@ -43,6 +44,11 @@ pub struct RecordArgs {
     /// How many call stacks the text report and the summary list.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
+    /// What the flamegraph and folded outputs show: `inuse`, the memory still held when
+    /// recording stopped; `alloc`, everything allocated while traced, freed or not. Text,
+    /// JSON, HTML and pprof carry both.
+    #[arg(long, value_enum, default_value_t = View::Inuse)]
+    pub view: View,
     /// How to walk stacks: `dwarf` unwinds with each object's call-frame information
     /// (.eh_frame), which is right for code built without frame pointers; `fp` follows frame
     /// pointers only; `auto` uses the tables where they are loaded, frame pointers elsewhere.
@@ -136,6 +142,7 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
         min_age,
         max_allocs: args.max_allocs,
         top: args.top.max(1),
+        view: args.view,
         unwind: args.unwind,
         quiet: args.quiet,
         verbose: args.verbose,

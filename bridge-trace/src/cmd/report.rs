@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::{
-    aggregate::{report_of, Rendered},
+    aggregate::{report_of, Rendered, View},
     capture::Capture,
     error::Result,
     output,
@@ -17,6 +17,7 @@ pub struct ReportConfig {
     pub capture: PathBuf,
     pub outputs: Vec<(PathBuf, Format)>,
     pub top: usize,
+    pub view: View,
     pub debug_dirs: Vec<PathBuf>,
     pub mode: u32,
     /// Allocation wrappers a site is named past, beside those of the recording (`--wrapper`).
@@ -32,7 +33,10 @@ pub fn run(config: &ReportConfig) -> Result<Rendered> {
         .user
         .extend(config.wrappers.iter().cloned());
     let rendered = report_of(&capture, &config.debug_dirs);
-    let options = RenderOptions { top: config.top };
+    let options = RenderOptions {
+        top: config.top,
+        view: config.view,
+    };
     let bytes = render::render_all(&rendered.report, &config.outputs, options)?;
     output::write_all(&bytes, config.mode)?;
     Ok(rendered)

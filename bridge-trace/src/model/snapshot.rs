@@ -18,8 +18,9 @@ pub struct LiveAlloc {
     pub ret_addr: u64,
     pub kind: Option<AllocKind>,
     pub tid: u32,
-    /// Mean sampling interval in bytes when this allocation was sampled; 0: every allocation
-    /// was recorded; [`WEIGHTED`] | weight for a sample the process reported itself.
+    /// 0: every allocation was recorded; [`WEIGHTED`] | weight for a sample that carries the
+    /// bytes it stands for (the process's own sampler, or the kernel's); else the mean
+    /// sampling interval in bytes of a sample weighted by 1 / its probability.
     pub interval: u64,
 }
 
@@ -54,7 +55,7 @@ impl LiveAlloc {
         (self.size as f64 / p, 1.0 / p)
     }
 
-    /// The weight the process reported this sample with (`otel_memory:alloc`), if it did.
+    /// The weight this sample carries (`otel_memory:alloc`, or the kernel's sampler), if any.
     pub fn weight(&self) -> Option<u64> {
         (self.interval & WEIGHTED != 0).then_some(self.interval & !WEIGHTED)
     }
@@ -72,6 +73,21 @@ pub struct StackGrowth {
     /// Bytes of pages touched for the first time.
     pub faulted: u64,
     pub events: u64,
+}
+
+/// What one stack of one process allocated since tracing began (its running totals in the
+/// kernel): the allocation profile, beside the live set's "in use".
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StackAllocated {
+    pub stack_id: u64,
+    pub ret_addr: u64,
+    /// Allocations recorded and the bytes they asked for.
+    pub recorded: u64,
+    pub recorded_bytes: u64,
+    /// What they stand for: exact when every allocation was recorded, else unbiased
+    /// estimates from the samples' weights.
+    pub bytes: f64,
+    pub count: f64,
 }
 
 /// A captured call stack: return addresses, the direct caller first.
@@ -107,6 +123,8 @@ pub struct Snapshot {
     pub regions: Vec<LiveAlloc>,
     /// Heap growth per stack since tracing began (growth tracepoints attached).
     pub growth: Vec<StackGrowth>,
+    /// What each stack allocated since tracing began, freed or not.
+    pub allocated: Vec<StackAllocated>,
     pub stacks: HashMap<u64, RawStack>,
     pub counters: Counters,
     /// CLOCK_MONOTONIC nanoseconds when the snapshot was taken.

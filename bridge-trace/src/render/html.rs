@@ -3,8 +3,8 @@
 //! interactive flamegraph inline with a search box. No external resources: it opens anywhere.
 use std::io::Write as _;
 
-use super::{Render, Svg};
-use crate::aggregate::{Report, StackReport};
+use super::{site, Render, Svg};
+use crate::aggregate::Report;
 use crate::units::human_bytes;
 
 pub struct Html {
@@ -46,21 +46,6 @@ window.addEventListener('load',function(){\
 var q=new URLSearchParams(window.location.search).get('q');\
 if(q){box.value=q;box.dispatchEvent(new Event('input'));}});\
 })();";
-
-fn site(s: &StackReport) -> (String, String) {
-    let leaf = s.site();
-    let name = leaf.map(|f| f.display_name()).unwrap_or("[unknown]");
-    let at = match leaf {
-        Some(f) => match (&f.file, f.line, &f.module, f.offset) {
-            (Some(file), Some(line), _, _) => format!("{file}:{line}"),
-            (Some(file), None, _, _) => file.clone(),
-            (None, _, Some(module), Some(off)) => format!("{module}+{off:#x}"),
-            _ => String::new(),
-        },
-        None => String::new(),
-    };
-    (name.to_string(), at)
-}
 
 impl Render for Html {
     fn render(&self, report: &Report, out: &mut Vec<u8>) -> std::io::Result<()> {
@@ -213,6 +198,38 @@ impl Render for Html {
                 "<p>… and {} more stacks, all in the flamegraph.</p>",
                 report.stacks.len() - self.top
             )?;
+        }
+
+        if let Some(allocated) = report.allocated.as_ref().filter(|a| !a.is_empty()) {
+            let bytes: u64 = allocated.iter().map(|s| s.bytes).sum();
+            writeln!(out, "<h2>Hottest allocation sites</h2>")?;
+            writeln!(
+                out,
+                "<p>Allocated while traced, freed or not: <strong>{}</strong> ({bytes} bytes) in \
+                 {} allocations (<code>--view alloc</code> draws them as a flamegraph).</p>",
+                human_bytes(bytes),
+                allocated.iter().map(|s| s.count).sum::<u64>()
+            )?;
+            writeln!(
+                out,
+                "<table>\n<tr><th>#</th><th>Bytes</th><th>Allocations</th><th>Call site</th>\
+                 <th>Where</th></tr>"
+            )?;
+            for (i, s) in super::hottest_sites(allocated, self.top).iter().enumerate() {
+                let (name, at) = (&s.name, &s.at);
+                writeln!(
+                    out,
+                    "<tr><td class=\"n\">{}</td><td class=\"n\">{} ({})</td>\
+                     <td class=\"n\">{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>",
+                    i + 1,
+                    s.bytes,
+                    human_bytes(s.bytes),
+                    s.count,
+                    esc(name),
+                    esc(at)
+                )?;
+            }
+            writeln!(out, "</table>")?;
         }
 
         writeln!(out, "<h2>Flamegraph</h2>")?;

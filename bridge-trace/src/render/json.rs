@@ -1,5 +1,6 @@
 //! The whole report as JSON: metadata (with what was lost, counted and in words: `caveats`) and
-//! every stack with its frames (module, offset, function, file, line).
+//! every stack with its frames (module, offset, function, file, line), and the allocation
+//! profile (`allocated`) where the capture has it.
 use serde::Serialize;
 
 use super::Render;
@@ -15,6 +16,9 @@ pub struct Json;
 struct Written<'a> {
     meta: WrittenMeta<'a>,
     stacks: &'a [StackReport],
+    /// What each stack allocated while traced, freed or not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allocated: Option<&'a [StackReport]>,
 }
 
 #[derive(Serialize)]
@@ -34,6 +38,7 @@ impl Render for Json {
                 caveats: report.caveats(),
             },
             stacks: &report.stacks,
+            allocated: report.allocated.as_deref(),
         };
         serde_json::to_writer_pretty(&mut *out, &written)?;
         out.push(b'\n');

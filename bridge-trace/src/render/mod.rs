@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use clap::ValueEnum;
 
 use crate::{
-    aggregate::Report,
+    aggregate::{Report, StackReport, View},
     error::{Error, Result},
 };
 
@@ -33,11 +33,16 @@ pub trait Render {
 pub struct RenderOptions {
     /// How many stacks the text report lists.
     pub top: usize,
+    /// Which profile the flamegraph and the folded stacks show (the other formats carry both).
+    pub view: View,
 }
 
 impl Default for RenderOptions {
     fn default() -> Self {
-        RenderOptions { top: 10 }
+        RenderOptions {
+            top: 10,
+            view: View::Inuse,
+        }
     }
 }
 
@@ -55,6 +60,13 @@ pub fn renderer(format: Format, options: RenderOptions) -> Box<dyn Render> {
 
 /// Renders into memory.
 pub fn render_to_vec(report: &Report, format: Format, options: RenderOptions) -> Result<Vec<u8>> {
+    let viewed;
+    let report = if matches!(format, Format::Svg | Format::Folded) && options.view != View::Inuse {
+        viewed = report.clone().view(options.view).map_err(Error::Usage)?;
+        &viewed
+    } else {
+        report
+    };
     let mut out = Vec::new();
     renderer(format, options)
         .render(report, &mut out)
@@ -73,6 +85,52 @@ pub fn render_all(
         .iter()
         .map(|(path, format)| Ok((path.clone(), render_to_vec(report, *format, options)?)))
         .collect()
+}
+
+/// A stack's call site: its name, and where it is (file:line, or module+offset).
+pub(crate) fn site(s: &StackReport) -> (String, String) {
+    let leaf = s.site();
+    let name = leaf.map(|f| f.display_name()).unwrap_or("[unknown]");
+    let at = match leaf {
+        Some(f) => match (&f.file, f.line, &f.module, f.offset) {
+            (Some(file), Some(line), _, _) => format!("{file}:{line}"),
+            (Some(file), None, _, _) => file.clone(),
+            (None, _, Some(module), Some(off)) => format!("{module}+{off:#x}"),
+            _ => String::new(),
+        },
+        None => String::new(),
+    };
+    (name.to_string(), at)
+}
+
+/// One call site's share of the allocation profile, all its stacks together.
+pub(crate) struct HotSite {
+    pub name: String,
+    pub at: String,
+    pub bytes: u64,
+    pub count: u64,
+}
+
+/// The `top` call sites that allocated the most bytes, each site's stacks summed (ties by name).
+pub(crate) fn hottest_sites(allocated: &[StackReport], top: usize) -> Vec<HotSite> {
+    let mut by_site: std::collections::BTreeMap<(String, String), (u64, u64)> = Default::default();
+    for s in allocated {
+        let e = by_site.entry(site(s)).or_default();
+        e.0 += s.bytes;
+        e.1 += s.count;
+    }
+    let mut sites: Vec<HotSite> = by_site
+        .into_iter()
+        .map(|((name, at), (bytes, count))| HotSite {
+            name,
+            at,
+            bytes,
+            count,
+        })
+        .collect();
+    sites.sort_by_key(|s| std::cmp::Reverse(s.bytes));
+    sites.truncate(top);
+    sites
 }
 
 /// A frame name safe for folded lines (`;` separates frames).

@@ -237,12 +237,25 @@ pub fn profile(report: &Report) -> proto::Profile {
         value_type(&mut b, "inuse_space", "bytes"),
         value_type(&mut b, "inuse_objects", "count"),
     ];
+    if report.allocated.is_some() {
+        // After the two every profile has, so that their indices stay.
+        let alloc = [
+            value_type(&mut b, "alloc_space", "bytes"),
+            value_type(&mut b, "alloc_objects", "count"),
+        ];
+        b.profile.sample_type.extend(alloc);
+    }
+    let values = b.profile.sample_type.len();
     b.profile.period_type = Some(value_type(&mut b, "space", "bytes"));
     b.profile.period = 1;
     b.profile.default_sample_type = b.string("inuse_space");
     b.profile.duration_nanos = (report.meta.duration_secs * 1e9) as i64;
     b.profile.drop_frames = b.string(&report.meta.wrappers.drop_frames_regex());
-    for stack in &report.stacks {
+    // One sample per stack: what it holds, then what it allocated.
+    let mut samples: HashMap<Vec<u64>, usize> = HashMap::new();
+    let held = report.stacks.iter().map(|s| (s, 0));
+    let allocated = report.allocated.iter().flatten().map(|s| (s, 2));
+    for (stack, at) in held.chain(allocated) {
         // Frames are root first; a frame not inlined starts the group of its address.
         let mut groups: Vec<Vec<&Frame>> = Vec::new();
         for f in stack.frames.iter().chain(&stack.wrappers) {
@@ -251,11 +264,17 @@ pub fn profile(report: &Report) -> proto::Profile {
                 _ => groups.push(vec![f]),
             }
         }
-        let location_id = groups.iter().rev().map(|g| b.location(g)).collect();
-        b.profile.sample.push(proto::Sample {
-            location_id,
-            value: vec![stack.bytes as i64, stack.count as i64],
+        let location_id: Vec<u64> = groups.iter().rev().map(|g| b.location(g)).collect();
+        let i = *samples.entry(location_id.clone()).or_insert_with(|| {
+            b.profile.sample.push(proto::Sample {
+                location_id,
+                value: vec![0; values],
+            });
+            b.profile.sample.len() - 1
         });
+        let v = &mut b.profile.sample[i].value;
+        v[at] += stack.bytes as i64;
+        v[at + 1] += stack.count as i64;
     }
     b.profile
 }
@@ -322,6 +341,7 @@ mod tests {
                 partial: false,
                 wrappers: vec![frame("xmalloc", 0x30, false)],
             }],
+            allocated: None,
         };
         let p = profile(&report);
         let name = |id: u64| {
@@ -348,5 +368,47 @@ mod tests {
         // Round trip through the encoding.
         let decoded = proto::Profile::decode(&*p.encode_to_vec()).unwrap();
         assert_eq!(decoded, p);
+    }
+
+    /// With an allocation profile: four sample types, one sample per stack holding what it
+    /// holds and what it allocated; a stack that holds nothing has only the latter.
+    #[test]
+    fn the_allocation_profile_adds_two_sample_types() {
+        let stack = |function: &str, bytes, count| StackReport {
+            bytes,
+            count,
+            oldest_age_secs: 0.0,
+            frames: vec![frame("main", 0x10, false), frame(function, 0x20, false)],
+            truncated: false,
+            partial: false,
+            wrappers: Vec::new(),
+        };
+        let report = Report {
+            meta: Meta::default(),
+            stacks: vec![stack("leak", 100, 1)],
+            allocated: Some(vec![stack("churn", 9000, 90), stack("leak", 400, 4)]),
+        };
+        let p = profile(&report);
+        let types: Vec<&str> = p
+            .sample_type
+            .iter()
+            .map(|t| p.string_table[t.r#type as usize].as_str())
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "inuse_space",
+                "inuse_objects",
+                "alloc_space",
+                "alloc_objects"
+            ]
+        );
+        let mut values: Vec<&[i64]> = p.sample.iter().map(|s| &s.value[..]).collect();
+        values.sort();
+        assert_eq!(values, [&[0, 0, 9000, 90][..], &[100, 1, 400, 4][..]]);
+        assert_eq!(
+            p.string_table[p.default_sample_type as usize],
+            "inuse_space"
+        );
     }
 }

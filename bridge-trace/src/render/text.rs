@@ -146,6 +146,42 @@ impl Render for Text {
                 report.stacks.len() - self.top
             )?;
         }
+        if let Some(allocated) = report.allocated.as_ref().filter(|a| !a.is_empty()) {
+            hottest(out, allocated, self.top)?;
+        }
         Ok(())
     }
+}
+
+/// The stacks that allocated the most while traced, freed or not, one line each.
+fn hottest(
+    out: &mut Vec<u8>,
+    allocated: &[crate::aggregate::StackReport],
+    top: usize,
+) -> std::io::Result<()> {
+    let bytes: u64 = allocated.iter().map(|s| s.bytes).sum();
+    let count: u64 = allocated.iter().map(|s| s.count).sum();
+    writeln!(out)?;
+    writeln!(
+        out,
+        "allocated while traced (freed or not): {bytes} bytes ({}) in {count} allocations; \
+         the call sites that allocated most:",
+        human_bytes(bytes)
+    )?;
+    for s in super::hottest_sites(allocated, top) {
+        let at = if s.at.is_empty() {
+            String::new()
+        } else {
+            format!(" at {}", s.at)
+        };
+        writeln!(
+            out,
+            "    {:>12} ({}) in {} allocations: {}{at}",
+            s.bytes,
+            human_bytes(s.bytes),
+            s.count,
+            s.name
+        )?;
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! A validated `record` request: what to trace, for how long, and where the report goes.
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use crate::{render::Format, target::EntryKind, unwind::Unwind};
+use crate::{aggregate::View, render::Format, target::EntryKind, unwind::Unwind};
 
 /// What to trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +22,8 @@ pub struct Config {
     pub min_age: Option<Duration>,
     pub max_allocs: u32,
     pub top: usize,
+    /// Which profile the flamegraph and folded outputs show.
+    pub view: View,
     pub unwind: Unwind,
     pub quiet: bool,
     /// List every entry point probed at the start.

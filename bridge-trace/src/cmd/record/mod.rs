@@ -396,7 +396,10 @@ fn finish(
     } else {
         config.outputs.clone()
     };
-    let options = RenderOptions { top: config.top };
+    let options = RenderOptions {
+        top: config.top,
+        view: config.view,
+    };
     // Render everything first, the capture too, then write: a failure leaves no partial set.
     let mut rendered = render::render_all(&report, &outputs, options)?;
     let capture_path = (!config.no_raw).then(|| beside(&outputs)).flatten();

@@ -754,8 +754,10 @@ fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
                     interval: 0,
                 })
                 .collect(),
-            // The growth tier reports touched pages, mapped regions included.
+            // The growth tier reports touched pages, mapped regions included; no allocation
+            // is seen.
             regions: Vec::new(),
+            allocated: Vec::new(),
             ..snap.clone()
         };
         (&view, None)
