@@ -724,6 +724,64 @@ fn sampled_estimates_match_the_truth() {
 /// the process): `watch` finds its `otel_memory` probes by itself and traces at tier `usdt`,
 /// says so, estimates the leak from the samples' weights within 25 % of what the fixture says
 /// it leaked meanwhile, flags it leaking and never the cache or the churn.
+/// `--max-samples`: a process that reports every allocation (interval 1 byte) holds no more
+/// live samples than its cap plus a window's worth; the samples dropped are counted and said,
+/// and the process runs on unharmed.
+#[test]
+fn usdt_samples_are_capped_per_process() {
+    let _g = lock();
+    let (service, mut out) = start_command(
+        Command::new(patterns())
+            .env("LD_PRELOAD", sampler_lib())
+            .env("BRIDGE_TRACE_SAMPLE_INTERVAL", "1"),
+    );
+    let mut watch = Watch::start(&[
+        "watch",
+        "--pid",
+        &service.0.id().to_string(),
+        "--interval",
+        "1s",
+        "--max-overhead",
+        "off",
+        "--max-samples",
+        "200",
+    ]);
+    let port = watch.port();
+    let started = Instant::now();
+    watch.attached();
+    let windows = |m: &str| value(m, "bridge_trace_windows{").unwrap_or(0.0);
+    let mut metrics = scrape(port);
+    let first = windows(&metrics);
+    // Uncapped, 12 s would hold ~1200 leaked blocks of 1000 bytes and the full cache (300 of
+    // 2000): about 1.8 MB.
+    while windows(&metrics) < first + 12.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120) && watch.running(),
+            "{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        metrics = scrape(port);
+    }
+    let held = value(&metrics, "bridge_trace_outstanding_bytes{").unwrap();
+    let dropped = value(&metrics, "bridge_trace_dropped_events_total ").unwrap();
+    // Still serving: it answers SIGUSR1.
+    let leaked_so_far = leaked(&service, &mut out);
+    let (ok, stderr) = watch.finish();
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("live samples, its cap (--max-samples)"),
+        "{stderr}"
+    );
+    eprintln!(
+        "capped at 200: {held} bytes held by samples, {dropped} dropped, the leak at {leaked_so_far}"
+    );
+    assert!(dropped > 0.0, "{metrics}");
+    // The cap, its 1/8 of slack and a window of samples (~100 leaked, a few cache puts):
+    // at most ~400 blocks of 2000 bytes.
+    assert!(held < 800_000.0, "held {held}\n{metrics}");
+    assert!(leaked_so_far > 1e6, "{leaked_so_far}");
+}
+
 #[test]
 fn usdt_tier_estimates_and_classifies() {
     let _g = lock();

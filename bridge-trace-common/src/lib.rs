@@ -148,9 +148,11 @@ pub enum Counter {
     /// Frees of reported samples bridge-trace had not seen allocated (reported before it
     /// attached, or dropped when the live map was full).
     UsdtUnknownFrees = 28,
+    /// Samples a process reported while it held as many as its cap (`USDT_CAPPED`): not kept.
+    UsdtCapped = 29,
 }
 
-pub const COUNTER_COUNT: u32 = 29;
+pub const COUNTER_COUNT: u32 = 30;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -183,6 +185,7 @@ impl Counter {
         Counter::BusyCpu,
         Counter::UsdtAllocs,
         Counter::UsdtUnknownFrees,
+        Counter::UsdtCapped,
     ];
 }
 
@@ -628,6 +631,7 @@ pub mod names {
         pub const ALLOCATOR_TEXT: &str = "ALLOCATOR_TEXT";
         pub const CHILD_OF: &str = "CHILD_OF";
         pub const USDT_SPECS: &str = "USDT_SPECS";
+        pub const USDT_CAPPED: &str = "USDT_CAPPED";
         /// Every map the user half opens by name.
         pub const ALL: &[&str] = &[
             TARGETS,

@@ -30,6 +30,7 @@
 //! | HELD_CHILDREN | `process::child_fault` | user: `attach::held_children` | user: `attach::release_child` |
 //! | USDT_SPECS | user: `attach::usdt` (one slot per probe site of each process) | `usdt` | user: `attach::usdt` (slots reused) |
 //! | USDT_REGS | `usdt` (per CPU) | the same | never (per-CPU scratch) |
+//! | USDT_CAPPED | user: `attach::usdt::cap_usdt` (a process at its cap of live samples) | `usdt::usdt_alloc` | user: `attach::usdt::cap_usdt`, `attach::untrace_allocator` |
 //! | FLOOR_STACK | `floor` (per CPU) | nobody (the floor measures the write) | never |
 //!
 //! The names the user half opens maps by are `bridge_trace_common::names::map`.
@@ -183,6 +184,11 @@ pub(crate) static USDT_SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_USDT
 /// slots the site's spec names.
 #[map]
 pub(crate) static USDT_REGS: PerCpuArray<Regs> = PerCpuArray::with_max_entries(1, 0);
+
+/// The processes that hold as many live samples as their cap: their new samples are counted
+/// ([`Counter::UsdtCapped`]) and not kept, so that one process cannot fill `ALLOCS` for all.
+#[map]
+pub(crate) static USDT_CAPPED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
 
 /// Per CPU: where the floor's return probe puts the user stack it captures.
 #[map]

@@ -90,6 +90,11 @@ pub fn usdt_alloc(ctx: ProbeContext) -> u32 {
         }
         count(Counter::UsdtAllocs);
         let (tgid, tid) = current_task();
+        // SAFETY: the value is not kept.
+        if unsafe { USDT_CAPPED.get(&tgid) }.is_some() {
+            count(Counter::UsdtCapped);
+            return 0;
+        }
         // Mid-function: the walk starts at the site itself (user space drops the frames of an
         // interposing sampler).
         let slot = |s: u64| register(regs, s).unwrap_or(0);

@@ -573,6 +573,7 @@ impl Tracer {
         self.detach(links);
         self.purge::<AllocKey, AllocInfo>(map::ALLOCS, |k| k.tgid == pid);
         self.purge_per_cpu::<StackKey, StackTotals>(map::STACK_TOTALS, |k| k.tgid == pid);
+        self.purge::<u32, u32>(map::USDT_CAPPED, |&p| p == pid);
         // Calls that were inside the allocator when their return probe went: left behind, their
         // entries would make the thread's next calls look nested in them, and go unrecorded.
         let threads = target::threads(pid);

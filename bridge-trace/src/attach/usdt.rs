@@ -25,6 +25,21 @@ pub(super) struct Slots {
 }
 
 impl Tracer {
+    /// Whether `pid`'s new samples are kept (`false`: it holds as many as its cap; they are
+    /// counted and dropped until it is uncapped).
+    pub fn cap_usdt(&mut self, pid: u32, capped: bool) -> Result<()> {
+        let mut caps: aya::maps::HashMap<&mut MapData, u32, u32> =
+            self.map_mut(map::USDT_CAPPED)?;
+        let done = match capped {
+            true => caps.insert(pid, 1, 0),
+            false => match caps.remove(&pid) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                r => r,
+            },
+        };
+        done.map_err(|e| ebpf_err(map::USDT_CAPPED, e))
+    }
+
     /// Starts tracing `pid` through the `otel_memory` probes of `carriers` (the objects it
     /// maps that carry them): the process joins the targets, each sampled allocation it
     /// reports is kept with its stack and weight, each free of one forgets it. Returns the

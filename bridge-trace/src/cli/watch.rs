@@ -119,6 +119,12 @@ pub struct WatchArgs {
     /// By default such a process is traced through its probes (tier usdt): the cheapest.
     #[arg(long)]
     pub no_usdt: bool,
+    /// Live samples kept per process traced through its otel_memory probes: past it, its new
+    /// samples are counted and dropped (checked every window) until it holds 1/8 fewer, so
+    /// that one process cannot fill the live map for all (65536 samples stand for 32 GiB at
+    /// the default 512 KiB interval).
+    #[arg(long, value_name = "N", default_value_t = 65536)]
+    pub max_samples: u64,
     /// Push each snapshot, as pprof, to a Pyroscope-compatible ingest endpoint (e.g.
     /// http://pyroscope:4040).
     #[arg(long, value_name = "URL")]
@@ -228,6 +234,7 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
         max_overhead: parse_budget(&args.max_overhead)?,
         fixed_tier: args.fixed_tier,
         usdt: !args.no_usdt,
+        max_samples: args.max_samples.max(1),
         push: match args.push {
             Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
                 Some(url.trim_end_matches('/').to_string())
@@ -266,6 +273,7 @@ pub fn top_config(args: TopArgs) -> Result<WatchConfig> {
         max_overhead: "off".into(),
         fixed_tier: true,
         no_usdt: false,
+        max_samples: 65536,
         push: None,
         max_allocs: DEFAULT_MAX_ALLOCS,
         unwind: args.unwind,

@@ -167,6 +167,13 @@ counters! {
     usdt_allocs: Kernel(Counter::UsdtAllocs), Caveat::None;
     /// Frees of reported samples not seen allocated (reported before bridge-trace attached).
     usdt_unknown_frees: Kernel(Counter::UsdtUnknownFrees), Caveat::None;
+    /// Samples not kept because their process held as many as its cap.
+    usdt_capped: Kernel(Counter::UsdtCapped), LowerBound(|n| {
+        format!(
+            "{n} samples were not kept: their process held as many live samples as its cap \
+             (--max-samples)"
+        )
+    });
 }
 
 impl Counters {

@@ -33,6 +33,8 @@ pub struct WatchConfig {
     pub fixed_tier: bool,
     /// Trace a process that carries the `otel_memory` contract through it (tier usdt).
     pub usdt: bool,
+    /// Live samples kept per process at tier usdt.
+    pub max_samples: u64,
     /// Pyroscope-compatible base URL snapshots are pushed to.
     pub push: Option<String>,
     /// Capacity of the kernel's live-allocation map.

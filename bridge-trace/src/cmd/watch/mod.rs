@@ -103,6 +103,10 @@ struct Proc {
     usdt: Option<UsdtObjects>,
     /// The objects carrying the contract it maps, seen so far (traced or not).
     usdt_seen: Vec<String>,
+    /// It holds as many live samples as `--max-samples`: its new ones are dropped.
+    usdt_capped: bool,
+    /// That was said (once: a process at its cap goes in and out of it as samples are freed).
+    usdt_cap_said: bool,
 }
 
 /// The objects through which a process reports its samples ([`Tier::Usdt`]).
@@ -463,6 +467,8 @@ impl Session<'_> {
                 callers: Callers::default(),
                 growth_at: None,
                 usdt_seen,
+                usdt_capped: false,
+                usdt_cap_said: false,
                 usdt: usdt.map(|(u, _)| u),
             },
         );
@@ -587,6 +593,39 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Keeps a process at tier usdt within `--max-samples` live samples: capped when it holds
+    /// them all, uncapped when it holds 1/8 fewer (said the first time; the samples dropped
+    /// are counted).
+    fn cap_samples(&mut self, pid: u32, snap: &Snapshot) {
+        let cap = self.config.max_samples;
+        let Some(p) = self.procs.get_mut(&pid).filter(|p| p.usdt.is_some()) else {
+            return;
+        };
+        let held = snap.allocs.iter().filter(|a| a.weight().is_some()).count() as u64;
+        let capped = match p.usdt_capped {
+            false => held >= cap,
+            true => held > cap - cap / 8,
+        };
+        if capped == p.usdt_capped {
+            return;
+        }
+        match self.tracer.cap_usdt(pid, capped) {
+            Ok(()) => {
+                p.usdt_capped = capped;
+                if capped && !p.usdt_cap_said {
+                    p.usdt_cap_said = true;
+                    eprintln!(
+                        "bridge-trace: {} (pid {pid}) holds {held} live samples, its cap \
+                         (--max-samples): its new samples are counted and dropped while it \
+                         holds that many",
+                        p.name
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(pid, "capping its samples: {e}"),
+        }
+    }
+
     /// Closes one window for every process, then lets the governor keep the cost in budget.
     fn window(&mut self) -> Result<(metrics::TracerSample, Vec<metrics::Sample>)> {
         self.windows += 1;
@@ -602,6 +641,7 @@ impl Session<'_> {
                     continue;
                 }
             };
+            self.cap_samples(pid, &snap);
             let traced = self.tracer.traces_allocator(pid);
             let p = self.procs.get_mut(&pid).expect("listed above");
             let (sample, alerts) =
@@ -650,6 +690,7 @@ impl Session<'_> {
             unsampled: c.unsampled,
             growth_events: c.growth_events,
             dropped: c.map_full_drops
+                + c.usdt_capped
                 + c.inflight_full
                 + c.lost_returns
                 + c.growth_map_full
