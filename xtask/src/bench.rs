@@ -46,14 +46,14 @@ struct Sample {
 }
 
 /// Switches the kernel's BPF run-time statistics on, and back to what they were on drop.
-struct BpfStats {
+pub(crate) struct BpfStats {
     before: String,
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
-    fn enable() -> Result<BpfStats> {
+    pub(crate) fn enable() -> Result<BpfStats> {
         let before =
             std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
         std::fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS} (root?)"))?;

@@ -82,6 +82,9 @@ struct Proc {
     name: String,
     allocators: Vec<Allocator>,
     maps: ProcessMaps,
+    /// Its symbolizer, kept from window to window: the files it read and their debug info
+    /// (Debian's are compressed) are parsed once, not for every window that shows new stacks.
+    symbolizer: Blazesym,
     started: Instant,
     windows: u64,
     allocs: Sites,
@@ -457,6 +460,7 @@ impl Session<'_> {
                 name,
                 allocators,
                 maps: ProcessMaps::new(pid, maps),
+                symbolizer: Blazesym::process_of(pid),
                 started: Instant::now(),
                 windows: 0,
                 allocs: Sites::default(),

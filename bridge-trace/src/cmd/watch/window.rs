@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     model::snapshot::Snapshot,
-    symbolize::{symbolize_addrs, Blazesym, Frame},
+    symbolize::{symbolize_addrs, Frame},
     units::human_bytes,
 };
 
@@ -390,7 +390,7 @@ fn label_stacks(p: &mut Proc, snap: &Snapshot, keys: &[&(u64, u64)], growth: boo
     let mut addrs: Vec<u64> = new.iter().flat_map(|(_, f)| f.iter().copied()).collect();
     addrs.sort_unstable();
     addrs.dedup();
-    let named = symbolize_addrs(&mut Blazesym::process(&p.maps), &p.maps, &addrs);
+    let named = symbolize_addrs(&mut p.symbolizer, &p.maps, &addrs);
     let file = |path: &str| path.rsplit('/').next().unwrap_or_default().to_string();
     let allocator_files: Vec<String> = p.allocators.iter().map(|a| file(&a.path)).collect();
     let in_allocator = |f: &Frame| {
