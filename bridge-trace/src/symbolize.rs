@@ -155,12 +155,7 @@ pub struct Blazesym {
 impl Blazesym {
     /// For a process being traced: its files, as it sees them.
     pub fn process(maps: &ProcessMaps) -> Blazesym {
-        Blazesym::process_of(maps.pid)
-    }
-
-    /// The same, by pid.
-    pub fn process_of(pid: u32) -> Blazesym {
-        Blazesym::with(Files::Process(pid), None)
+        Blazesym::with(Files::Process(maps.pid), None)
     }
 
     /// For a capture rendered later: this machine's files, checked against the build-ids

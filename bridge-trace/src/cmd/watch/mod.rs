@@ -454,13 +454,14 @@ impl Session<'_> {
             tier.name(),
             humantime::format_duration(self.config.interval),
         );
+        let maps = ProcessMaps::new(pid, maps);
         self.procs.insert(
             pid,
             Proc {
                 name,
                 allocators,
-                maps: ProcessMaps::new(pid, maps),
-                symbolizer: Blazesym::process_of(pid),
+                symbolizer: Blazesym::process(&maps),
+                maps,
                 started: Instant::now(),
                 windows: 0,
                 allocs: Sites::default(),
