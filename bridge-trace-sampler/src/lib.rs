@@ -7,28 +7,101 @@
 //! the allocator's own, unchanged (no header), and a sampled block is recognised at its free
 //! by a side table ([`table`]). With no tracer attached the alloc semaphore is zero and each
 //! call costs one load and a branch more ([`sample`] is not even reached); a free costs one
-//! load while no sampled block is held.
+//! load while no sampled block is held, and the same load and a test of the pointer's low
+//! bits while those held are on a [`table::MARK`].
 //!
-//! Pipeline of one call: semaphore → [`sample::take`] → the allocator → [`table::insert`] →
-//! `otel_memory:alloc`; at the free: [`table::remove`] → `otel_memory:free` → the allocator.
+//! A sampled block is moved to a mark ([`place`]): allocated again, aligned, and the first
+//! one released. `malloc_usable_size` still answers what the allocator said for the first
+//! (kept in the table); what else differs is where the block is, and, under an allocator
+//! that rounds aligned requests up (jemalloc: to a page), up to a mark of slack per held
+//! sample (0.8 % of the heap the samples stand for at the default interval).
+//!
+//! Pipeline of one call: semaphore → [`sample::take`] → the allocator → [`place`] →
+//! [`table::insert`] → `otel_memory:alloc`; at the free: [`table::remove`] →
+//! `otel_memory:free` → the allocator.
 use core::ffi::{c_int, c_void};
 
 mod real;
 mod sample;
+
+/// Tests that set the sampler's globals (the interval, the allocator's resolution) one at a time.
+#[cfg(test)]
+static TEST_GLOBALS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 mod table;
 mod usdt;
 
 use real::{func, Aligned, Arena, Calloc, Free, Malloc, PosixMemalign, Realloc, UsableSize, F};
 
-/// Reports a block the allocator returned if `weight` says it was sampled and the table has
-/// room for it.
+/// Reports a block the allocator returned if `weight` says it was sampled (moved to a mark
+/// first, as `init` says: see [`place`]) and the table has room for it; returns the block the
+/// program gets.
 #[inline(always)]
-fn report(p: *mut c_void, size: usize, weight: Option<u64>) {
-    if let Some(w) = weight {
-        if !p.is_null() && table::insert(p as usize, w) {
-            usdt::alloc(p as usize, size, w);
-        }
+fn report(p: *mut c_void, size: usize, weight: Option<u64>, init: Init) -> *mut c_void {
+    match weight {
+        Some(w) if !p.is_null() => sample(p, size, w, init),
+        _ => p,
     }
+}
+
+/// The allocator's usable size for a block of its own; `size` when it has no such function.
+fn usable_of(p: *mut c_void, size: usize) -> usize {
+    // SAFETY: the allocator's own function on a block it returned.
+    func::<UsableSize>(F::UsableSize).map_or(size, |u| unsafe { u(p) })
+}
+
+#[cold]
+#[inline(never)]
+fn sample(p: *mut c_void, size: usize, w: u64, init: Init) -> *mut c_void {
+    let (q, usable) = place(p, size, init);
+    if table::insert(q as usize, w, usable) {
+        usdt::alloc(q as usize, size, w);
+    }
+    q
+}
+
+/// What a moved block must hold of the first: nothing (malloc), zeros (calloc), or its first
+/// `size` bytes (realloc).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Init {
+    None,
+    Zero,
+    Copy,
+}
+
+/// The sampled block `p` of `size` bytes moved to a [`table::MARK`] where it is not on one,
+/// and the usable size the program is told: the allocator's for `p`. Stays put below
+/// [`sample::on_mark`]'s interval, above [`table::MOVE_LIMIT`], and when the aligned
+/// allocation fails.
+fn place(p: *mut c_void, size: usize, init: Init) -> (*mut c_void, usize) {
+    let usable = usable_of(p, size);
+    if p as usize & (table::MARK - 1) == 0 || !sample::on_mark() || size > table::MOVE_LIMIT {
+        return (p, usable);
+    }
+    let (Some(pm), Some(f)) = (
+        func::<PosixMemalign>(F::PosixMemalign),
+        func::<Free>(F::Free),
+    ) else {
+        return (p, usable);
+    };
+    let mut q = core::ptr::null_mut();
+    // SAFETY: the allocator's own posix_memalign with a valid out-pointer.
+    if unsafe { pm(&mut q, table::MARK, size.max(1)) } != 0 || q.is_null() {
+        return (p, usable);
+    }
+    // The program may use what the allocator said `p` has; `q` has at least as much, as a
+    // block of the same size or more, unless an allocator says otherwise.
+    let usable = usable.min(usable_of(q, size)).max(size);
+    // SAFETY: both blocks are the allocator's, distinct, and hold at least `usable` bytes
+    // (`size` of them for the copy).
+    unsafe {
+        match init {
+            Init::None => {}
+            Init::Zero => core::ptr::write_bytes(q as *mut u8, 0, usable),
+            Init::Copy => core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, size),
+        }
+        f(p);
+    }
+    (q, usable)
 }
 
 /// Whether an allocation of `size` bytes is sampled (and with what weight): never while no
@@ -44,7 +117,7 @@ fn sampled(size: usize) -> Option<u64> {
 
 /// Forgets `p` if it was sampled, telling the tracer, before the allocator may reuse it.
 #[inline(always)]
-fn release(p: *mut c_void) -> Option<u64> {
+fn release(p: *mut c_void) -> Option<table::Held> {
     let w = table::remove(p as usize)?;
     usdt::free(p as usize);
     Some(w)
@@ -60,8 +133,7 @@ pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
     let w = sampled(size);
     // SAFETY: the allocator's own malloc, with the caller's arguments.
     let p = unsafe { m(size) };
-    report(p, size, w);
-    p
+    report(p, size, w, Init::None)
 }
 
 /// # Safety
@@ -76,8 +148,7 @@ pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
     let w = n.checked_mul(size).and_then(sampled);
     // SAFETY: the allocator's own calloc, with the caller's arguments.
     let p = unsafe { c(n, size) };
-    report(p, n.wrapping_mul(size), w);
-    p
+    report(p, n.wrapping_mul(size), w, Init::Zero)
 }
 
 /// # Safety
@@ -129,17 +200,15 @@ unsafe fn resize(p: *mut c_void, size: usize) -> *mut c_void {
     if q.is_null() {
         if size != 0 {
             // Failed: the old block is untouched, and still sampled.
-            if let Some(w) = held {
-                let usable = func::<UsableSize>(F::UsableSize)
-                    // SAFETY: `p` is still the allocator's block.
-                    .map_or(size, |u| unsafe { u(p) });
-                report(p, usable, Some(w));
+            if let Some(h) = held {
+                if table::insert(p as usize, h.weight, h.usable) {
+                    usdt::alloc(p as usize, h.usable, h.weight);
+                }
             }
         }
         return q;
     }
-    report(q, size, sampled(size));
-    q
+    report(q, size, sampled(size), Init::Copy)
 }
 
 /// # Safety
@@ -174,8 +243,8 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
     // SAFETY: the allocator's own posix_memalign, with the caller's arguments.
     let rc = unsafe { pm(out, align, size) };
     if rc == 0 {
-        // SAFETY: set by the allocator on success.
-        report(unsafe { *out }, size, w);
+        // SAFETY: set by the allocator on success; the caller's out-pointer.
+        unsafe { *out = report(*out, size, w, Init::None) };
     }
     rc
 }
@@ -189,8 +258,7 @@ fn aligned(f: F, align: usize, size: usize) -> *mut c_void {
     let w = sampled(size);
     // SAFETY: the allocator's own function, with the caller's arguments.
     let p = unsafe { a(align, size) };
-    report(p, size, w);
-    p
+    report(p, size, w, Init::None)
 }
 
 /// # Safety
@@ -216,8 +284,7 @@ fn paged(f: F, size: usize) -> *mut c_void {
     let w = sampled(size);
     // SAFETY: the allocator's own function, with the caller's argument.
     let p = unsafe { m(size) };
-    report(p, size, w);
-    p
+    report(p, size, w, Init::None)
 }
 
 /// # Safety
@@ -244,6 +311,50 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     if Arena::contains(p) {
         return Arena::size(p);
     }
+    if let Some(u) = table::usable(p as usize) {
+        return u;
+    }
     // SAFETY: the allocator's own function on a block it returned.
     func::<UsableSize>(F::UsableSize).map_or(0, |u| unsafe { u(p) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sampled block is moved to a mark with its contents (realloc) or zeros (calloc) and
+    /// the usable size the allocator gave the first; a big one stays put.
+    #[test]
+    fn sampled_blocks_move_to_a_mark() {
+        let _g = TEST_GLOBALS.lock().unwrap();
+        sample::configure_moves(Some(b"1"));
+        let m = func::<Malloc>(F::Malloc).unwrap();
+        let f = func::<Free>(F::Free).unwrap();
+        for (init, fill) in [(Init::Copy, 0x5a_u8), (Init::Zero, 0xff), (Init::None, 1)] {
+            // SAFETY: the allocator's own calls; `p` holds 1000 bytes.
+            let mut p = unsafe { m(1000) };
+            while (p as usize).is_multiple_of(table::MARK) {
+                // On a mark already (the last one's, reused): another, off one.
+                p = unsafe { m(1000) };
+            }
+            unsafe { core::ptr::write_bytes(p as *mut u8, fill, 1000) };
+            let usable = usable_of(p, 1000);
+            let (q, told) = place(p, 1000, init);
+            assert_eq!(q as usize % table::MARK, 0);
+            assert_eq!(told, usable);
+            // SAFETY: `q` holds at least `told` bytes.
+            let bytes = unsafe { core::slice::from_raw_parts(q as *const u8, told) };
+            match init {
+                Init::Copy => assert!(bytes[..1000].iter().all(|b| *b == fill)),
+                Init::Zero => assert!(bytes.iter().all(|b| *b == 0)),
+                Init::None => {}
+            }
+            // SAFETY: the allocator's block.
+            unsafe { f(q) };
+        }
+        // SAFETY: as above.
+        let big = unsafe { m(table::MOVE_LIMIT + 1) };
+        assert_eq!(place(big, table::MOVE_LIMIT + 1, Init::None).0, big);
+        unsafe { f(big) };
+    }
 }

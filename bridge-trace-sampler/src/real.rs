@@ -77,14 +77,17 @@ fn resolve() {
         let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr() as *const c_char) };
         slot.store(p, Ordering::Relaxed);
     }
-    // SAFETY: a NUL-terminated name; getenv does not allocate.
-    let env = unsafe { libc::getenv(c"BRIDGE_TRACE_SAMPLE_INTERVAL".as_ptr()) };
-    let value = (!env.is_null()).then(|| {
-        // SAFETY: getenv returned a NUL-terminated string that lives as long as the environment.
-        unsafe { core::ffi::CStr::from_ptr(env) }.to_bytes()
-    });
-    crate::sample::configure(value);
+    crate::sample::configure(env(c"BRIDGE_TRACE_SAMPLE_INTERVAL"));
+    crate::sample::configure_moves(env(c"BRIDGE_TRACE_SAMPLE_MOVE"));
     STATE.store(READY, Ordering::Release);
+}
+
+/// An environment variable's value; getenv does not allocate.
+fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
+    // SAFETY: a NUL-terminated name.
+    let v = unsafe { libc::getenv(name.as_ptr()) };
+    // SAFETY: getenv returned a NUL-terminated string that lives as long as the environment.
+    (!v.is_null()).then(|| unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes())
 }
 
 /// Calls the next allocator's `f` as `T`; null when it has none.

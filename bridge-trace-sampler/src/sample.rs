@@ -72,6 +72,35 @@ pub fn configure(value: Option<&[u8]>) {
     MEAN.store(mean, Ordering::Relaxed);
 }
 
+/// Reads `BRIDGE_TRACE_SAMPLE_MOVE` (see [`on_mark`]).
+pub fn configure_moves(moves: Option<&[u8]>) {
+    let moves = match moves {
+        Some(b"1") => 1,
+        Some(b"0") => 2,
+        _ => 0,
+    };
+    MOVE.store(moves, Ordering::Relaxed);
+}
+
+/// The shortest mean interval at which sampled blocks are moved to a [`crate::table::MARK`]:
+/// the move costs up to a mark's worth of slack per held sample, 6 % of the heap it stands
+/// for here and 0.8 % at the default.
+const MARK_MIN_MEAN: u64 = 64 << 10;
+
+/// `BRIDGE_TRACE_SAMPLE_MOVE`: 0 unset (by the interval), 1 always, 2 never.
+static MOVE: AtomicU64 = AtomicU64::new(0);
+
+/// Whether sampled blocks are moved to a mark (see [`crate::table`]): from a mean interval of
+/// [`MARK_MIN_MEAN`] up, unless `BRIDGE_TRACE_SAMPLE_MOVE` says `1` (always) or `0` (never).
+#[inline(always)]
+pub fn on_mark() -> bool {
+    match MOVE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => mean() >= MARK_MIN_MEAN,
+    }
+}
+
 pub fn mean() -> u64 {
     match MEAN.load(Ordering::Relaxed) {
         0 => DEFAULT_MEAN,
@@ -192,6 +221,7 @@ mod tests {
     /// The weights add up to the bytes allocated, for small and for huge allocations.
     #[test]
     fn weights_are_unbiased() {
+        let _g = crate::TEST_GLOBALS.lock().unwrap();
         configure(Some(b"4K"));
         for size in [48usize, 4000, 300_000, 20 << 20] {
             // At least ~20000 sample points each: 5 % is over 7 standard deviations.
