@@ -91,6 +91,16 @@ pub fn host_path(pid: u32, path: &str) -> PathBuf {
     through_root
 }
 
+/// What a re-read of a process's maps found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refresh {
+    /// The process is gone.
+    Gone,
+    /// The same mappings as last time: nothing to look at again.
+    Same,
+    Changed,
+}
+
 /// The file mappings a process had at any time while traced (newer ones win on overlap), with
 /// the build-id of each file, read while the process could still show it.
 #[derive(Clone, Debug, Default)]
@@ -100,6 +110,8 @@ pub struct ProcessMaps {
     /// The mappings as last read (without those since unmapped).
     pub current: Vec<Mapping>,
     build_ids: HashMap<String, Option<String>>,
+    /// `/proc/PID/maps` as last read: the same text is not parsed again.
+    text: String,
 }
 
 impl ProcessMaps {
@@ -109,6 +121,7 @@ impl ProcessMaps {
             current: Vec::new(),
             mappings: Vec::new(),
             build_ids: HashMap::new(),
+            text: String::new(),
         };
         maps.add(mappings);
         maps
@@ -123,15 +136,24 @@ impl ProcessMaps {
             .collect()
     }
 
-    /// Re-reads `/proc/PID/maps`, keeping what was seen before. False when the process is gone.
-    pub fn refresh(&mut self) -> bool {
-        match read_maps(self.pid) {
-            Ok(current) if !current.is_empty() => {
-                self.add(current);
-                true
-            }
-            _ => false,
+    /// Re-reads `/proc/PID/maps`, keeping what was seen before.
+    pub fn refresh(&mut self) -> Refresh {
+        let Ok(text) = fs::read_to_string(format!("/proc/{}/maps", self.pid)) else {
+            return Refresh::Gone;
+        };
+        if text == self.text {
+            return Refresh::Same;
         }
+        let current = parse_maps(&text);
+        self.text = text;
+        if current.is_empty() {
+            return Refresh::Gone;
+        }
+        if current == self.current {
+            return Refresh::Same;
+        }
+        self.add(current);
+        Refresh::Changed
     }
 
     fn add(&mut self, current: Vec<Mapping>) {

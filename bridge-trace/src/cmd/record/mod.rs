@@ -20,6 +20,7 @@ use crate::{
     collect,
     error::{Error, Result},
     model::{
+        maps::Refresh,
         meta::{Meta, Process, UnwindSummary, REPORT_VERSION, USDT_TIER},
         sites::Wrappers,
         snapshot::Snapshot,
@@ -194,7 +195,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
             _ = refresh.tick() => {
                 t.refresh_maps()?;
                 for c in &mut children {
-                    if c.maps.refresh() {
+                    if c.maps.refresh() == Refresh::Changed {
                         if let Some(u) = t.unwinder.as_mut() {
                             u.track(c.pid, &c.maps.current)?;
                         }

@@ -9,7 +9,7 @@ use super::Config;
 use crate::{
     attach::{Knobs, Tracer},
     error::{Error, Result},
-    model::maps::{host_path, read_maps, Mapping, ProcessMaps},
+    model::maps::{host_path, read_maps, Mapping, ProcessMaps, Refresh},
     os::pidfd_open,
     target::{self, Launched},
     unwind::{Compiled, Unwinder},
@@ -120,8 +120,10 @@ impl Attached {
     /// Re-reads the process's maps and asks for the unwind tables of objects it has newly
     /// mapped. False once the process is gone.
     pub(super) fn refresh_maps(&mut self) -> Result<bool> {
-        if !self.maps.refresh() {
-            return Ok(false);
+        match self.maps.refresh() {
+            Refresh::Gone => return Ok(false),
+            Refresh::Same => return Ok(true),
+            Refresh::Changed => {}
         }
         self.tracer
             .note_allocator_text(self.pid, &self.maps.current);

@@ -32,7 +32,7 @@ use crate::{
     collect,
     error::{Error, Result},
     model::{
-        maps::ProcessMaps,
+        maps::{ProcessMaps, Refresh},
         meta::{Meta, REPORT_VERSION, USDT_TIER},
         sites::{Callers, Wrappers},
         snapshot::{LiveAlloc, Snapshot},
@@ -584,7 +584,7 @@ impl Session<'_> {
     fn refresh_maps(&mut self) -> Result<()> {
         let mut changed = Vec::new();
         for (&pid, p) in self.procs.iter_mut() {
-            if p.maps.refresh() {
+            if p.maps.refresh() == Refresh::Changed {
                 self.tracer.note_allocator_text(pid, &p.maps.current);
                 if let Some(u) = self.unwinder.as_mut() {
                     u.track(pid, &p.maps.current)?;
