@@ -325,13 +325,6 @@ pub(crate) fn fnv_step(hash: u64, frame: u64) -> u64 {
 #[inline(always)]
 pub(crate) fn store_stack(frames: &StackFrames, hash: u64, mut key: StackKey) -> StackKey {
     let hash = if hash == 0 { 1 } else { hash };
-    // Looked up first: a stack seen before (nearly every one) costs a lock-free lookup, where
-    // an insert takes the bucket's lock with interrupts off to find it there.
-    // SAFETY: the value is not kept.
-    if unsafe { STACKS.get(&hash) }.is_some() {
-        key.stack_id = hash;
-        return key;
-    }
     match STACKS.insert(hash, frames, BPF_NOEXIST as u64) {
         Ok(()) => key.stack_id = hash,
         // This stack is already stored.
