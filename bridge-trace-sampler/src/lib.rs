@@ -53,10 +53,15 @@ fn usable_of(p: *mut c_void, size: usize) -> usize {
 #[inline(never)]
 fn sample(p: *mut c_void, size: usize, w: u64, init: Init) -> *mut c_void {
     let (q, usable) = place(p, size, init);
-    if table::insert(q as usize, w, usable) {
-        usdt::alloc(q as usize, size, w);
-    }
+    remember(q, size, w, usable);
     q
+}
+
+/// Holds the sampled block `p` and tells the tracer, if the table has room for it.
+fn remember(p: *mut c_void, size: usize, w: u64, usable: usize) {
+    if table::insert(p as usize, w, usable) {
+        usdt::alloc(p as usize, size, w);
+    }
 }
 
 /// What a moved block must hold of the first: nothing (malloc), zeros (calloc), or its first
@@ -201,9 +206,7 @@ unsafe fn resize(p: *mut c_void, size: usize) -> *mut c_void {
         if size != 0 {
             // Failed: the old block is untouched, and still sampled.
             if let Some(h) = held {
-                if table::insert(p as usize, h.weight, h.usable) {
-                    usdt::alloc(p as usize, h.usable, h.weight);
-                }
+                remember(p, h.usable, h.weight, h.usable);
             }
         }
         return q;

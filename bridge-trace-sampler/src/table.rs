@@ -196,11 +196,7 @@ pub fn remove(ptr: usize) -> Option<Held> {
 
 #[inline(never)]
 fn remove_slow(ptr: usize) -> Option<Held> {
-    let b = bucket(ptr);
-    let i = b
-        .ptrs
-        .iter()
-        .position(|slot| slot.load(Ordering::Relaxed) == ptr)?;
+    let (b, i) = find(ptr)?;
     let held = Held {
         weight: b.weights[i].load(Ordering::Relaxed),
         usable: b.usable[i].load(Ordering::Relaxed),
@@ -222,12 +218,18 @@ pub fn usable(ptr: usize) -> Option<usize> {
 
 #[inline(never)]
 fn usable_slow(ptr: usize) -> Option<usize> {
+    let (b, i) = find(ptr)?;
+    Some(b.usable[i].load(Ordering::Relaxed))
+}
+
+/// The bucket and slot that hold `ptr`, if it is held.
+fn find(ptr: usize) -> Option<(&'static Bucket, usize)> {
     let b = bucket(ptr);
     let i = b
         .ptrs
         .iter()
         .position(|slot| slot.load(Ordering::Relaxed) == ptr)?;
-    Some(b.usable[i].load(Ordering::Relaxed))
+    Some((b, i))
 }
 
 #[cfg(test)]
