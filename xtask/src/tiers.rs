@@ -488,21 +488,19 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     }
     let (named, costs) = time_to_name(tracer, &demo, &sampler, if short { 90.0 } else { 180.0 })?;
     println!("a probe hit, as watch measured it: {costs}");
-    let nop_ns = usdt_hit_ns(&costs).unwrap_or(500.0);
+    let nop_ns = usdt_hit_ns(&costs)
+        .with_context(|| format!("no cost at a USDT site in watch's line: {costs:?}"))?;
     // The sampler's traced path: the loop's pairs with watch attached over those without.
     let loop_median = |name: &str| {
         configs
             .iter()
             .position(|c| c.name == name)
             .map(|i| median(&ns[i]))
+            .with_context(|| format!("no loop figure for {name}"))
     };
-    let traced_ns = match (
-        loop_median("sampler + watch (usdt)"),
-        loop_median("sampler, nothing attached"),
-    ) {
-        (Some(t), Some(i)) => (t - i).max(0.0),
-        _ => 0.0,
-    };
+    let traced_ns = (loop_median("sampler + watch (usdt)")?
+        - loop_median("sampler, nothing attached")?)
+    .max(0.0);
     let demo_allocs = f64::from(DEMO_RATE * DEMO_ALLOCS_PER_MESSAGE);
     let (cycles, paired_secs) = if short { (2, 3.0) } else { (8, 10.0) };
     let paired = usdt_paired(tracer, &demo, &sampler, cycles, paired_secs)?;
@@ -511,8 +509,8 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     let hits = pct(&|p| p.hits * nop_ns / 1e9);
     let sampler_path = traced_ns * demo_allocs / 1e9 * 100.0;
     let total = bpf + hits + sampler_path;
-    let (lo, hi) =
-        crate::bench::min_max(&paired.iter().map(|p| p.added * 100.0).collect::<Vec<_>>());
+    let series = |f: fn(&Paired) -> f64| paired.iter().map(f).collect::<Vec<_>>();
+    let (lo, hi) = crate::bench::min_max(&series(|p| p.added * 100.0));
     println!(
         "sampler + watch (usdt), one data bridge against itself, {cycles} cycles of \
          {paired_secs:.0} s unattached / attached (medians), the service's own CPU: its eBPF \
@@ -563,14 +561,14 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
         "results": results,
         "goal_usdt_cpu_percent_of_one": USDT_GOAL_CPU_PERCENT,
         "goal_sampler_idle_ns_per_pair": IDLE_GOAL_NS,
-        "usdt_paired_added_cpus": paired.iter().map(|p| p.added).collect::<Vec<_>>(),
-        "usdt_paired_hits_per_sec": paired.iter().map(|p| p.hits).collect::<Vec<_>>(),
+        "usdt_paired_added_cpus": series(|p| p.added),
+        "usdt_paired_hits_per_sec": series(|p| p.hits),
         "usdt_hit_ns": nop_ns,
         "usdt_sampler_traced_ns_per_pair": traced_ns,
         "usdt_median_hits_percent_of_one": hits,
         "usdt_sampler_traced_percent_of_one": sampler_path,
-        "usdt_paired_bpf_cpus": paired.iter().map(|p| p.bpf).collect::<Vec<_>>(),
-        "usdt_paired_watch_cpus": paired.iter().map(|p| p.watch).collect::<Vec<_>>(),
+        "usdt_paired_bpf_cpus": series(|p| p.bpf),
+        "usdt_paired_watch_cpus": series(|p| p.watch),
         "usdt_paired_median_percent_of_one": added,
         "usdt_paired_median_bpf_percent_of_one": bpf,
         "usdt_paired_median_watch_percent_of_one": own,
