@@ -27,6 +27,7 @@ mod sample;
 /// Tests that set the sampler's globals (the interval, the allocator's resolution) one at a time.
 #[cfg(test)]
 static TEST_GLOBALS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+mod inject;
 mod table;
 mod usdt;
 
@@ -132,6 +133,13 @@ fn release(p: *mut c_void) -> Option<table::Held> {
 /// As C's `malloc`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+    alloc(size)
+}
+
+/// `malloc`, also for the calls made inside this library: an injected library's own
+/// references to `malloc` are bound to the process's allocator, not to it.
+#[inline(always)]
+fn alloc(size: usize) -> *mut c_void {
     let Some(m) = func::<Malloc>(F::Malloc) else {
         return Arena::alloc(size, 16);
     };
@@ -182,12 +190,11 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
 /// As C's `realloc`.
 unsafe fn resize(p: *mut c_void, size: usize) -> *mut c_void {
     if p.is_null() {
-        // SAFETY: realloc(NULL, n) is malloc(n).
-        return unsafe { malloc(size) };
+        // realloc(NULL, n) is malloc(n).
+        return alloc(size);
     }
     if Arena::contains(p) {
-        // SAFETY: as malloc.
-        let q = unsafe { malloc(size) };
+        let q = alloc(size);
         if !q.is_null() {
             let n = Arena::size(p).min(size);
             // SAFETY: both blocks hold at least `n` bytes and are distinct.

@@ -72,14 +72,41 @@ fn resolve() {
         // Resolving on this thread (dlsym allocating) or another: the arena serves meanwhile.
         return;
     }
-    for (name, slot) in NAMES.iter().zip(&FNS) {
-        // SAFETY: a NUL-terminated name; RTLD_NEXT asks for the next definition after ours.
-        let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr() as *const c_char) };
-        slot.store(p, Ordering::Relaxed);
-    }
+    // RTLD_NEXT asks for the next definition after ours.
+    lookup(libc::RTLD_NEXT);
     crate::sample::configure(env(c"BRIDGE_TRACE_SAMPLE_INTERVAL"));
     crate::sample::configure_moves(env(c"BRIDGE_TRACE_SAMPLE_MOVE"));
     STATE.store(READY, Ordering::Release);
+}
+
+/// Injected ([`crate::inject`]): the allocator is the process's own, the first definition in
+/// its global scope (the executable's, a jemalloc it links, or libc's), which this library,
+/// loaded with `RTLD_LOCAL`, is not part of. `RTLD_NEXT` would search this library's own
+/// dependencies: libc's, whatever the process allocates with. Idempotent; `false` when the
+/// functions were resolved before, as they are when the library is preloaded.
+pub fn resolve_global() -> bool {
+    if STATE
+        .compare_exchange(UNRESOLVED, RESOLVING, Ordering::Acquire, Ordering::Acquire)
+        .is_err()
+    {
+        return false;
+    }
+    lookup(libc::RTLD_DEFAULT);
+    STATE.store(READY, Ordering::Release);
+    true
+}
+
+fn lookup(scope: *mut c_void) {
+    for (name, slot) in NAMES.iter().zip(&FNS) {
+        // SAFETY: a NUL-terminated name and one of dlsym's pseudo-handles.
+        let p = unsafe { libc::dlsym(scope, name.as_ptr() as *const c_char) };
+        slot.store(p, Ordering::Relaxed);
+    }
+}
+
+/// Whether the allocator's functions are resolved.
+pub fn resolved() -> bool {
+    STATE.load(Ordering::Acquire) == READY
 }
 
 /// An environment variable's value; getenv does not allocate.

@@ -72,6 +72,11 @@ pub fn configure(value: Option<&[u8]>) {
     MEAN.store(mean, Ordering::Relaxed);
 }
 
+/// Sets the mean interval (bytes, at least 1: every allocation) of an injected library.
+pub fn set_mean(mean: u64) {
+    MEAN.store(mean.max(1), Ordering::Relaxed);
+}
+
 /// Reads `BRIDGE_TRACE_SAMPLE_MOVE` (see [`on_mark`]).
 pub fn configure_moves(moves: Option<&[u8]>) {
     let moves = match moves {
@@ -150,6 +155,11 @@ pub fn take(size: usize) -> Option<u64> {
 #[inline(never)]
 fn crossed(left: &Cell<i64>, over: i64) -> Option<u64> {
     let mean = mean();
+    if mean == 1 {
+        // Every allocation (`record --inject`): each one stands for its own bytes, exactly.
+        left.set(0);
+        return Some(over.unsigned_abs());
+    }
     let first = state().rng.get() == 0;
     let mut past = -over as u64;
     if first {

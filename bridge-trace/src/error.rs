@@ -11,6 +11,8 @@ pub mod exit_code {
     pub const PERMISSION: i32 = 3;
     /// The target: no such process, gone before attach, nothing to trace in it.
     pub const TARGET: i32 = 4;
+    /// `--inject` refused (the process is left untouched) or failed.
+    pub const INJECT: i32 = 5;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,9 @@ pub enum Error {
          runtime/pprof)"
     )]
     GoProgram(String),
+    /// `--inject` will not load the sampler into this process, or could not.
+    #[error("cannot inject the sampler into process {pid}: {reason}")]
+    Inject { pid: u32, reason: String },
     #[error("cannot run '{command}': {reason}")]
     Spawn { command: String, reason: String },
     #[error("eBPF: {0}")]
@@ -80,6 +85,7 @@ impl Error {
             | Error::NoAllocator { .. }
             | Error::GoProgram(_)
             | Error::Spawn { .. } => exit_code::TARGET,
+            Error::Inject { .. } => exit_code::INJECT,
             Error::Ebpf(_) | Error::Io { .. } | Error::Push { .. } => exit_code::FAILURE,
         }
     }

@@ -163,3 +163,12 @@ fn wrappers(names: Vec<String>) -> Result<Vec<String>> {
     }
     Ok(names.into_iter().map(|n| n.trim().to_string()).collect())
 }
+
+/// A sampler's mean interval (`--sample-interval`, `--inject-interval`): 1 B to 1 TiB.
+fn sample_size(flag: &'static str, value: &str) -> Result<u64> {
+    let v = crate::units::parse_size(flag, value)?;
+    if v == 0 || v > bridge_trace_common::MAX_SAMPLE_INTERVAL {
+        return Err(Error::Usage(format!("{flag} must be between 1B and 1TiB")));
+    }
+    Ok(v)
+}

@@ -96,6 +96,17 @@ pub struct RecordArgs {
     /// figures, at their cost. By default its probes are used.
     #[arg(long, conflicts_with = "sampler")]
     pub no_usdt: bool,
+    /// With --pid: load bridge-trace's sampler into the running process (ptrace; it stops a
+    /// few milliseconds) and trace it through the sampler's probes. By default the sampler
+    /// reports every allocation (--inject-interval 1): exact figures, cheaper than uprobes
+    /// where the allocator's entries are single-stepped (jemalloc's free). The library stays
+    /// in the process, idle, when recording ends.
+    #[arg(long, conflicts_with_all = ["sampler", "no_usdt"])]
+    pub inject: bool,
+    /// With --inject: mean bytes between sampled allocations (1: every one; 512KiB: as
+    /// `watch`), weighted estimates above 1.
+    #[arg(long, value_name = "SIZE", default_value = "1", requires = "inject")]
+    pub inject_interval: String,
     /// Program to launch and trace until it exits (everything after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -125,6 +136,16 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
                 .into(),
         ));
     }
+    if args.inject && !matches!(target, Target::Pid(_)) {
+        return Err(Error::Usage(
+            "--inject loads the sampler into a running process (--pid); a program record              launches gets it preloaded with --sampler"
+                .into(),
+        ));
+    }
+    let inject = match args.inject {
+        true => Some(super::sample_size("--inject-interval", &args.inject_interval)?),
+        false => None,
+    };
     let duration = parse_optional_duration("--duration", args.duration.as_deref())?;
     if duration == Some(Duration::ZERO) {
         return Err(Error::Usage("--duration must be longer than 0".into()));
@@ -151,6 +172,7 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
         follow_children: args.follow_children,
         sampler: args.sampler,
         usdt: !args.no_usdt,
+        inject,
         alloc_fns: args
             .alloc_fn
             .iter()

@@ -2,7 +2,7 @@
 //! watch without metrics or alerts that draws its view every window).
 use std::{path::PathBuf, time::Duration};
 
-use bridge_trace_common::{DEFAULT_MAX_ALLOCS, MAX_SAMPLE_INTERVAL};
+use bridge_trace_common::DEFAULT_MAX_ALLOCS;
 use clap::Args;
 
 use crate::{
@@ -40,6 +40,10 @@ pub struct TopArgs {
     /// CRYPTO_malloc, PyMem_Malloc, ...) are built in.
     #[arg(long, value_name = "NAME")]
     pub wrapper: Vec<String>,
+    /// Load bridge-trace's sampler into the process first (see `watch --inject`) and show what
+    /// its samples say, at a fraction of the uprobes' cost.
+    #[arg(long)]
+    pub inject: bool,
 }
 #[derive(Debug, Args)]
 #[command(after_help = "Tiers (--tier), cheapest first:\n  \
@@ -119,6 +123,12 @@ pub struct WatchArgs {
     /// By default such a process is traced through its probes (tier usdt): the cheapest.
     #[arg(long)]
     pub no_usdt: bool,
+    /// Load bridge-trace's sampler into the process (--pid, or each process of --exe) without
+    /// a restart: ptrace stops it for a few milliseconds while it loads the library, which
+    /// then samples every --sample-interval bytes, at tier usdt. The library stays in the
+    /// process, idle (one load and a branch per call), after the watch.
+    #[arg(long, conflicts_with = "no_usdt")]
+    pub inject: bool,
     /// Live samples kept per process traced through its otel_memory probes: past it, its new
     /// samples are counted and dropped (checked every window) until it holds 1/8 fewer, so
     /// that one process cannot fill the live map for all (65536 samples stand for 32 GiB at
@@ -189,6 +199,12 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
         }
         _ => return Err(Error::Usage("give --pid PID, --exe PATH or -- CMD".into())),
     };
+    if args.inject && matches!(target, WatchTarget::Launch { .. }) {
+        return Err(Error::Usage(
+            "--inject loads the sampler into a running process (--pid or --exe); a program              watch starts gets it preloaded with --sampler"
+                .into(),
+        ));
+    }
     let interval = parse_duration("--interval", &args.interval)?;
     if interval < Duration::from_millis(100) {
         return Err(Error::Usage("--interval must be at least 100ms".into()));
@@ -222,18 +238,11 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
         keep_size: parse_size("--keep-size", &args.keep_size)?,
         mode: parse_mode(&args.mode)?,
         tier: args.tier,
-        sample_interval: {
-            let v = parse_size("--sample-interval", &args.sample_interval)?;
-            if v == 0 || v > MAX_SAMPLE_INTERVAL {
-                return Err(Error::Usage(
-                    "--sample-interval must be between 1B and 1TiB".into(),
-                ));
-            }
-            v
-        },
+        sample_interval: super::sample_size("--sample-interval", &args.sample_interval)?,
         max_overhead: parse_budget(&args.max_overhead)?,
         fixed_tier: args.fixed_tier,
         usdt: !args.no_usdt,
+        inject: args.inject,
         max_samples: args.max_samples.max(1),
         push: match args.push {
             Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
@@ -273,6 +282,7 @@ pub fn top_config(args: TopArgs) -> Result<WatchConfig> {
         max_overhead: "off".into(),
         fixed_tier: true,
         no_usdt: false,
+        inject: args.inject,
         max_samples: 65536,
         push: None,
         max_allocs: DEFAULT_MAX_ALLOCS,

@@ -38,6 +38,8 @@ pub struct Config {
     pub sampler: bool,
     /// Trace a process that carries the otel_memory contract through it (not `--no-usdt`).
     pub usdt: bool,
+    /// Load the sampler into the process first (`--inject`), sampling every this many bytes.
+    pub inject: Option<u64>,
     /// Custom allocator functions (`--alloc-fn`).
     pub alloc_fns: Vec<(String, EntryKind)>,
     /// Allocation wrappers a site is named past (`--wrapper`).

@@ -154,6 +154,18 @@ pub(super) fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
         unwind: config.unwind.mode(),
         follow_children: follow,
     })?;
+    // --inject: the sampler is loaded once the kernel half is ready, so that little of the
+    // process's allocating goes by between its load and the probes on it.
+    let maps = match config.inject {
+        Some(mean) => {
+            let done = target::inject::inject(pid, mean)?;
+            if !config.quiet {
+                eprintln!("bridge-trace: {}", done.describe(pid));
+            }
+            target::inspect_pid(pid)?
+        }
+        None => maps,
+    };
     // The tables first, then the probes: no allocation is walked without them (frames of
     // objects mapped later are walked with frame pointers until theirs load, and counted).
     let mut unwinder = Unwinder::new(&mut tracer, config.unwind)?;

@@ -33,6 +33,8 @@ pub struct WatchConfig {
     pub fixed_tier: bool,
     /// Trace a process that carries the `otel_memory` contract through it (tier usdt).
     pub usdt: bool,
+    /// Load the sampler into each process first (`--inject`), at `sample_interval`.
+    pub inject: bool,
     /// Live samples kept per process at tier usdt.
     pub max_samples: u64,
     /// Pyroscope-compatible base URL snapshots are pushed to.

@@ -399,6 +399,21 @@ impl Session<'_> {
                 other => break other?,
             }
         };
+        // --inject: the sampler is loaded first, and the process traced through it.
+        let maps = match self.config.inject {
+            true => {
+                let mean = self.config.sample_interval;
+                let done = tokio::task::spawn_blocking(move || target::inject::inject(pid, mean))
+                    .await
+                    .map_err(|e| Error::Inject {
+                        pid,
+                        reason: e.to_string(),
+                    })??;
+                eprintln!("bridge-trace: {}", done.describe(pid));
+                target::inspect_pid(pid)?
+            }
+            false => maps,
+        };
         // Readable once the process has exited.
         let pidfd = pidfd_open(pid)
             // SAFETY: the OwnedFd stays open, unchanged, for as long as the AsyncFd owns it.

@@ -1,0 +1,457 @@
+//! `--inject`: the sampler loaded into a process that is already running (ptrace, dlopen, the
+//! GOT rewritten), on real processes. Each target (tests/fixtures/inject_target.c) waits in a
+//! system call while it is injected, then leaks what it knows and checks that nothing it can
+//! see changed: its blocks from before, its calls restarted, its signals delivered, its exit
+//! status. `record --inject` reports every allocation (interval 1), so the leak must be exact.
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+/// The fixture, built once per test binary.
+fn fixture() -> &'static Path {
+    static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        let out = Path::new(TMP).join("inject_target");
+        build_c(&out, "tests/fixtures/inject_target.c", &["-O2", "-pthread"]);
+        out
+    })
+}
+
+/// A running fixture.
+struct Target {
+    child: KillOnDrop,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    truth: PathBuf,
+}
+
+impl Target {
+    fn start(mode: &str, threads: usize, dir: &Path) -> Target {
+        Self::start_with(&mut Command::new(fixture()), mode, threads, dir, &[])
+    }
+
+    fn start_with(
+        cmd: &mut Command,
+        mode: &str,
+        threads: usize,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Target {
+        let truth = dir.join("truth");
+        let mut child = cmd
+            .args([mode, &threads.to_string(), truth.to_str().unwrap()])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        Target {
+            child: KillOnDrop(child),
+            stdin,
+            stdout,
+            truth,
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child.0.id().to_string()
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    /// Tells it to go and waits until it has done its work.
+    fn go(&mut self) {
+        writeln!(self.stdin.as_mut().unwrap()).unwrap();
+        assert_eq!(self.line(), "done");
+    }
+
+    /// Closes its stdin: its last line and exit status.
+    fn finish(mut self) -> (String, bool) {
+        drop(self.stdin.take());
+        let last = self.line();
+        let ok = self.child.0.wait().unwrap().success();
+        (last, ok)
+    }
+
+    /// The sampler's mappings in it (executable ones: one per load).
+    fn loaded(&self) -> usize {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.pid()))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("libbridge_trace_sampler.so") && l.contains(" r-xp "))
+            .count()
+    }
+}
+
+/// Starts `record --pid --inject` (quiet: its first line is the start line, said once the
+/// probes are on the injected library).
+fn start_record(target: &Target, report: &Path) -> (Child, BufReader<std::process::ChildStderr>) {
+    let (tracer, stderr) = start_tracer(&[
+        "--pid",
+        &target.pid(),
+        "--inject",
+        "-o",
+        report.to_str().unwrap(),
+    ]);
+    (tracer, stderr)
+}
+
+/// Ends a record with SIGINT and returns its report.
+fn end_record(mut tracer: Child, report: &Path) -> serde_json::Value {
+    signal(&tracer, libc::SIGINT);
+    assert!(tracer.wait().unwrap().success(), "record failed");
+    json(report)
+}
+
+/// Injected while its main thread waits in `mode`, with `threads` workers waiting on a
+/// condition variable: the leak is reported exactly (every allocation is a sample), at tier
+/// usdt, and the program sees nothing: its old blocks intact and reallocated, its call
+/// restarted, exit status 0.
+fn exact_and_unharmed(mode: &str, threads: usize) {
+    let _g = lock();
+    let dir = scratch(&format!("inject-{mode}-{threads}"));
+    let mut target = Target::start(mode, threads, &dir);
+    let ready = Instant::now();
+    let report = dir.join("report.json");
+    let (tracer, _stderr) = start_record(&target, &report);
+    assert_eq!(target.loaded(), 1);
+    if mode == "sleep" {
+        // Injected during its sleep (1.5 s from its "ready"): slept the whole of it,
+        // uninterrupted (rc 0).
+        assert!(ready.elapsed() < Duration::from_millis(1500), "injected after the sleep");
+        let slept = target.line();
+        let f: Vec<&str> = slept.split_whitespace().collect();
+        let ms: f64 = f[1].parse().unwrap();
+        assert_eq!(f[2], "0", "{slept}");
+        assert!((1500.0..3000.0).contains(&ms), "{slept}");
+    }
+    target.go();
+    let r = end_record(tracer, &report);
+    assert_eq!(r["meta"]["tier"], "usdt");
+    let want = truth(&target.truth);
+    let got = by_leaf(&r);
+    assert_eq!(got.get("leak_site"), want.get("leak_site"), "{got:?}");
+    let (last, ok) = target.finish();
+    assert!(ok && last.starts_with("ok"), "{last}");
+}
+
+#[test]
+fn injected_in_read_single_threaded() {
+    exact_and_unharmed("read", 0);
+}
+
+#[test]
+fn injected_in_read_multi_threaded() {
+    exact_and_unharmed("read", 4);
+}
+
+#[test]
+fn injected_in_nanosleep() {
+    exact_and_unharmed("sleep", 2);
+}
+
+#[test]
+fn injected_in_futex() {
+    exact_and_unharmed("futex", 3);
+}
+
+#[test]
+fn injected_while_it_dlopens() {
+    let _g = lock();
+    let dir = scratch("inject-dlopen");
+    let plugin = dir.join("plugin.so");
+    build_c(&plugin, "tests/fixtures/leaky_plugin.c", &["-shared", "-fPIC"]);
+    let mut target = Target::start_with(
+        &mut Command::new(fixture()),
+        "dlopen",
+        2,
+        &dir,
+        &[plugin.to_str().unwrap()],
+    );
+    let report = dir.join("report.json");
+    let (tracer, _stderr) = start_record(&target, &report);
+    target.go();
+    let r = end_record(tracer, &report);
+    assert_eq!(
+        by_leaf(&r).get("leak_site"),
+        truth(&target.truth).get("leak_site")
+    );
+    let (last, ok) = target.finish();
+    assert!(ok && last.starts_with("ok"), "{last}");
+}
+
+/// Signals sent to the target all through its injection are delivered to its handler once it
+/// is let go (SA_RESTART: its read goes on), none lost, none delivered mid-call.
+#[test]
+fn signals_during_the_stop_are_delivered() {
+    let _g = lock();
+    let dir = scratch("inject-signals");
+    let mut target = Target::start("read", 2, &dir);
+    let pid: i32 = target.pid().parse().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: a signal to the fixture, which handles it.
+                unsafe { libc::kill(pid, libc::SIGUSR1) };
+                sent += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        })
+    };
+    let report = dir.join("report.json");
+    let (tracer, _stderr) = start_record(&target, &report);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent: i32 = sent.join().unwrap();
+    target.go();
+    end_record(tracer, &report);
+    let (last, ok) = target.finish();
+    assert!(ok, "{last}");
+    let handled: i32 = last.strip_prefix("ok ").unwrap().parse().unwrap();
+    // Standard signals pending together are one: at least one, at most as many as sent.
+    assert!(handled >= 1 && handled <= sent, "sent {sent}, handled {handled}");
+}
+
+/// The target's TracerPid: nonzero while the injecting helper holds it.
+fn tracer_of(pid: &str) -> u32 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// bridge-trace SIGKILLed at every moment of an injection (from the helper's seize on, in
+/// steps through the ~2 ms it holds the process): the target is never left stopped or
+/// traced, keeps working and exits 0; the library is loaded at most once; and an injection
+/// after all that still works.
+#[test]
+fn sigkill_of_the_tracer_at_any_stage() {
+    let _g = lock();
+    let dir = scratch("inject-sigkill");
+    let mut target = Target::start("read", 2, &dir);
+    let pid = target.pid();
+    let mut mid = 0;
+    for delay_us in [0u64, 50, 100, 200, 300, 500, 700, 1000, 1400, 2000, 3000] {
+        let mut tracer = Command::new(BIN)
+            .args(["record", "--quiet", "--pid", &pid, "--inject"])
+            .arg("-o")
+            .arg(dir.join("killed.json"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Until the helper has seized the process (or the tracer is past it, or gone).
+        let start = Instant::now();
+        while tracer_of(&pid) == 0
+            && tracer.try_wait().unwrap().is_none()
+            && start.elapsed() < Duration::from_secs(20)
+        {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(Duration::from_micros(delay_us));
+        let held = tracer_of(&pid) != 0;
+        tracer.kill().unwrap();
+        tracer.wait().unwrap();
+        mid += usize::from(held);
+        // The helper finishes what it started, then lets the process go.
+        let start = Instant::now();
+        while tracer_of(&pid) != 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "still traced");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let state = state.rsplit(')').next().unwrap().split_whitespace().next().unwrap();
+        assert!(state == "S" || state == "R", "left in state {state}");
+        assert!(target.loaded() <= 1);
+    }
+    eprintln!("SIGKILLed while the helper held the process: {mid} of 11");
+    assert!(mid >= 2, "only {mid} kills landed during an injection");
+    let report = dir.join("report.json");
+    let (tracer, _stderr) = start_record(&target, &report);
+    assert_eq!(target.loaded(), 1);
+    target.go();
+    let r = end_record(tracer, &report);
+    assert_eq!(
+        by_leaf(&r).get("leak_site"),
+        truth(&target.truth).get("leak_site")
+    );
+    let (last, ok) = target.finish();
+    assert!(ok && last.starts_with("ok"), "{last}");
+}
+
+/// Injected twice (a second record, then two at once): loaded once; each one that runs says so
+/// and traces, one that finds the other injecting at that moment is refused (exit 5).
+#[test]
+fn injecting_twice_loads_it_once() {
+    let _g = lock();
+    let dir = scratch("inject-twice");
+    let mut target = Target::start("read", 1, &dir);
+    let out = Command::new(BIN)
+        .args(["record", "--pid", &target.pid(), "--inject", "--duration", "1s"])
+        .arg("-o")
+        .arg(dir.join("first.json"))
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let first = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(first.contains("injected the sampler into pid"), "{first}");
+    assert!(!first.contains("loaded before"), "{first}");
+    let both: Vec<_> = (0..2)
+        .map(|i| {
+            Command::new(BIN)
+                .args(["record", "--pid", &target.pid(), "--inject", "--duration", "1s"])
+                .arg("-o")
+                .arg(dir.join(format!("again{i}.json")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ran = 0;
+    for child in both {
+        let out = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => {
+                assert!(said.contains("(loaded before)"), "{said}");
+                ran += 1;
+            }
+            Some(5) => assert!(said.contains("traced already"), "{said}"),
+            other => panic!("{other:?}: {said}"),
+        }
+    }
+    assert!(ran >= 1);
+    assert_eq!(target.loaded(), 1);
+    target.go();
+    let (last, ok) = target.finish();
+    assert!(ok && last.starts_with("ok"), "{last}");
+}
+
+/// A target in a mount namespace of its own, with a /tmp of its own: the library is written
+/// into its /tmp (through /proc/PID/root), not ours, and the leak is exact.
+#[test]
+fn a_target_with_its_own_mount_namespace() {
+    let _g = lock();
+    // Its /tmp hides ours, where the fixture and the scratch directory may be (a clone in
+    // /tmp): it runs from a descriptor opened before, and writes its truth to /dev/shm.
+    let dir = Path::new("/dev/shm/bridge-trace-inject-mntns");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let script = "exec 3<\"$1\"; shift; mount -t tmpfs none /tmp && exec /proc/self/fd/3 \"$@\"";
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
+        .arg(fixture());
+    let mut target = Target::start_with(&mut cmd, "read", 1, dir, &[]);
+    let report = dir.join("report.json");
+    let (tracer, _stderr) = start_record(&target, &report);
+    let root_tmp = format!("/proc/{}/root/tmp", target.pid());
+    let theirs = std::fs::metadata(&root_tmp).unwrap();
+    let ours = std::fs::metadata("/tmp").unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    assert_ne!(theirs.dev(), ours.dev(), "its /tmp is its own");
+    let lib = std::fs::read_dir(&root_tmp)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().join("libbridge_trace_sampler.so").is_file());
+    assert!(lib, "the library is in its own /tmp");
+    target.go();
+    let r = end_record(tracer, &report);
+    assert_eq!(
+        by_leaf(&r).get("leak_site"),
+        truth(&target.truth).get("leak_site")
+    );
+    let (last, ok) = target.finish();
+    assert!(ok && last.starts_with("ok"), "{last}");
+}
+
+/// Runs `record --pid --inject` expecting a refusal: exit `code`, one line saying `why`, the
+/// process untouched (no library mapped, still working).
+fn refused(target: Target, code: i32, why: &str) {
+    let out = Command::new(BIN)
+        .args(["record", "--pid", &target.pid(), "--inject", "--duration", "1s"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{said}");
+    assert!(said.contains(why), "{said}");
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
+    assert_eq!(target.loaded(), 0);
+    let mut target = target;
+    target.go();
+    let (last, ok) = target.finish();
+    assert!(ok && last.starts_with("ok"), "{last}");
+}
+
+#[test]
+fn a_process_under_seccomp_is_refused() {
+    let _g = lock();
+    let dir = scratch("inject-seccomp");
+    refused(Target::start("seccomp", 0, &dir), 5, "seccomp filter");
+}
+
+/// This test's own thread holds the target with ptrace, as a debugger would.
+#[test]
+fn a_process_being_traced_is_refused() {
+    let _g = lock();
+    let dir = scratch("inject-traced");
+    let target = Target::start("read", 0, &dir);
+    let pid: i32 = target.pid().parse().unwrap();
+    // SAFETY: seizing our own child (no stop: it keeps running).
+    let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let out = Command::new(BIN)
+        .args(["record", "--pid", &target.pid(), "--inject", "--duration", "1s"])
+        .output()
+        .unwrap();
+    // SAFETY: as above.
+    unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(said.contains("traced already"), "{said}");
+    assert_eq!(target.loaded(), 0);
+    let mut target = target;
+    target.go();
+    let (last, ok) = target.finish();
+    assert!(ok && last.starts_with("ok"), "{last}");
+}
+
+/// A static executable has no dynamic loader to load a library with.
+#[test]
+fn a_static_program_is_refused() {
+    let _g = lock();
+    let dir = scratch("inject-static");
+    let exe = dir.join("inject_target_static");
+    build_c(
+        &exe,
+        "tests/fixtures/inject_target.c",
+        &["-O2", "-pthread", "-static"],
+    );
+    refused(
+        Target::start_with(&mut Command::new(&exe), "read", 0, &dir, &[]),
+        5,
+        "statically linked",
+    );
+}
