@@ -185,6 +185,7 @@ fn fixed_report() -> Report {
             wrappers: Default::default(),
             entry_points: Vec::new(),
             verdicts: Vec::new(),
+            injected: None,
         },
         stacks,
         allocated: Some(allocated),

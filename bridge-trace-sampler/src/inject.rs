@@ -103,7 +103,7 @@ fn attach(mean: u64) -> i64 {
     crate::sample::set_mean(mean);
     let mut walk = Walk {
         own,
-        own_base: base_of(attach as usize),
+        own_base: base_of(attach as *const () as usize),
         rewritten: 0,
     };
     // SAFETY: the callback only reads the loader's own tables for each object.
@@ -117,7 +117,7 @@ fn own_functions() -> Option<[(&'static CStr, usize); NAMES.len()]> {
     // SAFETY: all-zero is a valid Dl_info.
     let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
     // SAFETY: an address of this library and an out-parameter.
-    let found = unsafe { libc::dladdr(attach as usize as *const c_void, &mut info) };
+    let found = unsafe { libc::dladdr(attach as *const () as usize as *const c_void, &mut info) };
     if found == 0 || info.dli_fname.is_null() {
         return None;
     }
@@ -190,7 +190,14 @@ unsafe extern "C" fn each_object(
         .find(|p| p.p_type == PT_GNU_RELRO)
         .map(|p| (base + p.p_vaddr as usize, p.p_memsz as usize));
     // SAFETY: the object's dynamic section, mapped while it is loaded.
-    unsafe { rewrite(walk, base, (base + dynamic.p_vaddr as usize) as *const Dyn, relro) };
+    unsafe {
+        rewrite(
+            walk,
+            base,
+            (base + dynamic.p_vaddr as usize) as *const Dyn,
+            relro,
+        )
+    };
     0
 }
 
@@ -202,8 +209,14 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 ///
 /// # Safety
 /// `dynamic` is a loaded object's dynamic section, `base` its load address.
-unsafe fn rewrite(walk: &mut Walk, base: usize, dynamic: *const Dyn, relro: Option<(usize, usize)>) {
-    let (mut strtab, mut symtab, mut rela, mut relasz, mut jmprel, mut pltrelsz) = (0, 0, 0, 0, 0, 0);
+unsafe fn rewrite(
+    walk: &mut Walk,
+    base: usize,
+    dynamic: *const Dyn,
+    relro: Option<(usize, usize)>,
+) {
+    let (mut strtab, mut symtab, mut rela, mut relasz, mut jmprel, mut pltrelsz) =
+        (0, 0, 0, 0, 0, 0);
     let mut d = dynamic;
     loop {
         // SAFETY: the entries up to DT_NULL are the object's.
@@ -255,7 +268,13 @@ unsafe fn rewrite(walk: &mut Walk, base: usize, dynamic: *const Dyn, relro: Opti
                 continue;
             }
             // SAFETY: as above; a RELRO page is made writable for the store and read-only again.
-            unsafe { store(entry, ours, relro.filter(|&(s, l)| slot >= s && slot < s + l)) };
+            unsafe {
+                store(
+                    entry,
+                    ours,
+                    relro.filter(|&(s, l)| slot >= s && slot < s + l),
+                )
+            };
             walk.rewritten += 1;
         }
     }
@@ -266,7 +285,13 @@ unsafe fn store(entry: &AtomicUsize, value: usize, relro: Option<(usize, usize)>
     let page = (entry as *const AtomicUsize as usize) & !4095;
     if relro.is_some() {
         // SAFETY: the page holding the entry, mapped.
-        unsafe { libc::mprotect(page as *mut c_void, 4096, libc::PROT_READ | libc::PROT_WRITE) };
+        unsafe {
+            libc::mprotect(
+                page as *mut c_void,
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
     }
     entry.store(value, Ordering::Release);
     if relro.is_some() {

@@ -97,7 +97,13 @@ impl Report {
         let c = &self.meta.counters;
         let mut out: Vec<String> = self.meta.verdicts.clone();
         out.extend(c.caveats());
-        if self.meta.tier.as_deref() == Some(USDT_TIER) {
+        if self.meta.tier.as_deref() == Some(USDT_TIER) && self.meta.injected == Some(1) {
+            out.push(format!(
+                "bridge-trace's sampler was injected into the process and reported every \
+                 allocation ({} of them), each with its own size: the figures are exact",
+                c.usdt_allocs
+            ));
+        } else if self.meta.tier.as_deref() == Some(USDT_TIER) {
             out.push(format!(
                 "allocations were sampled by the process itself (the otel_memory contract: {} \
                  samples reported): bytes and counts are unbiased estimates from their weights, \

@@ -20,7 +20,10 @@ fn main() -> ExitCode {
         .init();
     // The helper `--inject` runs to make its calls into a process (a process of its own).
     let mut args = std::env::args_os().skip(1);
-    if args.next().is_some_and(|a| a == bridge_trace::target::inject::HELPER_ARG) {
+    if args
+        .next()
+        .is_some_and(|a| a == bridge_trace::target::inject::HELPER_ARG)
+    {
         let rest: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
         return ExitCode::from(bridge_trace::target::inject::helper_main(&rest) as u8);
     }

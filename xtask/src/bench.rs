@@ -67,7 +67,7 @@ impl Drop for BpfStats {
     }
 }
 
-pub fn bench(short: bool, watch_only: bool) -> Result<()> {
+pub fn bench(short: bool, watch_only: bool, inject_only: bool) -> Result<()> {
     let root = root();
     let tracer = build_release()?;
     let dir = root.join("target/bench");
@@ -77,6 +77,9 @@ pub fn bench(short: bool, watch_only: bool) -> Result<()> {
         .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
         .arg(&workload)
         .arg(root.join("bench/alloc-loop.c")))?;
+    if inject_only {
+        return injection(&tracer, &dir, short);
+    }
     if watch_only {
         return watch_tiers(&tracer, &dir, short);
     }
@@ -179,6 +182,15 @@ fn watch_tiers(tracer: &Path, dir: &Path, short: bool) -> Result<()> {
     let watch_out = dir.join("watch.json");
     std::fs::write(&watch_out, serde_json::to_string_pretty(&tiers)? + "\n")?;
     println!("bench: wrote {}", watch_out.display());
+    injection(tracer, dir, short)
+}
+
+/// The `--inject` part, written to `inject.json`.
+fn injection(tracer: &Path, dir: &Path, short: bool) -> Result<()> {
+    let doc = crate::inject::inject(tracer, dir, short)?;
+    let out = dir.join("inject.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")?;
+    println!("bench: wrote {}", out.display());
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod fuzz;
+mod inject;
 mod peers;
 mod soak;
 mod survey;
@@ -41,9 +42,12 @@ enum Task {
         /// One quick round with fewer iterations: proves the benchmark still runs.
         #[arg(long)]
         short: bool,
-        /// Only the `watch` tiers part (the sampler, the uprobe tiers, heaptrack).
+        /// Only the `watch` tiers part (the sampler, the uprobe tiers, heaptrack, injection).
         #[arg(long)]
         watch_only: bool,
+        /// Only the injection part (stop times, exact tracing through the injected sampler).
+        #[arg(long, conflicts_with = "watch_only")]
+        inject_only: bool,
     },
     /// Run `watch` against the data bridge for a long time and check that the tracer's memory
     /// stays bounded (results in target/bench/soak.json).
@@ -105,9 +109,13 @@ fn main() -> Result<()> {
             setup()?;
             demo(messages)
         }
-        Task::Bench { short, watch_only } => {
+        Task::Bench {
+            short,
+            watch_only,
+            inject_only,
+        } => {
             setup()?;
-            bench::bench(short, watch_only)
+            bench::bench(short, watch_only, inject_only)
         }
         Task::Fuzz { seconds } => {
             setup()?;

@@ -68,7 +68,7 @@ const CONFIGS: [Config; 7] = [
 ];
 
 /// Messages a second of the data bridge: about 9 allocations each.
-const DEMO_RATE: u32 = 11_000;
+pub(crate) const DEMO_RATE: u32 = 11_000;
 const DEMO_ALLOCS_PER_MESSAGE: u32 = 9;
 
 /// The slowdown goals of the tiers at the realistic rate, in percent of the untraced CPU time.
@@ -80,10 +80,12 @@ const GOALS: [(&str, f64); 2] = [("growth", 1.0), ("sampled", 5.0)];
 const USDT_GOAL_CPU_PERCENT: f64 = 0.3;
 const IDLE_GOAL_NS: f64 = 5.0;
 const NAMED_GOAL_SECS: f64 = 60.0;
+/// The mean request of bench/alloc-loop.c: 16 bytes and a uniform 0..=4080 more.
+const LOOP_MEAN_BYTES: f64 = 2056.0;
 
 /// CPU seconds `pid` has run so far, all its threads (the scheduler's nanosecond figures from
 /// /proc/PID/task/*/schedstat, not the 10 ms ticks of /proc/PID/stat).
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let mut ns = 0u64;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;
@@ -98,9 +100,21 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// `watch` at `tier`, fixed, a window every `interval`.
 fn watch(tracer: &Path, pid: u32, tier: &str, interval: &str) -> Result<Killed> {
+    watch_with(tracer, pid, tier, interval, &[])
+}
+
+/// As [`watch`], with `extra` arguments (`--inject`).
+fn watch_with(
+    tracer: &Path,
+    pid: u32,
+    tier: &str,
+    interval: &str,
+    extra: &[&str],
+) -> Result<Killed> {
     Ok(Killed(
         Command::new(tracer)
             .args(["watch", "--pid", &pid.to_string(), "--tier", tier])
+            .args(extra)
             .args([
                 "--max-overhead",
                 "off",
@@ -300,16 +314,26 @@ struct Paired {
 fn usdt_paired(
     tracer: &Path,
     demo: &Path,
-    sampler: &Path,
+    sampler: Option<&Path>,
     cycles: usize,
     secs: f64,
 ) -> Result<Vec<Paired>> {
     let _stats = crate::bench::BpfStats::enable()?;
+    let mut cmd = Command::new(demo);
+    cmd.args(["--rate", &DEMO_RATE.to_string()]);
+    // Preloaded, or (no sampler given) injected by each watch: the first loads the library,
+    // the others find it there, idle between them.
+    match sampler {
+        Some(lib) => cmd.env("LD_PRELOAD", lib),
+        None => &mut cmd,
+    };
+    let inject: &[&str] = if sampler.is_none() {
+        &["--inject"]
+    } else {
+        &[]
+    };
     let service = Killed(
-        Command::new(demo)
-            .args(["--rate", &DEMO_RATE.to_string()])
-            .env("LD_PRELOAD", sampler)
-            .stdout(Stdio::null())
+        cmd.stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting the data bridge")?,
@@ -337,7 +361,7 @@ fn usdt_paired(
         let (idle, _, _, _) = over(secs, None)?;
         let before = bpf_programs()?;
         // Its default window: what a service watched for good pays.
-        let w = watch(tracer, pid, "growth", "10s")?;
+        let w = watch_with(tracer, pid, "growth", "10s", inject)?;
         std::thread::sleep(Duration::from_millis(2500));
         let (attached, bpf, hits, watch) = over(secs, Some((w.0.id(), &before)))?;
         drop(w);
@@ -351,6 +375,17 @@ fn usdt_paired(
         });
     }
     Ok(cycles_seen)
+}
+
+/// One paired series as written to watch.json: per cycle, and the total of its parts.
+fn paired_json(p: &[Paired], total: f64) -> Value {
+    json!({
+        "added_cpus": p.iter().map(|p| p.added).collect::<Vec<_>>(),
+        "hits_per_sec": p.iter().map(|p| p.hits).collect::<Vec<_>>(),
+        "bpf_cpus": p.iter().map(|p| p.bpf).collect::<Vec<_>>(),
+        "watch_cpus": p.iter().map(|p| p.watch).collect::<Vec<_>>(),
+        "total_percent_of_one": total,
+    })
 }
 
 /// An eBPF program loaded, as `bpftool` shows the kernel's statistics of it (which
@@ -503,37 +538,55 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     .max(0.0);
     let demo_allocs = f64::from(DEMO_RATE * DEMO_ALLOCS_PER_MESSAGE);
     let (cycles, paired_secs) = if short { (2, 3.0) } else { (8, 10.0) };
-    let paired = usdt_paired(tracer, &demo, &sampler, cycles, paired_secs)?;
-    let pct = |f: &dyn Fn(&Paired) -> f64| crate::bench::median(paired.iter().map(f)) * 100.0;
-    let (added, bpf, own) = (pct(&|p| p.added), pct(&|p| p.bpf), pct(&|p| p.watch));
-    let hits = pct(&|p| p.hits * nop_ns / 1e9);
-    let sampler_path = traced_ns * demo_allocs / 1e9 * 100.0;
-    let total = bpf + hits + sampler_path;
-    let series = |f: fn(&Paired) -> f64| paired.iter().map(f).collect::<Vec<_>>();
-    let (lo, hi) = crate::bench::min_max(&series(|p| p.added * 100.0));
-    println!(
-        "sampler + watch (usdt), one data bridge against itself, {cycles} cycles of \
-         {paired_secs:.0} s unattached / attached (medians), the service's own CPU: its eBPF \
-         programs {bpf:.3}% of a CPU (exact) + probe hits {hits:.3}% (exact count, \
-         {nop_ns:.0} ns each) + the sampler's traced path {sampler_path:.3}% (alloc-loop: \
-         {traced_ns:.1} ns a pair more attached, at {demo_allocs:.0} allocations/s) = \
-         {total:.2}% (goal: at most {USDT_GOAL_CPU_PERCENT}%){}",
-        if total <= USDT_GOAL_CPU_PERCENT {
-            ""
-        } else {
-            "  ABOVE GOAL"
+    let paired = usdt_paired(tracer, &demo, Some(&sampler), cycles, paired_secs)?;
+    let injected = usdt_paired(tracer, &demo, None, cycles, paired_secs)?;
+    let series = |p: &[Paired], f: fn(&Paired) -> f64| p.iter().map(f).collect::<Vec<_>>();
+    // The sampler's traced path, per call: what the loop's pairs cost more attached, less
+    // what its own samples cost (their probe hits and eBPF runs, counted for the demo in the
+    // other two parts): one in LOOP_MEAN_BYTES / 512 KiB pairs is sampled, two events each.
+    let per_event_ns = |p: &[Paired]| {
+        let bpf = crate::bench::median(p.iter().map(|p| p.bpf));
+        let hits = crate::bench::median(p.iter().map(|p| p.hits));
+        (if hits > 0.0 { bpf / hits * 1e9 } else { 0.0 }) + nop_ns
+    };
+    let samples_per_pair = LOOP_MEAN_BYTES / f64::from(512u32 << 10);
+    let mut parts = |label: &str, p: &[Paired]| {
+        let pct = |f: &dyn Fn(&Paired) -> f64| crate::bench::median(p.iter().map(f)) * 100.0;
+        let (added, bpf, own) = (pct(&|p| p.added), pct(&|p| p.bpf), pct(&|p| p.watch));
+        let hits = pct(&|p| p.hits * nop_ns / 1e9);
+        let own_samples_ns = samples_per_pair * 2.0 * per_event_ns(p);
+        let path_ns = (traced_ns - own_samples_ns).max(0.0);
+        let sampler_path = path_ns * demo_allocs / 1e9 * 100.0;
+        let total = bpf + hits + sampler_path;
+        let (lo, hi) = crate::bench::min_max(&series(p, |p| p.added * 100.0));
+        println!(
+            "{label}, one data bridge against itself, {cycles} cycles of {paired_secs:.0} s \
+             unattached / attached (medians), the service's own CPU: its eBPF programs \
+             {bpf:.3}% of a CPU (exact) + probe hits {hits:.3}% (exact count, {nop_ns:.0} ns \
+             each) + the sampler's traced path {sampler_path:.3}% (alloc-loop: {traced_ns:.1} \
+             ns a pair more attached, {own_samples_ns:.1} of them its own samples' events, at \
+             {demo_allocs:.0} allocations/s) = {total:.2}% (goal: at most \
+             {USDT_GOAL_CPU_PERCENT}%){}",
+            if total <= USDT_GOAL_CPU_PERCENT {
+                ""
+            } else {
+                "  ABOVE GOAL"
+            }
+        );
+        println!(
+            "  measured whole, the service's added CPU: {added:.2}% (from {lo:.2} to {hi:.2}, \
+             as noisy as its CPU between windows); watch itself, in its own process: {own:.2}%"
+        );
+        if total > USDT_GOAL_CPU_PERCENT {
+            missed.push(format!(
+                "{label}: {total:.2}% of a CPU of the service's own (goal: at most \
+                 {USDT_GOAL_CPU_PERCENT}%)"
+            ));
         }
-    );
-    println!(
-        "  measured whole, the service's added CPU: {added:.2}% (from {lo:.2} to {hi:.2}, \
-         as noisy as its CPU between windows); watch itself, in its own process: {own:.2}%"
-    );
-    if total > USDT_GOAL_CPU_PERCENT {
-        missed.push(format!(
-            "sampler + watch (usdt): {total:.2}% of a CPU of the service's own (goal: at most \
-             {USDT_GOAL_CPU_PERCENT}%)"
-        ));
-    }
+        total
+    };
+    let preloaded_total = parts("sampler + watch (usdt)", &paired);
+    let injected_total = parts("sampler injected + watch --inject (usdt)", &injected);
     match named {
         Some(t) => {
             println!(
@@ -561,18 +614,10 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
         "results": results,
         "goal_usdt_cpu_percent_of_one": USDT_GOAL_CPU_PERCENT,
         "goal_sampler_idle_ns_per_pair": IDLE_GOAL_NS,
-        "usdt_paired_added_cpus": series(|p| p.added),
-        "usdt_paired_hits_per_sec": series(|p| p.hits),
         "usdt_hit_ns": nop_ns,
         "usdt_sampler_traced_ns_per_pair": traced_ns,
-        "usdt_median_hits_percent_of_one": hits,
-        "usdt_sampler_traced_percent_of_one": sampler_path,
-        "usdt_paired_bpf_cpus": series(|p| p.bpf),
-        "usdt_paired_watch_cpus": series(|p| p.watch),
-        "usdt_paired_median_percent_of_one": added,
-        "usdt_paired_median_bpf_percent_of_one": bpf,
-        "usdt_paired_median_watch_percent_of_one": own,
-        "usdt_median_total_percent_of_one": total,
+        "usdt_preloaded": paired_json(&paired, preloaded_total),
+        "usdt_injected": paired_json(&injected, injected_total),
         "usdt_leak_named_after_secs": named,
         "probe_hit_costs": costs,
         "goal_named_secs": NAMED_GOAL_SECS,

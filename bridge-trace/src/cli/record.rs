@@ -143,7 +143,10 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
         ));
     }
     let inject = match args.inject {
-        true => Some(super::sample_size("--inject-interval", &args.inject_interval)?),
+        true => Some(super::sample_size(
+            "--inject-interval",
+            &args.inject_interval,
+        )?),
         false => None,
     };
     let duration = parse_optional_duration("--duration", args.duration.as_deref())?;

@@ -74,6 +74,10 @@ pub struct Meta {
     /// taken in another tier does not show in its stacks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verdicts: Vec<String>,
+    /// `--inject`: bridge-trace loaded its sampler into the process, sampling every this many
+    /// bytes (1: every allocation reported, each with its own size: exact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub injected: Option<u64>,
 }
 
 /// One process of a recording that followed children (`--follow-children`).

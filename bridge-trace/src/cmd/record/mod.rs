@@ -346,6 +346,7 @@ fn finish(
         tier: Some(if t.usdt.is_some() { USDT_TIER } else { "full" }.into()),
         wrappers: Wrappers::new(config.wrappers.clone()),
         entry_points: attached_symbols.clone(),
+        injected: t.injected,
         ..Meta::default()
     }
     .on_this_machine();

@@ -105,6 +105,8 @@ pub(super) struct Attached {
     /// Traced through the otel_memory contract: the objects whose frames top each sample's
     /// stack (an interposing sampler's).
     pub(super) usdt: Option<Vec<String>>,
+    /// The sampler was injected (`--inject`), sampling every this many bytes.
+    pub(super) injected: Option<u64>,
     pub(super) maps: ProcessMaps,
     pub(super) unwinder: Option<Unwinder>,
     pub(super) child: Option<mpsc::UnboundedReceiver<ChildEvent>>,
@@ -120,10 +122,20 @@ impl Attached {
     /// Re-reads the process's maps and asks for the unwind tables of objects it has newly
     /// mapped. False once the process is gone.
     pub(super) fn refresh_maps(&mut self) -> Result<bool> {
+        let before = self.injected.map(|_| self.maps.current.clone());
         match self.maps.refresh() {
             Refresh::Gone => return Ok(false),
             Refresh::Same => return Ok(true),
             Refresh::Changed => {}
+        }
+        if let (Some(mean), Some(before)) = (self.injected, before) {
+            if target::inject::new_code(&before, &self.maps.current) {
+                // Objects it loaded since: their GOT entries redirected too.
+                match target::inject::inject(self.pid, mean) {
+                    Ok(done) => eprintln!("bridge-trace: {}", done.describe(self.pid)),
+                    Err(e) => eprintln!("bridge-trace: re-injecting for new objects: {e}"),
+                }
+            }
         }
         self.tracer
             .note_allocator_text(self.pid, &self.maps.current);
@@ -197,6 +209,7 @@ pub(super) fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
         tracer,
         allocator,
         usdt: usdt.map(|(interposers, _)| interposers),
+        injected: config.inject,
         allocator_paths: allocators.iter().map(|a| a.path.clone()).collect(),
         exe: target::exe(pid),
         maps: ProcessMaps::new(pid, maps),
@@ -398,6 +411,7 @@ pub(super) fn launch(argv: &[std::ffi::OsString], config: &Config) -> Result<Att
         tracer,
         allocator,
         usdt: usdt.map(|(interposers, _)| interposers),
+        injected: None,
         allocator_paths: allocators.iter().map(|a| a.path.clone()).collect(),
         exe: Some(program.to_string_lossy().into_owned()),
         maps: ProcessMaps::new(pid, maps),

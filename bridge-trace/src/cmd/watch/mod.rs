@@ -599,7 +599,15 @@ impl Session<'_> {
     fn refresh_maps(&mut self) -> Result<()> {
         let mut changed = Vec::new();
         for (&pid, p) in self.procs.iter_mut() {
+            let before = p.maps.current.clone();
             if p.maps.refresh() == Refresh::Changed {
+                if self.config.inject && target::inject::new_code(&before, &p.maps.current) {
+                    // Objects it loaded since: their GOT entries redirected too.
+                    match target::inject::inject(pid, self.config.sample_interval) {
+                        Ok(done) => eprintln!("bridge-trace: {}", done.describe(pid)),
+                        Err(e) => tracing::warn!(pid, "re-injecting for new objects: {e}"),
+                    }
+                }
                 self.tracer.note_allocator_text(pid, &p.maps.current);
                 if let Some(u) = self.unwinder.as_mut() {
                     u.track(pid, &p.maps.current)?;

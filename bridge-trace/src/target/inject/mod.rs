@@ -77,7 +77,12 @@ pub fn inject(pid: u32, mean: u64) -> Result<Injected> {
         sampler::install(&host_dir).map_err(|e| refuse(e.to_string()))?;
     }
     let mut child = Command::new("/proc/self/exe")
-        .args([HELPER_ARG, &pid.to_string(), &path_in_target, &mean.to_string()])
+        .args([
+            HELPER_ARG,
+            &pid.to_string(),
+            &path_in_target,
+            &mean.to_string(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -121,7 +126,9 @@ fn preflight(pid: u32, maps: &[Mapping]) -> Result<(), String> {
             .map(|v| v.trim().to_string())
     };
     if let Some(t) = field("TracerPid:").filter(|t| t != "0") {
-        return Err(format!("it is being traced already, by pid {t} (a debugger?)"));
+        return Err(format!(
+            "it is being traced already, by pid {t} (a debugger?)"
+        ));
     }
     if field("Seccomp:").as_deref() == Some("2") {
         return Err(
@@ -134,9 +141,10 @@ fn preflight(pid: u32, maps: &[Mapping]) -> Result<(), String> {
     if scope.trim() == "3" {
         return Err("kernel.yama.ptrace_scope is 3: ptrace is disabled on this system".into());
     }
-    let libc = maps.iter().find(|m| is_libc_name(&m.path)).ok_or(
-        "it is statically linked (no libc.so mapped, no dlopen to load a library with)",
-    )?;
+    let libc = maps
+        .iter()
+        .find(|m| is_libc_name(&m.path))
+        .ok_or("it is statically linked (no libc.so mapped, no dlopen to load a library with)")?;
     let host = host_path(pid, &libc.path);
     let data = fs::read(&host).map_err(|e| format!("cannot read its libc: {e}"))?;
     let elf = object::File::parse(&*data).map_err(|e| format!("its libc: {e}"))?;
@@ -153,9 +161,20 @@ fn preflight(pid: u32, maps: &[Mapping]) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the process mapped code since `before` (`after` its maps now): objects a dlopen
+/// brought, whose GOT entries still reach the allocator until an attach redirects them
+/// ([`inject`] again, which finds the library loaded and only calls it).
+pub fn new_code(before: &[Mapping], after: &[Mapping]) -> bool {
+    after
+        .iter()
+        .filter(|m| m.executable && !m.path.ends_with(sampler::FILE_NAME))
+        .any(|m| !before.iter().any(|b| b.executable && b.path == m.path))
+}
+
 /// Whether the library is mapped in the process already.
 fn loaded(maps: &[Mapping]) -> bool {
-    maps.iter().any(|m| m.path.ends_with(&format!("/{}", sampler::FILE_NAME)))
+    maps.iter()
+        .any(|m| m.path.ends_with(&format!("/{}", sampler::FILE_NAME)))
 }
 
 /// The address of `name` defined in the object mapped from `path` in `maps`.
@@ -252,12 +271,7 @@ fn helper(pid: u32, path: &str, mean: u64) -> Result<Injected, String> {
     if !again {
         let mut bytes = path.as_bytes().to_vec();
         bytes.push(0);
-        let handle = stopped.call(
-            tid,
-            dlopen,
-            &[remote::STACK, libc::RTLD_NOW as u64],
-            &bytes,
-        )?;
+        let handle = stopped.call(tid, dlopen, &[remote::STACK, libc::RTLD_NOW as u64], &bytes)?;
         if handle == 0 {
             let msg = stopped.call(tid, dlerror, &[], &[])?;
             let why = remote::read_string(pid as i32, msg).unwrap_or_else(|| "unknown".into());
@@ -271,8 +285,14 @@ fn helper(pid: u32, path: &str, mean: u64) -> Result<Injected, String> {
         .ok_or("the library is not mapped after its dlopen")?
         .path
         .clone();
-    let attach = address_of(pid, &maps, &lib, sampler::LIBRARY, "bridge_trace_sampler_attach")
-        .ok_or("the mapped library has no bridge_trace_sampler_attach (another version?)")?;
+    let attach = address_of(
+        pid,
+        &maps,
+        &lib,
+        sampler::LIBRARY,
+        "bridge_trace_sampler_attach",
+    )
+    .ok_or("the mapped library has no bridge_trace_sampler_attach (another version?)")?;
     let done = stopped.call(tid, attach, &[mean], &[])? as i64;
     let stopped_for = stopped.release();
     match done {

@@ -44,7 +44,14 @@ fn errno() -> std::io::Error {
 
 fn ptrace(req: libc::c_uint, tid: i32, addr: usize, data: usize) -> Result<i64, std::io::Error> {
     // SAFETY: the request's arguments are plain values or point to buffers the caller owns.
-    let r = unsafe { libc::ptrace(req, tid, addr as *mut libc::c_void, data as *mut libc::c_void) };
+    let r = unsafe {
+        libc::ptrace(
+            req,
+            tid,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    };
     if r == -1 {
         return Err(errno());
     }
