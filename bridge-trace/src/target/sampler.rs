@@ -53,20 +53,34 @@ pub fn install(dir: &Path) -> Result<PathBuf> {
 /// temporary directory, owned by root and not writable by others (a library every launched
 /// program loads must not be replaceable by another user).
 pub fn default_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("bridge-trace-{}", env!("CARGO_PKG_VERSION")));
-    if let Ok(meta) = fs::symlink_metadata(&dir) {
-        // SAFETY: plain libc call.
-        let me = unsafe { libc::geteuid() };
-        if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
-            return Err(Error::Output {
-                path: dir,
-                reason: "exists and is not a directory of this user's that only it can write \
-                         to: give the sampler a place with `bridge-trace sampler install DIR`"
-                    .into(),
-            });
-        }
-    }
+    let dir = std::env::temp_dir().join(DIR_NAME);
+    check_dir(&dir).map_err(|reason| Error::Output {
+        path: dir.clone(),
+        reason: format!(
+            "{reason}: give the sampler a place with `bridge-trace sampler install DIR`"
+        ),
+    })?;
     Ok(dir)
+}
+
+/// The directory's name under a temporary directory (`record --sampler`, `--inject`).
+pub const DIR_NAME: &str = concat!("bridge-trace-", env!("CARGO_PKG_VERSION"));
+
+/// Whether `dir`, if it exists, is a directory of this user's that only it can write to: no
+/// one else may swap the library a process is about to load.
+pub fn check_dir(dir: &Path) -> std::result::Result<(), String> {
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return Ok(());
+    };
+    // SAFETY: plain libc call.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} exists and is not a directory of this user's that only it can write to",
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// `LD_PRELOAD` with `library` first, before what it held (`existing`).

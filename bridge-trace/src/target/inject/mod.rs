@@ -70,11 +70,14 @@ pub fn inject(pid: u32, mean: u64) -> Result<Injected> {
         .unwrap_or_default();
     super::refuse_go(&exe)?;
     preflight(pid, &maps).map_err(refuse)?;
-    let dir_in_target = format!("/tmp/bridge-trace-{}", env!("CARGO_PKG_VERSION"));
+    let dir_in_target = format!("/tmp/{}", sampler::DIR_NAME);
     let path_in_target = format!("{dir_in_target}/{}", sampler::FILE_NAME);
     if !loaded(&maps) {
+        // In its root, and where no one else can swap the library before it is loaded.
         let host_dir = PathBuf::from(format!("/proc/{pid}/root{dir_in_target}"));
+        sampler::check_dir(&host_dir).map_err(refuse)?;
         sampler::install(&host_dir).map_err(|e| refuse(e.to_string()))?;
+        sampler::check_dir(&host_dir).map_err(refuse)?;
     }
     let mut child = Command::new("/proc/self/exe")
         .args([

@@ -279,10 +279,10 @@ impl Stopped {
     }
 
     fn detach(&mut self, tid: i32) {
-        let mut sigs = self.pending.remove(&tid).unwrap_or_default();
-        let first = if sigs.is_empty() { 0 } else { sigs.remove(0) };
-        // The thread is stopped (or gone); the first held signal goes with the detach.
-        let _ = ptrace(libc::PTRACE_DETACH, tid, 0, first as usize);
+        let sigs = self.pending.remove(&tid).unwrap_or_default();
+        // The thread is stopped (or gone). A signal given to the detach would be dropped at an
+        // interrupt's stop: the held ones are sent again, to the thread, once it runs.
+        let _ = ptrace(libc::PTRACE_DETACH, tid, 0, 0);
         for sig in sigs {
             // SAFETY: plain syscall to a thread of the process.
             unsafe { libc::syscall(libc::SYS_tgkill, self.pid, tid, sig) };
