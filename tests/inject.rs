@@ -65,6 +65,30 @@ impl Target {
         }
     }
 
+    /// Started with a plugin built from tests/fixtures/leaky_plugin.c (modes dlopen, plugin).
+    fn with_plugin(mode: &str, threads: usize, dir: &Path) -> Target {
+        let plugin = dir.join("plugin.so");
+        build_c(
+            &plugin,
+            "tests/fixtures/leaky_plugin.c",
+            &["-shared", "-fPIC"],
+        );
+        let plugin = plugin.to_str().unwrap();
+        Self::start_with(&mut Command::new(fixture()), mode, threads, dir, &[plugin])
+    }
+
+    /// The report holds exactly what it says it leaked at `site`.
+    fn leaked_exactly(&self, report: &serde_json::Value, site: &str) {
+        let got = by_leaf(report);
+        assert_eq!(got.get(site), truth(&self.truth).get(site), "{got:?}");
+    }
+
+    /// Closes its stdin and checks that it saw nothing wrong and exited 0.
+    fn unharmed(self) {
+        let (last, ok) = self.finish();
+        assert!(ok && last.starts_with("ok"), "{last}");
+    }
+
     fn pid(&self) -> String {
         self.child.0.id().to_string()
     }
@@ -150,11 +174,8 @@ fn exact_and_unharmed_in(mut target: Target, mode: &str, dir: &Path) {
     target.go();
     let r = end_record(tracer, &report);
     assert_eq!(r["meta"]["tier"], "usdt");
-    let want = truth(&target.truth);
-    let got = by_leaf(&r);
-    assert_eq!(got.get("leak_site"), want.get("leak_site"), "{got:?}");
-    let (last, ok) = target.finish();
-    assert!(ok && last.starts_with("ok"), "{last}");
+    target.leaked_exactly(&r, "leak_site");
+    target.unharmed();
 }
 
 /// Under jemalloc (linked: the process's malloc is jemalloc's, which the library forwards to,
@@ -197,29 +218,13 @@ fn injected_in_futex() {
 fn injected_while_it_dlopens() {
     let _g = lock();
     let dir = scratch("inject-dlopen");
-    let plugin = dir.join("plugin.so");
-    build_c(
-        &plugin,
-        "tests/fixtures/leaky_plugin.c",
-        &["-shared", "-fPIC"],
-    );
-    let mut target = Target::start_with(
-        &mut Command::new(fixture()),
-        "dlopen",
-        2,
-        &dir,
-        &[plugin.to_str().unwrap()],
-    );
+    let mut target = Target::with_plugin("dlopen", 2, &dir);
     let report = dir.join("report.json");
     let (tracer, _stderr) = start_record(&target, &report);
     target.go();
     let r = end_record(tracer, &report);
-    assert_eq!(
-        by_leaf(&r).get("leak_site"),
-        truth(&target.truth).get("leak_site")
-    );
-    let (last, ok) = target.finish();
-    assert!(ok && last.starts_with("ok"), "{last}");
+    target.leaked_exactly(&r, "leak_site");
+    target.unharmed();
 }
 
 /// A library the target dlopens after the injection: bridge-trace sees the new object,
@@ -229,19 +234,7 @@ fn injected_while_it_dlopens() {
 fn objects_loaded_after_the_injection_are_redirected() {
     let _g = lock();
     let dir = scratch("inject-plugin");
-    let plugin = dir.join("plugin.so");
-    build_c(
-        &plugin,
-        "tests/fixtures/leaky_plugin.c",
-        &["-shared", "-fPIC"],
-    );
-    let mut target = Target::start_with(
-        &mut Command::new(fixture()),
-        "plugin",
-        1,
-        &dir,
-        &[plugin.to_str().unwrap()],
-    );
+    let mut target = Target::with_plugin("plugin", 1, &dir);
     let report = dir.join("report.json");
     let (tracer, mut stderr) = start_record(&target, &report);
     writeln!(target.stdin.as_mut().unwrap()).unwrap();
@@ -253,12 +246,9 @@ fn objects_loaded_after_the_injection_are_redirected() {
     }
     target.go();
     let r = end_record(tracer, &report);
-    let got = by_leaf(&r);
-    let want = truth(&target.truth);
-    assert_eq!(got.get("plugin_leak"), want.get("plugin_leak"), "{got:?}");
-    assert_eq!(got.get("leak_site"), want.get("leak_site"), "{got:?}");
-    let (last, ok) = target.finish();
-    assert!(ok && last.starts_with("ok"), "{last}");
+    target.leaked_exactly(&r, "plugin_leak");
+    target.leaked_exactly(&r, "leak_site");
+    target.unharmed();
 }
 
 /// A signal sent to the target while the helper holds it is delivered to its handler once it
@@ -383,12 +373,8 @@ fn sigkill_of_the_tracer_at_any_stage() {
     assert_eq!(target.loaded(), 1);
     target.go();
     let r = end_record(tracer, &report);
-    assert_eq!(
-        by_leaf(&r).get("leak_site"),
-        truth(&target.truth).get("leak_site")
-    );
-    let (last, ok) = target.finish();
-    assert!(ok && last.starts_with("ok"), "{last}");
+    target.leaked_exactly(&r, "leak_site");
+    target.unharmed();
 }
 
 /// Injected twice (a second record, then two at once): loaded once; each one that runs says so
@@ -450,8 +436,7 @@ fn injecting_twice_loads_it_once() {
     assert!(ran >= 1);
     assert_eq!(target.loaded(), 1);
     target.go();
-    let (last, ok) = target.finish();
-    assert!(ok && last.starts_with("ok"), "{last}");
+    target.unharmed();
 }
 
 /// A target in a mount namespace of its own, with a /tmp of its own: the library is written
@@ -483,12 +468,8 @@ fn a_target_with_its_own_mount_namespace() {
     assert!(lib, "the library is in its own /tmp");
     target.go();
     let r = end_record(tracer, &report);
-    assert_eq!(
-        by_leaf(&r).get("leak_site"),
-        truth(&target.truth).get("leak_site")
-    );
-    let (last, ok) = target.finish();
-    assert!(ok && last.starts_with("ok"), "{last}");
+    target.leaked_exactly(&r, "leak_site");
+    target.unharmed();
 }
 
 /// Runs `record --pid --inject` expecting a refusal: exit `code`, one line saying `why`, the
@@ -512,8 +493,7 @@ fn refused(target: Target, code: i32, why: &str) {
     assert_eq!(target.loaded(), 0);
     let mut target = target;
     target.go();
-    let (last, ok) = target.finish();
-    assert!(ok && last.starts_with("ok"), "{last}");
+    target.unharmed();
 }
 
 #[test]
@@ -552,8 +532,7 @@ fn a_process_being_traced_is_refused() {
     assert_eq!(target.loaded(), 0);
     let mut target = target;
     target.go();
-    let (last, ok) = target.finish();
-    assert!(ok && last.starts_with("ok"), "{last}");
+    target.unharmed();
 }
 
 /// A static executable has no dynamic loader to load a library with.

@@ -325,35 +325,34 @@ fn set_regs(tid: i32, regs: &libc::user_regs_struct) -> Result<(), Failure> {
 fn save(tid: i32) -> Result<Saved, Failure> {
     let regs = get_regs(tid)?;
     let mut xstate = vec![0u8; 16 << 10];
-    let mut iov = libc::iovec {
-        iov_base: xstate.as_mut_ptr() as *mut libc::c_void,
-        iov_len: xstate.len(),
-    };
-    ptrace(
-        libc::PTRACE_GETREGSET,
-        tid,
-        NT_X86_XSTATE as usize,
-        &mut iov as *mut _ as usize,
-    )
-    .map_err(|e| format!("reading the vector registers of thread {tid}: {e}"))?;
-    xstate.truncate(iov.iov_len);
+    let len = xstate_regset(tid, libc::PTRACE_GETREGSET, &mut xstate)
+        .map_err(|e| format!("reading the vector registers of thread {tid}: {e}"))?;
+    xstate.truncate(len);
     Ok(Saved { regs, xstate })
 }
 
 fn restore(tid: i32, saved: &Saved) -> Result<(), Failure> {
     set_regs(tid, &saved.regs)?;
+    let mut xstate = saved.xstate.clone();
+    xstate_regset(tid, libc::PTRACE_SETREGSET, &mut xstate)
+        .map_err(|e| format!("restoring the vector registers of thread {tid}: {e}"))?;
+    Ok(())
+}
+
+/// Reads (`PTRACE_GETREGSET`) or writes (`PTRACE_SETREGSET`) the thread's extended state
+/// through `buf`; the bytes the kernel used.
+fn xstate_regset(tid: i32, req: libc::c_uint, buf: &mut [u8]) -> Result<usize, std::io::Error> {
     let mut iov = libc::iovec {
-        iov_base: saved.xstate.as_ptr() as *mut libc::c_void,
-        iov_len: saved.xstate.len(),
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
     };
     ptrace(
-        libc::PTRACE_SETREGSET,
+        req,
         tid,
         NT_X86_XSTATE as usize,
         &mut iov as *mut _ as usize,
-    )
-    .map_err(|e| format!("restoring the vector registers of thread {tid}: {e}"))?;
-    Ok(())
+    )?;
+    Ok(iov.iov_len)
 }
 
 /// A NUL-terminated string of the process at `addr` (at most 4 KiB).
