@@ -24,6 +24,17 @@ fn fixture() -> &'static Path {
     })
 }
 
+/// The fixture built into `dir` with one more flag (a library, `-static`).
+fn fixture_with(dir: &Path, flag: &str) -> PathBuf {
+    let exe = dir.join("inject_target");
+    build_c(
+        &exe,
+        "tests/fixtures/inject_target.c",
+        &["-O2", "-pthread", flag],
+    );
+    exe
+}
+
 /// A running fixture.
 struct Target {
     child: KillOnDrop,
@@ -184,12 +195,7 @@ fn exact_and_unharmed_in(mut target: Target, mode: &str, dir: &Path) {
 fn injected_under_jemalloc() {
     let _g = lock();
     let dir = scratch("inject-jemalloc");
-    let exe = dir.join("inject_target_jemalloc");
-    build_c(
-        &exe,
-        "tests/fixtures/inject_target.c",
-        &["-O2", "-pthread", "-ljemalloc"],
-    );
+    let exe = fixture_with(&dir, "-ljemalloc");
     let target = Target::start_with(&mut Command::new(&exe), "read", 2, &dir, &[]);
     exact_and_unharmed_in(target, "read", &dir);
 }
@@ -475,23 +481,23 @@ fn a_target_with_its_own_mount_namespace() {
 /// Runs `record --pid --inject` expecting a refusal: exit `code`, one line saying `why`, the
 /// process untouched (no library mapped, still working).
 fn refused(target: Target, code: i32, why: &str) {
+    refused_while(target, code, why, |_| {});
+}
+
+/// As [`refused`], with `hold` done to the target first and `release` after the attempt.
+fn refused_while(mut target: Target, code: i32, why: &str, hold: impl Fn(bool)) {
+    hold(true);
     let out = Command::new(BIN)
-        .args([
-            "record",
-            "--pid",
-            &target.pid(),
-            "--inject",
-            "--duration",
-            "1s",
-        ])
+        .args(["record", "--pid", &target.pid(), "--inject"])
+        .args(["--duration", "1s"])
         .output()
         .unwrap();
+    hold(false);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "{said}");
     assert!(said.contains(why), "{said}");
     assert_eq!(said.trim().lines().count(), 1, "{said}");
     assert_eq!(target.loaded(), 0);
-    let mut target = target;
     target.go();
     target.unharmed();
 }
@@ -510,29 +516,21 @@ fn a_process_being_traced_is_refused() {
     let dir = scratch("inject-traced");
     let target = Target::start("read", 0, &dir);
     let pid: i32 = target.pid().parse().unwrap();
-    // SAFETY: seizing our own child (no stop: it keeps running).
-    let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
-    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-    let out = Command::new(BIN)
-        .args([
-            "record",
-            "--pid",
-            &target.pid(),
-            "--inject",
-            "--duration",
-            "1s",
-        ])
-        .output()
-        .unwrap();
-    // SAFETY: as above.
-    unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(5), "{said}");
-    assert!(said.contains("traced already"), "{said}");
-    assert_eq!(target.loaded(), 0);
-    let mut target = target;
-    target.go();
-    target.unharmed();
+    refused_while(target, 5, "traced already", |hold| {
+        // SAFETY: seizing our own child (no stop: it keeps running); letting it go, which a
+        // tracer does from a stop: interrupted, waited for, detached.
+        let r = unsafe {
+            if hold {
+                libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0)
+            } else {
+                libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0);
+                let mut status = 0;
+                libc::waitpid(pid, &mut status, libc::__WALL);
+                libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0)
+            }
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    });
 }
 
 /// A static executable has no dynamic loader to load a library with.
@@ -540,12 +538,7 @@ fn a_process_being_traced_is_refused() {
 fn a_static_program_is_refused() {
     let _g = lock();
     let dir = scratch("inject-static");
-    let exe = dir.join("inject_target_static");
-    build_c(
-        &exe,
-        "tests/fixtures/inject_target.c",
-        &["-O2", "-pthread", "-static"],
-    );
+    let exe = fixture_with(&dir, "-static");
     refused(
         Target::start_with(&mut Command::new(&exe), "read", 0, &dir, &[]),
         5,

@@ -256,21 +256,24 @@ fn helper(pid: u32, path: &str, mean: u64) -> Result<Injected, String> {
     let libc_data = fs::read(host_path(pid, &libc)).map_err(|e| e.to_string())?;
     let dlopen = address_of(pid, &maps, &libc, &libc_data, "dlopen").ok_or("no dlopen")?;
     let dlerror = address_of(pid, &maps, &libc, &libc_data, "dlerror").ok_or("no dlerror")?;
-    let again = loaded(&maps);
     let risky = risky(&maps);
+    // Tried again for half a second: a thread inside the allocator or the loader moves on,
+    // another injection (a few milliseconds) ends; a debugger does not.
     let mut tries = 0;
     let (mut stopped, tid) = loop {
-        let stopped = remote::Stopped::seize(pid as i32)?;
-        match stopped.choose(&risky) {
-            Ok(tid) => break (stopped, tid),
+        let chosen = remote::Stopped::seize(pid as i32)
+            .and_then(|stopped| stopped.choose(&risky).map(|tid| (stopped, tid)));
+        match chosen {
+            Ok(found) => break found,
             Err(why) if tries >= 25 => return Err(why),
             Err(_) => {
-                drop(stopped);
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
     };
+    // Read with the process stopped: another injection may have loaded it since.
+    let again = loaded(&read_maps(pid).map_err(|e| e.to_string())?);
     if !again {
         let mut bytes = path.as_bytes().to_vec();
         bytes.push(0);

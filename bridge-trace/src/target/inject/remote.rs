@@ -105,6 +105,11 @@ impl Stopped {
                     Err(e) => {
                         s.release();
                         return Err(match e.raw_os_error() {
+                            // Another tracer came between the check and the seize.
+                            Some(libc::EPERM) if tracer_of(pid) != 0 => format!(
+                                "it is being traced already, by pid {} (another injection?)",
+                                tracer_of(pid)
+                            ),
                             Some(libc::EPERM) => format!(
                                 "ptrace is not permitted on it ({e}: kernel.yama.ptrace_scope, \
                                  a missing CAP_SYS_PTRACE, or another tracer)"
@@ -353,6 +358,18 @@ fn xstate_regset(tid: i32, req: libc::c_uint, buf: &mut [u8]) -> Result<usize, s
         &mut iov as *mut _ as usize,
     )?;
     Ok(iov.iov_len)
+}
+
+/// The pid tracing `pid` (its TracerPid; 0: none).
+fn tracer_of(pid: i32) -> u32 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// A NUL-terminated string of the process at `addr` (at most 4 KiB).
