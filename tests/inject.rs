@@ -502,6 +502,15 @@ fn refused_while(mut target: Target, code: i32, why: &str, hold: impl Fn(bool)) 
     target.unharmed();
 }
 
+/// Its only thread blocked in vfork (the child sleeping): refused, untouched, once the child
+/// is gone it goes on.
+#[test]
+fn a_process_in_vfork_is_refused() {
+    let _g = lock();
+    let dir = scratch("inject-vfork");
+    refused(Target::start("vfork", 0, &dir), 5, "did not stop");
+}
+
 #[test]
 fn a_process_under_seccomp_is_refused() {
     let _g = lock();

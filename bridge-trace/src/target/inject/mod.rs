@@ -174,6 +174,12 @@ pub fn new_code(before: &[Mapping], after: &[Mapping]) -> bool {
         .any(|m| !before.iter().any(|b| b.executable && b.path == m.path))
 }
 
+/// Whether a failed seize or choice is tried again: another tracer's hold, a thread busy in
+/// the allocator, the loader or a fork.
+fn retried(why: &str) -> bool {
+    why.starts_with(remote::TRACED) || why.starts_with("thread ") && why.contains(" is ")
+}
+
 /// Whether the library is mapped in the process already.
 fn loaded(maps: &[Mapping]) -> bool {
     maps.iter()
@@ -265,7 +271,7 @@ fn helper(pid: u32, path: &str, mean: u64) -> Result<Injected, String> {
             .and_then(|stopped| stopped.choose(&risky).map(|tid| (stopped, tid)));
         match chosen {
             Ok(found) => break found,
-            Err(why) if tries >= 25 => return Err(why),
+            Err(why) if tries >= 25 || !retried(&why) => return Err(why),
             Err(_) => {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(20));

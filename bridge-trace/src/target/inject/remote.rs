@@ -14,6 +14,10 @@ use std::{
 /// Why a remote step failed: said to the user as one line.
 pub type Failure = String;
 
+/// How a failure to seize a process another tracer holds begins (tried again: another
+/// injection ends in milliseconds).
+pub const TRACED: &str = "it is being traced already";
+
 /// A thread's saved state: general registers and the extended (x87/SSE/AVX) area.
 struct Saved {
     regs: libc::user_regs_struct,
@@ -106,10 +110,9 @@ impl Stopped {
                         s.release();
                         return Err(match e.raw_os_error() {
                             // Another tracer came between the check and the seize.
-                            Some(libc::EPERM) if tracer_of(pid) != 0 => format!(
-                                "it is being traced already, by pid {} (another injection?)",
-                                tracer_of(pid)
-                            ),
+                            Some(libc::EPERM) if tracer_of(pid) != 0 => {
+                                format!("{TRACED} by pid {} (another injection?)", tracer_of(pid))
+                            }
                             Some(libc::EPERM) => format!(
                                 "ptrace is not permitted on it ({e}: kernel.yama.ptrace_scope, \
                                  a missing CAP_SYS_PTRACE, or another tracer)"
@@ -135,7 +138,10 @@ impl Stopped {
     fn stopped(&mut self, tid: i32) -> Result<(), Failure> {
         loop {
             let Some(status) = wait(tid, Duration::from_secs(2))? else {
-                return Err(format!("thread {tid} did not stop"));
+                return Err(format!(
+                    "thread {tid} did not stop within 2 s (in a vfork waiting for its child, or \
+                     an uninterruptible wait)"
+                ));
             };
             if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
                 self.tids.retain(|&t| t != tid);
