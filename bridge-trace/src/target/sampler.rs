@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 
 /// The library, built by build.rs.
 pub static LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libbridge_trace_sampler.so"));
+/// Its mean sampling interval when nothing says otherwise (the library's own default).
+pub const DEFAULT_INTERVAL: u64 = 512 << 10;
 /// Its file name.
 pub const FILE_NAME: &str = "libbridge_trace_sampler.so";
 /// The environment variable that sets its mean sampling interval (bytes, or 512K, 2M, ...).

@@ -13,6 +13,7 @@ pub use config::{Config, Target};
 
 use session::{attach_pid, follow, launch, Attached, ChildEvent, Followed, CHILDREN_POLL};
 
+use crate::target::sampler::DEFAULT_INTERVAL;
 use crate::{
     aggregate::{aggregate, Report},
     attach::check_privileges,
@@ -275,6 +276,13 @@ fn finish(
     // Counters keep counting until the very end (frees during atexit handlers, say).
     if let Ok(c) = collect::counters(&t.tracer) {
         snapshot.counters = c;
+    }
+    // The injected library stays: at the interval the next tracer expects of it, not at
+    // every allocation (one more stop of about a millisecond).
+    if t.injected.is_some_and(|m| m != DEFAULT_INTERVAL) && !exited {
+        if let Err(e) = crate::target::inject::inject(pid, DEFAULT_INTERVAL) {
+            eprintln!("bridge-trace: leaving the sampler at its default interval: {e}");
+        }
     }
     // Children held just now are let go untraced; the others' allocations are read while their
     // probes are still attached.
