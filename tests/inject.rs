@@ -511,6 +511,40 @@ fn a_process_in_vfork_is_refused() {
     refused(Target::start("vfork", 0, &dir), 5, "did not stop");
 }
 
+/// A process started with the sampler preloaded: the injection finds it there, changes
+/// nothing, and the record goes on through its probes, not as if every allocation were reported.
+#[test]
+fn a_preloaded_process_needs_no_injection() {
+    let _g = lock();
+    let dir = scratch("inject-preloaded");
+    let mut cmd = Command::new(fixture());
+    cmd.env("LD_PRELOAD", sampler_lib());
+    let mut target = Target::start_with(&mut cmd, "read", 1, &dir, &[]);
+    let report = dir.join("report.json");
+    let out = Command::new(BIN)
+        .args([
+            "record",
+            "--pid",
+            &target.pid(),
+            "--inject",
+            "--duration",
+            "1s",
+        ])
+        .arg("-o")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("(preloaded: nothing to change)"), "{said}");
+    let r = json(&report);
+    assert_eq!(r["meta"]["tier"], "usdt");
+    assert!(r["meta"].get("injected").is_none(), "{}", r["meta"]);
+    assert_eq!(target.loaded(), 1);
+    target.go();
+    target.unharmed();
+}
+
 #[test]
 fn a_process_under_seccomp_is_refused() {
     let _g = lock();

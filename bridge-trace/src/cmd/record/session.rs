@@ -168,15 +168,16 @@ pub(super) fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
     })?;
     // --inject: the sampler is loaded once the kernel half is ready, so that little of the
     // process's allocating goes by between its load and the probes on it.
-    let maps = match config.inject {
+    let (maps, injected) = match config.inject {
         Some(mean) => {
             let done = target::inject::inject(pid, mean)?;
             if !config.quiet {
                 eprintln!("bridge-trace: {}", done.describe(pid));
             }
-            target::inspect_pid(pid)?
+            // Preloaded, it samples as it was started to.
+            (target::inspect_pid(pid)?, (!done.preloaded).then_some(mean))
         }
-        None => maps,
+        None => (maps, None),
     };
     // The tables first, then the probes: no allocation is walked without them (frames of
     // objects mapped later are walked with frame pointers until theirs load, and counted).
@@ -209,7 +210,7 @@ pub(super) fn attach_pid(pid: u32, config: &Config) -> Result<Attached> {
         tracer,
         allocator,
         usdt: usdt.map(|(interposers, _)| interposers),
-        injected: config.inject,
+        injected,
         allocator_paths: allocators.iter().map(|a| a.path.clone()).collect(),
         exe: target::exe(pid),
         maps: ProcessMaps::new(pid, maps),

@@ -20,6 +20,7 @@ mod remote;
 use std::{
     fs,
     io::Read as _,
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
@@ -45,6 +46,8 @@ pub struct Injected {
     pub rewritten: u64,
     /// The library was loaded by an earlier injection: not loaded again.
     pub again: bool,
+    /// It was preloaded: the process goes through it already, nothing was changed.
+    pub preloaded: bool,
 }
 
 impl Injected {
@@ -52,7 +55,11 @@ impl Injected {
     pub fn describe(&self, pid: u32) -> String {
         format!(
             "injected the sampler into pid {pid}{}: stopped {:.1} ms, {} GOT entries redirected",
-            if self.again { " (loaded before)" } else { "" },
+            match (self.preloaded, self.again) {
+                (true, _) => " (preloaded: nothing to change)",
+                (_, true) => " (loaded before)",
+                _ => "",
+            },
             self.stopped.as_secs_f64() * 1e3,
             self.rewritten
         )
@@ -100,8 +107,6 @@ pub fn inject(pid: u32, mean: u64) -> Result<Injected> {
     parse_answer(&out, status.success()).map_err(refuse)
 }
 
-use std::os::unix::process::CommandExt as _;
-
 /// The helper's answer: `ok STOP_US REWRITTEN AGAIN` or `no REASON`.
 fn parse_answer(out: &str, success: bool) -> Result<Injected, String> {
     let line = out.lines().last().unwrap_or("");
@@ -113,7 +118,8 @@ fn parse_answer(out: &str, success: bool) -> Result<Injected, String> {
         ["ok", us, n, again] if success => Ok(Injected {
             stopped: Duration::from_micros(us.parse().unwrap_or(0)),
             rewritten: n.parse().unwrap_or(0),
-            again: again == "1",
+            again: again != "0",
+            preloaded: again == "2",
         }),
         _ => Err("the injecting helper ended without an answer".into()),
     }
@@ -187,12 +193,11 @@ fn loaded(maps: &[Mapping]) -> bool {
 }
 
 /// The address of `name` defined in the object mapped from `path` in `maps`.
-fn address_of(pid: u32, maps: &[Mapping], path: &str, data: &[u8], name: &str) -> Option<u64> {
+fn address_of(maps: &[Mapping], path: &str, data: &[u8], name: &str) -> Option<u64> {
     let elf = object::File::parse(data).ok()?;
     let sym = elf
         .dynamic_symbols()
         .find(|s| s.name() == Ok(name) && !s.is_undefined())?;
-    let _ = pid;
     let base = maps
         .iter()
         .filter(|m| m.path == path)
@@ -240,7 +245,7 @@ pub fn helper_main(args: &[String]) -> i32 {
                 "ok {} {} {}",
                 i.stopped.as_micros(),
                 i.rewritten,
-                u8::from(i.again)
+                if i.preloaded { 2 } else { u8::from(i.again) }
             );
             0
         }
@@ -260,8 +265,8 @@ fn helper(pid: u32, path: &str, mean: u64) -> Result<Injected, String> {
         .path
         .clone();
     let libc_data = fs::read(host_path(pid, &libc)).map_err(|e| e.to_string())?;
-    let dlopen = address_of(pid, &maps, &libc, &libc_data, "dlopen").ok_or("no dlopen")?;
-    let dlerror = address_of(pid, &maps, &libc, &libc_data, "dlerror").ok_or("no dlerror")?;
+    let dlopen = address_of(&maps, &libc, &libc_data, "dlopen").ok_or("no dlopen")?;
+    let dlerror = address_of(&maps, &libc, &libc_data, "dlerror").ok_or("no dlerror")?;
     let risky = risky(&maps);
     // Tried again for half a second: a thread inside the allocator or the loader moves on,
     // another injection (a few milliseconds) ends; a debugger does not.
@@ -297,14 +302,11 @@ fn helper(pid: u32, path: &str, mean: u64) -> Result<Injected, String> {
         .ok_or("the library is not mapped after its dlopen")?
         .path
         .clone();
-    let attach = address_of(
-        pid,
-        &maps,
-        &lib,
-        sampler::LIBRARY,
-        "bridge_trace_sampler_attach",
-    )
-    .ok_or("the mapped library has no bridge_trace_sampler_attach (another version?)")?;
+    // The mapped file's own symbol: a library of another version (preloaded, or injected by
+    // another bridge-trace) has its own layout.
+    let lib_data = fs::read(host_path(pid, &lib)).map_err(|e| format!("{lib}: {e}"))?;
+    let attach = address_of(&maps, &lib, &lib_data, "bridge_trace_sampler_attach")
+        .ok_or_else(|| format!("{lib} has no bridge_trace_sampler_attach (an older version?)"))?;
     let done = stopped.call(tid, attach, &[mean], &[])? as i64;
     let stopped_for = stopped.release();
     match done {
@@ -312,8 +314,14 @@ fn helper(pid: u32, path: &str, mean: u64) -> Result<Injected, String> {
             stopped: stopped_for,
             rewritten: n as u64,
             again,
+            preloaded: false,
         }),
-        -1 => Err("the sampler is preloaded in it already: no need to inject".into()),
+        -1 => Ok(Injected {
+            stopped: stopped_for,
+            rewritten: 0,
+            again: true,
+            preloaded: true,
+        }),
         n => Err(format!("the library's attach failed ({n})")),
     }
 }
