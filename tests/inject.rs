@@ -124,6 +124,16 @@ impl Target {
         (last, ok)
     }
 
+    /// `bridge-trace record --pid PID --inject`, with `extra` arguments, its report at `out`.
+    fn record_inject(&self, extra: &[&str], out: &Path) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["record", "--pid", &self.pid(), "--inject"])
+            .args(extra)
+            .arg("-o")
+            .arg(out);
+        cmd
+    }
+
     /// The sampler's mappings in it (executable ones: one per load).
     fn loaded(&self) -> usize {
         std::fs::read_to_string(format!("/proc/{}/maps", self.pid()))
@@ -269,29 +279,16 @@ fn signals_during_the_stop_are_delivered() {
     let pid = target.pid();
     let (mut sent, mut inside) = (0, 0);
     for i in 0..8 {
-        let mut tracer = Command::new(BIN)
-            .args([
-                "record",
-                "--quiet",
-                "--pid",
-                &pid,
-                "--inject",
-                "--duration",
-                "1s",
-            ])
-            .arg("-o")
-            .arg(dir.join(format!("r{i}.json")))
+        let mut tracer = target
+            .record_inject(
+                &["--quiet", "--duration", "1s"],
+                &dir.join(format!("r{i}.json")),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let start = Instant::now();
-        while tracer_of(&pid) == 0
-            && tracer.try_wait().unwrap().is_none()
-            && start.elapsed() < Duration::from_secs(20)
-        {
-            std::hint::spin_loop();
-        }
+        until_held(&pid, &mut tracer);
         let before = tracer_of(&pid) != 0;
         // SAFETY: a signal to the fixture, which handles it.
         unsafe { libc::kill(pid.parse().unwrap(), libc::SIGUSR1) };
@@ -309,6 +306,18 @@ fn signals_during_the_stop_are_delivered() {
     assert!(ok, "{last}");
     let handled: i32 = last.strip_prefix("ok ").unwrap().parse().unwrap();
     assert_eq!(handled, sent, "sent {sent}, handled {handled}");
+}
+
+/// Spins until the injecting helper holds `pid` (its TracerPid set), or `tracer` is past that
+/// or gone.
+fn until_held(pid: &str, tracer: &mut Child) {
+    let start = Instant::now();
+    while tracer_of(pid) == 0
+        && tracer.try_wait().unwrap().is_none()
+        && start.elapsed() < Duration::from_secs(20)
+    {
+        std::hint::spin_loop();
+    }
 }
 
 /// The target's TracerPid: nonzero while the injecting helper holds it.
@@ -334,22 +343,14 @@ fn sigkill_of_the_tracer_at_any_stage() {
     let pid = target.pid();
     let mut mid = 0;
     for delay_us in [0u64, 50, 100, 200, 300, 500, 700, 1000, 1400, 2000, 3000] {
-        let mut tracer = Command::new(BIN)
-            .args(["record", "--quiet", "--pid", &pid, "--inject"])
-            .arg("-o")
-            .arg(dir.join("killed.json"))
+        let mut tracer = target
+            .record_inject(&["--quiet"], &dir.join("killed.json"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         // Until the helper has seized the process (or the tracer is past it, or gone).
-        let start = Instant::now();
-        while tracer_of(&pid) == 0
-            && tracer.try_wait().unwrap().is_none()
-            && start.elapsed() < Duration::from_secs(20)
-        {
-            std::hint::spin_loop();
-        }
+        until_held(&pid, &mut tracer);
         std::thread::sleep(Duration::from_micros(delay_us));
         let held = tracer_of(&pid) != 0;
         tracer.kill().unwrap();
@@ -390,17 +391,8 @@ fn injecting_twice_loads_it_once() {
     let _g = lock();
     let dir = scratch("inject-twice");
     let mut target = Target::start("read", 1, &dir);
-    let out = Command::new(BIN)
-        .args([
-            "record",
-            "--pid",
-            &target.pid(),
-            "--inject",
-            "--duration",
-            "1s",
-        ])
-        .arg("-o")
-        .arg(dir.join("first.json"))
+    let out = target
+        .record_inject(&["--duration", "1s"], &dir.join("first.json"))
         .output()
         .unwrap();
     assert_ok(&out);
@@ -409,17 +401,9 @@ fn injecting_twice_loads_it_once() {
     assert!(!first.contains("loaded before"), "{first}");
     let both: Vec<_> = (0..2)
         .map(|i| {
-            Command::new(BIN)
-                .args([
-                    "record",
-                    "--pid",
-                    &target.pid(),
-                    "--inject",
-                    "--duration",
-                    "1s",
-                ])
-                .arg("-o")
-                .arg(dir.join(format!("again{i}.json")))
+            let again = dir.join(format!("again{i}.json"));
+            target
+                .record_inject(&["--duration", "1s"], &again)
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -487,9 +471,11 @@ fn refused(target: Target, code: i32, why: &str) {
 /// As [`refused`], with `hold` done to the target first and `release` after the attempt.
 fn refused_while(mut target: Target, code: i32, why: &str, hold: impl Fn(bool)) {
     hold(true);
-    let out = Command::new(BIN)
-        .args(["record", "--pid", &target.pid(), "--inject"])
-        .args(["--duration", "1s"])
+    let out = target
+        .record_inject(
+            &["--duration", "1s"],
+            &target.truth.with_file_name("refused.json"),
+        )
         .output()
         .unwrap();
     hold(false);
@@ -521,17 +507,8 @@ fn a_preloaded_process_needs_no_injection() {
     cmd.env("LD_PRELOAD", sampler_lib());
     let mut target = Target::start_with(&mut cmd, "read", 1, &dir, &[]);
     let report = dir.join("report.json");
-    let out = Command::new(BIN)
-        .args([
-            "record",
-            "--pid",
-            &target.pid(),
-            "--inject",
-            "--duration",
-            "1s",
-        ])
-        .arg("-o")
-        .arg(&report)
+    let out = target
+        .record_inject(&["--duration", "1s"], &report)
         .output()
         .unwrap();
     assert_ok(&out);

@@ -91,7 +91,7 @@ fn attach(mean: u64) -> i64 {
         // Being resolved through RTLD_NEXT: preloaded, in its first call.
         return Failure::Preloaded as i64;
     }
-    let Some(own) = own_functions() else {
+    let Some((own_base, own)) = own_functions() else {
         return Failure::NoSelf as i64;
     };
     // Preloaded, the process's `malloc` is this library's already.
@@ -103,7 +103,7 @@ fn attach(mean: u64) -> i64 {
     crate::sample::set_mean(mean);
     let mut walk = Walk {
         own,
-        own_base: base_of(attach as *const () as usize),
+        own_base,
         rewritten: 0,
     };
     // SAFETY: the callback only reads the loader's own tables for each object.
@@ -111,9 +111,9 @@ fn attach(mean: u64) -> i64 {
     walk.rewritten as i64
 }
 
-/// This library's definitions of [`NAMES`]: looked up in itself (its own handle searches it
-/// first), where the process's global scope would find the allocator's.
-fn own_functions() -> Option<[(&'static CStr, usize); NAMES.len()]> {
+/// This library's load address and its definitions of [`NAMES`]: looked up in itself (its own
+/// handle searches it first), where the process's global scope would find the allocator's.
+fn own_functions() -> Option<(usize, [(&'static CStr, usize); NAMES.len()])> {
     // SAFETY: all-zero is a valid Dl_info.
     let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
     // SAFETY: an address of this library and an out-parameter.
@@ -135,7 +135,7 @@ fn own_functions() -> Option<[(&'static CStr, usize); NAMES.len()]> {
         // A name this library does not define is found in its dependencies: not ours.
         *slot = (name, if base_of(at) == base { at } else { 0 });
     }
-    Some(own)
+    Some((base, own))
 }
 
 /// The load address of the object holding `addr` (0 when none does).

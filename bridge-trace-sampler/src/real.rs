@@ -82,18 +82,16 @@ fn resolve() {
 /// Injected ([`crate::inject`]): the allocator is the process's own, the first definition in
 /// its global scope (the executable's, a jemalloc it links, or libc's), which this library,
 /// loaded with `RTLD_LOCAL`, is not part of. `RTLD_NEXT` would search this library's own
-/// dependencies: libc's, whatever the process allocates with. Idempotent; `false` when the
-/// functions were resolved before, as they are when the library is preloaded.
-pub fn resolve_global() -> bool {
+/// dependencies: libc's, whatever the process allocates with. Idempotent; nothing changes
+/// when the functions were resolved before, as they are when the library is preloaded.
+pub fn resolve_global() {
     if STATE
         .compare_exchange(UNRESOLVED, RESOLVING, Ordering::Acquire, Ordering::Acquire)
-        .is_err()
+        .is_ok()
     {
-        return false;
+        lookup(libc::RTLD_DEFAULT);
+        STATE.store(READY, Ordering::Release);
     }
-    lookup(libc::RTLD_DEFAULT);
-    STATE.store(READY, Ordering::Release);
-    true
 }
 
 fn lookup(scope: *mut c_void) {

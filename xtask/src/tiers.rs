@@ -540,7 +540,6 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     let (cycles, paired_secs) = if short { (2, 3.0) } else { (8, 10.0) };
     let paired = usdt_paired(tracer, &demo, Some(&sampler), cycles, paired_secs)?;
     let injected = usdt_paired(tracer, &demo, None, cycles, paired_secs)?;
-    let series = |p: &[Paired], f: fn(&Paired) -> f64| p.iter().map(f).collect::<Vec<_>>();
     // The sampler's traced path, per call: what the loop's pairs cost more attached, less
     // what its own samples cost (their probe hits and eBPF runs, counted for the demo in the
     // other two parts): one in LOOP_MEAN_BYTES / 512 KiB pairs is sampled, two events each.
@@ -558,7 +557,8 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
         let path_ns = (traced_ns - own_samples_ns).max(0.0);
         let sampler_path = path_ns * demo_allocs / 1e9 * 100.0;
         let total = bpf + hits + sampler_path;
-        let (lo, hi) = crate::bench::min_max(&series(p, |p| p.added * 100.0));
+        let added_pct: Vec<f64> = p.iter().map(|p| p.added * 100.0).collect();
+        let (lo, hi) = crate::bench::min_max(&added_pct);
         println!(
             "{label}, one data bridge against itself, {cycles} cycles of {paired_secs:.0} s \
              unattached / attached (medians), the service's own CPU: its eBPF programs \

@@ -138,7 +138,8 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
     }
     if args.inject && !matches!(target, Target::Pid(_)) {
         return Err(Error::Usage(
-            "--inject loads the sampler into a running process (--pid); a program record              launches gets it preloaded with --sampler"
+            "--inject loads the sampler into a running process (--pid); a program record \
+             launches gets it preloaded with --sampler"
                 .into(),
         ));
     }

@@ -201,7 +201,8 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
     };
     if args.inject && matches!(target, WatchTarget::Launch { .. }) {
         return Err(Error::Usage(
-            "--inject loads the sampler into a running process (--pid or --exe); a program              watch starts gets it preloaded with --sampler"
+            "--inject loads the sampler into a running process (--pid or --exe); a program watch \
+             starts gets it preloaded with --sampler"
                 .into(),
         ));
     }

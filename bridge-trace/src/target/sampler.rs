@@ -77,10 +77,9 @@ pub fn check_dir(dir: &Path) -> std::result::Result<(), String> {
     // SAFETY: plain libc call.
     let me = unsafe { libc::geteuid() };
     if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "{} exists and is not a directory of this user's that only it can write to",
-            dir.display()
-        ));
+        return Err(
+            "exists and is not a directory of this user's that only it can write to".into(),
+        );
     }
     Ok(())
 }

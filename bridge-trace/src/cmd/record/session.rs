@@ -129,12 +129,9 @@ impl Attached {
             Refresh::Changed => {}
         }
         if let (Some(mean), Some(before)) = (self.injected, before) {
-            if target::inject::new_code(&before, &self.maps.current) {
-                // Objects it loaded since: their GOT entries redirected too.
-                match target::inject::inject(self.pid, mean) {
-                    Ok(done) => eprintln!("bridge-trace: {}", done.describe(self.pid)),
-                    Err(e) => eprintln!("bridge-trace: re-injecting for new objects: {e}"),
-                }
+            let now = &self.maps.current;
+            if let Some(said) = target::inject::follow_new_code(self.pid, mean, &before, now) {
+                eprintln!("bridge-trace: {said}");
             }
         }
         self.tracer

@@ -599,13 +599,12 @@ impl Session<'_> {
     fn refresh_maps(&mut self) -> Result<()> {
         let mut changed = Vec::new();
         for (&pid, p) in self.procs.iter_mut() {
-            let before = p.maps.current.clone();
+            let before = self.config.inject.then(|| p.maps.current.clone());
             if p.maps.refresh() == Refresh::Changed {
-                if self.config.inject && target::inject::new_code(&before, &p.maps.current) {
-                    // Objects it loaded since: their GOT entries redirected too.
-                    match target::inject::inject(pid, self.config.sample_interval) {
-                        Ok(done) => eprintln!("bridge-trace: {}", done.describe(pid)),
-                        Err(e) => tracing::warn!(pid, "re-injecting for new objects: {e}"),
+                if let Some(before) = before {
+                    let (mean, now) = (self.config.sample_interval, &p.maps.current);
+                    if let Some(said) = target::inject::follow_new_code(pid, mean, &before, now) {
+                        eprintln!("bridge-trace: {said}");
                     }
                 }
                 self.tracer.note_allocator_text(pid, &p.maps.current);

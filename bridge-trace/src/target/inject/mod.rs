@@ -76,15 +76,19 @@ pub fn inject(pid: u32, mean: u64) -> Result<Injected> {
         .map(|p| host_path(pid, &p.to_string_lossy()))
         .unwrap_or_default();
     super::refuse_go(&exe)?;
-    preflight(pid, &maps).map_err(refuse)?;
+    let (dlopen, dlerror) = preflight(pid, &maps).map_err(refuse)?;
     let dir_in_target = format!("/tmp/{}", sampler::DIR_NAME);
     let path_in_target = format!("{dir_in_target}/{}", sampler::FILE_NAME);
     if !loaded(&maps) {
         // In its root, and where no one else can swap the library before it is loaded.
         let host_dir = PathBuf::from(format!("/proc/{pid}/root{dir_in_target}"));
-        sampler::check_dir(&host_dir).map_err(refuse)?;
+        let check = || {
+            sampler::check_dir(&host_dir)
+                .map_err(|r| refuse(format!("{}: {r}", host_dir.display())))
+        };
+        check()?;
         sampler::install(&host_dir).map_err(|e| refuse(e.to_string()))?;
-        sampler::check_dir(&host_dir).map_err(refuse)?;
+        check()?;
     }
     let mut child = Command::new("/proc/self/exe")
         .args([
@@ -92,6 +96,8 @@ pub fn inject(pid: u32, mean: u64) -> Result<Injected> {
             &pid.to_string(),
             &path_in_target,
             &mean.to_string(),
+            &dlopen.to_string(),
+            &dlerror.to_string(),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -125,15 +131,19 @@ fn parse_answer(out: &str, success: bool) -> Result<Injected, String> {
     }
 }
 
-/// What makes injection unsafe or impossible, checked before the process is touched.
-fn preflight(pid: u32, maps: &[Mapping]) -> Result<(), String> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-    };
+/// A field of `/proc/PID/status` (`name` with its colon), trimmed.
+fn status_field(pid: u32, name: &str) -> Option<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+}
+
+/// What makes injection unsafe or impossible, checked before the process is touched; the
+/// addresses of its libc's `dlopen` and `dlerror` when nothing does.
+fn preflight(pid: u32, maps: &[Mapping]) -> Result<(u64, u64), String> {
+    let field = |name: &str| status_field(pid, name);
     if let Some(t) = field("TracerPid:").filter(|t| t != "0") {
         return Err(format!(
             "it is being traced already, by pid {t} (a debugger?)"
@@ -167,13 +177,34 @@ fn preflight(pid: u32, maps: &[Mapping]) -> Result<(), String> {
             libc.path
         ));
     }
-    Ok(())
+    let at = |name: &str| {
+        address_of(maps, &libc.path, &data, name)
+            .ok_or_else(|| format!("its libc ({}) has no {name} mapped", libc.path))
+    };
+    Ok((at("dlopen")?, at("dlerror")?))
 }
 
-/// Whether the process mapped code since `before` (`after` its maps now): objects a dlopen
-/// brought, whose GOT entries still reach the allocator until an attach redirects them
-/// ([`inject`] again, which finds the library loaded and only calls it).
-pub fn new_code(before: &[Mapping], after: &[Mapping]) -> bool {
+/// After a maps refresh of an injected process (`before` its maps then, `after` now): when it
+/// mapped new code, the objects a dlopen brought, whose GOT entries still reach the
+/// allocator, are redirected by another [`inject`] (which finds the library loaded and only
+/// calls its attach). The line to say, if it did.
+pub fn follow_new_code(
+    pid: u32,
+    mean: u64,
+    before: &[Mapping],
+    after: &[Mapping],
+) -> Option<String> {
+    if !new_code(before, after) {
+        return None;
+    }
+    Some(match inject(pid, mean) {
+        Ok(done) => done.describe(pid),
+        Err(e) => format!("re-injecting for new objects: {e}"),
+    })
+}
+
+/// Whether the process mapped code since `before` (`after` its maps now).
+fn new_code(before: &[Mapping], after: &[Mapping]) -> bool {
     after
         .iter()
         .filter(|m| m.executable && !m.path.ends_with(sampler::FILE_NAME))
@@ -224,7 +255,8 @@ fn risky(maps: &[Mapping]) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// `bridge-trace __inject-helper PID PATH MEAN`: makes the calls and prints its answer line.
+/// `bridge-trace __inject-helper PID PATH MEAN DLOPEN DLERROR` (the addresses of its libc's
+/// functions, as [`preflight`] found them): makes the calls and prints its answer line.
 /// Runs in a process of its own, so that it finishes what it started when bridge-trace is
 /// killed; ignores the terminal's and the service manager's stop signals meanwhile.
 pub fn helper_main(args: &[String]) -> i32 {
@@ -233,10 +265,14 @@ pub fn helper_main(args: &[String]) -> i32 {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     let answer = match args {
-        [pid, path, mean] => match (pid.parse(), mean.parse()) {
-            (Ok(pid), Ok(mean)) => helper(pid, path, mean),
-            _ => Err("bad helper arguments".into()),
-        },
+        [pid, path, mean, dlopen, dlerror] => {
+            match (pid.parse(), mean.parse(), dlopen.parse(), dlerror.parse()) {
+                (Ok(pid), Ok(mean), Ok(dlopen), Ok(dlerror)) => {
+                    helper(pid, path, mean, (dlopen, dlerror))
+                }
+                _ => Err("bad helper arguments".into()),
+            }
+        }
         _ => Err("bad helper arguments".into()),
     };
     match answer {
@@ -256,17 +292,9 @@ pub fn helper_main(args: &[String]) -> i32 {
     }
 }
 
-fn helper(pid: u32, path: &str, mean: u64) -> Result<Injected, String> {
+fn helper(pid: u32, path: &str, mean: u64, libc: (u64, u64)) -> Result<Injected, String> {
+    let (dlopen, dlerror) = libc;
     let maps = read_maps(pid).map_err(|e| e.to_string())?;
-    let libc = maps
-        .iter()
-        .find(|m| is_libc_name(&m.path))
-        .ok_or("no libc mapped")?
-        .path
-        .clone();
-    let libc_data = fs::read(host_path(pid, &libc)).map_err(|e| e.to_string())?;
-    let dlopen = address_of(&maps, &libc, &libc_data, "dlopen").ok_or("no dlopen")?;
-    let dlerror = address_of(&maps, &libc, &libc_data, "dlerror").ok_or("no dlerror")?;
     let risky = risky(&maps);
     // Tried again for half a second: a thread inside the allocator or the loader moves on,
     // another injection (a few milliseconds) ends; a debugger does not.

@@ -368,13 +368,8 @@ fn xstate_regset(tid: i32, req: libc::c_uint, buf: &mut [u8]) -> Result<usize, s
 
 /// The pid tracing `pid` (its TracerPid; 0: none).
 fn tracer_of(pid: i32) -> u32 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("TracerPid:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
+    super::status_field(pid as u32, "TracerPid:")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
 
