@@ -3,9 +3,9 @@
  *
  * A small service that moves messages from a producer to a consumer through a bounded queue,
  * the way the data bridge of the postmortem did. Every message is allocated through several
- * call sites and allocator functions; a bounded route cache keeps long-lived entries (memory
- * that is held on purpose, and freed at shutdown); and one error path leaks: every Nth message
- * fails its checksum and its dead-letter copy is never freed.
+ * call sites and allocator functions; a bounded route cache and a session table that fills up
+ * then levels off hold memory on purpose (freed at shutdown); and one error path leaks: every
+ * Nth message fails its checksum and its dead-letter copy is never freed.
  *
  * The demo knows its own truth: on SIGUSR1, at exit, and (with --truth FILE) in a file, it
  * reports the bytes and allocations it leaked per call site, as "site bytes count" lines.
@@ -200,12 +200,32 @@ static NOINLINE void reject_message(const struct message *m) {
     pthread_mutex_unlock(&truth_lock);
 }
 
+/* Sessions: one per 4 consecutive messages until the table is full, then reused: a cache
+ * that fills (SESSIONS * SESSION_BYTES bytes) and levels off. */
+#define SESSIONS 1024
+#define SESSION_BYTES 1024
+static uint8_t *sessions[SESSIONS];
+
+static NOINLINE uint8_t *session_for(uint64_t id) {
+    uint8_t **slot = &sessions[(id / 4) % SESSIONS];
+    if (!*slot) *slot = calloc(SESSION_BYTES, 1);
+    return *slot;
+}
+
+static void sessions_clear(void) {
+    for (size_t i = 0; i < SESSIONS; i++) {
+        free(sessions[i]);
+        sessions[i] = NULL;
+    }
+}
+
 static uint64_t leak_every = 50;
 
 static NOINLINE void handle_message(struct message *m) {
     uint32_t sum = decode_frame(m);
     struct route *r = cache_lookup(m->topic);
     r->hits++;
+    session_for(m->id)[m->id % SESSION_BYTES]++;
     if (m->id % leak_every == leak_every - 1 && (sum & 1) == (sum & 1)) {
         reject_message(m);
     } else {
@@ -272,7 +292,8 @@ int main(int argc, char **argv) {
     pthread_create(&prod, NULL, producer, NULL);
     pthread_join(prod, NULL);
     pthread_join(cons, NULL);
-    cache_clear(); /* a clean shutdown frees the cache: what remains is the leak */
+    cache_clear(); /* a clean shutdown frees the caches: what remains is the leak */
+    sessions_clear();
 
     if (truth_path) {
         FILE *f = fopen(truth_path, "w");

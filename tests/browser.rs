@@ -29,7 +29,8 @@ fn chromium(dir: &Path, args: &[&str], url: &str) -> String {
             "--no-sandbox",
             "--disable-gpu",
             "--hide-scrollbars",
-            "--window-size=1300,1000",
+            // Tall enough for the HTML page down to its flamegraph.
+            "--window-size=1300,3600",
         ])
         .arg(format!("--user-data-dir={}", dir.join("profile").display()))
         .args(args)
@@ -105,6 +106,51 @@ fn assert_rendered_and_found(name: &str, query: &str) {
     colours.sort_unstable();
     colours.dedup();
     assert!(colours.len() > 20, "{name}: {} colours only", colours.len());
+}
+
+/// The HTML page's timeline chart is drawn: the two call sites the golden timeline holds most
+/// (the leak in the chart's first colour, the route table in its second) cover an area of the
+/// screenshot each, the resident set's dashed line and the peak's red mark are there, and the
+/// page carries its bottom-up flamegraph and sortable site table.
+#[test]
+fn chromium_draws_the_timeline_chart() {
+    let (dom, info, pixels) = open("report.html", "q");
+    assert!(dom.contains("id=\"bt-chart\""), "no chart in the page");
+    assert!(
+        dom.contains("id=\"bt-bottom-up\""),
+        "no bottom-up flamegraph"
+    );
+    assert!(
+        dom.contains("class=\"bt-sort\" id=\"bt-sites\""),
+        "no sortable table"
+    );
+    let channels = info.color_type.samples();
+    let (w, h) = (info.width as usize, info.height as usize);
+    let count = |rgb: [u8; 3]| {
+        (0..h)
+            .flat_map(|y| (0..w).map(move |x| (x, y)))
+            .filter(|&(x, y)| pixels[(y * w + x) * channels..][..3] == rgb)
+            .count()
+    };
+    // Okabe-Ito orange and sky blue: the first two series; the peak's mark; the rest's grey.
+    let leak = count([0xe6, 0x9f, 0x00]);
+    let routes = count([0x56, 0xb4, 0xe9]);
+    let peak = count([0xcc, 0x00, 0x00]);
+    assert!(leak > 20_000, "the leak's band: {leak} px");
+    assert!(routes > 500, "the route table's band: {routes} px");
+    assert!(peak > 20, "the peak's mark: {peak} px");
+    // The leak grows: its band is taller at the right of the chart than at the left.
+    let column = |x: usize| {
+        (0..h)
+            .filter(|&y| pixels[(y * w + x) * channels..][..3] == [0xe6, 0x9f, 0x00])
+            .count()
+    };
+    let xs: Vec<usize> = (0..w).filter(|&x| column(x) > 0).collect();
+    let (left, right) = (column(xs[xs.len() / 10]), column(xs[xs.len() * 9 / 10]));
+    assert!(
+        right > 3 * left,
+        "the leak's band at 10 %: {left} px, at 90 %: {right} px"
+    );
 }
 
 #[test]

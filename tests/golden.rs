@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use bridge_trace::{
-    aggregate::{aggregate, report_of, Report, StackReport, View},
-    capture::{Capture, CapturedStack, Location},
+    aggregate::{
+        aggregate, report_of, PeakReport, Report, SeriesReport, StackReport, TimelineReport, View,
+    },
+    capture::{Capture, CapturedPeak, CapturedSeries, CapturedStack, CapturedTimeline, Location},
     model::{
         counters::Counters,
         maps::{Mapping, Module},
         meta::{Meta, UnwindSummary, REPORT_VERSION},
+        timeline::{Event, Point},
     },
     render::{render_to_vec, Format, RenderOptions},
     symbolize::{Frame, Symbolize},
@@ -74,6 +77,8 @@ fn fixed_report() -> Report {
             truncated: false,
             partial: false,
             wrappers: vec![frame("xmalloc", exe, 0x1101, "demo/xalloc.c", 9)],
+            lifetimes: None,
+            class: None,
         },
         StackReport {
             bytes: 4096,
@@ -91,6 +96,8 @@ fn fixed_report() -> Report {
             truncated: true,
             partial: false,
             wrappers: Vec::new(),
+            lifetimes: None,
+            class: None,
         },
         StackReport {
             bytes: 24,
@@ -100,6 +107,8 @@ fn fixed_report() -> Report {
             truncated: false,
             partial: true,
             wrappers: Vec::new(),
+            lifetimes: None,
+            class: None,
         },
     ];
     // What was allocated while traced: the leak site, a churning one that holds nothing,
@@ -121,6 +130,8 @@ fn fixed_report() -> Report {
             truncated: false,
             partial: false,
             wrappers: Vec::new(),
+            lifetimes: None,
+            class: None,
         },
         StackReport {
             oldest_age_secs: 0.0,
@@ -133,6 +144,20 @@ fn fixed_report() -> Report {
             ..stacks[1].clone()
         },
     ];
+    let mut stacks = stacks;
+    let mut allocated = allocated;
+    for (s, class) in stacks.iter_mut().zip(["leaking", "cache", "undecided"]) {
+        s.class = Some(class.into());
+    }
+    // Freed within 1 ms mostly (the churning frames), long-lived (the route table), none.
+    let lifetimes = [
+        vec![239_000, 900, 100, 0, 0, 0, 0, 0],
+        vec![0, 0, 0, 0, 2, 0, 0, 0],
+    ];
+    for (s, l) in allocated.iter_mut().zip(lifetimes) {
+        s.lifetimes = Some(l);
+    }
+    let timeline = fixed_timeline(&stacks);
     Report {
         meta: Meta {
             version: REPORT_VERSION,
@@ -189,6 +214,59 @@ fn fixed_report() -> Report {
         },
         stacks,
         allocated: Some(allocated),
+        timeline: Some(timeline),
+    }
+}
+
+/// The timeline of the fixed report: the leak growing, the route table filling then level,
+/// the resident set beside them, the peak a moment before the end, one event.
+fn fixed_timeline(stacks: &[StackReport]) -> TimelineReport {
+    let n = 22;
+    let at = |i: usize| i as f64 * 0.25;
+    let leak: Vec<f64> = (0..n).map(|i| (844_651 * i / (n - 1)) as f64).collect();
+    let routes: Vec<f64> = (0..n).map(|i| (204_800 * i.min(4) / 4) as f64).collect();
+    let points = (0..n)
+        .map(|i| Point {
+            at_secs: at(i),
+            rss_bytes: Some(2_000_000 + 60_000 * i as u64),
+            bytes: leak[i] + routes[i] + if i == n - 2 { 60_000.0 } else { 24.0 },
+            count: (400 * i / (n - 1) + 2) as f64,
+        })
+        .collect();
+    let series = [leak, routes]
+        .into_iter()
+        .zip(stacks)
+        .map(|(bytes, s)| SeriesReport {
+            site: s.frames.last().unwrap().short_label(),
+            frames: s.frames.clone(),
+            bytes,
+        })
+        .collect();
+    let held_then = |s: &StackReport, bytes: u64, count: u64| StackReport {
+        bytes,
+        count,
+        oldest_age_secs: 0.0,
+        class: None,
+        ..s.clone()
+    };
+    TimelineReport {
+        every_secs: 0.25,
+        peak_every_secs: 0.25,
+        points,
+        series,
+        events: vec![Event {
+            at_secs: 5.25,
+            what: "held at its exit".into(),
+        }],
+        peak: Some(PeakReport {
+            at_secs: 5.0,
+            bytes: 60_000 + 804_429 + 204_800,
+            count: 483,
+            stacks: vec![
+                held_then(&stacks[0], 804_429, 381),
+                held_then(&stacks[1], 204_800, 100),
+            ],
+        }),
     }
 }
 
@@ -202,6 +280,10 @@ fn fixed_report_v1() -> Report {
         s.wrappers.clear();
     }
     report.allocated = None;
+    report.timeline = None;
+    for s in &mut report.stacks {
+        s.class = None;
+    }
     report
 }
 
@@ -233,11 +315,40 @@ fn capture_of(report: Report) -> Capture {
                 oldest_age_secs: s.oldest_age_secs,
                 process: None,
                 mmap: false,
+                lifetimes: s.lifetimes.clone(),
+                class: s.class.clone(),
             })
             .collect()
     };
     let stacks = captured(&report.stacks);
     let allocated = report.allocated.as_deref().map(captured);
+    // A series is drawn for the stack it names (the fixed timeline's are the report's first).
+    let timeline = report.timeline.as_ref().map(|t| CapturedTimeline {
+        every_secs: t.every_secs,
+        peak_every_secs: t.peak_every_secs,
+        points: t.points.clone(),
+        series: captured(&report.stacks[..t.series.len()])
+            .into_iter()
+            .zip(&t.series)
+            .map(|(mut stack, s)| {
+                stack.class = None;
+                stack.oldest_age_secs = 0.0;
+                stack.bytes = s.bytes.iter().copied().fold(0.0, f64::max);
+                stack.count = 0.0;
+                CapturedSeries {
+                    stack,
+                    bytes: s.bytes.clone(),
+                }
+            })
+            .collect(),
+        events: t.events.clone(),
+        peak: t.peak.as_ref().map(|p| CapturedPeak {
+            at_secs: p.at_secs,
+            bytes: p.bytes as f64,
+            count: p.count as f64,
+            stacks: captured(&p.stacks),
+        }),
+    });
     let mapping = |start: u64, path: &str| Mapping {
         start,
         end: start + 0x20_0000,
@@ -261,6 +372,7 @@ fn capture_of(report: Report) -> Capture {
         stacks,
         processes: Vec::new(),
         allocated,
+        timeline,
     }
 }
 
@@ -423,6 +535,30 @@ fn alloc_view() {
     // A report without the profile (an older capture) says so instead.
     let err = render_to_vec(&fixed_report_v1(), Format::Svg, alloc).unwrap_err();
     assert!(err.to_string().contains("no allocation profile"), "{err}");
+}
+
+/// `--view peak`: what was held at the timeline's peak, in the flamegraph, the folded stacks
+/// and pprof; a report from an older capture says it has none.
+#[test]
+fn peak_view() {
+    let peak = RenderOptions {
+        view: View::Peak,
+        ..RenderOptions::default()
+    };
+    check(
+        &render_to_vec(&fixed_report(), Format::Folded, peak).unwrap(),
+        "report-peak.folded",
+    );
+    let folded = std::fs::read_to_string(data_dir().join("report-peak.folded")).unwrap();
+    let total: u64 = folded
+        .lines()
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+        .sum();
+    let want = fixed_report().timeline.unwrap().peak.unwrap();
+    assert_eq!(total, want.stacks.iter().map(|s| s.bytes).sum::<u64>());
+    assert!(render_to_vec(&fixed_report(), Format::Pprof, peak).is_ok());
+    let err = render_to_vec(&fixed_report_v1(), Format::Svg, peak).unwrap_err();
+    assert!(err.to_string().contains("no peak"), "{err}");
 }
 
 /// The capture of the fixed report round-trips through the current format, its allocation

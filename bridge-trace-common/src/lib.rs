@@ -447,7 +447,28 @@ pub struct StackTotals {
     /// The allocations they stand for, in thousandths: each weight over its size (pprof's
     /// `alloc_objects`).
     pub est_objects_milli: u64,
+    /// What the freed ones stood for, as `est_bytes` and `est_objects_milli` count it: the
+    /// difference is the estimate of what the stack holds now.
+    pub est_free_bytes: u64,
+    pub est_free_objects_milli: u64,
+    /// The freed allocations by how long they lived, [`LIFETIME_BOUNDS_NS`] apart.
+    pub lifetimes: [u64; LIFETIME_BUCKETS],
 }
+
+/// Buckets of [`StackTotals::lifetimes`]: under 1 ms, 1-10 ms, ... 100-1000 s, and longer.
+pub const LIFETIME_BUCKETS: usize = 8;
+/// The upper bounds of the lifetime buckets but the last, in nanoseconds (decades from 1 ms).
+pub const LIFETIME_BOUNDS_NS: [u64; LIFETIME_BUCKETS - 1] = [
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    1_000_000_000,
+    10_000_000_000,
+    100_000_000_000,
+    1_000_000_000_000,
+];
+/// A block freed within this many lifetime buckets of its allocation (10 ms) is temporary.
+pub const TEMPORARY_BUCKETS: usize = 2;
 
 /// How the kernel half walks user stacks (`--unwind`).
 #[repr(u32)]
@@ -578,7 +599,7 @@ const _: () = assert!(core::mem::size_of::<InFlight>() == 128);
 const _: () = assert!(core::mem::size_of::<GrowthTotals>() == 32);
 const _: () = assert!(core::mem::size_of::<MmapRegion>() == 40);
 const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 64);
-const _: () = assert!(core::mem::size_of::<StackTotals>() == 48);
+const _: () = assert!(core::mem::size_of::<StackTotals>() == 64 + 8 * LIFETIME_BUCKETS);
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 + 8 * MAX_STACK_DEPTH);
 
 #[cfg(feature = "user")]

@@ -189,18 +189,7 @@ pub(crate) fn record(tgid: u32, tid: u32, addr: u64, size: u64, call: &InFlight)
         return;
     }
     count(Counter::Allocs);
-    // What it stands for among the allocations: itself, or its sample's weight.
-    let est = if call.interval & WEIGHTED != 0 && call.interval != NOT_SAMPLED {
-        call.interval & !WEIGHTED
-    } else {
-        size
-    };
-    let est_objects_milli = if size == 0 {
-        1000
-    } else {
-        // Bounded first (1 PiB): no 128-bit product on this target.
-        est.min(1 << 50) * 1000 / size
-    };
+    let (est, est_objects_milli) = estimate(size, call.interval);
     if let Some(t) = STACK_TOTALS.get_ptr_mut(&call.stack) {
         // SAFETY: per-CPU value of a successful lookup.
         unsafe {
@@ -221,6 +210,24 @@ pub(crate) fn record(tgid: u32, tid: u32, addr: u64, size: u64, call: &InFlight)
             count(Counter::StackTotalsFull);
         }
     }
+}
+
+/// What an allocation of `size` recorded with `interval` stands for among the allocations:
+/// (bytes, allocations in thousandths) — itself, or its sample's weight.
+#[inline(always)]
+pub(crate) fn estimate(size: u64, interval: u64) -> (u64, u64) {
+    let est = if interval & WEIGHTED != 0 && interval != NOT_SAMPLED {
+        interval & !WEIGHTED
+    } else {
+        size
+    };
+    let objects_milli = if size == 0 {
+        1000
+    } else {
+        // Bounded first (1 PiB): no 128-bit product on this target.
+        est.min(1 << 50) * 1000 / size
+    };
+    (est, objects_milli)
 }
 
 #[uretprobe]

@@ -3,7 +3,7 @@
 use aya_ebpf::{helpers::*, macros::*, programs::*};
 use bridge_trace_common::*;
 
-use crate::{helpers::*, maps::*};
+use crate::{alloc::estimate, helpers::*, maps::*};
 
 /// Whether release functions may nest ([`config::NESTED_FREES`]).
 #[inline(always)]
@@ -40,22 +40,42 @@ pub(crate) fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
 #[inline(always)]
 pub(crate) fn credit_free(info: &AllocInfo) {
     count(Counter::Frees);
+    let (est, est_objects_milli) = estimate(info.size, info.interval);
+    // SAFETY: plain helper call.
+    let lived = unsafe { bpf_ktime_get_ns() }.saturating_sub(info.ts_ns);
+    let bucket = lifetime_bucket(lived);
     if let Some(t) = STACK_TOTALS.get_ptr_mut(&info.stack) {
         // SAFETY: per-CPU value of a successful lookup.
         unsafe {
             (*t).free_bytes += info.size;
             (*t).free_count += 1;
+            (*t).est_free_bytes += est;
+            (*t).est_free_objects_milli += est_objects_milli;
+            (*t).lifetimes[bucket] += 1;
         }
     } else {
-        let t = StackTotals {
+        let mut t = StackTotals {
             free_bytes: info.size,
             free_count: 1,
+            est_free_bytes: est,
+            est_free_objects_milli: est_objects_milli,
             ..StackTotals::default()
         };
+        t.lifetimes[bucket] = 1;
         if STACK_TOTALS.insert(&info.stack, &t, 0).is_err() {
             count(Counter::StackTotalsFull);
         }
     }
+}
+
+/// The [`StackTotals::lifetimes`] bucket of a block that lived `ns` nanoseconds.
+#[inline(always)]
+fn lifetime_bucket(ns: u64) -> usize {
+    let mut i = 0;
+    while i < LIFETIME_BOUNDS_NS.len() && ns >= LIFETIME_BOUNDS_NS[i] {
+        i += 1;
+    }
+    i & (LIFETIME_BUCKETS - 1)
 }
 
 /// [`release`] for a free probed at its entry (where `[sp]` is its return address: the

@@ -7,15 +7,17 @@ use serde::{Deserialize, Serialize};
 use crate::{
     capture::Capture,
     model::{
+        classify::Class,
         meta::{Meta, Process, USDT_TIER},
         sites::Wrappers,
+        timeline::{Event, Point},
     },
     symbolize::{symbolize_locations, Blazesym, Frame, Symbolize},
     units::human_bytes,
 };
 
 /// One call stack holding memory.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StackReport {
     pub bytes: u64,
     pub count: u64,
@@ -32,6 +34,44 @@ pub struct StackReport {
     /// outermost first ([`crate::model::sites`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wrappers: Vec<Frame>,
+    /// In the allocation profile: the recorded frees by how long their blocks lived
+    /// ([`bridge_trace_common::LIFETIME_BOUNDS_NS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetimes: Option<Vec<u64>>,
+    /// Among what is held: `leaking`, `cache`, `churn` or `undecided`, as `watch` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+}
+
+/// The recording over time, named.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TimelineReport {
+    pub every_secs: f64,
+    pub peak_every_secs: f64,
+    pub points: Vec<Point>,
+    /// The stacks that held the most at any point, labelled by their call site.
+    pub series: Vec<SeriesReport>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<Event>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak: Option<PeakReport>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeriesReport {
+    /// The call site (the stack's last frame that is not an allocation wrapper).
+    pub site: String,
+    pub frames: Vec<Frame>,
+    pub bytes: Vec<f64>,
+}
+
+/// The highest total held and the stacks that held it then.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeakReport {
+    pub at_secs: f64,
+    pub bytes: u64,
+    pub count: u64,
+    pub stacks: Vec<StackReport>,
 }
 
 impl StackReport {
@@ -51,6 +91,9 @@ pub struct Report {
     /// ages), most bytes first; `None` when the capture predates it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated: Option<Vec<StackReport>>,
+    /// What was held over time and at its peak; `None` when the capture predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<TimelineReport>,
 }
 
 /// Which of a report's profiles a flamegraph or folded file shows (`--view`).
@@ -61,6 +104,8 @@ pub enum View {
     Inuse,
     /// What was allocated while traced, freed or not (pprof's `alloc_space`): the churn.
     Alloc,
+    /// What was held at the highest total the timeline saw.
+    Peak,
 }
 
 impl Report {
@@ -86,6 +131,18 @@ impl Report {
                 None => Err(
                     "this capture has no allocation profile (written before capture format \
                      version 3): only --view inuse"
+                        .into(),
+                ),
+            },
+            View::Peak => match self.timeline.as_ref().and_then(|t| t.peak.clone()) {
+                Some(peak) => Ok(Report {
+                    stacks: peak.stacks,
+                    allocated: None,
+                    ..self
+                }),
+                None => Err(
+                    "this capture has no peak (a timeline is written from capture format \
+                     version 4 on): --view inuse or alloc"
                         .into(),
                 ),
             },
@@ -155,6 +212,7 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
             .stacks
             .iter()
             .chain(capture.allocated.iter().flatten())
+            .chain(timeline_stacks(capture))
             .flat_map(|s| s.frames.iter().copied()),
     );
     let named_stacks: Vec<Vec<Frame>> = capture
@@ -176,6 +234,45 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
             .collect();
         group(allocated, named, &wrappers)
     });
+    let timeline = capture.timeline.as_ref().map(|t| {
+        let series = t
+            .series
+            .iter()
+            .map(|s| {
+                let mut frames = named_frames(capture, &s.stack, &names);
+                let run = wrappers.run(frames.iter().rev().map(|f| f.function.as_deref()));
+                frames.truncate(frames.len() - run);
+                SeriesReport {
+                    site: frames
+                        .last()
+                        .map_or_else(|| "[unknown]".into(), Frame::short_label),
+                    frames,
+                    bytes: s.bytes.clone(),
+                }
+            })
+            .collect();
+        let peak = t.peak.as_ref().map(|p| {
+            let named = p
+                .stacks
+                .iter()
+                .map(|s| named_frames(capture, s, &names))
+                .collect();
+            PeakReport {
+                at_secs: p.at_secs,
+                bytes: p.bytes.round() as u64,
+                count: p.count.round() as u64,
+                stacks: group(&p.stacks, named, &wrappers),
+            }
+        });
+        TimelineReport {
+            every_secs: t.every_secs,
+            peak_every_secs: t.peak_every_secs,
+            points: t.points.clone(),
+            series,
+            events: t.events.clone(),
+            peak,
+        }
+    });
     let mut meta = capture.meta.clone();
     meta.wrappers = wrappers;
     meta.modules = capture.modules.clone();
@@ -192,7 +289,16 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
         meta,
         stacks,
         allocated,
+        timeline,
     }
+}
+
+/// The stacks of a capture's timeline: its series and its peak's.
+fn timeline_stacks(capture: &Capture) -> impl Iterator<Item = &crate::capture::CapturedStack> {
+    capture.timeline.iter().flat_map(|t| {
+        let series = t.series.iter().map(|s| &s.stack);
+        series.chain(t.peak.iter().flat_map(|p| &p.stacks))
+    })
 }
 
 /// Groups `captured` stacks (named as `named`) that show the same frames once the allocation
@@ -212,19 +318,27 @@ fn group(
         let key: Vec<FrameKey> = named.iter().map(FrameKey::of).collect();
         let (entry, bytes, count) = groups.entry(key).or_insert_with(|| {
             let r = StackReport {
-                bytes: 0,
-                count: 0,
-                oldest_age_secs: 0.0,
                 frames: named,
                 truncated: s.truncated,
                 partial: s.partial,
                 wrappers: wrapped,
+                ..StackReport::default()
             };
             (r, 0.0, 0.0)
         });
         *bytes += s.bytes;
         *count += s.count;
         entry.oldest_age_secs = entry.oldest_age_secs.max(s.oldest_age_secs);
+        if let Some(l) = &s.lifetimes {
+            let sum = entry.lifetimes.get_or_insert_with(|| vec![0; l.len()]);
+            for (a, b) in sum.iter_mut().zip(l) {
+                *a += b;
+            }
+        }
+        if let Some(c) = s.class.as_deref().and_then(Class::from_name) {
+            let was = entry.class.as_deref().and_then(Class::from_name);
+            entry.class = Some(was.map_or(c, |w| w.worst(c)).name().into());
+        }
     }
     let mut stacks: Vec<StackReport> = groups
         .into_values()
@@ -323,6 +437,8 @@ mod tests {
 
     fn stack(frames: &[u64], bytes: f64, count: f64, age: f64) -> CapturedStack {
         CapturedStack {
+            lifetimes: None,
+            class: None,
             frames: frames
                 .iter()
                 .map(|&offset| Location {
@@ -343,6 +459,7 @@ mod tests {
     #[test]
     fn names_groups_and_sorts() {
         let capture = Capture {
+            timeline: None,
             meta: Meta::default(),
             modules: vec![Module {
                 path: "/bin/x".into(),

@@ -16,10 +16,14 @@ use std::{
 use flate2::{read::GzDecoder, write::GzEncoder, Compression};
 use serde::{Deserialize, Serialize};
 
+use bridge_trace_common::LIFETIME_BUCKETS;
+
 use crate::model::{
+    classify::Class,
     maps::{Mapping, Module, ProcessMaps},
     meta::{Meta, Process},
     snapshot::{LiveAlloc, Snapshot},
+    timeline::{Event, Point, Timeline},
 };
 
 /// First bytes of every capture: a non-ASCII byte (caught by 7-bit transfers), the name, and
@@ -27,8 +31,10 @@ use crate::model::{
 pub const MAGIC: &[u8; 8] = b"\x89BTCAP\r\n";
 /// The format version this build writes; it reads this one and every older one. Version 2
 /// added the followed children (`processes`, each stack's `process`); version 3 the
-/// allocation profile (`allocated`).
-pub const VERSION: u32 = 3;
+/// allocation profile (`allocated`); version 4 the timeline with its peak (`timeline`), the
+/// lifetimes of the freed blocks per stack (`lifetimes`) and each held stack's class
+/// (`class`).
+pub const VERSION: u32 = 4;
 /// The extension of capture files.
 pub const EXTENSION: &str = "btcap";
 
@@ -44,7 +50,7 @@ pub struct Location {
 }
 
 /// The allocations still live on one call stack.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CapturedStack {
     /// The direct caller first, as the kernel walked it.
     pub frames: Vec<Location>,
@@ -64,6 +70,46 @@ pub struct CapturedStack {
     /// Anonymous memory the program mapped itself (mmap, mremap), not through an allocator.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mmap: bool,
+    /// In the allocation profile: the recorded frees by how long their blocks lived, in the
+    /// buckets of [`bridge_trace_common::LIFETIME_BOUNDS_NS`] (version 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetimes: Option<Vec<u64>>,
+    /// Among what is held: leaking, cache, churn or undecided, from the windows the recording
+    /// took ([`crate::model::classify`]; version 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+}
+
+/// The recording over time (version 4): totals and resident memory at every point, the
+/// stacks that held the most drawn one by one, the events, and the peak.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CapturedTimeline {
+    /// Seconds between points, and between the ticks the peak was searched at.
+    pub every_secs: f64,
+    pub peak_every_secs: f64,
+    pub points: Vec<Point>,
+    pub series: Vec<CapturedSeries>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<Event>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak: Option<CapturedPeak>,
+}
+
+/// One stack's bytes held at every point of the timeline.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CapturedSeries {
+    pub stack: CapturedStack,
+    pub bytes: Vec<f64>,
+}
+
+/// The highest total held, when, and the stacks that held it (no ages: only totals are read
+/// at a tick).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CapturedPeak {
+    pub at_secs: f64,
+    pub bytes: f64,
+    pub count: f64,
+    pub stacks: Vec<CapturedStack>,
 }
 
 /// One recording, unsymbolized.
@@ -83,6 +129,9 @@ pub struct Capture {
     /// version 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated: Option<Vec<CapturedStack>>,
+    /// `None` in a capture older than version 4, or when no tick was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<CapturedTimeline>,
 }
 
 /// Why a file is not a capture this build can read.
@@ -133,11 +182,8 @@ impl Capture {
                     frames,
                     truncated,
                     partial,
-                    bytes: 0.0,
-                    count: 0.0,
-                    oldest_age_secs: 0.0,
-                    process: None,
                     mmap,
+                    ..CapturedStack::default()
                 });
             let (bytes, count) = a.estimate();
             entry.bytes += bytes;
@@ -155,14 +201,14 @@ impl Capture {
                     frames,
                     truncated,
                     partial,
-                    bytes: 0.0,
-                    count: 0.0,
-                    oldest_age_secs: 0.0,
-                    process: None,
-                    mmap: false,
+                    lifetimes: Some(vec![0; LIFETIME_BUCKETS]),
+                    ..CapturedStack::default()
                 });
             entry.bytes += a.bytes;
             entry.count += a.count;
+            for (sum, n) in entry.lifetimes.iter_mut().flatten().zip(a.lifetimes) {
+                *sum += n;
+            }
         }
         let mut capture = Capture {
             meta,
@@ -171,9 +217,90 @@ impl Capture {
             stacks: groups.into_values().collect(),
             processes: Vec::new(),
             allocated: Some(allocated.into_values().collect()),
+            timeline: None,
         };
         capture.sort();
         capture
+    }
+
+    /// The capture with `timeline`, its stacks placed as [`Capture::new`] placed the
+    /// snapshot's (the snapshot taken at the end holds every stack a tick saw).
+    pub fn with_timeline(
+        mut self,
+        timeline: &Timeline,
+        snapshot: &Snapshot,
+        maps: &ProcessMaps,
+    ) -> Capture {
+        let mut locator = Locator::resume(maps, std::mem::take(&mut self.modules));
+        let mut stack = |stack_id, ret_addr, bytes, count| {
+            let (addrs, truncated, partial) = stored_stack(snapshot, stack_id, ret_addr);
+            CapturedStack {
+                frames: addrs.iter().map(|&a| locator.locate(a)).collect(),
+                truncated,
+                partial,
+                bytes,
+                count,
+                ..CapturedStack::default()
+            }
+        };
+        let series = timeline
+            .series
+            .iter()
+            .map(|((id, ret), bytes)| CapturedSeries {
+                stack: stack(*id, *ret, bytes.iter().copied().fold(0.0, f64::max), 0.0),
+                bytes: bytes.clone(),
+            })
+            .collect();
+        let peak = timeline.peak.as_ref().map(|p| {
+            let mut stacks: Vec<CapturedStack> = p
+                .held
+                .iter()
+                .map(|h| stack(h.stack_id, h.ret_addr, h.bytes, h.count))
+                .collect();
+            sort_stacks(&mut stacks);
+            CapturedPeak {
+                at_secs: p.at_secs,
+                bytes: p.bytes,
+                count: p.count,
+                stacks,
+            }
+        });
+        self.timeline = Some(CapturedTimeline {
+            every_secs: timeline.every_secs,
+            peak_every_secs: timeline.peak_every_secs,
+            points: timeline.points.clone(),
+            series,
+            events: timeline.events.clone(),
+            peak,
+        });
+        self.modules = locator.modules;
+        self
+    }
+
+    /// Marks each held stack with the class `class_of` gives its allocations in `snapshot` (the
+    /// class of their call site): the most alarming of them when they differ.
+    pub fn with_classes(
+        mut self,
+        class_of: impl Fn(&LiveAlloc) -> Option<Class>,
+        snapshot: &Snapshot,
+        maps: &ProcessMaps,
+    ) -> Capture {
+        let mut locator = Locator::resume(maps, std::mem::take(&mut self.modules));
+        let mut by_frames: HashMap<(Vec<Location>, bool), Class> = HashMap::new();
+        for a in &snapshot.allocs {
+            let Some(class) = class_of(a) else { continue };
+            let (addrs, _, partial) = raw_stack(snapshot, a);
+            let frames = addrs.iter().map(|&a| locator.locate(a)).collect();
+            let c = by_frames.entry((frames, partial)).or_insert(class);
+            *c = c.worst(class);
+        }
+        for s in self.stacks.iter_mut().filter(|s| !s.mmap) {
+            if let Some(c) = by_frames.get(&(s.frames.clone(), s.partial)) {
+                s.class = Some(c.name().into());
+            }
+        }
+        self.modules = locator.modules;
+        self
     }
 
     /// Largest first, ties in a fixed order.
@@ -288,7 +415,16 @@ impl Capture {
     fn check(&self) -> Result<(), CaptureError> {
         let n = self.modules.len() as u32;
         let processes = self.processes.len() as u32;
-        for s in self.stacks.iter().chain(self.allocated.iter().flatten()) {
+        let timeline = self.timeline.iter().flat_map(|t| {
+            let series = t.series.iter().map(|s| &s.stack);
+            series.chain(t.peak.iter().flat_map(|p| &p.stacks))
+        });
+        for s in self
+            .stacks
+            .iter()
+            .chain(self.allocated.iter().flatten())
+            .chain(timeline)
+        {
             if let Some(bad) = s.process.filter(|&p| p >= processes) {
                 return Err(CaptureError::Corrupted(format!(
                     "a stack names process {bad}, but there are {processes}"
@@ -327,10 +463,20 @@ pub struct Locator<'a> {
 
 impl<'a> Locator<'a> {
     pub fn new(maps: &'a ProcessMaps) -> Locator<'a> {
+        Locator::resume(maps, Vec::new())
+    }
+
+    /// A locator that numbers modules after `modules`, placed already.
+    pub fn resume(maps: &'a ProcessMaps, modules: Vec<Module>) -> Locator<'a> {
+        let index = modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.path.clone(), i as u32))
+            .collect();
         Locator {
             maps,
-            modules: Vec::new(),
-            index: HashMap::new(),
+            modules,
+            index,
             placed: HashMap::new(),
         }
     }

@@ -15,6 +15,7 @@ use crate::{
     model::{
         counters::Counters,
         snapshot::{LiveAlloc, RawStack, Snapshot, StackAllocated, StackGrowth, Status},
+        timeline::StackHeld,
     },
     os::monotonic_ns,
 };
@@ -65,6 +66,32 @@ pub fn status(tracer: &Tracer, tgid: u32) -> Result<Status> {
         counters: counters(tracer)?,
         outstanding_bytes: outstanding,
     })
+}
+
+/// What each stack of `tgid` holds now, from the per-stack totals alone (allocated less
+/// freed, as estimated from the samples' weights when sampling): cheap enough for every tick
+/// of a timeline, where a [`snapshot`] reads every live allocation.
+pub fn held_by_stack(tracer: &Tracer, tgid: u32) -> Result<Vec<StackHeld>> {
+    let totals: PerCpuHashMap<&MapData, StackKey, StackTotals> =
+        PerCpuHashMap::try_from(open(tracer, map::STACK_TOTALS)?)
+            .map_err(|e| map_err(map::STACK_TOTALS, e))?;
+    let mine = |k: &StackKey| k.tgid == tgid;
+    let mut out = Vec::new();
+    for (key, values) in once_each(totals.iter(), mine, |k| (k.stack_id, k.ret_addr)) {
+        let (mut bytes, mut milli) = (0i128, 0i128);
+        for v in values.iter() {
+            bytes += v.est_bytes as i128 - v.est_free_bytes as i128;
+            milli += v.est_objects_milli as i128 - v.est_free_objects_milli as i128;
+        }
+        // Per CPU, a free may be counted where its allocation is not: only the sum counts.
+        out.push(StackHeld {
+            stack_id: key.stack_id,
+            ret_addr: key.ret_addr,
+            bytes: bytes.max(0) as f64,
+            count: milli.max(0) as f64 / 1000.0,
+        });
+    }
+    Ok(out)
 }
 
 /// The entries of a key-by-key walk of a kernel hash map that `mine` keeps, each `id` once.
@@ -161,14 +188,20 @@ pub fn snapshot(tracer: &Tracer, tgid: u32) -> Result<Snapshot> {
             ret_addr: key.ret_addr,
             ..StackAllocated::default()
         };
-        let mut objects_milli = 0u64;
+        let (mut objects_milli, mut freed_milli) = (0u64, 0u64);
         for v in values.iter() {
             a.recorded += v.alloc_count;
             a.recorded_bytes += v.alloc_bytes;
             a.bytes += v.est_bytes as f64;
+            a.freed_bytes += v.est_free_bytes as f64;
             objects_milli += v.est_objects_milli;
+            freed_milli += v.est_free_objects_milli;
+            for (sum, n) in a.lifetimes.iter_mut().zip(v.lifetimes) {
+                *sum += n;
+            }
         }
         a.count = objects_milli as f64 / 1000.0;
+        a.freed_count = freed_milli as f64 / 1000.0;
         if a.recorded > 0 {
             allocated.push(a);
         }

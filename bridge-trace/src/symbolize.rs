@@ -56,6 +56,18 @@ impl Frame {
     }
 
     /// The frame's function, or `[unknown]`.
+    /// The name with where it is, short: `f (file.c:12)`, or just the name.
+    pub fn short_label(&self) -> String {
+        let file = self
+            .file
+            .as_deref()
+            .map(|f| f.rsplit('/').next().unwrap_or(f));
+        match (file, self.line) {
+            (Some(file), Some(line)) => format!("{} ({file}:{line})", self.display_name()),
+            _ => self.display_name().to_string(),
+        }
+    }
+
     pub fn display_name(&self) -> &str {
         self.function.as_deref().unwrap_or("[unknown]")
     }

@@ -3,7 +3,7 @@
 //! [`crate::collect`] (the only reader of the kernel maps), read by the capture and `watch`.
 use std::collections::HashMap;
 
-use bridge_trace_common::{AllocKind, WEIGHTED};
+use bridge_trace_common::{AllocKind, LIFETIME_BUCKETS, WEIGHTED};
 
 use super::counters::Counters;
 
@@ -88,6 +88,13 @@ pub struct StackAllocated {
     /// estimates from the samples' weights.
     pub bytes: f64,
     pub count: f64,
+    /// What the freed ones stood for (as `bytes` and `count`): `bytes - freed_bytes` is what
+    /// the stack holds now.
+    pub freed_bytes: f64,
+    pub freed_count: f64,
+    /// The recorded frees by how long their blocks lived
+    /// ([`bridge_trace_common::LIFETIME_BOUNDS_NS`]).
+    pub lifetimes: [u64; LIFETIME_BUCKETS],
 }
 
 /// A captured call stack: return addresses, the direct caller first.
@@ -98,6 +105,16 @@ pub struct RawStack {
 }
 
 impl Snapshot {
+    /// The call site of `a`: its stack's first frame outside `skip` (an interposing sampler's
+    /// code), or its direct caller when the stack was not stored.
+    pub fn site_addr(&self, a: &LiveAlloc, skip: &[(u64, u64)]) -> u64 {
+        let inside = |pc: u64| skip.iter().any(|&(lo, hi)| pc >= lo && pc < hi);
+        self.stacks
+            .get(&a.stack_id)
+            .and_then(|s| s.frames.iter().copied().find(|&pc| !inside(pc)))
+            .unwrap_or(a.ret_addr)
+    }
+
     /// Drops, from the top of every stack, the frames inside `ranges` (the code of an
     /// in-process sampler that interposes the allocator: its frames are not the program's).
     /// A stack made only of such frames keeps its last one.

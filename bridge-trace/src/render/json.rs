@@ -1,11 +1,11 @@
 //! The whole report as JSON: metadata (with what was lost, counted and in words: `caveats`) and
 //! every stack with its frames (module, offset, function, file, line), and the allocation
-//! profile (`allocated`) where the capture has it.
+//! profile (`allocated`) and the timeline with its peak (`timeline`) where the capture has them.
 use serde::Serialize;
 
 use super::Render;
 use crate::{
-    aggregate::{Report, StackReport},
+    aggregate::{Report, StackReport, TimelineReport},
     model::meta::Meta,
 };
 
@@ -19,6 +19,9 @@ struct Written<'a> {
     /// What each stack allocated while traced, freed or not.
     #[serde(skip_serializing_if = "Option::is_none")]
     allocated: Option<&'a [StackReport]>,
+    /// What was held over time, and at the peak.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeline: Option<&'a TimelineReport>,
 }
 
 #[derive(Serialize)]
@@ -39,6 +42,7 @@ impl Render for Json {
             },
             stacks: &report.stacks,
             allocated: report.allocated.as_deref(),
+            timeline: report.timeline.as_ref(),
         };
         serde_json::to_writer_pretty(&mut *out, &written)?;
         out.push(b'\n');

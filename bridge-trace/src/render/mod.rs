@@ -1,5 +1,6 @@
 //! Renders a [`Report`] in each output [`Format`], one renderer per format behind [`Render`],
 //! into memory; [`crate::output`] writes the bytes.
+mod chart;
 mod folded;
 mod html;
 mod json;
@@ -9,6 +10,7 @@ mod text;
 
 use std::path::{Path, PathBuf};
 
+use bridge_trace_common::{LIFETIME_BUCKETS, TEMPORARY_BUCKETS};
 use clap::ValueEnum;
 
 use crate::{
@@ -61,7 +63,11 @@ pub fn renderer(format: Format, options: RenderOptions) -> Box<dyn Render> {
 /// Renders into memory.
 pub fn render_to_vec(report: &Report, format: Format, options: RenderOptions) -> Result<Vec<u8>> {
     let viewed;
-    let report = if matches!(format, Format::Svg | Format::Folded) && options.view != View::Inuse {
+    // The flamegraph and folded stacks show one profile; pprof carries in use and allocated
+    // already, and shows the peak's stacks in place of the ones in use when asked.
+    let viewed_formats = matches!(format, Format::Svg | Format::Folded)
+        || (format == Format::Pprof && options.view == View::Peak);
+    let report = if viewed_formats && options.view != View::Inuse {
         viewed = report.clone().view(options.view).map_err(Error::Usage)?;
         &viewed
     } else {
@@ -109,23 +115,68 @@ pub(crate) struct HotSite {
     pub at: String,
     pub bytes: u64,
     pub count: u64,
+    /// Its recorded frees by lifetime bucket, when the capture has them.
+    pub lifetimes: Option<Vec<u64>>,
+}
+
+/// The lifetime buckets' names ([`bridge_trace_common::LIFETIME_BOUNDS_NS`]).
+pub(crate) const LIFETIME_NAMES: [&str; LIFETIME_BUCKETS] = [
+    "< 1 ms",
+    "1-10 ms",
+    "10-100 ms",
+    "0.1-1 s",
+    "1-10 s",
+    "10-100 s",
+    "100-1000 s",
+    "> 1000 s",
+];
+
+/// What a site's lifetimes say, in words: how many of its frees were of temporary blocks
+/// (freed within 10 ms) and the bucket its median free falls in; `None` without frees.
+pub(crate) fn describe_lifetimes(lifetimes: &[u64]) -> Option<String> {
+    let freed: u64 = lifetimes.iter().sum();
+    if freed == 0 {
+        return None;
+    }
+    let temporary: u64 = lifetimes.iter().take(TEMPORARY_BUCKETS).sum();
+    let mut seen = 0;
+    let median = lifetimes
+        .iter()
+        .position(|&n| {
+            seen += n;
+            seen * 2 >= freed
+        })
+        .unwrap_or(0);
+    Some(format!(
+        "{freed} freed, {:.0}% temporary (within 10 ms), median lifetime {}",
+        100.0 * temporary as f64 / freed as f64,
+        LIFETIME_NAMES[median]
+    ))
 }
 
 /// The `top` call sites that allocated the most bytes, each site's stacks summed (ties by name).
 pub(crate) fn hottest_sites(allocated: &[StackReport], top: usize) -> Vec<HotSite> {
-    let mut by_site: std::collections::BTreeMap<(String, String), (u64, u64)> = Default::default();
+    type Sums = (u64, u64, Option<Vec<u64>>);
+    let mut by_site: std::collections::BTreeMap<(String, String), Sums> = Default::default();
     for s in allocated {
         let e = by_site.entry(site(s)).or_default();
         e.0 += s.bytes;
         e.1 += s.count;
+        if let Some(l) = &s.lifetimes {
+            let sum = e.2.get_or_insert_with(|| vec![0; l.len()]);
+            for (a, b) in sum.iter_mut().zip(l) {
+                *a += b;
+            }
+        }
     }
     let mut sites: Vec<HotSite> = by_site
         .into_iter()
-        .map(|((name, at), (bytes, count))| HotSite {
+        .map(|((name, at), (bytes, count, lifetimes))| HotSite {
             name,
             at,
             bytes,
             count,
+            lifetimes,
         })
         .collect();
     sites.sort_by_key(|s| std::cmp::Reverse(s.bytes));

@@ -312,6 +312,7 @@ mod tests {
     #[test]
     fn inlined_frames_share_their_location_innermost_first() {
         let report = Report {
+            timeline: None,
             meta: Meta {
                 version: REPORT_VERSION,
                 target: "svc".into(),
@@ -328,6 +329,8 @@ mod tests {
                 ..Meta::default()
             },
             stacks: vec![StackReport {
+                lifetimes: None,
+                class: None,
                 bytes: 300,
                 count: 3,
                 oldest_age_secs: 1.0,
@@ -375,6 +378,8 @@ mod tests {
     #[test]
     fn the_allocation_profile_adds_two_sample_types() {
         let stack = |function: &str, bytes, count| StackReport {
+            lifetimes: None,
+            class: None,
             bytes,
             count,
             oldest_age_secs: 0.0,
@@ -384,6 +389,7 @@ mod tests {
             wrappers: Vec::new(),
         };
         let report = Report {
+            timeline: None,
             meta: Meta::default(),
             stacks: vec![stack("leak", 100, 1)],
             allocated: Some(vec![stack("churn", 9000, 90), stack("leak", 400, 4)]),

@@ -37,12 +37,32 @@ fn subtitle_of(caveats: &[String]) -> String {
 
 impl Render for Svg {
     fn render(&self, report: &Report, out: &mut Vec<u8>) -> std::io::Result<()> {
+        flamegraph(report, false, out)
+    }
+}
+
+/// The flamegraph of `report`; `bottom_up`: inverted, each call site at the root with its
+/// callers above it (inferno's reversed stack order).
+pub(crate) fn flamegraph(
+    report: &Report,
+    bottom_up: bool,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    {
         let m = &report.meta;
         let mut opts = flamegraph::Options::default();
         opts.title = format!(
-            "bridge-trace: {} (pid {}), {:.1}s, memory never freed",
-            m.target, m.pid, m.duration_secs
+            "bridge-trace: {} (pid {}), {:.1}s, memory never freed{}",
+            m.target,
+            m.pid,
+            m.duration_secs,
+            if bottom_up {
+                ", bottom-up (who calls each site)"
+            } else {
+                ""
+            }
         );
+        opts.reverse_stack_order = bottom_up;
         let caveats = report.caveats();
         opts.subtitle = Some(if caveats.is_empty() {
             format!(

@@ -107,9 +107,14 @@ impl Render for Text {
                     human_bytes(s.bytes),
                 )?;
             } else {
+                let class = s
+                    .class
+                    .as_deref()
+                    .map(|c| format!(", {c}"))
+                    .unwrap_or_default();
                 writeln!(
                     out,
-                    "#{} {} bytes ({}) in {} allocations, oldest {:.1}s{partial}",
+                    "#{} {} bytes ({}) in {} allocations, oldest {:.1}s{class}{partial}",
                     i + 1,
                     s.bytes,
                     human_bytes(s.bytes),
@@ -149,8 +154,69 @@ impl Render for Text {
         if let Some(allocated) = report.allocated.as_ref().filter(|a| !a.is_empty()) {
             hottest(out, allocated, self.top)?;
         }
+        over_time(out, report, self.top)?;
         Ok(())
     }
+}
+
+/// The timeline in a few lines: where the total and the resident set went, and the peak with
+/// the sites that held it.
+fn over_time(out: &mut Vec<u8>, report: &Report, top: usize) -> std::io::Result<()> {
+    writeln!(out)?;
+    let Some(t) = &report.timeline else {
+        return writeln!(
+            out,
+            "over time: no timeline in this capture (written before capture format version 4)"
+        );
+    };
+    let (Some(first), Some(last)) = (t.points.first(), t.points.last()) else {
+        return writeln!(out, "over time: no tick was taken");
+    };
+    let rss = match (first.rss_bytes, last.rss_bytes) {
+        (Some(a), Some(b)) => format!("; resident set {} -> {}", human_bytes(a), human_bytes(b)),
+        _ => String::new(),
+    };
+    writeln!(
+        out,
+        "over time ({} points, every {:.2}s): held {} at {:.1}s -> {} at {:.1}s{rss}",
+        t.points.len(),
+        t.every_secs,
+        human_bytes(first.bytes as u64),
+        first.at_secs,
+        human_bytes(last.bytes as u64),
+        last.at_secs,
+    )?;
+    for e in &t.events {
+        writeln!(out, "    {:>7.1}s  {}", e.at_secs, e.what)?;
+    }
+    if let Some(p) = &t.peak {
+        writeln!(
+            out,
+            "peak: {} bytes ({}) in {} allocations at {:.1}s (totals read every {:.2}s); held \
+             then by:",
+            p.bytes,
+            human_bytes(p.bytes),
+            p.count,
+            p.at_secs,
+            t.peak_every_secs
+        )?;
+        for s in p.stacks.iter().take(top) {
+            let (name, at) = super::site(s);
+            let at = if at.is_empty() {
+                String::new()
+            } else {
+                format!(" at {at}")
+            };
+            writeln!(
+                out,
+                "    {:>12} ({}) in {} allocations: {name}{at}",
+                s.bytes,
+                human_bytes(s.bytes),
+                s.count
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The stacks that allocated the most while traced, freed or not, one line each.
@@ -174,9 +240,15 @@ fn hottest(
         } else {
             format!(" at {}", s.at)
         };
+        let lifetimes = s
+            .lifetimes
+            .as_deref()
+            .and_then(super::describe_lifetimes)
+            .map(|l| format!(" ({l})"))
+            .unwrap_or_default();
         writeln!(
             out,
-            "    {:>12} ({}) in {} allocations: {}{at}",
+            "    {:>12} ({}) in {} allocations: {}{at}{lifetimes}",
             s.bytes,
             human_bytes(s.bytes),
             s.count,

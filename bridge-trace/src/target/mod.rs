@@ -78,6 +78,15 @@ pub fn exe(pid: u32) -> Option<String> {
 }
 
 /// The process's short name (comm).
+/// The resident set of `pid` in bytes (`/proc/PID/statm`), `None` once it is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: plain libc call.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
+    Some(pages * page)
+}
+
 pub fn comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()

@@ -7,10 +7,12 @@ use std::{
 };
 
 mod config;
+mod over_time;
 mod session;
 
 pub use config::{Config, Target};
 
+use over_time::OverTime;
 use session::{attach_pid, follow, launch, Attached, ChildEvent, Followed, CHILDREN_POLL};
 
 use crate::target::sampler::DEFAULT_INTERVAL;
@@ -138,6 +140,18 @@ async fn run_async(config: &Config) -> Result<Outcome> {
     let mut exit_snapshot: Option<Snapshot> = None;
     let mut starts_released = 0u64;
     let mut target_status = None;
+    // The timeline's ticks and the classification windows, from the probes' start.
+    let skip = t
+        .usdt
+        .as_ref()
+        .map(|i| t.maps.text_of(i))
+        .unwrap_or_default();
+    let mut over = OverTime::new(config.duration, skip);
+    let start = tokio::time::Instant::from_std(started);
+    let mut ticks = tokio::time::interval_at(start, over.tick_every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut windows = tokio::time::interval_at(start + over.window_every, over.window_every);
+    windows.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let stop = loop {
         tokio::select! {
@@ -170,6 +184,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
                             // Held at _exit: everything it will never free is in the maps now.
                             t.maps.refresh();
                             exit_snapshot = Some(collect::snapshot(&t.tracer, pid)?);
+                            over.event(started.elapsed().as_secs_f64(), "held at its exit");
                             // SAFETY: plain syscall; resumes our own child towards its exit.
                             unsafe { libc::kill(pid as i32, libc::SIGCONT) };
                         }
@@ -190,7 +205,26 @@ async fn run_async(config: &Config) -> Result<Outcome> {
             }
             _ = held_children.tick(), if t.follow_children => {
                 for (child, parent) in t.tracer.held_children() {
+                    let before = children.len();
                     children.extend(follow(&mut t, child, parent, config));
+                    if children.len() > before {
+                        let what = format!("child {child} of {parent} followed");
+                        over.event(started.elapsed().as_secs_f64(), what);
+                    }
+                }
+            }
+            _ = ticks.tick(), if exit_snapshot.is_none() => {
+                over.tick(&t.tracer, pid, started.elapsed().as_secs_f64());
+            }
+            _ = windows.tick(), if exit_snapshot.is_none() => {
+                match collect::snapshot(&t.tracer, pid) {
+                    Ok(s) => {
+                        if let Some(every) = over.window(&s, started.elapsed().as_secs_f64()) {
+                            windows = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                            windows.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
+                    }
+                    Err(e) => tracing::debug!(%e, "classification window"),
                 }
             }
             _ = refresh.tick() => {
@@ -235,7 +269,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         elapsed: started.elapsed(),
         started_at,
     };
-    finish(t, children, exit_snapshot, traced, config)
+    finish(t, children, exit_snapshot, over, traced, config)
 }
 
 /// Resumes `pid` if it is stopped (harmless if it runs).
@@ -258,6 +292,7 @@ fn finish(
     mut t: Attached,
     mut children: Vec<Followed>,
     exit_snapshot: Option<Snapshot>,
+    mut over: OverTime,
     traced: Traced,
     config: &Config,
 ) -> Result<Outcome> {
@@ -269,9 +304,14 @@ fn finish(
     } = traced;
     let pid = t.pid;
     let exited = stop == StopReason::TargetExited;
+    let at_end = elapsed.as_secs_f64();
     let mut snapshot = match exit_snapshot {
         Some(s) => s,
-        None => collect::snapshot(&t.tracer, pid)?,
+        None => {
+            // The last point of the timeline, as the last snapshot sees it.
+            over.tick(&t.tracer, pid, at_end);
+            collect::snapshot(&t.tracer, pid)?
+        }
     };
     // Counters keep counting until the very end (frees during atexit handlers, say).
     if let Ok(c) = collect::counters(&t.tracer) {
@@ -367,12 +407,15 @@ fn finish(
         keep_own_mappings(snap, &c.maps, &t.allocator_paths);
     }
     // The report is rendered from the capture, as `bridge-trace report` renders it later.
+    let (timeline, classes) = over.finish(&snapshot, at_end);
     let capture = Capture::new(
         &snapshot,
         &t.maps,
         config.min_age.map(|d| d.as_nanos() as u64),
         meta,
-    );
+    )
+    .with_timeline(&timeline, &snapshot, &t.maps)
+    .with_classes(|a| classes.of(&snapshot, a), &snapshot, &t.maps);
     let capture = if t.follow_children {
         let parts = children
             .iter()

@@ -15,7 +15,7 @@ use tokio::{
     sync::watch,
 };
 
-use super::classify::Class;
+use crate::model::classify::Class;
 
 /// Sites exported per window.
 pub const TOP_SITES: usize = 20;

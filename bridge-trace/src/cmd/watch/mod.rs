@@ -8,7 +8,6 @@
 //! started later included); each process has its own windows, sites and classes.
 pub mod bundle;
 pub mod config;
-pub mod classify;
 pub mod govern;
 pub mod metrics;
 pub mod push;
@@ -25,6 +24,7 @@ use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::Signal, sync::mps
 
 pub use config::{WatchConfig, WatchTarget};
 
+use crate::model::classify::{self, Class, Trend};
 use crate::{
     aggregate::{aggregate, Report},
     attach::{check_privileges, Knobs, ProbeCosts, Tracer},
@@ -43,7 +43,6 @@ use crate::{
     units::human_bytes,
     unwind::Unwinder,
 };
-use classify::{Class, Trend};
 use govern::{Change, Governor};
 use window::{process_window, suspects, Alert};
 
@@ -938,15 +937,7 @@ fn own_cpu_seconds() -> f64 {
 
 /// The process's resident set size, from /proc/PID/statm.
 fn rss_bytes(pid: u32) -> u64 {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: plain libc call.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
-    pages * page
+    crate::target::rss_bytes(pid).unwrap_or(0)
 }
 
 /// How much `watch` traces (and costs).

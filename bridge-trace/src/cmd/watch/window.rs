@@ -6,25 +6,15 @@ use std::{
     time::Duration,
 };
 
-use super::{
-    classify::{Class, Window, LEAK_WINDOWS, OLD_AFTER_WINDOWS},
-    metrics, rss_bytes, Proc, Sites, WatchConfig, FORGET_AFTER_WINDOWS, INSIDE_ALLOCATOR,
-};
+use super::{metrics, rss_bytes, Proc, Sites, WatchConfig, FORGET_AFTER_WINDOWS, INSIDE_ALLOCATOR};
 use crate::{
-    model::snapshot::Snapshot,
+    model::{
+        classify::{held_by_stack, Class, Held, LEAK_WINDOWS, OLD_AFTER_WINDOWS},
+        snapshot::Snapshot,
+    },
     symbolize::{symbolize_addrs, Frame},
     units::human_bytes,
 };
-
-/// Bytes, counts and ages per stack in one snapshot.
-#[derive(Clone, Copy, Default)]
-pub(super) struct Held {
-    bytes: f64,
-    count: f64,
-    old_bytes: f64,
-    old_count: f64,
-    oldest_ns: u64,
-}
 
 /// A site that just started leaking, or grows past `--alert-growth`.
 pub(super) struct Alert {
@@ -51,21 +41,7 @@ pub(super) fn process_window(
     if traced {
         // Old: past two windows of the length this one has (a step-up's are shorter).
         let old_ns = (length.as_secs_f64() * OLD_AFTER_WINDOWS * 1e9) as u64;
-        let mut by_stack: HashMap<(u64, u64), Held> = HashMap::new();
-        for a in &snap.allocs {
-            let h = by_stack
-                .entry(stack_key(a.stack_id, a.ret_addr))
-                .or_default();
-            let age = snap.taken_ns.saturating_sub(a.ts_ns);
-            let (bytes, count) = a.estimate();
-            h.bytes += bytes;
-            h.count += count;
-            if age >= old_ns {
-                h.old_bytes += bytes;
-                h.old_count += count;
-            }
-            h.oldest_ns = h.oldest_ns.max(age);
-        }
+        let by_stack = held_by_stack(snap, old_ns, |a| stack_key(a.stack_id, a.ret_addr));
         label_new_stacks(p, snap, by_stack.keys(), false);
         let held = by_site(&p.allocs.labels, &by_stack);
         classify_sites(
@@ -235,14 +211,7 @@ fn classify_sites(
             continue;
         }
         let trend = state.trends.entry(label.clone()).or_default();
-        trend.push(Window {
-            at_secs,
-            bytes: h.bytes.round() as u64,
-            count: h.count.round() as u64,
-            old_bytes: h.old_bytes.round() as u64,
-            old_count: h.old_count.round() as u64,
-            oldest_age_secs: h.oldest_ns as f64 / 1e9,
-        });
+        trend.push(h.window(at_secs));
         let class = if growth_tier && label == INSIDE_ALLOCATOR {
             Class::Steady
         } else if growth_tier {

@@ -1,5 +1,5 @@
 //! Tells leaks from caches and churn, per call site, from its outstanding memory window after
-//! window. A site is:
+//! window (`watch`'s windows, and those `record` takes while it runs). A site is:
 //! - **leaking** when, over the last [`LEAK_WINDOWS`] windows, its *old* allocations (older
 //!   than two windows, past any request's lifetime) kept piling up — more of them in (nearly)
 //!   every window — and its oldest allocation stayed, aging all along: nothing old is ever
@@ -16,9 +16,11 @@
 //! Memory allocated before watching started is invisible, so a cache whose entries live longer
 //! than the watch so far looks like a leak until its first entries are replaced; a cache that
 //! is still filling is flagged only if it fills for longer than [`LEAK_WINDOWS`] windows.
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use serde::Serialize;
+
+use super::snapshot::{LiveAlloc, Snapshot};
 
 /// Consecutive windows of growth of old memory that make a leak.
 pub const LEAK_WINDOWS: usize = 5;
@@ -28,6 +30,53 @@ pub const HISTORY: usize = 64;
 pub const GROWTH_MIN_BYTES: u64 = 64 * 1024;
 /// An allocation is old once it has lived this many windows.
 pub const OLD_AFTER_WINDOWS: f64 = 2.0;
+
+/// Bytes, counts and ages per stack in one snapshot.
+#[derive(Clone, Copy, Default)]
+pub struct Held {
+    pub bytes: f64,
+    pub count: f64,
+    pub old_bytes: f64,
+    pub old_count: f64,
+    pub oldest_ns: u64,
+}
+
+impl Held {
+    /// The window these figures close at `at_secs`.
+    pub fn window(&self, at_secs: f64) -> Window {
+        Window {
+            at_secs,
+            bytes: self.bytes.round() as u64,
+            count: self.count.round() as u64,
+            old_bytes: self.old_bytes.round() as u64,
+            old_count: self.old_count.round() as u64,
+            oldest_age_secs: self.oldest_ns as f64 / 1e9,
+        }
+    }
+}
+
+/// The live allocations of `snap` grouped by `key` (of each allocation: by its stack id and
+/// direct caller, say), those older than `old_ns` counted apart.
+pub fn held_by_stack<K: std::hash::Hash + Eq>(
+    snap: &Snapshot,
+    old_ns: u64,
+    key: impl Fn(&LiveAlloc) -> K,
+) -> HashMap<K, Held> {
+    let mut by_stack: HashMap<K, Held> = HashMap::new();
+    for a in &snap.allocs {
+        let h = by_stack.entry(key(a)).or_default();
+        let age = snap.taken_ns.saturating_sub(a.ts_ns);
+        let (bytes, count) = a.estimate();
+        h.bytes += bytes;
+        h.count += count;
+        if age >= old_ns {
+            h.old_bytes += bytes;
+            h.old_count += count;
+        }
+        h.oldest_ns = h.oldest_ns.max(age);
+    }
+    by_stack
+}
 
 /// One site's live allocations at the end of one window.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -65,6 +114,36 @@ impl Class {
             Class::Churn => "churn",
             Class::Growing => "growing",
             Class::Steady => "steady",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Class> {
+        [
+            Class::Undecided,
+            Class::Leaking,
+            Class::Cache,
+            Class::Churn,
+            Class::Growing,
+            Class::Steady,
+        ]
+        .into_iter()
+        .find(|c| c.name() == name)
+    }
+
+    /// The more alarming of two classes (leaking, growing, cache, churn, steady, undecided).
+    pub fn worst(self, other: Class) -> Class {
+        let rank = |c: Class| match c {
+            Class::Leaking => 5,
+            Class::Growing => 4,
+            Class::Cache => 3,
+            Class::Churn => 2,
+            Class::Steady => 1,
+            Class::Undecided => 0,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
         }
     }
 }
