@@ -79,6 +79,7 @@ fn fixed_report() -> Report {
             wrappers: vec![frame("xmalloc", exe, 0x1101, "demo/xalloc.c", 9)],
             lifetimes: None,
             class: None,
+            runtime: None,
         },
         StackReport {
             bytes: 4096,
@@ -98,6 +99,7 @@ fn fixed_report() -> Report {
             wrappers: Vec::new(),
             lifetimes: None,
             class: None,
+            runtime: None,
         },
         StackReport {
             bytes: 24,
@@ -109,6 +111,7 @@ fn fixed_report() -> Report {
             wrappers: Vec::new(),
             lifetimes: None,
             class: None,
+            runtime: None,
         },
     ];
     // What was allocated while traced: the leak site, a churning one that holds nothing,
@@ -132,6 +135,7 @@ fn fixed_report() -> Report {
             wrappers: Vec::new(),
             lifetimes: None,
             class: None,
+            runtime: None,
         },
         StackReport {
             oldest_age_secs: 0.0,
@@ -211,10 +215,12 @@ fn fixed_report() -> Report {
             entry_points: Vec::new(),
             verdicts: Vec::new(),
             injected: None,
+            declared_suppressions: None,
         },
         stacks,
         allocated: Some(allocated),
         timeline: Some(timeline),
+        suppressed: Vec::new(),
     }
 }
 

@@ -6,7 +6,9 @@
 //! untraced, `record --unwind fp`, `record --unwind dwarf`. For each: nanoseconds per pair as
 //! the workload measures itself, and the cost of the allocation entry program (where the stack
 //! is walked) from the kernel's own statistics (`kernel.bpf_stats_enabled`, switched on for
-//! the run and restored after). Results go to `target/bench/unwind.json`.
+//! the run and restored after). Results go to `target/bench/unwind.json`. With `--against REV`
+//! the same two `record` rows run again, interleaved, with the tracer built from git revision
+//! REV (in `target/bench/against-REV/`, built once): the cost a change adds per pair.
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
@@ -14,26 +16,68 @@ use serde_json::{json, Value};
 
 use crate::{build_release, output, root, run};
 
+#[derive(Clone)]
 struct Config {
-    name: &'static str,
+    name: String,
     /// None: untraced.
     unwind: Option<&'static str>,
+    /// The tracer of another revision (`--against`), else this tree's.
+    tracer: Option<std::path::PathBuf>,
 }
 
-const CONFIGS: [Config; 3] = [
-    Config {
-        name: "untraced",
-        unwind: None,
-    },
-    Config {
-        name: "record --unwind fp",
-        unwind: Some("fp"),
-    },
-    Config {
-        name: "record --unwind dwarf",
-        unwind: Some("dwarf"),
-    },
-];
+fn configs(against: Option<(&str, std::path::PathBuf)>) -> Vec<Config> {
+    let row = |name: &str, unwind| Config {
+        name: name.into(),
+        unwind,
+        tracer: None,
+    };
+    let mut out = vec![
+        row("untraced", None),
+        row("record --unwind fp", Some("fp")),
+        row("record --unwind dwarf", Some("dwarf")),
+    ];
+    if let Some((rev, tracer)) = against {
+        for unwind in ["fp", "dwarf"] {
+            out.push(Config {
+                name: format!("record --unwind {unwind} at {rev}"),
+                unwind: Some(unwind),
+                tracer: Some(tracer.clone()),
+            });
+        }
+    }
+    out
+}
+
+/// The most a change may add to `record`'s cost per malloc+free pair (`--against`).
+const AGAINST_GOAL: f64 = 0.05;
+
+/// `bridge-trace` as built from git revision `rev`, built once into `dir/against-REV/`.
+fn tracer_at(rev: &str, dir: &Path) -> Result<std::path::PathBuf> {
+    let hash = output(Command::new("git").args(["rev-parse", "--short", rev]))?;
+    let hash = hash.trim();
+    let base = dir.join(format!("against-{hash}"));
+    let bin = base.join("bridge-trace");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let src = base.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src)?;
+    eprintln!("bench: building bridge-trace at {rev} ({hash}) for --against");
+    let tar = base.join("src.tar");
+    run(Command::new("git")
+        .args(["archive", "--format=tar", "-o"])
+        .arg(&tar)
+        .arg(hash)
+        .current_dir(root()))?;
+    run(Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(&src))?;
+    run(Command::new("cargo")
+        .args(["build", "--release", "-p", "bridge-trace"])
+        .env("CARGO_TARGET_DIR", base.join("target"))
+        .current_dir(&src))?;
+    std::fs::copy(base.join("target/release/bridge-trace"), &bin)?;
+    Ok(bin)
+}
 
 /// The stack walk with unwind tables may cost at most this many times the frame-pointer walk.
 const DWARF_GOAL: f64 = 2.0;
@@ -67,7 +111,12 @@ impl Drop for BpfStats {
     }
 }
 
-pub fn bench(short: bool, watch_only: bool, inject_only: bool) -> Result<()> {
+pub fn bench(
+    short: bool,
+    watch_only: bool,
+    inject_only: bool,
+    against: Option<&str>,
+) -> Result<()> {
     let root = root();
     let tracer = build_release()?;
     let dir = root.join("target/bench");
@@ -88,12 +137,18 @@ pub fn bench(short: bool, watch_only: bool, inject_only: bool) -> Result<()> {
     } else {
         (200_000, 5, 10)
     };
+    let against = match against {
+        Some(rev) => Some((rev, tracer_at(rev, &dir)?)),
+        None => None,
+    };
+    let configs = configs(against.clone());
     let _stats = BpfStats::enable()?;
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); CONFIGS.len()];
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
     for round in 0..rounds {
         eprintln!("bench: round {} of {rounds}", round + 1);
-        for (i, c) in CONFIGS.iter().enumerate() {
-            samples[i].push(measure(c, &tracer, &workload, &dir, iterations, depth)?);
+        for (i, c) in configs.iter().enumerate() {
+            let tracer = c.tracer.as_deref().unwrap_or(&tracer);
+            samples[i].push(measure(c, tracer, &workload, &dir, iterations, depth)?);
         }
     }
 
@@ -108,7 +163,7 @@ pub fn bench(short: bool, watch_only: bool, inject_only: bool) -> Result<()> {
         "{:<24} {:>14} {:>22} {:>12} {:>26}",
         "configuration", "ns per pair", "min-max", "x untraced", "entry program ns per call"
     );
-    for (c, s) in CONFIGS.iter().zip(&samples) {
+    for (c, s) in configs.iter().zip(&samples) {
         let ns: Vec<f64> = s.iter().map(|s| s.ns_per_pair).collect();
         let med = median(ns.iter().copied());
         let (lo, hi) = min_max(&ns);
@@ -147,6 +202,33 @@ pub fn bench(short: bool, watch_only: bool, inject_only: bool) -> Result<()> {
         }
     );
     println!("end to end: dwarf {pair_ratio:.2}x the cost of fp per malloc+free pair");
+    if let Some((rev, _)) = &against {
+        let pair = |i: usize| median(samples[i].iter().map(|s| s.ns_per_pair));
+        let added: Vec<f64> = [(1, 3), (2, 4)]
+            .iter()
+            .map(|&(now, then)| pair(now) / pair(then) - 1.0)
+            .collect();
+        for (unwind, a) in ["fp", "dwarf"].iter().zip(&added) {
+            println!(
+                "against {rev}: record --unwind {unwind} costs {:+.1}% per pair (goal: at most \
+                 {:+.0}%){}",
+                a * 100.0,
+                AGAINST_GOAL * 100.0,
+                if *a <= AGAINST_GOAL {
+                    ""
+                } else {
+                    "  ABOVE GOAL"
+                }
+            );
+        }
+        let doc = json!({"revision": rev, "added_fp": added[0], "added_dwarf": added[1],
+            "goal": AGAINST_GOAL, "results": results, "rounds": rounds});
+        // Only the rows it compares: the rest of the benchmark does not depend on them.
+        let out = dir.join("against.json");
+        std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")?;
+        println!("bench: wrote {}", out.display());
+        return Ok(());
+    }
     let tables = table_costs(&tracer, &dir)?;
     watch_tiers(&tracer, &dir, short)?;
     let survey = crate::survey::survey(&tracer, &dir, short)?;

@@ -48,6 +48,10 @@ enum Task {
         /// Only the injection part (stop times, exact tracing through the injected sampler).
         #[arg(long, conflicts_with = "watch_only")]
         inject_only: bool,
+        /// Also measure `record` as built from this git revision, interleaved with this tree's
+        /// (the cost per malloc+free pair before and after a change, in the same run).
+        #[arg(long, value_name = "REV")]
+        against: Option<String>,
     },
     /// Run `watch` against the data bridge for a long time and check that the tracer's memory
     /// stays bounded (results in target/bench/soak.json).
@@ -113,9 +117,10 @@ fn main() -> Result<()> {
             short,
             watch_only,
             inject_only,
+            against,
         } => {
             setup()?;
-            bench::bench(short, watch_only, inject_only)
+            bench::bench(short, watch_only, inject_only, against.as_deref())
         }
         Task::Fuzz { seconds } => {
             setup()?;

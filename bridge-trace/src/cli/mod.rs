@@ -153,6 +153,18 @@ pub enum ArgsError {
 }
 
 /// `--wrapper` names, checked.
+/// The rules of the `--suppress` files, each read and checked now.
+fn suppressions(files: &[PathBuf]) -> Result<crate::aggregate::suppress::Suppressions> {
+    let mut out = crate::aggregate::suppress::Suppressions::default();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| Error::Usage(format!("--suppress {}: {e}", f.display())))?;
+        out.parse(&text, &f.display().to_string())
+            .map_err(|e| Error::Usage(format!("--suppress {e}")))?;
+    }
+    Ok(out)
+}
+
 fn wrappers(names: Vec<String>) -> Result<Vec<String>> {
     for n in &names {
         if n.trim().is_empty() || n.trim() == "*" {

@@ -38,8 +38,9 @@ pub struct ReportArgs {
     /// How many call stacks the text report lists.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
-    /// What the flamegraph and folded outputs show: `inuse` (held when recording stopped) or
-    /// `alloc` (allocated while traced, freed or not; captures from version 3 on).
+    /// What the flamegraph and folded outputs show: `inuse` (held when recording stopped),
+    /// `alloc` (allocated while traced, freed or not; captures from version 3 on) or `peak`
+    /// (held at the timeline's highest total; from version 4).
     #[arg(long, value_enum, default_value_t = View::Inuse)]
     pub view: View,
     /// An allocation wrapper of the program (a function that only forwards to the allocator):
@@ -49,6 +50,14 @@ pub struct ReportArgs {
     /// others are detected from the stacks.
     #[arg(long, value_name = "NAME")]
     pub wrapper: Vec<String>,
+    /// A suppression file in LeakSanitizer's format (`leak:FUNCTION`, `leak:libvendor.so`,
+    /// `leak:file.c`; `*` wildcards, `^`/`$` anchors): held stacks with a matching frame are
+    /// left out of the report, and counted and said per rule. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub suppress: Vec<PathBuf>,
+    /// Apply the suppressions the program declares itself (its `__lsan_default_suppressions`).
+    #[arg(long)]
+    pub suppress_declared: bool,
 
     /// Permissions of the files written, in octal.
     #[arg(long, value_name = "OCTAL", default_value = "600")]
@@ -96,6 +105,8 @@ pub fn report_config(a: ReportArgs) -> Result<ReportConfig> {
         debug_dirs: a.debug_dir,
         mode: parse_mode(&a.mode)?,
         wrappers: super::wrappers(a.wrapper)?,
+        suppress: super::suppressions(&a.suppress)?,
+        suppress_declared: a.suppress_declared,
     })
 }
 

@@ -85,6 +85,14 @@ pub struct RecordArgs {
     /// function named like an allocator, on top of it, called from two or more functions).
     #[arg(long, value_name = "NAME")]
     pub wrapper: Vec<String>,
+    /// A suppression file in LeakSanitizer's format (`leak:FUNCTION`, `leak:libvendor.so`,
+    /// `leak:file.c`; `*` wildcards, `^`/`$` anchors): held stacks with a matching frame are
+    /// left out of the report, and counted and said per rule. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub suppress: Vec<PathBuf>,
+    /// Apply the suppressions the program declares itself (its `__lsan_default_suppressions`).
+    #[arg(long)]
+    pub suppress_declared: bool,
     /// Launch the program with bridge-trace's in-process sampler preloaded (`LD_PRELOAD`; its
     /// mean interval from BRIDGE_TRACE_SAMPLE_INTERVAL, default 512KiB) and trace it through
     /// the otel_memory probes the sampler fires: sampled allocations and their frees only,
@@ -183,6 +191,8 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
             .map(|f| parse_alloc_fn(f))
             .collect::<Result<_>>()?,
         wrappers: super::wrappers(args.wrapper)?,
+        suppress: super::suppressions(&args.suppress)?,
+        suppress_declared: args.suppress_declared,
     })
 }
 

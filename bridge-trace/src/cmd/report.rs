@@ -4,9 +4,13 @@
 use std::path::PathBuf;
 
 use crate::{
-    aggregate::{report_of, Rendered, View},
+    aggregate::{
+        report_of,
+        suppress::{self, Suppressions},
+        Rendered, View,
+    },
     capture::Capture,
-    error::Result,
+    error::{Error, Result},
     output,
     render::{self, Format, RenderOptions},
 };
@@ -22,6 +26,9 @@ pub struct ReportConfig {
     pub mode: u32,
     /// Allocation wrappers a site is named past, beside those of the recording (`--wrapper`).
     pub wrappers: Vec<String>,
+    /// `--suppress` files' rules, and whether the program's own apply (`--suppress-declared`).
+    pub suppress: Suppressions,
+    pub suppress_declared: bool,
 }
 
 /// Runs `bridge-trace report`: renders every output first, then writes them.
@@ -32,7 +39,13 @@ pub fn run(config: &ReportConfig) -> Result<Rendered> {
         .wrappers
         .user
         .extend(config.wrappers.iter().cloned());
-    let rendered = report_of(&capture, &config.debug_dirs);
+    let mut rendered = report_of(&capture, &config.debug_dirs);
+    suppress::apply_all(
+        &mut rendered.report,
+        &config.suppress,
+        config.suppress_declared,
+    )
+    .map_err(Error::Usage)?;
     let options = RenderOptions {
         top: config.top,
         view: config.view,

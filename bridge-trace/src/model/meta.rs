@@ -78,6 +78,10 @@ pub struct Meta {
     /// bytes (1: every allocation reported, each with its own size: exact).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub injected: Option<u64>,
+    /// The suppressions the program declares itself (what its `__lsan_default_suppressions`
+    /// returns), applied with `--suppress-declared`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_suppressions: Option<String>,
 }
 
 /// One process of a recording that followed children (`--follow-children`).

@@ -143,9 +143,9 @@ impl Recorder {
         });
     }
 
-    /// The timeline: its points, the [`SERIES`] stacks that held the most at any point, the
-    /// peak.
-    pub fn finish(self) -> Timeline {
+    /// The timeline so far: its points, the [`SERIES`] stacks that held the most at any
+    /// point, the peak.
+    pub fn timeline(&self) -> Timeline {
         let mut most = vec![0f32; self.keys.len()];
         for (_, _, held) in &self.points {
             for &(i, b) in held {
@@ -179,8 +179,8 @@ impl Recorder {
             peak_every_secs: self.base_secs,
             points: self.points.iter().map(|(_, p, _)| *p).collect(),
             series,
-            peak: self.peak,
-            events: self.events,
+            peak: self.peak.clone(),
+            events: self.events.clone(),
         }
     }
 }
@@ -210,7 +210,7 @@ mod tests {
                 vec![held(1, t as f64), held(2, two)],
             );
         }
-        let tl = r.finish();
+        let tl = r.timeline();
         assert!(tl.points.len() < MAX_POINTS && tl.points.len() >= MAX_POINTS / 2);
         // Full at tick 240 (every other one dropped) and again at tick 478.
         assert_eq!(tl.every_secs, 2.0, "the cadence doubled twice");
@@ -232,7 +232,7 @@ mod tests {
         let mut r = Recorder::new(1.0);
         r.tick(0.0, None, vec![held(1, 0.0)]);
         r.event(0.5, "exec");
-        let tl = r.finish();
+        let tl = r.timeline();
         assert_eq!(tl.points, [Point::default()]);
         assert!(tl.series.is_empty());
         assert_eq!(tl.events.len(), 1);

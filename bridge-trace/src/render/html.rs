@@ -179,6 +179,11 @@ impl Render for Html {
         )?;
         for (i, s) in report.stacks.iter().take(self.top).enumerate() {
             let class = s.class.as_deref().unwrap_or("");
+            let runtime = s
+                .runtime
+                .as_deref()
+                .map(|r| format!("<br><small>runtime: {}</small>", esc(r)))
+                .unwrap_or_default();
             let (name, at) = site(s);
             let chain: Vec<String> = s
                 .frames
@@ -190,7 +195,7 @@ impl Render for Html {
                 out,
                 "<tr><td class=\"n\">{}</td><td class=\"n\" data-v=\"{}\">{} ({})</td>\
                  <td class=\"n\">{}</td><td class=\"n\" data-v=\"{}\">{:.1} s</td>\
-                 <td class=\"{class}\">{class}</td><td><details><summary><code>{}</code>{}\
+                 <td class=\"{class}\">{class}{runtime}</td><td><details><summary><code>{}</code>{}\
                  </summary><code>{}</code></details></td><td><code>{}</code></td></tr>",
                 i + 1,
                 s.bytes,

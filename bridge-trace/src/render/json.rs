@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::Render;
 use crate::{
-    aggregate::{Report, StackReport, TimelineReport},
+    aggregate::{suppress::Suppressed, Report, StackReport, TimelineReport},
     model::meta::Meta,
 };
 
@@ -22,6 +22,9 @@ struct Written<'a> {
     /// What was held over time, and at the peak.
     #[serde(skip_serializing_if = "Option::is_none")]
     timeline: Option<&'a TimelineReport>,
+    /// What each suppression rule took out of `stacks`.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    suppressed: &'a [Suppressed],
 }
 
 #[derive(Serialize)]
@@ -43,6 +46,7 @@ impl Render for Json {
             stacks: &report.stacks,
             allocated: report.allocated.as_deref(),
             timeline: report.timeline.as_ref(),
+            suppressed: &report.suppressed,
         };
         serde_json::to_writer_pretty(&mut *out, &written)?;
         out.push(b'\n');

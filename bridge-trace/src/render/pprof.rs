@@ -313,6 +313,7 @@ mod tests {
     fn inlined_frames_share_their_location_innermost_first() {
         let report = Report {
             timeline: None,
+            suppressed: Vec::new(),
             meta: Meta {
                 version: REPORT_VERSION,
                 target: "svc".into(),
@@ -330,6 +331,7 @@ mod tests {
             },
             stacks: vec![StackReport {
                 lifetimes: None,
+                runtime: None,
                 class: None,
                 bytes: 300,
                 count: 3,
@@ -379,6 +381,7 @@ mod tests {
     fn the_allocation_profile_adds_two_sample_types() {
         let stack = |function: &str, bytes, count| StackReport {
             lifetimes: None,
+            runtime: None,
             class: None,
             bytes,
             count,
@@ -390,6 +393,7 @@ mod tests {
         };
         let report = Report {
             timeline: None,
+            suppressed: Vec::new(),
             meta: Meta::default(),
             stacks: vec![stack("leak", 100, 1)],
             allocated: Some(vec![stack("churn", 9000, 90), stack("leak", 400, 4)]),

@@ -111,7 +111,11 @@ impl Render for Text {
                     .class
                     .as_deref()
                     .map(|c| format!(", {c}"))
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    + &s.runtime
+                        .as_deref()
+                        .map(|r| format!(" [runtime: {r}]"))
+                        .unwrap_or_default();
                 writeln!(
                     out,
                     "#{} {} bytes ({}) in {} allocations, oldest {:.1}s{class}{partial}",

@@ -87,6 +87,41 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages * page)
 }
 
+/// The suppressions a program declares itself: the string its `__lsan_default_suppressions`
+/// returns (LeakSanitizer's hook), read from the executable without running it: the
+/// function's first instructions load the string's address into the return register.
+pub fn declared_suppressions(exe: &Path) -> Option<String> {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+    use object::ObjectSymbol as _;
+    let map = map_file(exe)?;
+    let elf = object::File::parse(&*map).ok()?;
+    let sym = elf
+        .symbols()
+        .chain(elf.dynamic_symbols())
+        .find(|s| s.name() == Ok("__lsan_default_suppressions") && s.address() != 0)?;
+    let start = file_offset(&elf, sym.address())? as usize;
+    let code = map.get(start..(start + 64).min(map.len()))?;
+    let mut decoder = Decoder::with_ip(64, code, sym.address(), DecoderOptions::NONE);
+    for ins in decoder.iter().take(16) {
+        let to_rax = matches!(ins.op0_register(), Register::RAX | Register::EAX);
+        let address = match ins.mnemonic() {
+            Mnemonic::Ret => return None,
+            Mnemonic::Lea if to_rax && ins.is_ip_rel_memory_operand() => {
+                ins.ip_rel_memory_address()
+            }
+            Mnemonic::Mov if to_rax && matches!(ins.op1_kind(), OpKind::Immediate32) => {
+                ins.immediate(1)
+            }
+            _ => continue,
+        };
+        let at = file_offset(&elf, address)? as usize;
+        let text = map.get(at..)?;
+        let end = text.iter().take(1 << 16).position(|&b| b == 0)?;
+        return String::from_utf8(text[..end].to_vec()).ok();
+    }
+    None
+}
+
 pub fn comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()

@@ -1,7 +1,12 @@
 //! A validated `record` request: what to trace, for how long, and where the report goes.
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use crate::{aggregate::View, render::Format, target::EntryKind, unwind::Unwind};
+use crate::{
+    aggregate::{suppress::Suppressions, View},
+    render::Format,
+    target::EntryKind,
+    unwind::Unwind,
+};
 
 /// What to trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,4 +49,7 @@ pub struct Config {
     pub alloc_fns: Vec<(String, EntryKind)>,
     /// Allocation wrappers a site is named past (`--wrapper`).
     pub wrappers: Vec<String>,
+    /// `--suppress` files' rules, and whether the program's own apply (`--suppress-declared`).
+    pub suppress: Suppressions,
+    pub suppress_declared: bool,
 }

@@ -395,6 +395,7 @@ fn finish(
         wrappers: Wrappers::new(config.wrappers.clone()),
         entry_points: attached_symbols.clone(),
         injected: t.injected,
+        declared_suppressions: declared_suppressions(pid, t.exe.as_deref()),
         ..Meta::default()
     }
     .on_this_machine();
@@ -439,7 +440,9 @@ fn finish(
         capture
     };
     let mut symbolizer = Blazesym::process(&t.maps);
-    let report = aggregate(&capture, &mut symbolizer);
+    let mut report = aggregate(&capture, &mut symbolizer);
+    crate::aggregate::suppress::apply_all(&mut report, &config.suppress, config.suppress_declared)
+        .map_err(Error::Usage)?;
 
     let outputs = if config.outputs.is_empty() {
         vec![(
@@ -472,6 +475,16 @@ fn finish(
         detaching: Some(detaching),
         probes,
         detach_s,
+    })
+}
+
+/// What the program declares it suppresses, from its executable (the running one's, else the
+/// path it was started from, as this process sees it through /proc/PID/root).
+fn declared_suppressions(pid: u32, exe: Option<&str>) -> Option<String> {
+    let running = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
+    crate::target::declared_suppressions(&running).or_else(|| {
+        let path = crate::model::maps::host_path(pid, exe?);
+        crate::target::declared_suppressions(&path)
     })
 }
 

@@ -98,7 +98,8 @@ impl OverTime {
         for (key, h) in held {
             self.trends.entry(key).or_default().push(h.window(at_secs));
         }
-        if self.open && self.windows.is_multiple_of(OPEN_WINDOWS) && self.window_every < MAX_WINDOW {
+        if self.open && self.windows.is_multiple_of(OPEN_WINDOWS) && self.window_every < MAX_WINDOW
+        {
             self.window_every = (self.window_every * 2).min(MAX_WINDOW);
             return Some(self.window_every);
         }
@@ -129,7 +130,7 @@ impl OverTime {
             by_site,
             skip: self.skip,
         };
-        (self.recorder.finish(), classes)
+        (self.recorder.timeline(), classes)
     }
 }
 

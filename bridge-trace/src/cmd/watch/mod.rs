@@ -36,6 +36,7 @@ use crate::{
         meta::{Meta, REPORT_VERSION, USDT_TIER},
         sites::{Callers, Wrappers},
         snapshot::{LiveAlloc, Snapshot},
+        timeline::Recorder,
     },
     os::{pidfd_open, stop_signals, utc_now},
     symbolize::Blazesym,
@@ -109,6 +110,9 @@ struct Proc {
     usdt_capped: bool,
     /// That was said (once: a process at its cap goes in and out of it as samples are freed).
     usdt_cap_said: bool,
+    /// What it held and its resident set at each window, the peak, the tier changes and
+    /// alerts: the chart of its snapshots and incident bundles.
+    timeline: Recorder,
 }
 
 /// The objects through which a process reports its samples ([`Tier::Usdt`]).
@@ -489,6 +493,7 @@ impl Session<'_> {
                 usdt_capped: false,
                 usdt_cap_said: false,
                 usdt: usdt.map(|(u, _)| u),
+                timeline: Recorder::new(self.config.interval.as_secs_f64()),
             },
         );
         Ok(())
@@ -669,9 +674,20 @@ impl Session<'_> {
             };
             self.cap_samples(pid, &snap);
             let traced = self.tracer.traces_allocator(pid);
+            let held = if traced {
+                collect::held_by_stack(&self.tracer, pid).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             let p = self.procs.get_mut(&pid).expect("listed above");
+            let at = p.started.elapsed().as_secs_f64();
+            p.timeline.tick(at, target::rss_bytes(pid), held);
             let (sample, alerts) =
                 process_window(pid, p, &snap, self.config, traced, self.window_length);
+            for a in &alerts {
+                p.timeline
+                    .event(at, format!("alert: {} ({})", a.site, a.reason));
+            }
             let leak_named = traced && sample.sites.iter().any(|s| s.class == Class::Leaking);
             // The growth sites flagged so far are explained by a leak named while sampling;
             // a step-up is for growth not explained yet.
@@ -750,6 +766,13 @@ impl Session<'_> {
             change.reason
         );
         self.tracer.set_sample_interval(change.interval)?;
+        for p in self.procs.values_mut() {
+            let at = p.started.elapsed().as_secs_f64();
+            p.timeline.event(
+                at,
+                format!("tier {}: {}", change.tier.name(), change.reason),
+            );
+        }
         for (&pid, p) in self.procs.iter_mut().filter(|(_, p)| p.usdt.is_none()) {
             match change.tier {
                 Tier::Growth => {
@@ -865,7 +888,11 @@ fn report(pid: u32, p: &Proc, snap: &Snapshot, governor: &Governor) -> Report {
         ..Meta::default()
     }
     .on_this_machine();
-    let capture = Capture::new(snap, &p.maps, None, meta);
+    let capture = Capture::new(snap, &p.maps, None, meta).with_timeline(
+        &p.timeline.timeline(),
+        snap,
+        &p.maps,
+    );
     aggregate(&capture, &mut Blazesym::process(&p.maps))
 }
 

@@ -1,5 +1,9 @@
 //! Groups live allocations by their symbolized call stack into a [`Report`]: bytes, counts and
-//! the oldest age per stack, after the `--min-age` filter, largest first.
+//! the oldest age per stack, after the `--min-age` filter, largest first; the timeline, the
+//! peak and the allocation profile beside them; suppressions and the runtime's one-time
+//! allocations ([`suppress`]).
+pub mod suppress;
+
 use std::{collections::HashMap, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -41,6 +45,9 @@ pub struct StackReport {
     /// Among what is held: `leaking`, `cache`, `churn` or `undecided`, as `watch` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class: Option<String>,
+    /// A one-time allocation of the runtime, and what it is ([`suppress::runtime_allocation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 /// The recording over time, named.
@@ -94,6 +101,9 @@ pub struct Report {
     /// What was held over time and at its peak; `None` when the capture predates it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeline: Option<TimelineReport>,
+    /// What each suppression rule took out of `stacks` (`--suppress`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suppressed: Vec<suppress::Suppressed>,
 }
 
 /// Which of a report's profiles a flamegraph or folded file shows (`--view`).
@@ -181,6 +191,28 @@ impl Report {
                 out.push(format!("no unwind table for {object}: {reason}"));
             }
         }
+        for s in &self.suppressed {
+            out.push(format!(
+                "suppressed by {} (from {}): {} bytes ({}) in {} allocations from {} stacks, \
+                 not in the stacks above",
+                s.rule,
+                s.source,
+                s.bytes,
+                human_bytes(s.bytes),
+                s.count,
+                s.stacks
+            ));
+        }
+        let runtime: Vec<&StackReport> =
+            self.stacks.iter().filter(|s| s.runtime.is_some()).collect();
+        if !runtime.is_empty() {
+            out.push(format!(
+                "{} bytes in {} stacks are one-time allocations of the runtime (marked \
+                 \"runtime\"), not leaks of the program",
+                runtime.iter().map(|s| s.bytes).sum::<u64>(),
+                runtime.len()
+            ));
+        }
         out
     }
 }
@@ -226,7 +258,10 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
         .map(|frames| frames.iter().rev().map(|f| f.function.as_deref()).collect())
         .collect();
     wrappers.detect(&innermost_first);
-    let stacks = group(&capture.stacks, named_stacks, &wrappers);
+    let mut stacks = group(&capture.stacks, named_stacks, &wrappers);
+    for s in &mut stacks {
+        s.runtime = suppress::runtime_allocation(s).map(str::to_string);
+    }
     let allocated = capture.allocated.as_ref().map(|allocated| {
         let named = allocated
             .iter()
@@ -290,6 +325,7 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
         stacks,
         allocated,
         timeline,
+        suppressed: Vec::new(),
     }
 }
 
