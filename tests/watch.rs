@@ -294,12 +294,30 @@ fn leak_is_flagged_cache_and_churn_are_not() {
     );
     let alert = std::fs::read_to_string(bundle.join("alert.txt")).unwrap();
     assert!(alert.contains("leak at leak_site"), "{alert}");
+    // The bundle's timeline: a point per window so far, the alert marked, drawn in its page.
+    let report = json(&bundle.join("report.json"));
+    let t = &report["timeline"];
+    assert!(t["points"].as_array().unwrap().len() >= 2, "{t:#}");
+    assert!(
+        t["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["what"].as_str().unwrap().starts_with("alert: leak_site")),
+        "{t:#}"
+    );
+    let html = std::fs::read_to_string(bundle.join("report.html")).unwrap();
+    assert!(
+        html.contains("id=\"bt-chart\""),
+        "no chart in the bundle's page"
+    );
     use std::os::unix::fs::PermissionsExt as _;
     for file in [
         "leaks.svg",
         "leaks.pb.gz",
         "report.json",
         "report.txt",
+        "report.html",
         "alert.txt",
     ] {
         let meta = std::fs::metadata(bundle.join(file))

@@ -190,25 +190,32 @@ pub(crate) fn record(tgid: u32, tid: u32, addr: u64, size: u64, call: &InFlight)
     }
     count(Counter::Allocs);
     let (est, est_objects_milli) = estimate(size, call.interval);
-    if let Some(t) = STACK_TOTALS.get_ptr_mut(&call.stack) {
-        // SAFETY: per-CPU value of a successful lookup.
-        unsafe {
-            (*t).alloc_bytes += size;
-            (*t).alloc_count += 1;
-            (*t).est_bytes += est;
-            (*t).est_objects_milli += est_objects_milli;
-        }
-    } else {
-        let t = StackTotals {
-            alloc_bytes: size,
-            alloc_count: 1,
-            est_bytes: est,
-            est_objects_milli,
-            ..StackTotals::default()
-        };
-        if STACK_TOTALS.insert(&call.stack, &t, 0).is_err() {
-            count(Counter::StackTotalsFull);
-        }
+    credit(&call.stack, |t| {
+        t.alloc_bytes += size;
+        t.alloc_count += 1;
+        t.est_bytes += est;
+        t.est_objects_milli += est_objects_milli;
+    });
+}
+
+/// Adds to `stack`'s running totals with `add`: in place, or on a zeroed first entry built in
+/// [`TOTALS_SCRATCH`] and inserted from there; a full map is counted.
+#[inline(always)]
+pub(crate) fn credit(stack: &StackKey, add: impl FnOnce(&mut StackTotals)) {
+    if let Some(t) = STACK_TOTALS.get_ptr_mut(stack) {
+        // SAFETY: per-CPU value of a successful lookup, this program's while it runs.
+        add(unsafe { &mut *t });
+        return;
+    }
+    let Some(t) = TOTALS_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, exclusive while the program runs.
+    let t = unsafe { &mut *t };
+    *t = StackTotals::default();
+    add(t);
+    if STACK_TOTALS.insert(stack, t, 0).is_err() {
+        count(Counter::StackTotalsFull);
     }
 }
 

@@ -3,7 +3,11 @@
 use aya_ebpf::{helpers::*, macros::*, programs::*};
 use bridge_trace_common::*;
 
-use crate::{alloc::estimate, helpers::*, maps::*};
+use crate::{
+    alloc::{credit, estimate},
+    helpers::*,
+    maps::*,
+};
 
 /// Whether release functions may nest ([`config::NESTED_FREES`]).
 #[inline(always)]
@@ -44,28 +48,13 @@ pub(crate) fn credit_free(info: &AllocInfo) {
     // SAFETY: plain helper call.
     let lived = unsafe { bpf_ktime_get_ns() }.saturating_sub(info.ts_ns);
     let bucket = lifetime_bucket(lived);
-    if let Some(t) = STACK_TOTALS.get_ptr_mut(&info.stack) {
-        // SAFETY: per-CPU value of a successful lookup.
-        unsafe {
-            (*t).free_bytes += info.size;
-            (*t).free_count += 1;
-            (*t).est_free_bytes += est;
-            (*t).est_free_objects_milli += est_objects_milli;
-            (*t).lifetimes[bucket] += 1;
-        }
-    } else {
-        let mut t = StackTotals {
-            free_bytes: info.size,
-            free_count: 1,
-            est_free_bytes: est,
-            est_free_objects_milli: est_objects_milli,
-            ..StackTotals::default()
-        };
-        t.lifetimes[bucket] = 1;
-        if STACK_TOTALS.insert(&info.stack, &t, 0).is_err() {
-            count(Counter::StackTotalsFull);
-        }
-    }
+    credit(&info.stack, |t| {
+        t.free_bytes += info.size;
+        t.free_count += 1;
+        t.est_free_bytes += est;
+        t.est_free_objects_milli += est_objects_milli;
+        t.lifetimes[bucket] += 1;
+    });
 }
 
 /// The [`StackTotals::lifetimes`] bucket of a block that lived `ns` nanoseconds.

@@ -30,6 +30,7 @@
 //! | HELD_CHILDREN | `process::child_fault` | user: `attach::held_children` | user: `attach::release_child` |
 //! | USDT_SPECS | user: `attach::usdt` (one slot per probe site of each process) | `usdt` | user: `attach::usdt` (slots reused) |
 //! | USDT_REGS | `usdt` (per CPU) | the same | never (per-CPU scratch) |
+//! | TOTALS_SCRATCH | `alloc::credit`, a stack's first totals (per CPU) | the same (the insert) | never (per-CPU scratch) |
 //! | USDT_CAPPED | user: `attach::usdt::cap_usdt` (a process at its cap of live samples) | `usdt::usdt_alloc` | user: `attach::usdt::cap_usdt`, `attach::untrace_allocator` |
 //! | FLOOR_STACK | `floor` (per CPU) | nobody (the floor measures the write) | never |
 //!
@@ -179,6 +180,11 @@ pub(crate) static HELD_CHILDREN: HashMap<u32, u32> = HashMap::with_max_entries(M
 /// (user-written from the site's SDT descriptors).
 #[map]
 pub(crate) static USDT_SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_USDT_SPECS, 0);
+
+/// Per CPU: a stack's first totals, built here and inserted from here, not on the 512-byte
+/// BPF stack (a `StackTotals` is 128 bytes).
+#[map]
+pub(crate) static TOTALS_SCRATCH: PerCpuArray<StackTotals> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per CPU: the registers of the `otel_memory` probe running there, copied to be read at the
 /// slots the site's spec names.

@@ -14,12 +14,13 @@ use crate::{
     render::{render_to_vec, Format, RenderOptions},
 };
 
-const FILES: [(&str, Format); 5] = [
+const FILES: [(&str, Format); 6] = [
     ("leaks.svg", Format::Svg),
     ("leaks.folded", Format::Folded),
     ("leaks.pb.gz", Format::Pprof),
     ("report.json", Format::Json),
     ("report.txt", Format::Text),
+    ("report.html", Format::Html),
 ];
 
 /// Writes `dir/name/` with every report of `report`, and `alert.txt` when `alert` is given,
