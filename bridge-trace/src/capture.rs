@@ -95,6 +95,14 @@ pub struct CapturedTimeline {
     pub peak: Option<CapturedPeak>,
 }
 
+impl CapturedTimeline {
+    /// The stacks it names: its series', then its peak's.
+    pub fn stacks(&self) -> impl Iterator<Item = &CapturedStack> {
+        let series = self.series.iter().map(|s| &s.stack);
+        series.chain(self.peak.iter().flat_map(|p| &p.stacks))
+    }
+}
+
 /// One stack's bytes held at every point of the timeline.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CapturedSeries {
@@ -206,9 +214,7 @@ impl Capture {
                 });
             entry.bytes += a.bytes;
             entry.count += a.count;
-            for (sum, n) in entry.lifetimes.iter_mut().flatten().zip(a.lifetimes) {
-                *sum += n;
-            }
+            add_lifetimes(&mut entry.lifetimes, &a.lifetimes);
         }
         let mut capture = Capture {
             meta,
@@ -415,10 +421,7 @@ impl Capture {
     fn check(&self) -> Result<(), CaptureError> {
         let n = self.modules.len() as u32;
         let processes = self.processes.len() as u32;
-        let timeline = self.timeline.iter().flat_map(|t| {
-            let series = t.series.iter().map(|s| &s.stack);
-            series.chain(t.peak.iter().flat_map(|p| &p.stacks))
-        });
+        let timeline = self.timeline.iter().flat_map(CapturedTimeline::stacks);
         for s in self
             .stacks
             .iter()
@@ -437,6 +440,14 @@ impl Capture {
             }
         }
         Ok(())
+    }
+}
+
+/// Adds `lifetimes` (buckets of freed blocks) into `sum`, which takes their length if empty.
+pub fn add_lifetimes(sum: &mut Option<Vec<u64>>, lifetimes: &[u64]) {
+    let sum = sum.get_or_insert_with(|| vec![0; lifetimes.len()]);
+    for (a, b) in sum.iter_mut().zip(lifetimes) {
+        *a += b;
     }
 }
 

@@ -9,7 +9,7 @@ use std::{collections::HashMap, path::PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    capture::Capture,
+    capture::{add_lifetimes, Capture, CapturedTimeline},
     model::{
         classify::Class,
         meta::{Meta, Process, USDT_TIER},
@@ -244,7 +244,7 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
             .stacks
             .iter()
             .chain(capture.allocated.iter().flatten())
-            .chain(timeline_stacks(capture))
+            .chain(capture.timeline.iter().flat_map(CapturedTimeline::stacks))
             .flat_map(|s| s.frames.iter().copied()),
     );
     let named_stacks: Vec<Vec<Frame>> = capture
@@ -329,14 +329,6 @@ pub fn aggregate(capture: &Capture, symbolizer: &mut dyn Symbolize) -> Report {
     }
 }
 
-/// The stacks of a capture's timeline: its series and its peak's.
-fn timeline_stacks(capture: &Capture) -> impl Iterator<Item = &crate::capture::CapturedStack> {
-    capture.timeline.iter().flat_map(|t| {
-        let series = t.series.iter().map(|s| &s.stack);
-        series.chain(t.peak.iter().flat_map(|p| &p.stacks))
-    })
-}
-
 /// Groups `captured` stacks (named as `named`) that show the same frames once the allocation
 /// wrappers are cut off, largest first.
 fn group(
@@ -366,10 +358,7 @@ fn group(
         *count += s.count;
         entry.oldest_age_secs = entry.oldest_age_secs.max(s.oldest_age_secs);
         if let Some(l) = &s.lifetimes {
-            let sum = entry.lifetimes.get_or_insert_with(|| vec![0; l.len()]);
-            for (a, b) in sum.iter_mut().zip(l) {
-                *a += b;
-            }
+            add_lifetimes(&mut entry.lifetimes, l);
         }
         if let Some(c) = s.class.as_deref().and_then(Class::from_name) {
             let was = entry.class.as_deref().and_then(Class::from_name);

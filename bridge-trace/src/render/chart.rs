@@ -4,6 +4,7 @@
 //! shapes, no script: it is readable as a picture in a ticket.
 use std::fmt::Write as _;
 
+use super::html::esc;
 use crate::{aggregate::TimelineReport, units::human_bytes};
 
 const WIDTH: f64 = 960.0;
@@ -17,13 +18,6 @@ const COLOURS: [&str; 8] = [
     "#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7", "#999933",
 ];
 const OTHER: &str = "#cccccc";
-
-fn esc(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
 
 /// The chart, or `None` when the timeline has no point to draw.
 pub(crate) fn timeline_svg(t: &TimelineReport) -> Option<String> {

@@ -11,8 +11,8 @@ pub struct Html {
     pub top: usize,
 }
 
-/// Text made safe for HTML element content and attribute values.
-fn esc(text: &str) -> String {
+/// Text made safe for HTML (and SVG) element content and attribute values.
+pub(super) fn esc(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

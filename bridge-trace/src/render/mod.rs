@@ -163,10 +163,7 @@ pub(crate) fn hottest_sites(allocated: &[StackReport], top: usize) -> Vec<HotSit
         e.0 += s.bytes;
         e.1 += s.count;
         if let Some(l) = &s.lifetimes {
-            let sum = e.2.get_or_insert_with(|| vec![0; l.len()]);
-            for (a, b) in sum.iter_mut().zip(l) {
-                *a += b;
-            }
+            crate::capture::add_lifetimes(&mut e.2, l);
         }
     }
     let mut sites: Vec<HotSite> = by_site
