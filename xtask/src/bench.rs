@@ -116,6 +116,7 @@ pub fn bench(
     watch_only: bool,
     inject_only: bool,
     against: Option<&str>,
+    rounds: Option<usize>,
 ) -> Result<()> {
     let root = root();
     let tracer = build_release()?;
@@ -132,11 +133,12 @@ pub fn bench(
     if watch_only {
         return watch_tiers(&tracer, &dir, short);
     }
-    let (iterations, rounds, depth) = if short {
+    let (iterations, default_rounds, depth) = if short {
         (20_000u64, 1usize, 10u32)
     } else {
         (200_000, 5, 10)
     };
+    let rounds = rounds.unwrap_or(default_rounds).max(1);
     let against = match against {
         Some(rev) => Some((rev, tracer_at(rev, &dir)?)),
         None => None,
@@ -146,7 +148,13 @@ pub fn bench(
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
     for round in 0..rounds {
         eprintln!("bench: round {} of {rounds}", round + 1);
-        for (i, c) in configs.iter().enumerate() {
+        // Every other round in reverse: no configuration always runs right after another.
+        let mut order: Vec<usize> = (0..configs.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let c = &configs[i];
             let tracer = c.tracer.as_deref().unwrap_or(&tracer);
             samples[i].push(measure(c, tracer, &workload, &dir, iterations, depth)?);
         }

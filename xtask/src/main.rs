@@ -52,6 +52,9 @@ enum Task {
         /// (the cost per malloc+free pair before and after a change, in the same run).
         #[arg(long, value_name = "REV")]
         against: Option<String>,
+        /// Rounds of the interleaved `record` rows (default 5; 1 with --short).
+        #[arg(long, value_name = "N")]
+        rounds: Option<usize>,
     },
     /// Run `watch` against the data bridge for a long time and check that the tracer's memory
     /// stays bounded (results in target/bench/soak.json).
@@ -118,9 +121,10 @@ fn main() -> Result<()> {
             watch_only,
             inject_only,
             against,
+            rounds,
         } => {
             setup()?;
-            bench::bench(short, watch_only, inject_only, against.as_deref())
+            bench::bench(short, watch_only, inject_only, against.as_deref(), rounds)
         }
         Task::Fuzz { seconds } => {
             setup()?;
