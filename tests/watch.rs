@@ -1040,6 +1040,316 @@ fn snapshots_are_pushed_as_pprof() {
     assert!(flat >= 200_000.0, "{row}");
 }
 
+/// Reads one HTTP request from `stream` and answers 200.
+fn answer(stream: TcpStream) -> Option<Received> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).ok()?;
+        if header.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    let mut stream = reader.into_inner();
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    Some(Received { line, body })
+}
+
+/// A loopback OTLP receiver: every request, as it arrives.
+fn otlp_receiver() -> (String, std::sync::mpsc::Receiver<Received>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if let Some(r) = answer(stream) {
+                if tx.send(r).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (url, rx)
+}
+
+/// The fixture's line `which` ("paused N", "resumed N", "leaked N") after `sig`: N.
+fn ask(
+    service: &KillOnDrop,
+    out: &mut BufReader<std::process::ChildStdout>,
+    sig: i32,
+    which: &str,
+) -> u64 {
+    signal(&service.0, sig);
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    line.trim()
+        .strip_prefix(which)
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{line:?}"))
+}
+
+/// The line of patterns.c that holds `text`.
+fn patterns_line(text: &str) -> i64 {
+    let src = std::fs::read_to_string(repo().join("tests/fixtures/patterns.c")).unwrap();
+    src.lines().position(|l| l.contains(text)).unwrap() as i64 + 1
+}
+
+/// `--otlp`: each snapshot arrives as an OTLP profiles request that the OpenTelemetry
+/// project's own types decode: four memory sample types whose totals per call site are the
+/// fixture's own (it allocates only while watched: paused, attached, resumed, paused again),
+/// stacks through the site's callers, the process and host as resource attributes, and the
+/// executable's mapping with its build-id.
+#[test]
+fn snapshots_are_exported_as_otlp_profiles() {
+    use opentelemetry_proto::tonic::{
+        collector::profiles::v1development::ExportProfilesServiceRequest,
+        common::v1::any_value::Value as V,
+    };
+    use prost::Message as _;
+    let _g = lock();
+    let (service, mut out) = start_patterns_with_output();
+    let pid = service.0.id();
+    let before = ask(&service, &mut out, libc::SIGUSR2, "paused ");
+    let (url, requests) = otlp_receiver();
+    let mut watch = Watch::start(&[
+        "watch",
+        "--pid",
+        &pid.to_string(),
+        "--interval",
+        "1s",
+        "--tier",
+        "full",
+        "--max-overhead",
+        "off",
+        "--fixed-tier",
+        "--snapshot-every",
+        "1s",
+        "--otlp",
+        &url,
+    ]);
+    watch.attached();
+    ask(&service, &mut out, libc::SIGUSR2, "resumed ");
+    // A few hundred ticks, through cache_put's 300 slots.
+    let started = Instant::now();
+    while ask(&service, &mut out, libc::SIGUSR1, "leaked ") - before < 350_000 {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = ask(&service, &mut out, libc::SIGUSR2, "paused ");
+    let ticks = (after - before) / 1000;
+    // Of those that arrive from now on, the second was taken after the pause.
+    while requests.try_recv().is_ok() {}
+    let _ = requests.recv_timeout(Duration::from_secs(30)).unwrap();
+    let last = requests.recv_timeout(Duration::from_secs(30)).unwrap();
+    let (ok, stderr) = watch.finish();
+    assert!(ok, "{stderr}");
+    assert!(
+        last.line.starts_with("POST /v1development/profiles "),
+        "{}",
+        last.line
+    );
+    let req = ExportProfilesServiceRequest::decode(&*last.body).unwrap();
+    let d = req.dictionary.unwrap();
+    let s = |i: i32| d.string_table[i as usize].as_str();
+    let rp = &req.resource_profiles[0];
+    let attr = |key: &str| {
+        rp.resource
+            .as_ref()
+            .unwrap()
+            .attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.clone()?.value)
+    };
+    assert_eq!(attr("process.pid"), Some(V::IntValue(i64::from(pid))));
+    assert_eq!(
+        attr("process.executable.name"),
+        Some(V::StringValue("patterns".into()))
+    );
+    assert!(attr("host.name").is_some());
+    // Totals per (leaf function, line) in each sample type.
+    let mut totals: std::collections::HashMap<(String, String, i64), i64> = Default::default();
+    let mut leak_callers = Vec::new();
+    for p in &rp.scope_profiles[0].profiles {
+        let kind = s(p.sample_type.unwrap().type_strindex).to_string();
+        for smp in &p.samples {
+            let stack = &d.stack_table[smp.stack_index as usize];
+            let leaf = &d.location_table[stack.location_indices[0] as usize];
+            let line = &leaf.lines[0];
+            let f = &d.function_table[line.function_index as usize];
+            let name = s(f.name_strindex).to_string();
+            if name == "leak_site" && kind == "inuse_space" && leak_callers.is_empty() {
+                leak_callers = stack
+                    .location_indices
+                    .iter()
+                    .map(|&l| {
+                        let l = &d.location_table[l as usize];
+                        s(d.function_table[l.lines[0].function_index as usize].name_strindex)
+                            .to_string()
+                    })
+                    .collect();
+            }
+            *totals.entry((kind.clone(), name, line.line)).or_default() += smp.values[0];
+        }
+    }
+    let at = |kind: &str, f: &str, text: &str| {
+        totals
+            .get(&(kind.to_string(), f.to_string(), patterns_line(text)))
+            .copied()
+            .unwrap_or(0)
+    };
+    let (leak, cache, churn) = (
+        "void *p = malloc(1000);",
+        "cache[slot] = malloc(2000);",
+        "char *p = malloc(4000);",
+    );
+    let ticks = ticks as i64;
+    let slots = ticks.min(300);
+    let report = format!("{ticks} ticks; {totals:#?}");
+    assert_eq!(
+        at("inuse_space", "leak_site", leak),
+        ticks * 1000,
+        "{report}"
+    );
+    assert_eq!(at("inuse_objects", "leak_site", leak), ticks, "{report}");
+    assert_eq!(
+        at("alloc_space", "leak_site", leak),
+        ticks * 1000,
+        "{report}"
+    );
+    assert_eq!(
+        at("inuse_space", "cache_put", cache),
+        slots * 2000,
+        "{report}"
+    );
+    assert_eq!(at("inuse_objects", "cache_put", cache), slots, "{report}");
+    assert_eq!(at("alloc_objects", "cache_put", cache), ticks, "{report}");
+    assert_eq!(at("inuse_space", "churn_site", churn), 0, "{report}");
+    assert_eq!(
+        at("alloc_space", "churn_site", churn),
+        ticks * 4000,
+        "{report}"
+    );
+    assert_eq!(at("alloc_objects", "churn_site", churn), ticks, "{report}");
+    // Leaf first, through main.
+    assert_eq!(leak_callers[..2], ["leak_site", "main"], "{leak_callers:?}");
+    // The executable's mapping and its build-id, as readelf reads it.
+    let readelf = Command::new("readelf")
+        .arg("-n")
+        .arg(patterns())
+        .output()
+        .unwrap();
+    let notes = String::from_utf8_lossy(&readelf.stdout);
+    let build_id = notes
+        .split("Build ID:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let exe = d
+        .mapping_table
+        .iter()
+        .find(|m| s(m.filename_strindex).ends_with("/patterns"))
+        .expect("the executable's mapping");
+    let ids: Vec<(String, Option<V>)> = exe
+        .attribute_indices
+        .iter()
+        .map(|&i| {
+            let a = &d.attribute_table[i as usize];
+            (
+                s(a.key_strindex).to_string(),
+                a.value.clone().and_then(|v| v.value),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        [(
+            "process.executable.build_id.gnu".to_string(),
+            Some(V::StringValue(build_id))
+        )]
+    );
+}
+
+/// A dead endpoint (connection refused) and a stalled one (accepts, never answers): the
+/// watch goes on window after window, exits on time, says each failure once, and counts
+/// failures and drops in its metrics.
+#[test]
+fn dead_and_stalled_endpoints_never_stall_the_watch() {
+    let _g = lock();
+    let service = start_patterns();
+    let pid = service.0.id();
+    let stalled = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stalled_url = format!("http://{}", stalled.local_addr().unwrap());
+    let dead_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead_url = format!("http://127.0.0.1:{dead_port}");
+    let mut watch = Watch::start(&[
+        "watch",
+        "--pid",
+        &pid.to_string(),
+        "--interval",
+        "1s",
+        "--tier",
+        "full",
+        "--max-overhead",
+        "off",
+        "--snapshot-every",
+        "1s",
+        "--push",
+        &dead_url,
+        "--otlp",
+        &stalled_url,
+    ]);
+    let port = watch.port();
+    // Snapshots every second: the stalled endpoint's queue fills and overflows while windows
+    // keep coming (one send takes up to 10 s before it times out).
+    let behind = |m: &str| {
+        value(m, "bridge_trace_export_dropped_total{exporter=\"otlp\"").unwrap_or(0.0) >= 1.0
+            && value(
+                m,
+                "bridge_trace_export_failures_total{exporter=\"pyroscope\"",
+            )
+            .unwrap_or(0.0)
+                >= 3.0
+    };
+    assert!(metrics_within(port, &behind, 60), "{}", scrape(port));
+    let windows = |m: &str| value(m, "bridge_trace_windows{").unwrap_or(0.0);
+    let seen = windows(&scrape(port));
+    assert!(
+        metrics_within(port, &|m| windows(m) >= seen + 2.0, 10),
+        "windows stalled"
+    );
+    let stopped = Instant::now();
+    let (ok, stderr) = watch.finish();
+    assert!(ok, "{stderr}");
+    // Drained for at most five seconds, however long the stalled send would take.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let said = |what: &str| stderr.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(said(&format!("--push {dead_url}: ")), 2, "{stderr}");
+    assert!(said(&format!("--otlp {stalled_url}: ")) >= 1, "{stderr}");
+    drop(stalled);
+}
+
 /// CPU time `pid`'s main thread has run so far, in seconds (/proc/PID/schedstat: the
 /// scheduler's count in nanoseconds, system time in the probes included).
 fn cpu_seconds(pid: u32) -> f64 {

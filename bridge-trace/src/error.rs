@@ -32,8 +32,6 @@ pub enum Error {
     Input { path: PathBuf, reason: String },
     #[error("{0}")]
     Permission(String),
-    #[error("cannot push to {url}: {reason}")]
-    Push { url: String, reason: String },
     #[error("no process with PID {0}")]
     NoSuchProcess(u32),
     #[error("process {0} exited before bridge-trace could attach")]
@@ -86,7 +84,7 @@ impl Error {
             | Error::GoProgram(_)
             | Error::Spawn { .. } => exit_code::TARGET,
             Error::Inject { .. } => exit_code::INJECT,
-            Error::Ebpf(_) | Error::Io { .. } | Error::Push { .. } => exit_code::FAILURE,
+            Error::Ebpf(_) | Error::Io { .. } => exit_code::FAILURE,
         }
     }
 }

@@ -139,6 +139,11 @@ pub struct WatchArgs {
     /// http://pyroscope:4040).
     #[arg(long, value_name = "URL")]
     pub push: Option<String>,
+    /// Export each snapshot as an OpenTelemetry profile (OTLP/HTTP, protobuf: the four memory
+    /// sample types) to this collector: URL/v1development/profiles (e.g.
+    /// http://otel-collector:4318).
+    #[arg(long, value_name = "URL")]
+    pub otlp: Option<String>,
     /// Capacity of the kernel's live-allocation map.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ALLOCS)]
     pub max_allocs: u32,
@@ -245,17 +250,8 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
         usdt: !args.no_usdt,
         inject: args.inject,
         max_samples: args.max_samples.max(1),
-        push: match args.push {
-            Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
-                Some(url.trim_end_matches('/').to_string())
-            }
-            Some(url) => {
-                return Err(Error::Usage(format!(
-                    "--push {url}: give an http:// or https:// URL"
-                )))
-            }
-            None => None,
-        },
+        push: http_url("--push", args.push)?,
+        otlp: http_url("--otlp", args.otlp)?,
         max_allocs: args.max_allocs,
         unwind: args.unwind,
         wrappers: Wrappers::new(super::wrappers(args.wrapper)?),
@@ -286,6 +282,7 @@ pub fn top_config(args: TopArgs) -> Result<WatchConfig> {
         inject: args.inject,
         max_samples: 65536,
         push: None,
+        otlp: None,
         max_allocs: DEFAULT_MAX_ALLOCS,
         unwind: args.unwind,
         wrapper: args.wrapper,
@@ -297,6 +294,19 @@ pub fn top_config(args: TopArgs) -> Result<WatchConfig> {
         view_rows: Some(args.rows.max(1)),
         ..watch_config(watch)?
     })
+}
+
+/// An endpoint option's URL, checked: http:// or https://, without a trailing slash.
+fn http_url(option: &str, url: Option<String>) -> Result<Option<String>> {
+    match url {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+            Ok(Some(url.trim_end_matches('/').to_string()))
+        }
+        Some(url) => Err(Error::Usage(format!(
+            "{option} {url}: give an http:// or https:// URL"
+        ))),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ mod chart;
 mod folded;
 mod html;
 mod json;
+pub mod otlp;
 pub mod pprof;
 mod svg;
 mod text;

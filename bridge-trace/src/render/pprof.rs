@@ -12,7 +12,10 @@ use flate2::{write::GzEncoder, Compression};
 use prost::Message;
 
 use super::Render;
-use crate::{aggregate::Report, symbolize::Frame};
+use crate::{
+    aggregate::{Report, StackReport},
+    symbolize::Frame,
+};
 
 pub struct Pprof;
 
@@ -217,6 +220,20 @@ impl Builder {
     }
 }
 
+/// A stack's frames grouped by return address, root first: each group is the frame of one
+/// address, outermost first, then those inlined into it; the allocation wrappers last. One
+/// location each, in pprof as in OTLP.
+pub(super) fn address_groups(stack: &StackReport) -> Vec<Vec<&Frame>> {
+    let mut groups: Vec<Vec<&Frame>> = Vec::new();
+    for f in stack.frames.iter().chain(&stack.wrappers) {
+        match groups.last_mut() {
+            Some(g) if f.inlined => g.push(f),
+            _ => groups.push(vec![f]),
+        }
+    }
+    groups
+}
+
 /// The profile of a report (not yet encoded).
 pub fn profile(report: &Report) -> proto::Profile {
     let mut b = Builder {
@@ -256,15 +273,11 @@ pub fn profile(report: &Report) -> proto::Profile {
     let held = report.stacks.iter().map(|s| (s, 0));
     let allocated = report.allocated.iter().flatten().map(|s| (s, 2));
     for (stack, at) in held.chain(allocated) {
-        // Frames are root first; a frame not inlined starts the group of its address.
-        let mut groups: Vec<Vec<&Frame>> = Vec::new();
-        for f in stack.frames.iter().chain(&stack.wrappers) {
-            match groups.last_mut() {
-                Some(g) if f.inlined => g.push(f),
-                _ => groups.push(vec![f]),
-            }
-        }
-        let location_id: Vec<u64> = groups.iter().rev().map(|g| b.location(g)).collect();
+        let location_id: Vec<u64> = address_groups(stack)
+            .iter()
+            .rev()
+            .map(|g| b.location(g))
+            .collect();
         let i = *samples.entry(location_id.clone()).or_insert_with(|| {
             b.profile.sample.push(proto::Sample {
                 location_id,
@@ -293,10 +306,7 @@ impl Render for Pprof {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        aggregate::StackReport,
-        model::meta::{Meta, REPORT_VERSION},
-    };
+    use crate::model::meta::{Meta, REPORT_VERSION};
 
     fn frame(function: &str, offset: u64, inlined: bool) -> Frame {
         Frame {

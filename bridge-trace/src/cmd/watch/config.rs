@@ -39,6 +39,8 @@ pub struct WatchConfig {
     pub max_samples: u64,
     /// Pyroscope-compatible base URL snapshots are pushed to.
     pub push: Option<String>,
+    /// OTLP/HTTP endpoint each snapshot is exported to as a profile.
+    pub otlp: Option<String>,
     /// Capacity of the kernel's live-allocation map.
     pub max_allocs: u32,
     pub unwind: Unwind,

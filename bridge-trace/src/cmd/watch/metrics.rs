@@ -57,6 +57,8 @@ pub struct TracerSample {
     /// CPU time of bridge-trace's own process (user and system) so far.
     pub tracer_cpu_seconds: f64,
     pub processes: usize,
+    /// Each exporter's deliveries, failures and drops.
+    pub exports: Vec<super::export::ExportSample>,
 }
 
 #[derive(Clone, Debug)]
@@ -174,6 +176,34 @@ pub fn encode(t: &TracerSample, samples: &[Sample]) -> String {
     tier.get_or_create(&vec![("tier".to_string(), t.tier.to_string())])
         .set(1);
     registry.register("tier", "Overhead tier in use", tier);
+
+    let (sent, failed, dropped) = (
+        Family::<Labels, Counter>::default(),
+        Family::<Labels, Counter>::default(),
+        Family::<Labels, Counter>::default(),
+    );
+    for e in &t.exports {
+        let labels = vec![
+            ("exporter".to_string(), e.exporter.to_string()),
+            ("endpoint".to_string(), e.endpoint.clone()),
+        ];
+        sent.get_or_create(&labels).inc_by(e.sent);
+        failed.get_or_create(&labels).inc_by(e.failed);
+        dropped.get_or_create(&labels).inc_by(e.dropped);
+    }
+    if !t.exports.is_empty() {
+        registry.register("export_sent", "Snapshots an exporter delivered", sent);
+        registry.register(
+            "export_failures",
+            "Snapshots an exporter could not deliver (refused, timed out, error status)",
+            failed,
+        );
+        registry.register(
+            "export_dropped",
+            "Snapshots dropped because the exporter's endpoint was behind (its queue full)",
+            dropped,
+        );
+    }
 
     let per_pid = || Family::<Labels, GaugeF>::default();
     let (rss, outstanding, heap, faulted, windows) =
@@ -335,6 +365,13 @@ mod tests {
             tracer_cpu_seconds: 1.5,
             overhead: 0.004,
             overhead_budget: Some(0.01),
+            exports: vec![super::super::export::ExportSample {
+                exporter: "otlp",
+                endpoint: "http://c:4318".into(),
+                sent: 3,
+                failed: 2,
+                dropped: 1,
+            }],
             ..TracerSample::default()
         };
         let text = encode(&tracer, &[sample]);
@@ -347,6 +384,8 @@ mod tests {
             "bridge_trace_overhead_budget_cpus 0.01",
             "bridge_trace_leaking_sites{pid=\"7\"} 1",
             "bridge_trace_tracer_cpu_seconds_total 1.5",
+            "bridge_trace_export_failures_total{exporter=\"otlp\",endpoint=\"http://c:4318\"} 2",
+            "bridge_trace_export_dropped_total{exporter=\"otlp\",endpoint=\"http://c:4318\"} 1",
             "bridge_trace_site_outstanding_bytes{pid=\"7\",site=\"reject_message \
              (data-bridge.c:193)\",class=\"leaking\"} 2000.0",
             "bridge_trace_site_outstanding_bytes{pid=\"7\",site=\"quote\\\"d\",class=\"cache\"} \

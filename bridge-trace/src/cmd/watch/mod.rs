@@ -8,6 +8,7 @@
 //! started later included); each process has its own windows, sites and classes.
 pub mod bundle;
 pub mod config;
+pub mod export;
 pub mod govern;
 pub mod metrics;
 pub mod push;
@@ -113,6 +114,8 @@ struct Proc {
     /// What it held and its resident set at each window, the peak, the tier changes and
     /// alerts: the chart of its snapshots and incident bundles.
     timeline: Recorder,
+    /// Resource attributes its exported profiles carry beyond the process's own (its cgroup).
+    labels: Vec<(String, String)>,
 }
 
 /// The objects through which a process reports its samples ([`Tier::Usdt`]).
@@ -184,6 +187,8 @@ fn launch(argv: &[std::ffi::OsString], sampler: bool) -> Result<u32> {
 /// Everything a watch holds.
 struct Session<'c> {
     config: &'c WatchConfig,
+    /// Where snapshots are sent (`--push`, `--otlp`).
+    exports: &'c [export::Endpoint],
     tracer: Tracer,
     unwinder: Option<Unwinder>,
     procs: BTreeMap<u32, Proc>,
@@ -198,6 +203,19 @@ struct Session<'c> {
 
 async fn run_async(config: &WatchConfig) -> Result<()> {
     check_privileges()?;
+    let mut exports = Vec::new();
+    if let Some(url) = &config.push {
+        exports.push(export::Endpoint::new(export::Kind::Pyroscope, url));
+    }
+    if let Some(url) = &config.otlp {
+        exports.push(export::Endpoint::new(export::Kind::Otlp, url));
+    }
+    let result = watch(config, &exports).await;
+    export::finish_all(exports, export::DRAIN_TIMEOUT);
+    result
+}
+
+async fn watch(config: &WatchConfig, exports: &[export::Endpoint]) -> Result<()> {
     // Bound before attaching: a taken or bad address fails before anything is traced.
     let listener = match config.metrics_addr {
         Some(addr) => Some(
@@ -251,6 +269,7 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
     let (exited_tx, mut exited_rx) = mpsc::unbounded_channel();
     let mut s = Session {
         config,
+        exports,
         tracer,
         unwinder,
         procs: BTreeMap::new(),
@@ -349,8 +368,8 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
                     windows = tokio::time::interval_at(last_window + length, length);
                 }
             }
-            _ = snapshots.tick(), if config.out_dir.is_some() || config.push.is_some() => {
-                s.snapshots().await;
+            _ = snapshots.tick(), if config.out_dir.is_some() || !exports.is_empty() => {
+                s.snapshots();
             }
         }
     }
@@ -494,6 +513,7 @@ impl Session<'_> {
                 usdt_cap_said: false,
                 usdt: usdt.map(|(u, _)| u),
                 timeline: Recorder::new(self.config.interval.as_secs_f64()),
+                labels: Vec::new(),
             },
         );
         Ok(())
@@ -747,6 +767,7 @@ impl Session<'_> {
             overhead: self.governor.overhead,
             overhead_budget: self.governor.budget(),
             tier_changes: self.governor.changes,
+            exports: self.exports.iter().map(|e| e.sample()).collect(),
             bpf_cpu_seconds: programs.iter().map(|p| p.run_time_ns).sum::<u64>() as f64 / 1e9,
             tracer_cpu_seconds: own_cpu_seconds(),
             processes: self.procs.len(),
@@ -791,8 +812,8 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Writes a snapshot of every process to --out-dir and pushes it to --push.
-    async fn snapshots(&mut self) {
+    /// Writes a snapshot of every process to --out-dir and hands it to each exporter.
+    fn snapshots(&mut self) {
         for (&pid, p) in &self.procs {
             let snap = match p.snapshot(&self.tracer, pid) {
                 Ok(snap) => snap,
@@ -811,11 +832,16 @@ impl Session<'_> {
                     Err(e) => eprintln!("bridge-trace: {e}"),
                 }
             }
-            if let Some(url) = &self.config.push {
-                let until = std::time::SystemTime::now();
-                let from = until - self.config.snapshot_every;
-                if let Err(e) = push::push(url, &p.name, pid, &r, from, until).await {
-                    eprintln!("bridge-trace: --push: {e}");
+            let until = std::time::SystemTime::now();
+            let from = until - self.config.snapshot_every;
+            for e in self.exports {
+                let payload = match e.kind {
+                    export::Kind::Pyroscope => push::payload(&e.url, &p.name, pid, &r, from, until),
+                    export::Kind::Otlp => Ok(export::otlp_payload(&e.url, &r, until, &p.labels)),
+                };
+                match payload {
+                    Ok(payload) => e.offer(payload),
+                    Err(err) => eprintln!("bridge-trace: {err}"),
                 }
             }
         }

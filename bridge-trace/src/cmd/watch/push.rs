@@ -1,12 +1,13 @@
 //! `--push`: sends each snapshot, as gzipped pprof (inuse_space / inuse_objects), to a
 //! Pyroscope-compatible ingest endpoint (`POST /ingest?name=…&from=…&until=…&format=pprof`, the
 //! profile in a multipart form field named `profile`), the HTTP API that Grafana Pyroscope and
-//! Grafana Alloy's `pyroscope.receive_http` accept.
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+//! Grafana Alloy's `pyroscope.receive_http` accept. Sent by [`super::export`].
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::export::Payload;
 use crate::{
     aggregate::Report,
-    error::{Error, Result},
+    error::Result,
     render::{render_to_vec, Format, RenderOptions},
 };
 
@@ -61,40 +62,28 @@ pub fn multipart(profile: &[u8]) -> (String, Vec<u8>) {
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-/// Pushes one report of process `name` (`pid`), covering `[from, until]`.
-pub async fn push(
+/// One report of process `name` (`pid`), covering `[from, until]`, as the request to send.
+pub fn payload(
     url: &str,
     name: &str,
     pid: u32,
     report: &Report,
     from: SystemTime,
     until: SystemTime,
-) -> Result<()> {
+) -> Result<Payload> {
     let profile = render_to_vec(report, Format::Pprof, RenderOptions::default())?;
     let (content_type, body) = multipart(&profile);
-    let target = ingest_url(url, &app_name(name, pid), from, until);
-    let shown = url.to_string();
-    tokio::task::spawn_blocking(move || {
-        ureq::post(&target)
-            .timeout(Duration::from_secs(10))
-            .set("Content-Type", &content_type)
-            .send_bytes(&body)
-            .map(drop)
-            .map_err(|e| Error::Push {
-                url: shown,
-                reason: e.to_string(),
-            })
+    Ok(Payload {
+        url: ingest_url(url, &app_name(name, pid), from, until),
+        content_type,
+        body,
     })
-    .await
-    .map_err(|e| Error::Push {
-        url: url.to_string(),
-        reason: e.to_string(),
-    })?
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn names_and_urls() {
