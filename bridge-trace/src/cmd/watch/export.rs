@@ -14,7 +14,11 @@ use std::{
 
 use prost::Message as _;
 
-use crate::{aggregate::Report, render::otlp};
+use crate::{
+    aggregate::Report,
+    error::{Error, Result},
+    render::otlp,
+};
 
 /// Payloads waiting per endpoint, besides the one being sent.
 pub const QUEUE: usize = 2;
@@ -87,7 +91,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(kind: Kind, url: &str) -> Endpoint {
+    pub fn new(kind: Kind, url: &str) -> Result<Endpoint> {
         let (option, exporter) = (kind.option(), kind.name());
         let (tx, rx) = mpsc::sync_channel::<Payload>(QUEUE);
         let (done_tx, done) = mpsc::channel();
@@ -123,14 +127,14 @@ impl Endpoint {
                 }
                 let _ = done_tx.send(());
             })
-            .expect("spawning an exporter thread");
-        Endpoint {
+            .map_err(|e| Error::io(format!("starting the {exporter} exporter"), e))?;
+        Ok(Endpoint {
             kind,
             url: url.to_string(),
             tx: Some(tx),
             counts,
             done,
-        }
+        })
     }
 
     /// Queues a payload, or drops and counts it when the endpoint is behind.
@@ -264,7 +268,7 @@ mod tests {
     fn a_stalled_endpoint_never_blocks_and_counts_its_drops() {
         let silent = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/x", silent.local_addr().unwrap());
-        let e = Endpoint::new(Kind::Otlp, &url);
+        let e = Endpoint::new(Kind::Otlp, &url).unwrap();
         let started = Instant::now();
         for _ in 0..20 {
             e.offer(payload(&url));
@@ -306,7 +310,7 @@ mod tests {
                     .unwrap();
             }
         });
-        let e = Endpoint::new(Kind::Pyroscope, &url);
+        let e = Endpoint::new(Kind::Pyroscope, &url).unwrap();
         e.offer(payload(&url));
         // One at a time, so that the queue never fills.
         while e.sample().sent < 1 {
@@ -327,7 +331,7 @@ mod tests {
             .unwrap()
             .port();
         let dead = format!("http://127.0.0.1:{port}/x");
-        let e = Endpoint::new(Kind::Otlp, &dead);
+        let e = Endpoint::new(Kind::Otlp, &dead).unwrap();
         e.offer(payload(&dead));
         while e.sample().failed < 1 {
             std::thread::sleep(Duration::from_millis(10));

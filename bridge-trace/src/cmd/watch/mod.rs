@@ -205,10 +205,10 @@ async fn run_async(config: &WatchConfig) -> Result<()> {
     check_privileges()?;
     let mut exports = Vec::new();
     if let Some(url) = &config.push {
-        exports.push(export::Endpoint::new(export::Kind::Pyroscope, url));
+        exports.push(export::Endpoint::new(export::Kind::Pyroscope, url)?);
     }
     if let Some(url) = &config.otlp {
-        exports.push(export::Endpoint::new(export::Kind::Otlp, url));
+        exports.push(export::Endpoint::new(export::Kind::Otlp, url)?);
     }
     let result = watch(config, &exports).await;
     export::finish_all(exports, export::DRAIN_TIMEOUT);
