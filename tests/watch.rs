@@ -962,27 +962,7 @@ fn receive(listener: TcpListener, n: usize, secs: u64) -> Vec<Received> {
             continue;
         };
         stream.set_nonblocking(false).unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        let mut length = 0;
-        loop {
-            let mut header = String::new();
-            reader.read_line(&mut header).unwrap();
-            if header.trim().is_empty() {
-                break;
-            }
-            if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).unwrap();
-        let mut stream = reader.into_inner();
-        stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        out.push(Received { line, body });
+        out.push(answer(stream).expect("a whole HTTP request"));
     }
     out
 }
@@ -1104,6 +1084,26 @@ fn patterns_line(text: &str) -> i64 {
     src.lines().position(|l| l.contains(text)).unwrap() as i64 + 1
 }
 
+/// `watch` of `pid` at tier full, no budget, a window and a snapshot every second, and `extra`.
+fn snapshotting(pid: u32, extra: &[&str]) -> Watch {
+    let pid = pid.to_string();
+    let mut args = vec![
+        "watch",
+        "--pid",
+        &pid,
+        "--interval",
+        "1s",
+        "--tier",
+        "full",
+        "--max-overhead",
+        "off",
+        "--snapshot-every",
+        "1s",
+    ];
+    args.extend_from_slice(extra);
+    Watch::start(&args)
+}
+
 /// `--otlp`: each snapshot arrives as an OTLP profiles request that the OpenTelemetry
 /// project's own types decode: four memory sample types whose totals per call site are the
 /// fixture's own (it allocates only while watched: paused, attached, resumed, paused again),
@@ -1121,22 +1121,7 @@ fn snapshots_are_exported_as_otlp_profiles() {
     let pid = service.0.id();
     let before = ask(&service, &mut out, libc::SIGUSR2, "paused ");
     let (url, requests) = otlp_receiver();
-    let mut watch = Watch::start(&[
-        "watch",
-        "--pid",
-        &pid.to_string(),
-        "--interval",
-        "1s",
-        "--tier",
-        "full",
-        "--max-overhead",
-        "off",
-        "--fixed-tier",
-        "--snapshot-every",
-        "1s",
-        "--otlp",
-        &url,
-    ]);
+    let mut watch = snapshotting(pid, &["--fixed-tier", "--otlp", &url]);
     watch.attached();
     ask(&service, &mut out, libc::SIGUSR2, "resumed ");
     // A few hundred ticks, through cache_put's 300 slots.
@@ -1299,23 +1284,7 @@ fn dead_and_stalled_endpoints_never_stall_the_watch() {
         .unwrap()
         .port();
     let dead_url = format!("http://127.0.0.1:{dead_port}");
-    let mut watch = Watch::start(&[
-        "watch",
-        "--pid",
-        &pid.to_string(),
-        "--interval",
-        "1s",
-        "--tier",
-        "full",
-        "--max-overhead",
-        "off",
-        "--snapshot-every",
-        "1s",
-        "--push",
-        &dead_url,
-        "--otlp",
-        &stalled_url,
-    ]);
+    let mut watch = snapshotting(pid, &["--push", &dead_url, "--otlp", &stalled_url]);
     let port = watch.port();
     // Snapshots every second: the stalled endpoint's queue fills and overflows while windows
     // keep coming (one send takes up to 10 s before it times out).
