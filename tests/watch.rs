@@ -86,7 +86,13 @@ struct Watch {
 impl Watch {
     /// Starts `bridge-trace ARGS... --metrics-addr 127.0.0.1:0`.
     fn start(args: &[&str]) -> Watch {
-        let mut child = Command::new(BIN)
+        Watch::start_through(&mut Command::new(BIN), args)
+    }
+
+    /// Starts `cmd ARGS... --metrics-addr 127.0.0.1:0`, where `cmd` runs bridge-trace (through
+    /// setpriv or strace, say).
+    fn start_through(cmd: &mut Command, args: &[&str]) -> Watch {
+        let mut child = cmd
             .args(args)
             .args(["--metrics-addr", "127.0.0.1:0"])
             .stdout(Stdio::null())
@@ -1546,4 +1552,161 @@ fn watch_names_the_demo_leak_at_default_settings() {
         "{text}"
     );
     eprintln!("named after {named_after:?}, {extra:.2} CPU-seconds more");
+}
+
+/// Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+/// hybrid system like this one).
+fn cgroup2() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let (fields, tail) = l.split_once(" - ")?;
+            tail.starts_with("cgroup2 ")
+                .then(|| PathBuf::from(fields.split(' ').nth(4).unwrap()))
+        })
+        .expect("no cgroup v2 hierarchy mounted")
+}
+
+/// A cgroup the test made, removed (its processes moved out first) when dropped.
+struct Cgroup(PathBuf);
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let root = cgroup2();
+        let mut dirs: Vec<PathBuf> = vec![self.0.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+                dirs.extend(
+                    entries
+                        .filter_map(|e| e.ok())
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+            i += 1;
+        }
+        for dir in dirs.iter().rev() {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines() {
+                let _ = std::fs::write(root.join("cgroup.procs"), pid);
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// `--cgroup`: every process of a cgroup and its descendants, started after the watch, each
+/// in a mount namespace of its own with its libc at a path the host does not have, is watched
+/// and its leak flagged, its series labelled with its cgroup and container id; a process
+/// outside the cgroup is not watched.
+#[test]
+fn cgroup_processes_are_watched_in_their_own_namespaces() {
+    let _g = lock();
+    let dir = scratch("watch-cgroup");
+    let id = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    let name = format!("bridge-trace-test-{}", std::process::id());
+    let group = Cgroup(cgroup2().join(&name));
+    let scope = group.0.join(format!("docker-{id}.scope"));
+    std::fs::create_dir_all(&scope).unwrap();
+
+    // The container's root: the fixture, and a glibc at /opt/glibc.
+    let root = dir.join("root");
+    let glibc = root.join("opt/glibc");
+    std::fs::create_dir_all(&glibc).unwrap();
+    for (from, to) in [
+        (patterns().to_path_buf(), root.join("patterns")),
+        (
+            "/lib/x86_64-linux-gnu/libc.so.6".into(),
+            glibc.join("libc.so.6"),
+        ),
+        (
+            "/lib64/ld-linux-x86-64.so.2".into(),
+            glibc.join("ld-linux-x86-64.so.2"),
+        ),
+    ] {
+        std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    }
+    assert!(!Path::new("/opt/glibc/libc.so.6").exists());
+
+    // Given relative to the hierarchy, as systemd names a service's cgroup.
+    let mut watch = Watch::start(&[
+        "watch",
+        "--cgroup",
+        &name,
+        "--interval",
+        "1s",
+        "--tier",
+        "full",
+        "--max-overhead",
+        "off",
+    ]);
+    let port = watch.port();
+    let started = Instant::now();
+    while !watch.said("no process in cgroup ") {
+        assert!(started.elapsed() < Duration::from_secs(60) && watch.running());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Outside the cgroup: never watched.
+    let outside = start_patterns();
+    // Inside: moves itself into the scope, then into a mount namespace of its own whose root
+    // is a tmpfs mounted there alone: its files are reachable from here only through
+    // /proc/PID/root.
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let enter = format!(
+        "echo $$ > {scope}/cgroup.procs && exec unshare --mount --propagation private sh -c \
+         'mount -t tmpfs none {mnt} && cp -a {root}/. {mnt}/ && exec chroot {mnt} \
+         /opt/glibc/ld-linux-x86-64.so.2 --library-path /opt/glibc /patterns'",
+        scope = scope.display(),
+        mnt = mnt.display(),
+        root = root.display()
+    );
+    let (inside, _out) = start_command(Command::new("sh").args(["-c", &enter]));
+    let pid = inside.0.id();
+    let labels =
+        format!("pid=\"{pid}\",cgroup=\"/{name}/docker-{id}.scope\",container_id=\"{id}\"");
+    let flagged = metrics_within(
+        port,
+        &|m| {
+            m.lines().any(|l| {
+                l.starts_with(&format!(
+                    "bridge_trace_site_outstanding_bytes{{{labels},site=\"leak_site (patterns.c:"
+                )) && l.contains("class=\"leaking\"")
+            })
+        },
+        60,
+    );
+    let metrics = scrape(port);
+    assert!(
+        flagged,
+        "the leak in the cgroup was not flagged: {metrics}\n{}",
+        watch.stderr.lock().unwrap()
+    );
+    assert!(
+        metrics.contains(&format!("bridge_trace_rss_bytes{{{labels}}} ")),
+        "{metrics}"
+    );
+    // Its libc is reachable from here only through /proc/PID/root.
+    assert!(!mnt.join("opt/glibc/libc.so.6").exists());
+    let outside_pid = format!("pid=\"{}\"", outside.0.id());
+    assert!(!metrics.contains(&outside_pid), "{metrics}");
+    assert!(
+        watch.said(&format!(
+            "(pid {pid}, cgroup /{name}/docker-{id}.scope) through glibc ({}/opt/glibc/libc.so.6)",
+            mnt.display()
+        )),
+        "{}",
+        watch.stderr.lock().unwrap()
+    );
+    drop(inside);
+    let started = Instant::now();
+    while !watch.said("waiting for the next process in cgroup ") {
+        assert!(started.elapsed() < Duration::from_secs(60) && watch.running());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, stderr) = watch.finish();
+    assert!(ok, "watch failed: {stderr}");
+    assert!(stderr.contains(&format!("pid {pid} exited")), "{stderr}");
 }

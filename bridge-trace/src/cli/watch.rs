@@ -63,8 +63,13 @@ pub struct WatchArgs {
     pub pid: Option<u32>,
     /// Watch the process running this executable, and the next one when it exits (a service
     /// that restarts).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "cgroup")]
     pub exe: Option<PathBuf>,
+    /// Watch every process of this cgroup (v2) and of its descendants, those started later
+    /// too: a systemd service (`system.slice/nginx.service`) or a container's scope. A path in
+    /// the cgroup file system or relative to it.
+    #[arg(long, value_name = "PATH", conflicts_with = "pid")]
+    pub cgroup: Option<PathBuf>,
     /// Length of one window: outstanding memory is sampled per call site at each.
     #[arg(long, short = 'i', value_name = "DURATION", default_value = "10s")]
     pub interval: String,
@@ -176,11 +181,19 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
                 .into(),
         ));
     }
+    if args.cgroup.is_some() && !args.command.is_empty() {
+        return Err(Error::Usage(
+            "give one of --pid PID, --exe PATH, --cgroup PATH or -- CMD".into(),
+        ));
+    }
     let target = match (args.pid, args.exe) {
         (Some(_), _) | (_, Some(_)) if !args.command.is_empty() => {
             return Err(Error::Usage(
-                "give one of --pid PID, --exe PATH or -- CMD".into(),
+                "give one of --pid PID, --exe PATH, --cgroup PATH or -- CMD".into(),
             ))
+        }
+        (None, None) if args.cgroup.is_some() => {
+            WatchTarget::Cgroup(target::cgroup::resolve(args.cgroup.as_ref().unwrap())?)
         }
         (None, None) if !args.command.is_empty() => WatchTarget::Launch {
             argv: args.command,
@@ -202,11 +215,15 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
             }
             WatchTarget::Exe(path)
         }
-        _ => return Err(Error::Usage("give --pid PID, --exe PATH or -- CMD".into())),
+        _ => {
+            return Err(Error::Usage(
+                "give --pid PID, --exe PATH, --cgroup PATH or -- CMD".into(),
+            ))
+        }
     };
     if args.inject && matches!(target, WatchTarget::Launch { .. }) {
         return Err(Error::Usage(
-            "--inject loads the sampler into a running process (--pid or --exe); a program watch \
+            "--inject loads the sampler into a running process (--pid, --exe or --cgroup); a program watch \
              starts gets it preloaded with --sampler"
                 .into(),
         ));
@@ -263,6 +280,7 @@ pub fn top_config(args: TopArgs) -> Result<WatchConfig> {
     let watch = WatchArgs {
         pid: Some(args.pid),
         exe: None,
+        cgroup: None,
         interval: args.interval,
         duration: args.duration,
         metrics_addr: ([127, 0, 0, 1], 0).into(),

@@ -82,10 +82,26 @@ fn maps_error(pid: u32, e: std::io::Error) -> Error {
 /// A path from `pid`'s maps, reachable from here. The kernel writes those paths as seen from
 /// the *reader's* root when it can: a process in another mount namespace (a container) shows
 /// its own paths, reached through /proc/PID/root; a process chrooted inside ours shows the full
-/// host path, which /proc/PID/root would prefix a second time.
+/// host path, which /proc/PID/root would prefix a second time; a process chrooted inside a
+/// mount namespace of its own shows the path from that namespace's root, its own root's path
+/// (/proc/PID/root, read the same way) in front.
 pub fn host_path(pid: u32, path: &str) -> PathBuf {
     let through_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
-    if !through_root.exists() && Path::new(path).exists() {
+    if through_root.exists() {
+        return through_root;
+    }
+    let chrooted = std::fs::read_link(format!("/proc/{pid}/root"))
+        .ok()
+        .filter(|root| root != Path::new("/"))
+        .and_then(|root| {
+            let inside = Path::new(path).strip_prefix(&root).ok()?;
+            let p = PathBuf::from(format!("/proc/{pid}/root/{}", inside.display()));
+            p.exists().then_some(p)
+        });
+    if let Some(p) = chrooted {
+        return p;
+    }
+    if Path::new(path).exists() {
         return PathBuf::from(path);
     }
     through_root

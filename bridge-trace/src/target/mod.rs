@@ -2,6 +2,7 @@
 //! the allocators it actually maps ([`allocators`]), through `/proc/PID/root` so that a
 //! process in a container works.
 mod allocators;
+pub mod cgroup;
 pub mod inject;
 mod launch;
 pub mod sampler;

@@ -54,6 +54,8 @@ pub enum WatchTarget {
     Pid(u32),
     /// The process running this executable (canonical path), and its successors.
     Exe(PathBuf),
+    /// Every process of a cgroup v2 directory and its descendants, those started later too.
+    Cgroup(PathBuf),
     /// A program `watch` starts (`-- CMD`), with the sampler preloaded (`--sampler`) or not.
     Launch {
         argv: Vec<std::ffi::OsString>,

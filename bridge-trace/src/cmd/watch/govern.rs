@@ -125,7 +125,16 @@ impl Governor {
         let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => Some(fd),
             Err(e) => {
-                tracing::warn!("cannot enable BPF run-time statistics: {e}");
+                // Without CAP_SYS_ADMIN the kernel refuses the descriptor, but the sysctl (set
+                // by whoever deploys the watch, as the systemd unit does) counts the same.
+                let on = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+                    .is_ok_and(|v| v.trim() == "1");
+                if !on {
+                    tracing::warn!(
+                        "cannot enable BPF run-time statistics ({e}): the programs' cost is not \
+                         measured; set kernel.bpf_stats_enabled=1 or run with CAP_SYS_ADMIN"
+                    );
+                }
                 None
             }
         };

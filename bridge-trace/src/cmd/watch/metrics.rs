@@ -36,6 +36,8 @@ pub struct Sample {
     pub faulted_bytes: u64,
     pub windows: u64,
     pub sites: Vec<SiteSample>,
+    /// Labels every series of the process carries beyond its pid (its cgroup, a container id).
+    pub labels: Vec<(String, String)>,
 }
 
 /// What one window's metrics say about the tracer itself.
@@ -75,8 +77,11 @@ type Labels = Vec<(String, String)>;
 type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
 type CounterF = Counter<f64, std::sync::atomic::AtomicU64>;
 
-fn pid_label(pid: u32) -> Labels {
-    vec![("pid".to_string(), pid.to_string())]
+/// The labels of a process's series: its pid, then its own (cgroup, container id).
+fn process_labels(s: &Sample) -> Labels {
+    let mut labels = vec![("pid".to_string(), s.pid.to_string())];
+    labels.extend(s.labels.iter().cloned());
+    labels
 }
 
 /// The OpenMetrics text of one window: the tracer's own figures, then each process's.
@@ -212,7 +217,7 @@ pub fn encode(t: &TracerSample, samples: &[Sample]) -> String {
     let (bytes, old, growth) = (site_gauge(), site_gauge(), site_gauge());
     let leaking = Family::<Labels, Gauge>::default();
     for s in samples {
-        let pid = pid_label(s.pid);
+        let pid = process_labels(s);
         rss.get_or_create(&pid).set(s.rss_bytes as f64);
         if let Some(bytes) = s.outstanding_bytes {
             outstanding.get_or_create(&pid).set(bytes as f64);
@@ -221,11 +226,9 @@ pub fn encode(t: &TracerSample, samples: &[Sample]) -> String {
         faulted.get_or_create(&pid).set(s.faulted_bytes as f64);
         windows.get_or_create(&pid).set(s.windows as f64);
         for site in s.sites.iter().take(TOP_SITES) {
-            let labels = vec![
-                ("pid".to_string(), s.pid.to_string()),
-                ("site".to_string(), site.label.clone()),
-                ("class".to_string(), site.class.name().to_string()),
-            ];
+            let mut labels = pid.clone();
+            labels.push(("site".to_string(), site.label.clone()));
+            labels.push(("class".to_string(), site.class.name().to_string()));
             bytes.get_or_create(&labels).set(site.bytes as f64);
             old.get_or_create(&labels).set(site.old_bytes as f64);
             growth
@@ -396,6 +399,83 @@ mod tests {
                 text.lines().any(|l| l == line),
                 "missing {line:?} in\n{text}"
             );
+        }
+    }
+
+    /// Every series the shipped alert rules (deploy/prometheus) read is one watch exports
+    /// under that name: a renamed metric fails here, not silently in a fleet.
+    #[test]
+    fn alert_rules_read_series_watch_exports() {
+        let rules = include_str!("../../../../deploy/prometheus/bridge-trace.rules.yml");
+        let sample = Sample {
+            pid: 7,
+            sites: vec![SiteSample {
+                label: "leak (a.c:1)".into(),
+                class: Class::Leaking,
+                bytes: 1,
+                count: 1,
+                old_bytes: 1,
+                growth_bytes_per_second: 1.0,
+            }],
+            outstanding_bytes: Some(1),
+            ..Sample::default()
+        };
+        let tracer = TracerSample {
+            tier: "full",
+            overhead_budget: Some(0.01),
+            exports: vec![super::super::export::ExportSample {
+                exporter: "otlp",
+                endpoint: "http://c:4318".into(),
+                sent: 0,
+                failed: 1,
+                dropped: 0,
+            }],
+            ..TracerSample::default()
+        };
+        let text = encode(&tracer, &[sample]);
+        let exported: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let mut read = 0;
+        for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("bridge_trace_") && word.len() > "bridge_trace_".len() {
+                read += 1;
+                assert!(
+                    exported.contains(word),
+                    "the rules read {word}, not exported"
+                );
+            }
+        }
+        assert!(read >= 8, "{read} series read");
+    }
+
+    #[test]
+    fn a_cgroups_processes_carry_its_labels() {
+        let sample = Sample {
+            pid: 7,
+            sites: vec![SiteSample {
+                label: "leak (a.c:1)".into(),
+                class: Class::Leaking,
+                bytes: 1,
+                count: 1,
+                old_bytes: 1,
+                growth_bytes_per_second: 1.0,
+            }],
+            labels: vec![
+                ("cgroup".into(), "/system.slice/docker-ab.scope".into()),
+                ("container_id".into(), "ab".into()),
+            ],
+            ..Sample::default()
+        };
+        let text = encode(&TracerSample::default(), &[sample]);
+        let labels = "pid=\"7\",cgroup=\"/system.slice/docker-ab.scope\",container_id=\"ab\"";
+        for line in [
+            format!("bridge_trace_rss_bytes{{{labels}}} 0.0"),
+            format!("bridge_trace_site_outstanding_bytes{{{labels},site=\"leak (a.c:1)\",class=\"leaking\"}} 1.0"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
     }
 }

@@ -52,6 +52,44 @@ use window::{process_window, suspects, Alert};
 const MAPS_REFRESH: Duration = Duration::from_millis(200);
 /// How often `--exe` looks for new processes of the executable.
 const DISCOVER_EVERY: Duration = Duration::from_secs(1);
+
+/// Where `watch` looks, every [`DISCOVER_EVERY`], for processes to add: those of an executable
+/// (`--exe`) or of a cgroup and its descendants (`--cgroup`).
+enum Discovery {
+    Exe(std::path::PathBuf),
+    Cgroup(std::path::PathBuf),
+}
+
+impl Discovery {
+    fn of(target: &WatchTarget) -> Option<Discovery> {
+        match target {
+            WatchTarget::Exe(exe) => Some(Discovery::Exe(exe.clone())),
+            WatchTarget::Cgroup(dir) => Some(Discovery::Cgroup(dir.clone())),
+            WatchTarget::Pid(_) | WatchTarget::Launch { .. } => None,
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Discovery::Exe(exe) => target::processes_of(exe),
+            Discovery::Cgroup(dir) => target::cgroup::processes_in(dir),
+        }
+    }
+
+    fn none_yet(&self) -> String {
+        match self {
+            Discovery::Exe(exe) => format!("no process runs {} yet", exe.display()),
+            Discovery::Cgroup(dir) => format!("no process in cgroup {} yet", dir.display()),
+        }
+    }
+
+    fn of_what(&self) -> String {
+        match self {
+            Discovery::Exe(exe) => format!("of {}", exe.display()),
+            Discovery::Cgroup(dir) => format!("in cgroup {}", dir.display()),
+        }
+    }
+}
 /// The growth site of stacks that never leave the allocator: never classified as growing.
 const INSIDE_ALLOCATOR: &str = "[inside the allocator]";
 /// A site that has held nothing for this many windows is forgotten.
@@ -114,8 +152,8 @@ struct Proc {
     /// What it held and its resident set at each window, the peak, the tier changes and
     /// alerts: the chart of its snapshots and incident bundles.
     timeline: Recorder,
-    /// Resource attributes its exported profiles carry beyond the process's own (its cgroup).
-    labels: Vec<(String, String)>,
+    /// Its cgroup (`--cgroup`): labels of its metrics, attributes of its exported profiles.
+    cgroup: Option<target::cgroup::Membership>,
 }
 
 /// The objects through which a process reports its samples ([`Tier::Usdt`]).
@@ -300,13 +338,11 @@ async fn watch(config: &WatchConfig, exports: &[export::Endpoint]) -> Result<()>
     match &config.target {
         WatchTarget::Pid(pid) => s.add(*pid).await?,
         WatchTarget::Launch { argv, sampler } => s.add(launch(argv, *sampler)?).await?,
-        WatchTarget::Exe(exe) => {
-            s.discover(exe).await;
+        WatchTarget::Exe(_) | WatchTarget::Cgroup(_) => {
+            let found = Discovery::of(&config.target).unwrap();
+            s.discover(&found).await;
             if s.procs.is_empty() {
-                eprintln!(
-                    "bridge-trace: no process runs {} yet: waiting",
-                    exe.display()
-                );
+                eprintln!("bridge-trace: {}: waiting", found.none_yet());
             }
         }
     }
@@ -319,10 +355,7 @@ async fn watch(config: &WatchConfig, exports: &[export::Endpoint]) -> Result<()>
     let mut windows = tokio::time::interval_at(now + config.interval, config.interval);
     let mut snapshots =
         tokio::time::interval_at(now + config.snapshot_every, config.snapshot_every);
-    let exe = match &config.target {
-        WatchTarget::Exe(exe) => Some(exe.clone()),
-        WatchTarget::Pid(_) | WatchTarget::Launch { .. } => None,
-    };
+    let discovery = Discovery::of(&config.target);
     loop {
         tokio::select! {
             _ = stop.wait() => {
@@ -337,12 +370,11 @@ async fn watch(config: &WatchConfig, exports: &[export::Endpoint]) -> Result<()>
             Some(pid) = exited_rx.recv() => {
                 s.remove(pid);
                 eprintln!("bridge-trace: pid {pid} exited");
-                match &exe {
+                match &discovery {
                     None => return Ok(()),
-                    Some(exe) if s.procs.is_empty() => eprintln!(
-                        "bridge-trace: waiting for the next process of {}",
-                        exe.display()
-                    ),
+                    Some(d) if s.procs.is_empty() => {
+                        eprintln!("bridge-trace: waiting for the next process {}", d.of_what())
+                    }
                     Some(_) => {}
                 }
             }
@@ -355,7 +387,9 @@ async fn watch(config: &WatchConfig, exports: &[export::Endpoint]) -> Result<()>
                 }
             }
             _ = refresh.tick() => s.refresh_maps()?,
-            _ = discover.tick(), if exe.is_some() => s.discover(exe.as_ref().unwrap()).await,
+            _ = discover.tick(), if discovery.is_some() => {
+                s.discover(discovery.as_ref().unwrap()).await
+            }
             _ = windows.tick() => {
                 last_window = tokio::time::Instant::now();
                 let (tracer_sample, samples) = s.window()?;
@@ -485,9 +519,17 @@ impl Session<'_> {
             Some((_, line)) => (line.clone(), Tier::Usdt),
             None => (target::describe(&allocators), self.governor.tier),
         };
+        let cgroup = match self.config.target {
+            WatchTarget::Cgroup(_) => target::cgroup::membership(pid),
+            _ => None,
+        };
         eprintln!(
-            "bridge-trace: watching {name} (pid {pid}) through {through} [tier {}], a window \
+            "bridge-trace: watching {name} (pid {pid}{}) through {through} [tier {}], a window \
              every {}",
+            match &cgroup {
+                Some(c) => format!(", cgroup {}", c.path),
+                None => String::new(),
+            },
             tier.name(),
             humantime::format_duration(self.config.interval),
         );
@@ -513,7 +555,7 @@ impl Session<'_> {
                 usdt_cap_said: false,
                 usdt: usdt.map(|(u, _)| u),
                 timeline: Recorder::new(self.config.interval.as_secs_f64()),
-                labels: Vec::new(),
+                cgroup,
             },
         );
         Ok(())
@@ -593,9 +635,9 @@ impl Session<'_> {
         }
     }
 
-    /// Starts watching the processes of `exe` not watched yet.
-    async fn discover(&mut self, exe: &std::path::Path) {
-        for pid in target::processes_of(exe) {
+    /// Starts watching the processes `found` finds that are not watched yet.
+    async fn discover(&mut self, found: &Discovery) {
+        for pid in found.pids() {
             if self.procs.contains_key(&pid) || self.skipped.contains(&pid) {
                 continue;
             }
@@ -834,10 +876,15 @@ impl Session<'_> {
             }
             let until = std::time::SystemTime::now();
             let from = until - self.config.snapshot_every;
+            let attributes = p
+                .cgroup
+                .as_ref()
+                .map(|c| c.attributes())
+                .unwrap_or_default();
             for e in self.exports {
                 let payload = match e.kind {
                     export::Kind::Pyroscope => push::payload(&e.url, &p.name, pid, &r, from, until),
-                    export::Kind::Otlp => Ok(export::otlp_payload(&e.url, &r, until, &p.labels)),
+                    export::Kind::Otlp => Ok(export::otlp_payload(&e.url, &r, until, &attributes)),
                 };
                 match payload {
                     Ok(payload) => e.offer(payload),

@@ -155,6 +155,7 @@ fn summarize(
         faulted_bytes: snap.growth.iter().map(|g| g.faulted).sum(),
         windows: p.windows,
         sites,
+        labels: p.cgroup.as_ref().map(|c| c.labels()).unwrap_or_default(),
     }
 }
 
