@@ -50,7 +50,7 @@ use window::{process_window, suspects, Alert};
 
 /// How often the targets' memory maps are re-read (for libraries they load).
 const MAPS_REFRESH: Duration = Duration::from_millis(200);
-/// How often `--exe` looks for new processes of the executable.
+/// How often `--exe` and `--cgroup` look for new processes.
 const DISCOVER_EVERY: Duration = Duration::from_secs(1);
 
 /// Where `watch` looks, every [`DISCOVER_EVERY`], for processes to add: those of an executable
@@ -90,6 +90,7 @@ impl Discovery {
         }
     }
 }
+
 /// The growth site of stacks that never leave the allocator: never classified as growing.
 const INSIDE_ALLOCATOR: &str = "[inside the allocator]";
 /// A site that has held nothing for this many windows is forgotten.
