@@ -136,11 +136,17 @@ impl Watch {
 
     /// Waits (a minute at most) until it says it watches the process: its probes are attached.
     fn attached(&mut self) {
+        self.until_said("bridge-trace: watching ");
+    }
+
+    /// Waits (a minute at most, while it runs) until it has said `text` on stderr.
+    fn until_said(&mut self, text: &str) {
         let started = Instant::now();
-        while !self.said("bridge-trace: watching ") {
+        while !self.said(text) {
             assert!(
                 started.elapsed() < Duration::from_secs(60) && self.running(),
-                "never attached"
+                "never said {text:?}:\n{}",
+                self.stderr.lock().unwrap()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -555,10 +561,16 @@ fn metrics_within(port: u16, what: &dyn Fn(&str) -> bool, secs: u64) -> bool {
 
 /// `watch --exe EXE` in the full tier with 1 s windows, and its metrics port.
 fn watch_exe(exe: &Path) -> (Watch, u16) {
+    watch_following("--exe", exe.to_str().unwrap())
+}
+
+/// `watch FLAG VALUE` (`--exe`, `--cgroup`) in the full tier with 1 s windows, and its
+/// metrics port.
+fn watch_following(flag: &str, value: &str) -> (Watch, u16) {
     let mut watch = Watch::start(&[
         "watch",
-        "--exe",
-        exe.to_str().unwrap(),
+        flag,
+        value,
         "--interval",
         "1s",
         "--tier",
@@ -1631,23 +1643,8 @@ fn cgroup_processes_are_watched_in_their_own_namespaces() {
     assert!(!Path::new("/opt/glibc/libc.so.6").exists());
 
     // Given relative to the hierarchy, as systemd names a service's cgroup.
-    let mut watch = Watch::start(&[
-        "watch",
-        "--cgroup",
-        &name,
-        "--interval",
-        "1s",
-        "--tier",
-        "full",
-        "--max-overhead",
-        "off",
-    ]);
-    let port = watch.port();
-    let started = Instant::now();
-    while !watch.said("no process in cgroup ") {
-        assert!(started.elapsed() < Duration::from_secs(60) && watch.running());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut watch, port) = watch_following("--cgroup", &name);
+    watch.until_said("no process in cgroup ");
     // Outside the cgroup: never watched.
     let outside = start_patterns();
     // Inside: moves itself into the scope, then into a mount namespace of its own whose root
@@ -1701,11 +1698,7 @@ fn cgroup_processes_are_watched_in_their_own_namespaces() {
         watch.stderr.lock().unwrap()
     );
     drop(inside);
-    let started = Instant::now();
-    while !watch.said("waiting for the next process in cgroup ") {
-        assert!(started.elapsed() < Duration::from_secs(60) && watch.running());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    watch.until_said("waiting for the next process in cgroup ");
     let (ok, stderr) = watch.finish();
     assert!(ok, "watch failed: {stderr}");
     assert!(stderr.contains(&format!("pid {pid} exited")), "{stderr}");
