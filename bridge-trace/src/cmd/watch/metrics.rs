@@ -402,6 +402,18 @@ mod tests {
         }
     }
 
+    /// A site of one byte classified leaking.
+    fn one_leaking_site() -> SiteSample {
+        SiteSample {
+            label: "leak (a.c:1)".into(),
+            class: Class::Leaking,
+            bytes: 1,
+            count: 1,
+            old_bytes: 1,
+            growth_bytes_per_second: 1.0,
+        }
+    }
+
     /// Every series the shipped alert rules (deploy/prometheus) read is one watch exports
     /// under that name: a renamed metric fails here, not silently in a fleet.
     #[test]
@@ -409,14 +421,7 @@ mod tests {
         let rules = include_str!("../../../../deploy/prometheus/bridge-trace.rules.yml");
         let sample = Sample {
             pid: 7,
-            sites: vec![SiteSample {
-                label: "leak (a.c:1)".into(),
-                class: Class::Leaking,
-                bytes: 1,
-                count: 1,
-                old_bytes: 1,
-                growth_bytes_per_second: 1.0,
-            }],
+            sites: vec![one_leaking_site()],
             outstanding_bytes: Some(1),
             ..Sample::default()
         };
@@ -455,14 +460,7 @@ mod tests {
     fn a_cgroups_processes_carry_its_labels() {
         let sample = Sample {
             pid: 7,
-            sites: vec![SiteSample {
-                label: "leak (a.c:1)".into(),
-                class: Class::Leaking,
-                bytes: 1,
-                count: 1,
-                old_bytes: 1,
-                growth_bytes_per_second: 1.0,
-            }],
+            sites: vec![one_leaking_site()],
             labels: vec![
                 ("cgroup".into(), "/system.slice/docker-ab.scope".into()),
                 ("container_id".into(), "ab".into()),
