@@ -107,6 +107,8 @@ const APT_PACKAGES: &[&str] = &[
     "bpftrace",
     "heaptrack",
     "systemtap-sdt-dev",
+    // systemd-analyze, which verifies deploy/'s unit (tests/deploy.rs).
+    "systemd",
 ];
 
 fn main() -> Result<()> {
