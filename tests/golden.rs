@@ -435,7 +435,7 @@ fn capture_v1_still_loads() {
     );
     // Here, without /srv/data-bridge and that libc build, every frame stays unnamed, each
     // module with the reason; the stacks keep their bytes.
-    let rendered = report_of(&capture, &[]);
+    let rendered = report_of(&capture, &[], None);
     check(
         &render_to_vec(&rendered.report, Format::Folded, RenderOptions::default()).unwrap(),
         "capture-v1.folded",

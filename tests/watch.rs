@@ -180,15 +180,7 @@ impl Watch {
 
 /// GET /metrics, the body (empty while nothing listens yet).
 fn scrape(port: u16) -> String {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+    http_get(port, "/metrics").1
 }
 
 /// (site, class) of every `site_outstanding_bytes` series.
@@ -354,20 +346,6 @@ fn leak_is_flagged_cache_and_churn_are_not() {
     assert!(service.0.wait().unwrap().success());
 }
 
-/// GET `path` on 127.0.0.1:`port`: the body.
-fn get(port: u16, path: &str) -> String {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    let _ = s.write_all(request.as_bytes());
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
 /// A real Prometheus server (Debian's) scrapes `watch` in its default tier, `growth`: it sees
 /// the heap grow, steps up to sampling to name the allocation site, and the named leak is read
 /// back through Prometheus's own query API.
@@ -420,7 +398,7 @@ fn prometheus_scrapes_the_leak() {
     let mut answer = String::new();
     while started.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_secs(1));
-        answer = get(prometheus_port, query);
+        answer = http_get(prometheus_port, query).1;
         if answer.contains("leak_site") {
             break;
         }

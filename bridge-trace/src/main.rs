@@ -49,6 +49,9 @@ fn main() -> ExitCode {
     };
     let result = match &request {
         Request::Record(config) => record::run(config).map(|mut outcome| {
+            for (module, why) in &outcome.not_fetched {
+                eprintln!("bridge-trace: debuginfod: no debug file for {module}: {why}");
+            }
             print_summary(&outcome, config.top.min(5));
             // The report is out; the probes' detach may take a few seconds more.
             outcome.detached();
@@ -68,6 +71,9 @@ fn main() -> ExitCode {
         Request::Report(config) => report::run(config).map(|rendered| {
             for (module, frames, why) in &rendered.unnamed {
                 eprintln!("bridge-trace: {frames} frames in {module} left unnamed: {why}");
+            }
+            for (module, why) in &rendered.not_fetched {
+                eprintln!("bridge-trace: debuginfod: no debug file for {module}: {why}");
             }
             ExitCode::SUCCESS
         }),

@@ -1,7 +1,7 @@
 //! Names stack frames. [`ProcessMaps`] keeps every file mapping the target had while it was
 //! traced, so frames are still resolved after it exits or unloads a library; [`Blazesym`] turns
 //! (file, offset) into functions, source lines and inlined frames, with separate debug files
-//! (`/usr/lib/debug/.build-id`, `.gnu_debuglink`). Behind the [`Symbolize`] trait so that the
+//! (`/usr/lib/debug/.build-id`, `.gnu_debuglink`) or fetched from debuginfod servers. Behind the [`Symbolize`] trait so that the
 //! later stages can be tested from fixed input.
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,6 +13,9 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer,
 };
 use serde::{Deserialize, Serialize};
+
+mod debuginfod;
+pub use debuginfod::{Debuginfod, DebuginfodConfig};
 
 use crate::{
     capture::{Location, Locator},
@@ -162,6 +165,10 @@ pub struct Blazesym {
     unnamed: BTreeMap<String, (usize, String)>,
     /// Per file read: the public name of each internal alias (see [`public_names`]).
     public: HashMap<PathBuf, HashMap<String, String>>,
+    /// Where debug files missing here are fetched from, if anywhere.
+    debuginfod: Option<Debuginfod>,
+    /// Modules debuginfod had no debug file for, and why.
+    not_fetched: BTreeMap<String, String>,
 }
 
 impl Blazesym {
@@ -191,7 +198,25 @@ impl Blazesym {
             symbolizer,
             unnamed: BTreeMap::new(),
             public: HashMap::new(),
+            debuginfod: None,
+            not_fetched: BTreeMap::new(),
         }
+    }
+
+    /// Also names frames from the debug files `debuginfod` fetches, for the modules with a
+    /// build-id whose frames have no name or no line here.
+    pub fn with_debuginfod(mut self, debuginfod: Option<Debuginfod>) -> Blazesym {
+        self.debuginfod = debuginfod;
+        self
+    }
+
+    /// Modules whose debug file debuginfod did not give, and why: (module, why), in module
+    /// order.
+    pub fn not_fetched(&self) -> Vec<(String, String)> {
+        self.not_fetched
+            .iter()
+            .map(|(m, why)| (m.clone(), why.clone()))
+            .collect()
     }
 
     /// Modules whose frames stayed unnamed: (module, frames, why), in module order.
@@ -411,68 +436,170 @@ fn public_name(
         .unwrap_or_else(|| name.to_string())
 }
 
-impl Symbolize for Blazesym {
-    fn symbolize(&mut self, module: &Module, offsets: &[u64]) -> Vec<Vec<Frame>> {
+impl Blazesym {
+    /// Names `addrs` (file offsets, or addresses as the ELF file gives them when `virt`) in
+    /// `file`, `module`'s object or its debug file: one frame list per address, `None` where
+    /// it has no symbol.
+    fn named_in(
+        &mut self,
+        module: &Module,
+        file: &Path,
+        addrs: &[u64],
+        virt: bool,
+    ) -> Result<Vec<Option<Vec<Frame>>>, String> {
+        let src = Source::Elf(Elf::new(file));
+        let input = if virt {
+            Input::VirtOffset(addrs)
+        } else {
+            Input::FileOffset(addrs)
+        };
+        let results = self
+            .symbolizer
+            .symbolize(&src, input)
+            .map_err(|e| e.to_string())?;
         let path = Some(module.path.clone());
-        let unknown = |off: u64| vec![Frame::unknown(path.clone(), Some(off))];
-        let file = match self.file(module) {
-            Ok(file) => file,
+        Ok(results
+            .iter()
+            .map(|r| {
+                let Symbolized::Sym(sym) = r else {
+                    return None;
+                };
+                let mut frames = Vec::with_capacity(1 + sym.inlined.len());
+                // blazesym gives each frame its own line: the outer function's is where it
+                // calls the first inlined one, and so on down to the address.
+                let (src_file, line) = code_location(sym.code_info.as_deref());
+                frames.push(Frame {
+                    function: Some(public_name(&mut self.public, module, file, &sym.name)),
+                    module: path.clone(),
+                    // The caller gives each frame its return address's file offset.
+                    offset: None,
+                    file: src_file,
+                    line,
+                    inlined: false,
+                });
+                for f in sym.inlined.iter() {
+                    let (src_file, line) = code_location(f.code_info.as_ref());
+                    frames.push(Frame {
+                        function: Some(public_name(&mut self.public, module, file, &f.name)),
+                        module: path.clone(),
+                        offset: None,
+                        file: src_file,
+                        line,
+                        inlined: true,
+                    });
+                }
+                Some(frames)
+            })
+            .collect())
+    }
+
+    /// Names, from the debug file debuginfod has for `module`, the frames of `named` that
+    /// have no name or no line. `object` is the module's own file when it is here: its
+    /// segments turn the stack's file offsets into the addresses the debug file speaks in.
+    fn name_by_debuginfod(
+        &mut self,
+        module: &Module,
+        object: Option<&Path>,
+        calls: &[u64],
+        named: &mut [Option<Vec<Frame>>],
+    ) {
+        let wanting: Vec<usize> = (0..calls.len())
+            .filter(|&i| named[i].as_ref().is_none_or(|f| f[0].line.is_none()))
+            .collect();
+        let (Some(id), false) = (module.build_id.as_deref(), wanting.is_empty()) else {
+            return;
+        };
+        // A debug file keeps the object's segments without their bytes, and without the file
+        // offsets the stack gives: only the object itself places them (when it is not here,
+        // [`Blazesym::unnamed`] says so).
+        let Some(debuginfod) = self.debuginfod.as_mut() else {
+            return;
+        };
+        let Some(segments) = object.and_then(load_segments) else {
+            return;
+        };
+        let debug = match debuginfod.debug_file(id) {
+            Ok(debug) => debug,
             Err(why) => {
-                self.unnamed
-                    .insert(module.path.clone(), (offsets.len(), why));
-                return offsets.iter().map(|&off| unknown(off)).collect();
+                self.not_fetched
+                    .insert(module.path.clone(), format!("build-id {id}: {why}"));
+                return;
             }
         };
-        let file_read = file.clone();
+        let (at, addrs): (Vec<usize>, Vec<u64>) = wanting
+            .into_iter()
+            .filter_map(|i| Some((i, virt_addr(&segments, calls[i])?)))
+            .unzip();
+        match self.named_in(module, &debug, &addrs, true) {
+            Ok(better) => {
+                for (i, frames) in at.into_iter().zip(better) {
+                    if frames.is_some() {
+                        named[i] = frames;
+                    }
+                }
+            }
+            Err(e) => {
+                self.not_fetched
+                    .insert(module.path.clone(), format!("build-id {id}: {e}"));
+            }
+        }
+    }
+}
+
+/// The loadable segments of an ELF file: (file offset, size in the file, address).
+fn load_segments(path: &Path) -> Option<Vec<(u64, u64, u64)>> {
+    use object::{Object as _, ObjectSegment as _};
+    let data = std::fs::read(path).ok()?;
+    let obj = object::File::parse(&*data).ok()?;
+    Some(
+        obj.segments()
+            .map(|s| {
+                let (offset, size) = s.file_range();
+                (offset, size, s.address())
+            })
+            .collect(),
+    )
+}
+
+/// The address, as the ELF file gives it, of file offset `off`.
+fn virt_addr(segments: &[(u64, u64, u64)], off: u64) -> Option<u64> {
+    segments
+        .iter()
+        .find(|(start, size, _)| (*start..start + size).contains(&off))
+        .map(|(start, _, addr)| addr + (off - start))
+}
+
+impl Symbolize for Blazesym {
+    fn symbolize(&mut self, module: &Module, offsets: &[u64]) -> Vec<Vec<Frame>> {
         // The byte before each return address is in the call instruction: so the line is the
         // call's, and a call at a function's very end is not blamed on the next function.
         let calls: Vec<u64> = offsets.iter().map(|off| off.saturating_sub(1)).collect();
-        let src = Source::Elf(Elf::new(file.clone()));
-        let results = match self.symbolizer.symbolize(&src, Input::FileOffset(&calls)) {
-            Ok(r) => r,
-            Err(e) => {
-                self.unnamed
-                    .insert(module.path.clone(), (offsets.len(), e.to_string()));
-                Vec::new()
-            }
-        };
-        offsets
-            .iter()
-            .enumerate()
-            .map(|(i, &off)| match results.get(i) {
-                Some(Symbolized::Sym(sym)) => {
-                    let mut frames = Vec::with_capacity(1 + sym.inlined.len());
-                    // blazesym gives each frame its own line: the outer function's is where it
-                    // calls the first inlined one, and so on down to the address.
-                    let (file, line) = code_location(sym.code_info.as_deref());
-                    let name = public_name(&mut self.public, module, &file_read, &sym.name);
-                    frames.push(Frame {
-                        function: Some(name),
-                        module: path.clone(),
-                        offset: Some(off),
-                        file,
-                        line,
-                        inlined: false,
-                    });
-                    for f in sym.inlined.iter() {
-                        let (file, line) = code_location(f.code_info.as_ref());
-                        frames.push(Frame {
-                            function: Some(public_name(
-                                &mut self.public,
-                                module,
-                                &file_read,
-                                &f.name,
-                            )),
-                            module: path.clone(),
-                            offset: Some(off),
-                            file,
-                            line,
-                            inlined: true,
-                        });
+        let mut named: Vec<Option<Vec<Frame>>> = vec![None; offsets.len()];
+        let mut why = None;
+        let file = self.file(module);
+        match &file {
+            Ok(file) => match self.named_in(module, file, &calls, false) {
+                Ok(found) => named = found,
+                Err(e) => why = Some(e),
+            },
+            Err(e) => why = Some(e.clone()),
+        }
+        self.name_by_debuginfod(module, file.as_deref().ok(), &calls, &mut named);
+        let left = named.iter().filter(|f| f.is_none()).count();
+        if let (Some(why), true) = (why, left > 0) {
+            self.unnamed.insert(module.path.clone(), (left, why));
+        }
+        named
+            .into_iter()
+            .zip(offsets)
+            .map(|(frames, &off)| match frames {
+                Some(mut frames) => {
+                    for f in &mut frames {
+                        f.offset = Some(off);
                     }
                     frames
                 }
-                _ => unknown(off),
+                None => vec![Frame::unknown(Some(module.path.clone()), Some(off))],
             })
             .collect()
     }

@@ -109,6 +109,10 @@ const APT_PACKAGES: &[&str] = &[
     "systemtap-sdt-dev",
     // systemd-analyze, which verifies deploy/'s unit (tests/deploy.rs).
     "systemd",
+    // The debuginfod server tests/debuginfod.rs serves a stripped fixture's debug file from;
+    // objcopy and strip, which make the two halves.
+    "debuginfod",
+    "binutils",
 ];
 
 fn main() -> Result<()> {

@@ -16,7 +16,7 @@ use crate::{
         sites::Wrappers,
         timeline::{Event, Point},
     },
-    symbolize::{symbolize_locations, Blazesym, Frame, Symbolize},
+    symbolize::{symbolize_locations, Blazesym, Debuginfod, Frame, Symbolize},
     units::human_bytes,
 };
 
@@ -222,15 +222,23 @@ pub struct Rendered {
     pub report: Report,
     /// Modules whose frames stayed unnamed: (module, frames, why).
     pub unnamed: Vec<(String, usize, String)>,
+    /// Modules whose debug file debuginfod did not give: (module, why).
+    pub not_fetched: Vec<(String, String)>,
 }
 
-/// The report of a capture, named from this machine's files and `debug_dirs`.
-pub fn report_of(capture: &Capture, debug_dirs: &[PathBuf]) -> Rendered {
-    let mut symbolizer = Blazesym::local(debug_dirs);
+/// The report of a capture, named from this machine's files and `debug_dirs`, and from the
+/// debug files `debuginfod` fetches.
+pub fn report_of(
+    capture: &Capture,
+    debug_dirs: &[PathBuf],
+    debuginfod: Option<Debuginfod>,
+) -> Rendered {
+    let mut symbolizer = Blazesym::local(debug_dirs).with_debuginfod(debuginfod);
     let report = aggregate(capture, &mut symbolizer);
     Rendered {
         report,
         unnamed: symbolizer.unnamed(),
+        not_fetched: symbolizer.not_fetched(),
     }
 }
 

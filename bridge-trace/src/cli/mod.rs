@@ -19,6 +19,7 @@ use crate::{
     error::{Error, Result},
     output::check_writable,
     render::Format,
+    symbolize::DebuginfodConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -81,6 +82,25 @@ pub struct FloorArgs {
     /// Which of the floor's probes: one part alone, or all of them.
     #[arg(long, value_enum, default_value = "all")]
     pub parts: FloorParts,
+}
+
+/// Where `record` and `report` fetch the debug files this machine lacks.
+#[derive(Debug, Args)]
+pub struct DebuginfodArgs {
+    /// Fetch, by build-id, the debug file of each module whose frames have no name or no line
+    /// here (a stripped binary, a library without its -dbg package) from this debuginfod
+    /// server. Repeatable; default: the servers in DEBUGINFOD_URLS (keep it under sudo with
+    /// `sudo --preserve-env=DEBUGINFOD_URLS`); off without either. A request gives up after
+    /// DEBUGINFOD_TIMEOUT seconds (default 15); the files are kept in DEBUGINFOD_CACHE_PATH
+    /// (default ~/.cache/debuginfod_client).
+    #[arg(long, value_name = "URL")]
+    pub debuginfod: Vec<String>,
+}
+
+impl DebuginfodArgs {
+    fn config(&self) -> Result<Option<DebuginfodConfig>> {
+        DebuginfodConfig::from_flags_or_env(&self.debuginfod)
+    }
 }
 
 /// Output paths with their formats: `format` for a single one, else each path's extension.
@@ -152,7 +172,6 @@ pub enum ArgsError {
     Invalid(Error),
 }
 
-/// `--wrapper` names, checked.
 /// The rules of the `--suppress` files, each read and checked now.
 fn suppressions(files: &[PathBuf]) -> Result<crate::aggregate::suppress::Suppressions> {
     let mut out = crate::aggregate::suppress::Suppressions::default();
@@ -165,6 +184,7 @@ fn suppressions(files: &[PathBuf]) -> Result<crate::aggregate::suppress::Suppres
     Ok(out)
 }
 
+/// `--wrapper` names, checked.
 fn wrappers(names: Vec<String>) -> Result<Vec<String>> {
     for n in &names {
         if n.trim().is_empty() || n.trim() == "*" {

@@ -18,7 +18,8 @@ use crate::{
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     bridge-trace report leaks.btcap -o leaks.html\n  \
-    bridge-trace report leaks.btcap --debug-dir ./symbols -o leaks.svg -o leaks.pb.gz")]
+    bridge-trace report leaks.btcap --debug-dir ./symbols -o leaks.svg -o leaks.pb.gz\n  \
+    bridge-trace report leaks.btcap --debuginfod https://debuginfod.debian.net -o leaks.svg")]
 pub struct ReportArgs {
     /// The raw capture.
     pub capture: PathBuf,
@@ -35,6 +36,8 @@ pub struct ReportArgs {
     /// searched before this machine's own files and /usr/lib/debug.
     #[arg(long, value_name = "DIR")]
     pub debug_dir: Vec<PathBuf>,
+    #[command(flatten)]
+    pub debuginfod: super::DebuginfodArgs,
     /// How many call stacks the text report lists.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
@@ -107,6 +110,7 @@ pub fn report_config(a: ReportArgs) -> Result<ReportConfig> {
         wrappers: super::wrappers(a.wrapper)?,
         suppress: super::suppressions(&a.suppress)?,
         suppress_declared: a.suppress_declared,
+        debuginfod: a.debuginfod.config()?,
     })
 }
 

@@ -115,6 +115,8 @@ pub struct RecordArgs {
     /// `watch`), weighted estimates above 1.
     #[arg(long, value_name = "SIZE", default_value = "1", requires = "inject")]
     pub inject_interval: String,
+    #[command(flatten)]
+    pub debuginfod: super::DebuginfodArgs,
     /// Program to launch and trace until it exits (everything after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -193,6 +195,7 @@ pub fn record_config(args: RecordArgs) -> Result<Config> {
         wrappers: super::wrappers(args.wrapper)?,
         suppress: super::suppressions(&args.suppress)?,
         suppress_declared: args.suppress_declared,
+        debuginfod: args.debuginfod.config()?,
     })
 }
 

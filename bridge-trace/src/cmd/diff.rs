@@ -29,7 +29,7 @@ pub fn load(path: &Path) -> Result<Stacks> {
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     if bytes.starts_with(capture::MAGIC) {
         let capture = Capture::read(path)?;
-        let report = report_of(&capture, &[]).report;
+        let report = report_of(&capture, &[], None).report;
         return parse_folded(&folded_lines(&report).join("\n")).map_err(bad);
     }
     let text = String::from_utf8(bytes).map_err(|_| {

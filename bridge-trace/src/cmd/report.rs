@@ -1,6 +1,6 @@
 //! `bridge-trace report`: a raw capture rendered again, later and elsewhere, without root or
 //! the process: its frames named from this machine's files (checked against the build-ids
-//! recorded) or from `--debug-dir`, then aggregated and rendered as `record` does.
+//! recorded), from `--debug-dir` or from debuginfod servers, then aggregated and rendered as `record` does.
 use std::path::PathBuf;
 
 use crate::{
@@ -13,6 +13,7 @@ use crate::{
     error::{Error, Result},
     output,
     render::{self, Format, RenderOptions},
+    symbolize::{Debuginfod, DebuginfodConfig},
 };
 
 /// A validated `bridge-trace report`.
@@ -29,6 +30,8 @@ pub struct ReportConfig {
     /// `--suppress` files' rules, and whether the program's own apply (`--suppress-declared`).
     pub suppress: Suppressions,
     pub suppress_declared: bool,
+    /// Where the debug files missing here are fetched from (`--debuginfod`, DEBUGINFOD_URLS).
+    pub debuginfod: Option<DebuginfodConfig>,
 }
 
 /// Runs `bridge-trace report`: renders every output first, then writes them.
@@ -39,7 +42,12 @@ pub fn run(config: &ReportConfig) -> Result<Rendered> {
         .wrappers
         .user
         .extend(config.wrappers.iter().cloned());
-    let mut rendered = report_of(&capture, &config.debug_dirs);
+    let debuginfod = config
+        .debuginfod
+        .as_ref()
+        .map(Debuginfod::new)
+        .transpose()?;
+    let mut rendered = report_of(&capture, &config.debug_dirs, debuginfod);
     suppress::apply_all(
         &mut rendered.report,
         &config.suppress,

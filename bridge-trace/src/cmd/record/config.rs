@@ -4,6 +4,7 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 use crate::{
     aggregate::{suppress::Suppressions, View},
     render::Format,
+    symbolize::DebuginfodConfig,
     target::EntryKind,
     unwind::Unwind,
 };
@@ -52,4 +53,6 @@ pub struct Config {
     /// `--suppress` files' rules, and whether the program's own apply (`--suppress-declared`).
     pub suppress: Suppressions,
     pub suppress_declared: bool,
+    /// Where the debug files missing here are fetched from (`--debuginfod`, DEBUGINFOD_URLS).
+    pub debuginfod: Option<DebuginfodConfig>,
 }

@@ -31,7 +31,7 @@ use crate::{
     os::{stop_signals, utc_now},
     output::{self, Destination},
     render::{self, Format, RenderOptions},
-    symbolize::Blazesym,
+    symbolize::{Blazesym, Debuginfod},
     units::human_bytes,
 };
 
@@ -56,6 +56,8 @@ pub struct Outcome {
     pub stop: StopReason,
     /// Exit status of a launched target, when it exited.
     pub target_status: Option<i32>,
+    /// Modules whose debug file debuginfod did not give: (module, why).
+    pub not_fetched: Vec<(String, String)>,
     /// The probes being detached (the kernel waits a grace period per link, about 0.1 s,
     /// shared by multi-uprobe links, one after another for perf-event uprobes): the report is
     /// written already; [`Outcome::detached`] waits for the rest.
@@ -99,6 +101,12 @@ pub fn run(config: &Config) -> Result<Outcome> {
 
 async fn run_async(config: &Config) -> Result<Outcome> {
     check_privileges()?;
+    // Its cache directory is made now: a bad one is said before anything is traced.
+    let debuginfod = config
+        .debuginfod
+        .as_ref()
+        .map(Debuginfod::new)
+        .transpose()?;
     // Ctrl-C and SIGTERM are ours from the start: one that arrives while the program is
     // being launched or held for its tables ends the recording once it runs, never
     // bridge-trace half-way with the program stopped.
@@ -269,7 +277,7 @@ async fn run_async(config: &Config) -> Result<Outcome> {
         elapsed: started.elapsed(),
         started_at,
     };
-    finish(t, children, exit_snapshot, over, traced, config)
+    finish(t, children, exit_snapshot, over, traced, config, debuginfod)
 }
 
 /// Resumes `pid` if it is stopped (harmless if it runs).
@@ -295,6 +303,7 @@ fn finish(
     mut over: OverTime,
     traced: Traced,
     config: &Config,
+    debuginfod: Option<Debuginfod>,
 ) -> Result<Outcome> {
     let Traced {
         stop,
@@ -439,7 +448,7 @@ fn finish(
     } else {
         capture
     };
-    let mut symbolizer = Blazesym::process(&t.maps);
+    let mut symbolizer = Blazesym::process(&t.maps).with_debuginfod(debuginfod);
     let mut report = aggregate(&capture, &mut symbolizer);
     crate::aggregate::suppress::apply_all(&mut report, &config.suppress, config.suppress_declared)
         .map_err(Error::Usage)?;
@@ -472,6 +481,7 @@ fn finish(
         capture: capture_path,
         stop,
         target_status,
+        not_fetched: symbolizer.not_fetched(),
         detaching: Some(detaching),
         probes,
         detach_s,
