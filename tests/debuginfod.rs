@@ -2,8 +2,8 @@
 //! pointers) has its frames named from its debug file only when a debuginfod server has it:
 //! Debian's own `debuginfod`, started on loopback over a directory holding that one debug
 //! file. `record` fetches it (`--debuginfod URL`) into the client cache, `report` names a
-//! capture from the cache once the server is gone (`DEBUGINFOD_URLS`), and with neither
-//! server nor cache each module is said once and its frames stay `[unknown]`.
+//! capture from the cache once the server and the program are gone (`DEBUGINFOD_URLS`), and
+//! with neither server nor cache each module is said once and its frames stay `[unknown]`.
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -145,15 +145,19 @@ fn bridge_trace(args: &[&str], cache: &Path, urls: Option<&str>) -> Output {
     out
 }
 
-/// Records the stripped fixture into `dir`: its report and the truth it wrote.
-fn record_stripped(dir: &Path, extra: &[&str], cache: &Path) -> (Value, Sites, String) {
-    let fixture = fixture();
+/// Records `program`, the stripped fixture, into `dir`: its report and the truth it wrote.
+fn record_stripped(
+    program: &Path,
+    dir: &Path,
+    extra: &[&str],
+    cache: &Path,
+) -> (Value, Sites, String) {
     let o = |f: &str| dir.join(f).to_str().unwrap().to_string();
     let mut args = vec!["record", "--quiet", "--wrapper", "pool_take"];
     args.extend_from_slice(extra);
     let (json_out, truth_out) = (o("r.json"), o("truth"));
     args.extend(["-o", &json_out, "--"]);
-    args.extend([fixture.stripped.to_str().unwrap(), "wrappers", &truth_out]);
+    args.extend([program.to_str().unwrap(), "wrappers", &truth_out]);
     let out = bridge_trace(&args, cache, None);
     (
         json(&dir.join("r.json")),
@@ -171,10 +175,10 @@ fn truth_sites(report: &Value, truth: &Sites) -> Sites {
         .collect()
 }
 
-/// The lines of `said` about the stripped fixture's module.
+/// The lines of `said` about the stripped fixture's debug file.
 fn said_about_fixture(said: &str) -> Vec<&str> {
     said.lines()
-        .filter(|l| l.contains("debuginfod") && l.contains("wrappers-stripped"))
+        .filter(|l| l.contains("debuginfod: no debug file for") && l.contains("wrappers-stripped"))
         .collect()
 }
 
@@ -184,11 +188,15 @@ fn stripped_frames_are_named_only_through_the_server() {
     let fixture = fixture();
     let dir = scratch("debuginfod");
     let cache = dir.join("cache");
+    // A copy of its own, taken away before `report` runs: as on a machine where the capture is
+    // read without the program.
+    let program = dir.join("wrappers-stripped");
+    std::fs::copy(&fixture.stripped, &program).unwrap();
 
     // No server: the fixture's own frames have no name.
     let before = dir.join("before");
     std::fs::create_dir_all(&before).unwrap();
-    let (report, truth_before, said) = record_stripped(&before, &[], &cache);
+    let (report, truth_before, said) = record_stripped(&program, &before, &[], &cache);
     let named = truth_sites(&report, &truth_before);
     assert!(named.is_empty(), "named without debuginfod: {named:?}");
     assert!(said_about_fixture(&said).is_empty(), "{said}");
@@ -198,7 +206,7 @@ fn stripped_frames_are_named_only_through_the_server() {
     let url = server.url();
     let with = dir.join("with");
     std::fs::create_dir_all(&with).unwrap();
-    let (report, truth, said) = record_stripped(&with, &["--debuginfod", &url], &cache);
+    let (report, truth, said) = record_stripped(&program, &with, &["--debuginfod", &url], &cache);
     assert_eq!(truth_sites(&report, &truth), truth, "{said}");
     assert!(said_about_fixture(&said).is_empty(), "{said}");
     let lines: Vec<&str> = report["stacks"]
@@ -220,9 +228,10 @@ fn stripped_frames_are_named_only_through_the_server() {
     let cached = cache.join(&fixture.build_id).join("debuginfo");
     assert!(cached.is_file(), "{} not cached", cached.display());
 
-    // The server gone, DEBUGINFOD_URLS still names it: `report` names the capture from the
-    // cache.
+    // The server and the program gone, DEBUGINFOD_URLS still naming the server: `report`
+    // names the capture from the cache, placing its offsets by the segments it recorded.
     drop(server);
+    std::fs::remove_file(&program).unwrap();
     let capture = with.join("r.btcap");
     let capture = capture.to_str().unwrap();
     let again = dir.join("again.json");

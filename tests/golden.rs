@@ -204,10 +204,12 @@ fn fixed_report() -> Report {
                 Module {
                     path: exe.into(),
                     build_id: Some("5be1c9d2a0e3f4b5c6d7e8f90a1b2c3d4e5f6071".into()),
+                    ..Default::default()
                 },
                 Module {
                     path: libc.into(),
                     build_id: Some("a1ca6b0ec1ba4ec2b5b22a8a8e6d8c8b2e0f3d41".into()),
+                    ..Default::default()
                 },
             ],
             processes: Vec::new(),

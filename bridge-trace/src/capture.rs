@@ -505,6 +505,7 @@ impl<'a> Locator<'a> {
                         self.modules.push(Module {
                             path: m.path.clone(),
                             build_id: self.maps.build_id(&m.path),
+                            segments: self.maps.segments(&m.path),
                         });
                         let i = self.modules.len() as u32 - 1;
                         self.index.insert(m.path.clone(), i);

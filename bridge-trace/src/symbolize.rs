@@ -19,7 +19,7 @@ pub use debuginfod::{Debuginfod, DebuginfodConfig};
 
 use crate::{
     capture::{Location, Locator},
-    model::maps::{hex, readable_path, Module, ProcessMaps},
+    model::maps::{hex, load_segments, readable_path, Module, ProcessMaps, Segment},
 };
 
 /// One named frame. A return address that cannot be named keeps its module and offset and has
@@ -363,6 +363,7 @@ pub fn public_names_of(path: &Path) -> HashMap<String, String> {
     let module = Module {
         path: path.display().to_string(),
         build_id: None,
+        ..Default::default()
     };
     public_names_in(&module, path)
 }
@@ -494,8 +495,9 @@ impl Blazesym {
     }
 
     /// Names, from the debug file debuginfod has for `module`, the frames of `named` that
-    /// have no name or no line. `object` is the module's own file when it is here: its
-    /// segments turn the stack's file offsets into the addresses the debug file speaks in.
+    /// have no name or no line. The module's segments (`object`'s, the module's own file,
+    /// when the capture has none) turn the stack's file offsets into the addresses the debug
+    /// file speaks in.
     fn name_by_debuginfod(
         &mut self,
         module: &Module,
@@ -509,15 +511,19 @@ impl Blazesym {
         let (Some(id), false) = (module.build_id.as_deref(), wanting.is_empty()) else {
             return;
         };
-        // A debug file keeps the object's segments without their bytes, and without the file
-        // offsets the stack gives: only the object itself places them (when it is not here,
-        // [`Blazesym::unnamed`] says so).
         let Some(debuginfod) = self.debuginfod.as_mut() else {
             return;
         };
-        let Some(segments) = object.and_then(load_segments) else {
-            return;
+        // A debug file keeps the object's segments without their file offsets: the capture's
+        // record of them places the stack's offsets, else the object itself when it is here.
+        let segments = match (module.segments.is_empty(), object) {
+            (false, _) => module.segments.clone(),
+            (true, Some(object)) => load_segments(object),
+            (true, None) => Vec::new(),
         };
+        if segments.is_empty() {
+            return;
+        }
         let debug = match debuginfod.debug_file(id) {
             Ok(debug) => debug,
             Err(why) => {
@@ -528,7 +534,7 @@ impl Blazesym {
         };
         let (at, addrs): (Vec<usize>, Vec<u64>) = wanting
             .into_iter()
-            .filter_map(|i| Some((i, virt_addr(&segments, calls[i])?)))
+            .filter_map(|i| Some((i, Segment::vaddr_of(&segments, calls[i])?)))
             .unzip();
         match self.named_in(module, &debug, &addrs, true) {
             Ok(better) => {
@@ -544,29 +550,6 @@ impl Blazesym {
             }
         }
     }
-}
-
-/// The loadable segments of an ELF file: (file offset, size in the file, address).
-fn load_segments(path: &Path) -> Option<Vec<(u64, u64, u64)>> {
-    use object::{Object as _, ObjectSegment as _};
-    let data = std::fs::read(path).ok()?;
-    let obj = object::File::parse(&*data).ok()?;
-    Some(
-        obj.segments()
-            .map(|s| {
-                let (offset, size) = s.file_range();
-                (offset, size, s.address())
-            })
-            .collect(),
-    )
-}
-
-/// The address, as the ELF file gives it, of file offset `off`.
-fn virt_addr(segments: &[(u64, u64, u64)], off: u64) -> Option<u64> {
-    segments
-        .iter()
-        .find(|(start, size, _)| (*start..start + size).contains(&off))
-        .map(|(start, _, addr)| addr + (off - start))
 }
 
 impl Symbolize for Blazesym {

@@ -497,6 +497,7 @@ mod tests {
             modules: vec![Module {
                 path: "/bin/x".into(),
                 build_id: None,
+                ..Default::default()
             }],
             mappings: Vec::new(),
             stacks: vec![

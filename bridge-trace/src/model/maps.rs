@@ -126,6 +126,7 @@ pub struct ProcessMaps {
     /// The mappings as last read (without those since unmapped).
     pub current: Vec<Mapping>,
     build_ids: HashMap<String, Option<String>>,
+    segments: HashMap<String, Vec<Segment>>,
     /// `/proc/PID/maps` as last read: the same text is not parsed again.
     text: String,
 }
@@ -137,6 +138,7 @@ impl ProcessMaps {
             current: Vec::new(),
             mappings: Vec::new(),
             build_ids: HashMap::new(),
+            segments: HashMap::new(),
             text: String::new(),
         };
         maps.add(mappings);
@@ -178,11 +180,13 @@ impl ProcessMaps {
                 self.mappings.push(m.clone());
             }
             if m.executable && !self.build_ids.contains_key(&m.path) {
-                let id = blazesym::helper::read_elf_build_id(&readable_path(self.pid, &m.path))
+                let file = readable_path(self.pid, &m.path);
+                let id = blazesym::helper::read_elf_build_id(&file)
                     .ok()
                     .flatten()
                     .map(|id| hex(&id));
                 self.build_ids.insert(m.path.clone(), id);
+                self.segments.insert(m.path.clone(), load_segments(&file));
             }
         }
         self.current = current;
@@ -199,6 +203,11 @@ impl ProcessMaps {
     /// The build-id of the file mapped at `path`, when it has one.
     pub fn build_id(&self, path: &str) -> Option<String> {
         self.build_ids.get(path).cloned().flatten()
+    }
+
+    /// The loadable segments of the file mapped at `path`, as read with its build-id.
+    pub fn segments(&self, path: &str) -> Vec<Segment> {
+        self.segments.get(path).cloned().unwrap_or_default()
     }
 }
 
@@ -218,18 +227,89 @@ pub fn readable_path(pid: u32, path: &str) -> PathBuf {
 }
 
 /// An object file the stacks pass through.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Module {
     /// Path as the process saw it.
     pub path: String,
     /// GNU build-id, hex, when the file has one: which file (or debug file) names its frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_id: Option<String>,
+    /// Its loadable segments, which place a file offset at the address its debug file gives
+    /// (a separate debug file keeps the segments but not their file offsets): so that a
+    /// capture is named from a debug file alone, on a machine without the object.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<Segment>,
+}
+
+/// A loadable segment of an ELF file: its bytes in the file, and the address they have there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Segment {
+    pub offset: u64,
+    pub size: u64,
+    pub vaddr: u64,
+}
+
+impl Segment {
+    /// The address, as the ELF file gives it, of file offset `off`, by the segment holding it.
+    pub fn vaddr_of(segments: &[Segment], off: u64) -> Option<u64> {
+        segments
+            .iter()
+            .find(|s| (s.offset..s.offset + s.size).contains(&off))
+            .map(|s| s.vaddr + (off - s.offset))
+    }
+}
+
+/// The loadable segments of the 64-bit ELF file at `path` (none when it is not one), read from
+/// its program headers alone: the first bytes of the file, not all of it.
+pub fn load_segments(path: &Path) -> Vec<Segment> {
+    use object::read::elf::{FileHeader as _, ProgramHeader as _};
+    use std::io::Read as _;
+    const HEAD: u64 = 64 * 1024;
+    let mut data = Vec::new();
+    let read = fs::File::open(path).and_then(|f| f.take(HEAD).read_to_end(&mut data));
+    if read.is_err() {
+        return Vec::new();
+    }
+    let Ok(header) = object::elf::FileHeader64::<object::Endianness>::parse(&*data) else {
+        return Vec::new();
+    };
+    let Ok(endian) = header.endian() else {
+        return Vec::new();
+    };
+    let Ok(headers) = header.program_headers(endian, &*data) else {
+        return Vec::new();
+    };
+    headers
+        .iter()
+        .filter(|h| h.p_type(endian) == object::elf::PT_LOAD)
+        .map(|h| Segment {
+            offset: h.p_offset(endian),
+            size: h.p_filesz(endian),
+            vaddr: h.p_vaddr(endian),
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This test binary's segments: an offset inside one is at its address plus the distance
+    /// into it, one outside all has no address, and a file that is not ELF has no segments.
+    #[test]
+    fn segments_place_file_offsets_at_their_addresses() {
+        let exe = std::env::current_exe().unwrap();
+        let segments = load_segments(&exe);
+        assert!(segments.iter().any(|s| s.offset == 0), "{segments:?}");
+        let code = segments.iter().find(|s| s.vaddr != 0).unwrap();
+        let off = code.offset + code.size / 2;
+        assert_eq!(
+            Segment::vaddr_of(&segments, off),
+            Some(code.vaddr + code.size / 2)
+        );
+        assert_eq!(Segment::vaddr_of(&segments, u64::MAX), None);
+        assert!(load_segments(Path::new("/proc/self/status")).is_empty());
+    }
 
     #[test]
     fn parses_maps_lines() {

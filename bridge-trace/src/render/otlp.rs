@@ -374,6 +374,7 @@ mod tests {
                 modules: vec![Module {
                     path: "/usr/bin/svc".into(),
                     build_id: Some("abcd".into()),
+                    ..Default::default()
                 }],
                 ..Meta::default()
             },
