@@ -877,14 +877,16 @@ impl Session<'_> {
             }
             let until = std::time::SystemTime::now();
             let from = until - self.config.snapshot_every;
-            let attributes = p
+            let (labels, attributes) = p
                 .cgroup
                 .as_ref()
-                .map(|c| c.attributes())
+                .map(|c| (c.labels(), c.attributes()))
                 .unwrap_or_default();
             for e in self.exports {
                 let payload = match e.kind {
-                    export::Kind::Pyroscope => push::payload(&e.url, &p.name, pid, &r, from, until),
+                    export::Kind::Pyroscope => {
+                        push::payload(&e.url, &p.name, pid, &labels, &r, from, until)
+                    }
                     export::Kind::Otlp => Ok(export::otlp_payload(&e.url, &r, until, &attributes)),
                 };
                 match payload {

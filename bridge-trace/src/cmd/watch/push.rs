@@ -12,8 +12,9 @@ use crate::{
 };
 
 /// The application name a process's profiles are stored under: `bridge-trace.NAME` with its
-/// pid as a label, in Pyroscope's `name{label=value}` form.
-pub fn app_name(process: &str, pid: u32) -> String {
+/// pid and `labels` (its cgroup and container id under `--cgroup`), in Pyroscope's
+/// `name{label=value,...}` form.
+pub fn app_name(process: &str, pid: u32, labels: &[(String, String)]) -> String {
     let clean: String = process
         .chars()
         .map(|c| {
@@ -24,7 +25,23 @@ pub fn app_name(process: &str, pid: u32) -> String {
             }
         })
         .collect();
-    format!("bridge-trace.{clean}{{pid={pid}}}")
+    let mut name = format!("bridge-trace.{clean}{{pid={pid}");
+    for (key, value) in labels {
+        // What would end a label or the set.
+        let value: String = value
+            .chars()
+            .map(|c| {
+                if matches!(c, ',' | '{' | '}' | '=') {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        name.push_str(&format!(",{key}={value}"));
+    }
+    name.push('}');
+    name
 }
 
 /// The ingest URL for one profile of `name` covering `[from, until]`.
@@ -67,6 +84,7 @@ pub fn payload(
     url: &str,
     name: &str,
     pid: u32,
+    labels: &[(String, String)],
     report: &Report,
     from: SystemTime,
     until: SystemTime,
@@ -74,7 +92,7 @@ pub fn payload(
     let profile = render_to_vec(report, Format::Pprof, RenderOptions::default())?;
     let (content_type, body) = multipart(&profile);
     Ok(Payload {
-        url: ingest_url(url, &app_name(name, pid), from, until),
+        url: ingest_url(url, &app_name(name, pid, labels), from, until),
         content_type,
         body,
     })
@@ -87,8 +105,24 @@ mod tests {
 
     #[test]
     fn names_and_urls() {
-        let name = app_name("data bridge", 42);
+        let name = app_name("data bridge", 42, &[]);
         assert_eq!(name, "bridge-trace.data_bridge{pid=42}");
+        let labels = [
+            (
+                "cgroup".to_string(),
+                "/system.slice/docker-0a1b.scope".to_string(),
+            ),
+            ("container_id".to_string(), "0a1b".to_string()),
+        ];
+        assert_eq!(
+            app_name("srv", 7, &labels),
+            "bridge-trace.srv{pid=7,cgroup=/system.slice/docker-0a1b.scope,container_id=0a1b}"
+        );
+        let odd = [("cgroup".to_string(), "/a,b{c}=d".to_string())];
+        assert_eq!(
+            app_name("srv", 7, &odd),
+            "bridge-trace.srv{pid=7,cgroup=/a_b_c__d}"
+        );
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(
             ingest_url("http://p:4040", &name, t, t + Duration::from_secs(60)),
