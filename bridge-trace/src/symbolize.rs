@@ -1,8 +1,8 @@
 //! Names stack frames. [`ProcessMaps`] keeps every file mapping the target had while it was
 //! traced, so frames are still resolved after it exits or unloads a library; [`Blazesym`] turns
 //! (file, offset) into functions, source lines and inlined frames, with separate debug files
-//! (`/usr/lib/debug/.build-id`, `.gnu_debuglink`) or fetched from debuginfod servers. Behind the [`Symbolize`] trait so that the
-//! later stages can be tested from fixed input.
+//! (`/usr/lib/debug/.build-id`, `.gnu_debuglink`, or fetched from debuginfod servers). Behind
+//! the [`Symbolize`] trait so that the later stages can be tested from fixed input.
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
