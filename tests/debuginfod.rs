@@ -196,8 +196,8 @@ fn stripped_frames_are_named_only_through_the_server() {
     // No server: the fixture's own frames have no name.
     let before = dir.join("before");
     std::fs::create_dir_all(&before).unwrap();
-    let (report, truth_before, said) = record_stripped(&program, &before, &[], &cache);
-    let named = truth_sites(&report, &truth_before);
+    let (before_report, truth_before, said) = record_stripped(&program, &before, &[], &cache);
+    let named = truth_sites(&before_report, &truth_before);
     assert!(named.is_empty(), "named without debuginfod: {named:?}");
     assert!(said_about_fixture(&said).is_empty(), "{said}");
 
@@ -209,6 +209,13 @@ fn stripped_frames_are_named_only_through_the_server() {
     let (report, truth, said) = record_stripped(&program, &with, &["--debuginfod", &url], &cache);
     assert_eq!(truth_sites(&report, &truth), truth, "{said}");
     assert!(said_about_fixture(&said).is_empty(), "{said}");
+    // What was named, for whoever runs this with --nocapture.
+    let leaves: Vec<String> = by_leaf(&before_report).into_keys().collect();
+    eprintln!(
+        "without the server, the leaves: {leaves:?}\nthrough {url}, by leaf (bytes, \
+         allocations), as the fixture counted them: {:?}",
+        truth_sites(&report, &truth)
+    );
     let lines: Vec<&str> = report["stacks"]
         .as_array()
         .unwrap()

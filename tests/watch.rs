@@ -1222,6 +1222,17 @@ fn snapshots_are_exported_as_otlp_profiles() {
         "{report}"
     );
     assert_eq!(at("alloc_objects", "churn_site", churn), ticks, "{report}");
+    // What was decoded, for whoever runs this with --nocapture.
+    eprintln!(
+        "decoded OTLP profile of {ticks} ticks: leak_site inuse_space {} / inuse_objects {}, \
+         cache_put inuse_space {} / alloc_objects {}, churn_site alloc_space {} / inuse_space {}",
+        at("inuse_space", "leak_site", leak),
+        at("inuse_objects", "leak_site", leak),
+        at("inuse_space", "cache_put", cache),
+        at("alloc_objects", "cache_put", cache),
+        at("alloc_space", "churn_site", churn),
+        at("inuse_space", "churn_site", churn),
+    );
     // Leaf first, through main.
     assert_eq!(leak_callers[..2], ["leak_site", "main"], "{leak_callers:?}");
     // The executable's mapping and its build-id, as readelf reads it.
