@@ -1,6 +1,7 @@
 //! `bridge-trace report`: a raw capture rendered again, later and elsewhere, without root or
 //! the process: its frames named from this machine's files (checked against the build-ids
-//! recorded), from `--debug-dir` or from debuginfod servers, then aggregated and rendered as `record` does.
+//! recorded), from `--debug-dir` or from debuginfod servers, then aggregated and rendered as
+//! `record` does.
 use std::path::PathBuf;
 
 use crate::{

@@ -254,8 +254,8 @@ impl Segment {
     pub fn vaddr_of(segments: &[Segment], off: u64) -> Option<u64> {
         segments
             .iter()
-            .find(|s| (s.offset..s.offset + s.size).contains(&off))
-            .map(|s| s.vaddr + (off - s.offset))
+            .find(|s| (s.offset..s.offset.saturating_add(s.size)).contains(&off))
+            .map(|s| s.vaddr.wrapping_add(off - s.offset))
     }
 }
 
