@@ -9,7 +9,10 @@ use std::{collections::HashMap, io::Read, path::PathBuf, time::Duration};
 
 use debuginfod::{BuildId, CachingClient, Client, HttpClient, HttpClientError, Readable};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    model::maps::hex,
+};
 
 /// How long one request may take, connection to last byte, unless `DEBUGINFOD_TIMEOUT`
 /// (seconds, as elfutils reads it) says otherwise.
@@ -115,16 +118,22 @@ pub struct Debuginfod {
 }
 
 impl Debuginfod {
+    /// A client for `config`'s servers, keeping files in the client cache ([`cache_dir`]).
     pub fn new(config: &DebuginfodConfig) -> Result<Debuginfod> {
+        let cache = cache_dir().ok_or_else(|| {
+            Error::Usage("debuginfod: no cache directory: set DEBUGINFOD_CACHE_PATH".into())
+        })?;
+        Debuginfod::with_cache(config, cache)
+    }
+
+    /// A client for `config`'s servers, keeping files in `cache`.
+    pub fn with_cache(config: &DebuginfodConfig, cache: PathBuf) -> Result<Debuginfod> {
         let agent = ureq::AgentBuilder::new().timeout(config.timeout).build();
         let client = Client::builder()
             .http_client(Http(agent))
             .build(config.urls.iter().map(String::as_str))
             .map_err(|e| Error::Usage(format!("debuginfod: {e:#}")))?
             .ok_or_else(|| Error::Usage("debuginfod: no server given".into()))?;
-        let cache = cache_dir().ok_or_else(|| {
-            Error::Usage("debuginfod: no cache directory: set DEBUGINFOD_CACHE_PATH".into())
-        })?;
         let client = CachingClient::new(client, &cache)
             .map_err(|e| Error::Usage(format!("debuginfod cache {}: {e:#}", cache.display())))?;
         Ok(Debuginfod {
@@ -158,6 +167,22 @@ impl Debuginfod {
                 }
             },
         };
+        // A proxy's page, a truncated transfer or a damaged cache entry is not the file:
+        // said, and taken out of the cache so that the next run asks again.
+        let result = result.and_then(|path| {
+            let found = blazesym::helper::read_elf_build_id(&path).ok().flatten();
+            if found.is_some_and(|found| hex(&found) == id) {
+                return Ok(path);
+            }
+            let _ = std::fs::remove_file(&path);
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+            Err(format!(
+                "{} sent a file that is not its debug file (not ELF, or another build-id)",
+                self.urls
+            ))
+        });
         self.fetched.insert(id.to_string(), result.clone());
         result
     }
@@ -178,5 +203,43 @@ mod tests {
             let err = DebuginfodConfig::from_flags_or_env(&[bad.to_string()]).unwrap_err();
             assert!(err.to_string().contains(bad), "{err}");
         }
+    }
+
+    /// A server (a proxy, say) that answers 200 with something that is not the debug file:
+    /// refused, not kept in the cache, and not asked again in the run.
+    #[test]
+    fn a_file_that_is_not_the_debug_file_is_refused() {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let _ = s.read(&mut request);
+            let body = "<html>captive portal</html>";
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            String::from_utf8_lossy(&request).into_owned()
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let config = DebuginfodConfig {
+            urls: vec![format!("http://127.0.0.1:{port}")],
+            timeout: Duration::from_secs(10),
+        };
+        let mut d = Debuginfod::with_cache(&config, cache.path().to_path_buf()).unwrap();
+        let id = "5daf3edf87a254db42d4f2c35284afa0766a5fbf";
+        let why = d.debug_file(id).unwrap_err();
+        assert!(why.contains("not its debug file"), "{why}");
+        let request = server.join().unwrap();
+        assert!(
+            request.starts_with(&format!("GET /buildid/{id}/debuginfo ")),
+            "{request}"
+        );
+        assert!(!cache.path().join(id).exists());
+        // Said once for the run: no second request (nothing listens any more).
+        assert_eq!(d.debug_file(id).unwrap_err(), why);
     }
 }
