@@ -32,21 +32,7 @@ fn fixture() -> &'static Fixture {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&served).unwrap();
         let full = dir.join("wrappers");
-        let src = repo().join("tests/fixtures");
-        compile(
-            "g++",
-            &[
-                "-O2",
-                "-g",
-                "-fomit-frame-pointer",
-                "-Wl,--build-id",
-                "-I",
-                src.to_str().unwrap(),
-                "-o",
-                full.to_str().unwrap(),
-                src.join("wrappers.cpp").to_str().unwrap(),
-            ],
-        );
+        build_wrappers(&full);
         let stripped = dir.join("wrappers-stripped");
         let run = |cmd: &mut Command| {
             let out = cmd.output().unwrap();

@@ -23,20 +23,7 @@ fn fixture() -> &'static (PathBuf, PathBuf) {
         let dir = Path::new(TMP).join("sites");
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("wrappers");
-        let src = repo().join("tests/fixtures");
-        compile(
-            "g++",
-            &[
-                "-O2",
-                "-g",
-                "-fomit-frame-pointer",
-                "-I",
-                src.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-                src.join("wrappers.cpp").to_str().unwrap(),
-            ],
-        );
+        build_wrappers(&out);
         let stripped = dir.join("wrappers-stripped");
         let ok = Command::new("strip")
             .arg("-o")

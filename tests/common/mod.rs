@@ -258,6 +258,26 @@ pub fn build_c(out: &Path, source: &str, flags: &[&str]) {
     gcc(&args);
 }
 
+/// Builds tests/fixtures/wrappers.cpp into `out` as a release build of a C++ service is built:
+/// -O2 without frame pointers, with debug information (and a GNU build-id).
+pub fn build_wrappers(out: &Path) {
+    let src = repo().join("tests/fixtures");
+    compile(
+        "g++",
+        &[
+            "-O2",
+            "-g",
+            "-fomit-frame-pointer",
+            "-Wl,--build-id",
+            "-I",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            src.join("wrappers.cpp").to_str().unwrap(),
+        ],
+    );
+}
+
 /// The function names of a report stack's frames, root first (`[unknown]` for an unnamed one).
 pub fn functions(stack: &Value) -> Vec<&str> {
     stack["frames"]
