@@ -181,27 +181,20 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
                 .into(),
         ));
     }
-    if args.cgroup.is_some() && !args.command.is_empty() {
-        return Err(Error::Usage(
-            "give one of --pid PID, --exe PATH, --cgroup PATH or -- CMD".into(),
-        ));
-    }
-    let target = match (args.pid, args.exe) {
-        (Some(_), _) | (_, Some(_)) if !args.command.is_empty() => {
+    let target = match (args.pid, args.exe, args.cgroup) {
+        (None, None, None) if !args.command.is_empty() => WatchTarget::Launch {
+            argv: args.command,
+            sampler: args.sampler,
+        },
+        _ if !args.command.is_empty() => {
             return Err(Error::Usage(
                 "give one of --pid PID, --exe PATH, --cgroup PATH or -- CMD".into(),
             ))
         }
-        (None, None) if args.cgroup.is_some() => {
-            WatchTarget::Cgroup(target::cgroup::resolve(args.cgroup.as_ref().unwrap())?)
-        }
-        (None, None) if !args.command.is_empty() => WatchTarget::Launch {
-            argv: args.command,
-            sampler: args.sampler,
-        },
-        (Some(0), _) => return Err(Error::Usage("--pid 0 is not a process".into())),
-        (Some(pid), None) => WatchTarget::Pid(pid),
-        (None, Some(exe)) => {
+        (None, None, Some(dir)) => WatchTarget::Cgroup(target::cgroup::resolve(&dir)?),
+        (Some(0), _, _) => return Err(Error::Usage("--pid 0 is not a process".into())),
+        (Some(pid), None, None) => WatchTarget::Pid(pid),
+        (None, Some(exe), None) => {
             let path = exe
                 .canonicalize()
                 .map_err(|e| Error::Usage(format!("--exe {}: {e}", exe.display())))?;
@@ -223,8 +216,8 @@ pub fn watch_config(args: WatchArgs) -> Result<WatchConfig> {
     };
     if args.inject && matches!(target, WatchTarget::Launch { .. }) {
         return Err(Error::Usage(
-            "--inject loads the sampler into a running process (--pid, --exe or --cgroup); a program watch \
-             starts gets it preloaded with --sampler"
+            "--inject loads the sampler into a running process (--pid, --exe or --cgroup); a \
+             program watch starts gets it preloaded with --sampler"
                 .into(),
         ));
     }

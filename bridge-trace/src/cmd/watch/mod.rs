@@ -336,15 +336,16 @@ async fn watch(config: &WatchConfig, exports: &[export::Endpoint]) -> Result<()>
             None => String::new(),
         }
     );
+    let discovery = Discovery::of(&config.target);
     match &config.target {
         WatchTarget::Pid(pid) => s.add(*pid).await?,
         WatchTarget::Launch { argv, sampler } => s.add(launch(argv, *sampler)?).await?,
-        WatchTarget::Exe(_) | WatchTarget::Cgroup(_) => {
-            let found = Discovery::of(&config.target).unwrap();
-            s.discover(&found).await;
-            if s.procs.is_empty() {
-                eprintln!("bridge-trace: {}: waiting", found.none_yet());
-            }
+        WatchTarget::Exe(_) | WatchTarget::Cgroup(_) => {}
+    }
+    if let Some(found) = &discovery {
+        s.discover(found).await;
+        if s.procs.is_empty() {
+            eprintln!("bridge-trace: {}: waiting", found.none_yet());
         }
     }
     let now = tokio::time::Instant::now();
@@ -356,7 +357,6 @@ async fn watch(config: &WatchConfig, exports: &[export::Endpoint]) -> Result<()>
     let mut windows = tokio::time::interval_at(now + config.interval, config.interval);
     let mut snapshots =
         tokio::time::interval_at(now + config.snapshot_every, config.snapshot_every);
-    let discovery = Discovery::of(&config.target);
     loop {
         tokio::select! {
             _ = stop.wait() => {
