@@ -505,15 +505,16 @@ impl Blazesym {
         calls: &[u64],
         named: &mut [Option<Vec<Frame>>],
     ) {
+        let (Some(debuginfod), Some(id)) = (self.debuginfod.as_mut(), module.build_id.as_deref())
+        else {
+            return;
+        };
         let wanting: Vec<usize> = (0..calls.len())
             .filter(|&i| named[i].as_ref().is_none_or(|f| f[0].line.is_none()))
             .collect();
-        let (Some(id), false) = (module.build_id.as_deref(), wanting.is_empty()) else {
+        if wanting.is_empty() {
             return;
-        };
-        let Some(debuginfod) = self.debuginfod.as_mut() else {
-            return;
-        };
+        }
         // A debug file keeps the object's segments without their file offsets: the capture's
         // record of them places the stack's offsets, else the object itself when it is here.
         let segments = match (module.segments.is_empty(), object) {
