@@ -7,7 +7,7 @@ use crate::{
     free::{credit_free, nested_frees, take},
     helpers::*,
     maps::*,
-    stack::capture_stack,
+    stack::{capture_stack, NO_TOTALS},
 };
 
 #[inline(always)]
@@ -55,7 +55,7 @@ fn remember_call(ctx: &ProbeContext, kind: AllocKind, size: u64, ptr_arg: u64) -
         }
         return 0;
     };
-    let stack = capture_stack(tgid, regs.rip, sp, regs.rbp, true);
+    let stack = capture_stack(NO_TOTALS, tgid, regs.rip, sp, regs.rbp, true);
     let mut call = InFlight {
         size,
         ptr_arg,

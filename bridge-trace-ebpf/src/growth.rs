@@ -3,7 +3,11 @@
 use aya_ebpf::{helpers::*, macros::*, programs::*};
 use bridge_trace_common::*;
 
-use crate::{helpers::*, maps::*, stack::capture_stack};
+use crate::{
+    helpers::*,
+    maps::*,
+    stack::{capture_stack, NO_TOTALS},
+};
 
 pub(crate) const SYS_MMAP: u64 = 9;
 pub(crate) const SYS_MUNMAP: u64 = 11;
@@ -67,7 +71,7 @@ fn remember_syscall(ctx: &ProbeContext, nr: u64) -> u32 {
     let call = PendingSyscall {
         nr,
         args,
-        stack: capture_stack(tgid, regs.rip, regs.rsp, regs.rbp, true),
+        stack: capture_stack(NO_TOTALS, tgid, regs.rip, regs.rsp, regs.rbp, true),
     };
     if SYSCALLS.insert(tid, &call, 0).is_err() {
         count(Counter::InflightFull);
@@ -205,7 +209,7 @@ fn first_touch(ctx: &RawTracePointContext) -> u32 {
     let Some(regs) = user_regs(ctx.arg(1)) else {
         return 0;
     };
-    let stack = capture_stack(tgid, regs.rip, regs.rsp, regs.rbp, false);
+    let stack = capture_stack(NO_TOTALS, tgid, regs.rip, regs.rsp, regs.rbp, false);
     grow(&stack, 0, 0, PAGE_SIZE);
     0
 }

@@ -3,7 +3,7 @@
 //! stack once in `STACKS`.
 use core::ffi::c_void;
 
-use aya_ebpf::{bindings::*, helpers::*};
+use aya_ebpf::{bindings::*, helpers::*, maps::PerCpuHashMap};
 use bridge_trace_common::*;
 
 use crate::{helpers::*, knobs::*, maps::*};
@@ -334,12 +334,29 @@ pub(crate) fn store_stack(frames: &StackFrames, hash: u64, mut key: StackKey) ->
     key
 }
 
+/// For [`capture_stack`]'s callers that name no totals map.
+pub(crate) const NO_TOTALS: Option<&PerCpuHashMap<StackKey, ()>> = None;
+
 /// Walks the user stack from `pc`, `sp`, `bp`: with the target's unwind tables where they cover
 /// the code, with frame pointers elsewhere (see [`UnwindMode`]). Stores the frames once per
 /// distinct stack: at an allocator's entry (`at_entry`) the return addresses, the direct caller
 /// first; elsewhere `pc` itself, then the return addresses.
+///
+/// `totals`, where given, is the per-stack map the caller credits next: a stack with an entry
+/// there was stored when that entry was made (neither map forgets a stack of a live process),
+/// so its one lookup, which the caller's credit then finds in cache, saves the lookup in
+/// [`STACKS`] and the insert (one cold bucket and element fewer at each sample of the usdt
+/// tier). The allocator probes, whose programs the verifier walks much further (the
+/// `reallocarray` entry is refused with either lookup more), go without.
 #[inline(always)]
-pub(crate) fn capture_stack(tgid: u32, pc: u64, sp: u64, bp: u64, at_entry: bool) -> StackKey {
+pub(crate) fn capture_stack<V>(
+    totals: Option<&PerCpuHashMap<StackKey, V>>,
+    tgid: u32,
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    at_entry: bool,
+) -> StackKey {
     let mut key = StackKey {
         tgid,
         _pad: 0,
@@ -411,5 +428,19 @@ pub(crate) fn capture_stack(tgid: u32, pc: u64, sp: u64, bp: u64, at_entry: bool
         w.frames.flags = STACK_TRUNCATED;
         count(Counter::UnwindDepthLimit);
     }
-    store_stack(&w.frames, w.hash, key)
+    let hash = if w.hash == 0 { 1 } else { w.hash };
+    let known = StackKey {
+        stack_id: hash,
+        ..key
+    };
+    // Where known, or looked up first: an insert of a stack already there would still take an
+    // element, copy the frames into it and give it back (a kilobyte of cold memory at each
+    // sample).
+    // SAFETY: the value is not read.
+    if totals.is_some_and(|t| t.get_ptr(&known).is_some() || unsafe { STACKS.get(&hash) }.is_some())
+    {
+        key.stack_id = hash;
+        return key;
+    }
+    store_stack(&w.frames, hash, key)
 }

@@ -99,6 +99,7 @@ pub fn usdt_alloc(ctx: ProbeContext) -> u32 {
         // interposing sampler).
         let slot = |s: u64| register(regs, s).unwrap_or(0);
         let stack = capture_stack(
+            Some(&STACK_TOTALS),
             tgid,
             slot(pt_regs_slot::RIP),
             slot(pt_regs_slot::RSP),
