@@ -4,9 +4,10 @@
  * only, after a warm-up). Built with frame pointers, so that a frame-pointer walk and an
  * unwind-table walk see the same stack and their costs compare like for like.
  *
- *   alloc-loop ITERATIONS DEPTH [DELAY_MS]
+ *   alloc-loop ITERATIONS DEPTH [DELAY_MS [HOLD_MS]]
  *
  * DELAY_MS: sleep that long first (so that a tracer attaching by pid is in place).
+ * HOLD_MS: and that long after printing (so that the tracer's statistics can still be read).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,22 +39,27 @@ static double now_ns(void) {
     return ts.tv_sec * 1e9 + ts.tv_nsec;
 }
 
+static void sleep_ms(long ms) {
+    struct timespec delay = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&delay, NULL);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3 && argc != 4) {
-        fprintf(stderr, "usage: alloc-loop ITERATIONS DEPTH [DELAY_MS]\n");
+    if (argc < 3 || argc > 5) {
+        fprintf(stderr, "usage: alloc-loop ITERATIONS DEPTH [DELAY_MS [HOLD_MS]]\n");
         return 2;
     }
     long iterations = atol(argv[1]);
     int depth = atoi(argv[2]);
-    if (argc == 4) {
-        long ms = atol(argv[3]);
-        struct timespec delay = {ms / 1000, (ms % 1000) * 1000000L};
-        nanosleep(&delay, NULL);
-    }
+    if (argc >= 4)
+        sleep_ms(atol(argv[3]));
     descend(iterations / 10 + 1, depth); /* warm-up */
     double t0 = now_ns();
     descend(iterations, depth);
     double t1 = now_ns();
     printf("%.1f\n", (t1 - t0) / iterations);
+    fflush(stdout);
+    if (argc == 5)
+        sleep_ms(atol(argv[4]));
     return 0;
 }

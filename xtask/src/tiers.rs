@@ -12,13 +12,15 @@
 //! down. Then the usdt tier's cost against the 0.3 % goal, which is the data bridge's own CPU
 //! time, one data bridge against itself (unattached, then attached at the default window),
 //! from its parts: its eBPF programs (exact, the kernel's statistics), its probe hits (their
-//! count, exact, at the cost `watch` measured a hit at a USDT site to have) and the sampler's
-//! traced path (the loop's nanoseconds per pair with `watch` attached over those without, at
-//! the demo's allocation rate); beside it the service's added CPU as measured whole (noisy:
-//! its own CPU wanders by about as much between windows) and `watch`'s own CPU (exact; a
-//! cost of its own, on another core, not the service's). Last, at default settings with the
-//! sampler preloaded, how long `watch` takes to name the demo's leak. Results go to
-//! `target/bench/watch.json`.
+//! count, exact, at the cost `watch` measured a hit at a USDT site to have), every call's
+//! traced path (the loop's nanoseconds per pair with the semaphore held but nothing sampled
+//! over those with it down, at the demo's allocation rate) and each sample's user-space part
+//! (the loop's cost of a sample, less its two hits and their eBPF time, exact, at the demo's
+//! sample rate); beside it the
+//! service's added CPU as measured whole (noisy: its own CPU wanders by about as much between
+//! windows) and `watch`'s own CPU (exact; a cost of its own, on another core, not the
+//! service's). Last, at default settings with the sampler preloaded, how long `watch` takes
+//! to name the demo's leak. Results go to `target/bench/watch.json`.
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
@@ -40,6 +42,8 @@ struct Config {
     sampler: bool,
     /// Under heaptrack.
     heaptrack: bool,
+    /// The sampler at a mean interval no run reaches: its traced path without the samples.
+    no_samples: bool,
 }
 
 const fn config(name: &'static str, tier: Option<&'static str>, sampler: bool) -> Config {
@@ -48,22 +52,29 @@ const fn config(name: &'static str, tier: Option<&'static str>, sampler: bool) -
         tier,
         sampler,
         heaptrack: false,
+        no_samples: false,
     }
 }
 
-const CONFIGS: [Config; 7] = [
+/// A mean sampling interval that no run of the workloads allocates (it stops at 1 TiB).
+const NO_SAMPLE_INTERVAL: &str = "1024G";
+
+const CONFIGS: [Config; 8] = [
     config("untraced", None, false),
     config("sampler, nothing attached", None, true),
     // The process carries the contract: watch traces it at tier usdt whatever --tier says.
     config("sampler + watch (usdt)", Some("growth"), true),
+    // Its semaphore held, but no allocation sampled: what every call pays while traced.
+    Config {
+        no_samples: true,
+        ..config("sampler + watch, no sample", Some("growth"), true)
+    },
     config("watch --tier growth", Some("growth"), false),
     config("watch --tier sampled", Some("sampled"), false),
     config("watch --tier full", Some("full"), false),
     Config {
-        name: "heaptrack",
-        tier: None,
-        sampler: false,
         heaptrack: true,
+        ..config("heaptrack", None, false)
     },
 ];
 
@@ -140,6 +151,9 @@ fn command(c: &Config, program: &Path, sampler: &Path, dir: &Path) -> Command {
     };
     if c.sampler {
         cmd.env("LD_PRELOAD", sampler);
+    }
+    if c.no_samples {
+        cmd.env("BRIDGE_TRACE_SAMPLE_INTERVAL", NO_SAMPLE_INTERVAL);
     }
     cmd
 }
@@ -377,6 +391,38 @@ fn usdt_paired(
     Ok(cycles_seen)
 }
 
+/// eBPF nanoseconds per probe hit in the loop at the default interval, `watch` attached (the
+/// kernel's statistics over the loop's run, which holds on after it so that they can be read).
+fn loop_bpf_per_hit(
+    tracer: &Path,
+    workload: &Path,
+    sampler: &Path,
+    iterations: u64,
+) -> Result<f64> {
+    let _stats = crate::bench::BpfStats::enable()?;
+    let before = bpf_programs()?;
+    let mut child = Killed(
+        Command::new(workload)
+            .env("LD_PRELOAD", sampler)
+            .args([&iterations.to_string(), "10", "4000", "2000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting alloc-loop")?,
+    );
+    let _watch = watch(tracer, child.0.id(), "growth", "1s")?;
+    std::thread::sleep(Duration::from_millis(3000));
+    let b0 = bpf_since(&before)?;
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().context("alloc-loop's stdout")?).read_line(&mut line)?;
+    let b1 = bpf_since(&before)?;
+    let hits = b1.1 - b0.1;
+    if hits == 0 {
+        bail!("no probe hit in alloc-loop with watch attached (it printed {line:?})");
+    }
+    Ok((b1.0 - b0.0) as f64 / hits as f64)
+}
+
 /// One paired series as written to watch.json: per cycle, and the total of its parts.
 fn paired_json(p: &[Paired], total: f64) -> Value {
     json!({
@@ -525,7 +571,6 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
     println!("a probe hit, as watch measured it: {costs}");
     let nop_ns = usdt_hit_ns(&costs)
         .with_context(|| format!("no cost at a USDT site in watch's line: {costs:?}"))?;
-    // The sampler's traced path: the loop's pairs with watch attached over those without.
     let loop_median = |name: &str| {
         configs
             .iter()
@@ -533,40 +578,56 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
             .map(|i| median(&ns[i]))
             .with_context(|| format!("no loop figure for {name}"))
     };
-    let traced_ns = (loop_median("sampler + watch (usdt)")?
+    // What every call pays while traced: the loop's pairs with the semaphore held and nothing
+    // sampled over those with it down.
+    let fast_ns = (loop_median("sampler + watch, no sample")?
         - loop_median("sampler, nothing attached")?)
     .max(0.0);
+    // What a sample costs the loop in all (one in LOOP_MEAN_BYTES / 512 KiB pairs is sampled):
+    // its two probe hits in the kernel, timed, and the rest in user space (the sampler's
+    // draw, move and table, the trampolines, the system calls' entries and exits, and what
+    // that does to the loop's heap and caches).
+    let samples_per_pair = LOOP_MEAN_BYTES / f64::from(512u32 << 10);
+    let sample_ns = (loop_median("sampler + watch (usdt)")?
+        - loop_median("sampler + watch, no sample")?)
+    .max(0.0)
+        / samples_per_pair;
+    let loop_bpf_ns = loop_bpf_per_hit(tracer, &workload, &sampler, iterations)?;
+    let loop_kernel_per_sample = 2.0 * (loop_bpf_ns + nop_ns);
+    let user_per_sample = (sample_ns - loop_kernel_per_sample).max(0.0);
+    println!(
+        "alloc-loop: {fast_ns:.1} ns a pair more while traced, nothing sampled; a sample \
+         {:.1} µs in all: two probe hits {:.1} µs (eBPF {:.1} µs a hit, exact, + {:.2} µs as \
+         watch measured a hit), the rest {:.1} µs in user space",
+        sample_ns / 1000.0,
+        loop_kernel_per_sample / 1000.0,
+        loop_bpf_ns / 1000.0,
+        nop_ns / 1000.0,
+        user_per_sample / 1000.0
+    );
     let demo_allocs = f64::from(DEMO_RATE * DEMO_ALLOCS_PER_MESSAGE);
     let (cycles, paired_secs) = if short { (2, 3.0) } else { (8, 10.0) };
     let paired = usdt_paired(tracer, &demo, Some(&sampler), cycles, paired_secs)?;
     let injected = usdt_paired(tracer, &demo, None, cycles, paired_secs)?;
-    // The sampler's traced path, per call: what the loop's pairs cost more attached, less
-    // what its own samples cost (their probe hits and eBPF runs, counted for the demo in the
-    // other two parts): one in LOOP_MEAN_BYTES / 512 KiB pairs is sampled, two events each.
-    let per_event_ns = |p: &[Paired]| {
-        let bpf = crate::bench::median(p.iter().map(|p| p.bpf));
-        let hits = crate::bench::median(p.iter().map(|p| p.hits));
-        (if hits > 0.0 { bpf / hits * 1e9 } else { 0.0 }) + nop_ns
-    };
-    let samples_per_pair = LOOP_MEAN_BYTES / f64::from(512u32 << 10);
     let mut parts = |label: &str, p: &[Paired]| {
         let pct = |f: &dyn Fn(&Paired) -> f64| crate::bench::median(p.iter().map(f)) * 100.0;
         let (added, bpf, own) = (pct(&|p| p.added), pct(&|p| p.bpf), pct(&|p| p.watch));
-        let hits = pct(&|p| p.hits * nop_ns / 1e9);
-        let own_samples_ns = samples_per_pair * 2.0 * per_event_ns(p);
-        let path_ns = (traced_ns - own_samples_ns).max(0.0);
-        let sampler_path = path_ns * demo_allocs / 1e9 * 100.0;
-        let total = bpf + hits + sampler_path;
+        let hits_per_sec = crate::bench::median(p.iter().map(|p| p.hits));
+        let hits = hits_per_sec * nop_ns / 1e9 * 100.0;
+        let traced = fast_ns * demo_allocs / 1e9 * 100.0;
+        let user = user_per_sample * hits_per_sec / 2.0 / 1e9 * 100.0;
+        let total = bpf + hits + traced + user;
         let added_pct: Vec<f64> = p.iter().map(|p| p.added * 100.0).collect();
         let (lo, hi) = crate::bench::min_max(&added_pct);
         println!(
             "{label}, one data bridge against itself, {cycles} cycles of {paired_secs:.0} s \
              unattached / attached (medians), the service's own CPU: its eBPF programs \
-             {bpf:.3}% of a CPU (exact) + probe hits {hits:.3}% (exact count, {nop_ns:.0} ns \
-             each) + the sampler's traced path {sampler_path:.3}% (alloc-loop: {traced_ns:.1} \
-             ns a pair more attached, {own_samples_ns:.1} of them its own samples' events, at \
-             {demo_allocs:.0} allocations/s) = {total:.2}% (goal: at most \
+             {bpf:.3}% (exact) + {hits_per_sec:.0} probe hits a second {hits:.3}% ({nop_ns:.0} \
+             ns each, as watch measured a hit) + every call's traced path {traced:.3}% \
+             ({fast_ns:.1} ns at {demo_allocs:.0} allocations/s) + the samples in user space \
+             {user:.3}% ({:.1} µs each, as in alloc-loop) = {total:.2}% (goal: at most \
              {USDT_GOAL_CPU_PERCENT}%){}",
+            user_per_sample / 1000.0,
             if total <= USDT_GOAL_CPU_PERCENT {
                 ""
             } else {
@@ -615,7 +676,10 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
         "goal_usdt_cpu_percent_of_one": USDT_GOAL_CPU_PERCENT,
         "goal_sampler_idle_ns_per_pair": IDLE_GOAL_NS,
         "usdt_hit_ns": nop_ns,
-        "usdt_sampler_traced_ns_per_pair": traced_ns,
+        "usdt_traced_ns_per_pair_unsampled": fast_ns,
+        "usdt_loop_ns_per_sample": sample_ns,
+        "usdt_loop_bpf_ns_per_hit": loop_bpf_ns,
+        "usdt_loop_user_ns_per_sample": user_per_sample,
         "usdt_preloaded": paired_json(&paired, preloaded_total),
         "usdt_injected": paired_json(&injected, injected_total),
         "usdt_leak_named_after_secs": named,
