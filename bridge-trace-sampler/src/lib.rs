@@ -12,14 +12,19 @@
 //!
 //! A sampled block is moved to a mark ([`place`]): allocated again, aligned, and the first
 //! one released. `malloc_usable_size` still answers what the allocator said for the first
-//! (kept in the table); what else differs is where the block is, and, under an allocator
-//! that rounds aligned requests up (jemalloc: to a page), up to a mark of slack per held
-//! sample (0.8 % of the heap the samples stand for at the default interval).
+//! (kept in the table); what else differs is where the block is, and up to a mark of slack
+//! per held sample (0.8 % of the heap the samples stand for at the default interval): blocks
+//! up to [`SPARE_LIMIT`] are asked for in whole marks, so that the last sampled block the
+//! program freed, kept for the next move ([`SPARE`]), holds the next sample, and a move
+//! mostly costs no aligned allocation.
 //!
 //! Pipeline of one call: semaphore → [`sample::take`] → the allocator → [`place`] →
 //! [`table::insert`] → `otel_memory:alloc`; at the free: [`table::remove`] →
 //! `otel_memory:free` → the allocator.
-use core::ffi::{c_int, c_void};
+use core::{
+    ffi::{c_int, c_void},
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 mod real;
 mod sample;
@@ -89,11 +94,25 @@ fn place(p: *mut c_void, size: usize, init: Init) -> (*mut c_void, usize) {
     ) else {
         return (p, usable);
     };
-    let mut q = core::ptr::null_mut();
-    // SAFETY: the allocator's own posix_memalign with a valid out-pointer.
-    if unsafe { pm(&mut q, table::MARK, size.max(1)) } != 0 || q.is_null() {
-        return (p, usable);
-    }
+    let q = match take_spare(size, f) {
+        Some(q) => q,
+        None => {
+            let mut q = core::ptr::null_mut();
+            // Whole marks up to the spare's limit, so that the block, once freed and kept,
+            // holds the next sample whatever its size: the slack is the mark's worth the
+            // move may cost anyway (see [`sample::on_mark`]).
+            let ask = if size <= SPARE_LIMIT {
+                size.max(1).next_multiple_of(table::MARK)
+            } else {
+                size
+            };
+            // SAFETY: the allocator's own posix_memalign with a valid out-pointer.
+            if unsafe { pm(&mut q, table::MARK, ask) } != 0 || q.is_null() {
+                return (p, usable);
+            }
+            q
+        }
+    };
     // The program may use what the allocator said `p` has; `q` has at least as much, as a
     // block of the same size or more, unless an allocator says otherwise.
     let usable = usable.min(usable_of(q, size)).max(size);
@@ -108,6 +127,46 @@ fn place(p: *mut c_void, size: usize, init: Init) -> (*mut c_void, usize) {
         f(p);
     }
     (q, usable)
+}
+
+/// A sampled block on a mark that the program freed, kept (0: none) for the next sample to
+/// move to instead of making an aligned allocation: glibc's `posix_memalign` of a page costs
+/// little itself but, in a heap whose blocks come and go as fast as alloc-loop's, ~9 µs a
+/// sample in the calls that follow (the split-off pieces it leaves in the bins). One block,
+/// the allocator's own, at most [`SPARE_LIMIT`] bytes, given back when another replaces it.
+static SPARE: AtomicUsize = AtomicUsize::new(0);
+/// The largest freed sample kept as the [`SPARE`].
+const SPARE_LIMIT: usize = 16 << 10;
+
+/// Keeps `p`, a sampled block the program freed, told `usable` bytes, as the [`SPARE`] if it
+/// is on a mark and small enough; true if kept (the one it replaces goes to the allocator).
+fn keep_spare(p: *mut c_void, usable: usize, f: Free) -> bool {
+    if p as usize & (table::MARK - 1) != 0 || usable > SPARE_LIMIT {
+        return false;
+    }
+    let old = SPARE.swap(p as usize, Ordering::AcqRel);
+    if old != 0 {
+        // SAFETY: the allocator's block, no longer the spare, nobody else's.
+        unsafe { f(old as *mut c_void) };
+    }
+    true
+}
+
+/// The [`SPARE`], taken, if it holds `size` bytes (if not, it goes back to the allocator).
+fn take_spare(size: usize, f: Free) -> Option<*mut c_void> {
+    let s = SPARE.swap(0, Ordering::AcqRel) as *mut c_void;
+    if s.is_null() {
+        return None;
+    }
+    // SAFETY: the allocator's own function on a block it returned, now this call's alone.
+    match func::<UsableSize>(F::UsableSize).map(|u| unsafe { u(s) }) {
+        Some(u) if u >= size.max(1) => Some(s),
+        _ => {
+            // SAFETY: as above.
+            unsafe { f(s) };
+            None
+        }
+    }
 }
 
 /// Whether an allocation of `size` bytes is sampled (and with what weight): never while no
@@ -171,8 +230,11 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() || Arena::contains(p) {
         return;
     }
-    release(p);
+    let held = release(p);
     if let Some(f) = func::<Free>(F::Free) {
+        if held.is_some_and(|h| keep_spare(p, h.usable, f)) {
+            return;
+        }
         // SAFETY: the allocator's own free of a block it returned.
         unsafe { f(p) }
     }
@@ -366,5 +428,53 @@ mod tests {
         let big = unsafe { m(table::MOVE_LIMIT + 1) };
         assert_eq!(place(big, table::MOVE_LIMIT + 1, Init::None).0, big);
         unsafe { f(big) };
+    }
+
+    /// The last sampled block freed (on a mark, small enough) is where the next sample moves
+    /// to; one too small for the next goes back to the allocator; one off a mark is not kept.
+    #[test]
+    fn a_freed_sample_is_the_next_ones_mark() {
+        let _g = TEST_GLOBALS.lock().unwrap();
+        sample::configure_moves(Some(b"1"));
+        let m = func::<Malloc>(F::Malloc).unwrap();
+        let f = func::<Free>(F::Free).unwrap();
+        let off_mark = |n: usize| loop {
+            // SAFETY: the allocator's own malloc.
+            let p = unsafe { m(n) };
+            if !(p as usize).is_multiple_of(table::MARK) {
+                return p;
+            }
+        };
+        // A spare left by another test goes first.
+        if let Some(s) = take_spare(0, f) {
+            unsafe { f(s) };
+        }
+        let (q, _) = place(off_mark(1000), 1000, Init::None);
+        assert!(keep_spare(q, 1000, f));
+        let (q2, told) = place(off_mark(900), 900, Init::Zero);
+        assert_eq!(q2, q, "moved to the spare");
+        // SAFETY: `q2` holds `told` bytes.
+        assert!(
+            unsafe { core::slice::from_raw_parts(q2 as *const u8, told) }
+                .iter()
+                .all(|b| *b == 0)
+        );
+        assert!(keep_spare(q2, 900, f));
+        let (q3, told) = place(off_mark(8000), 8000, Init::None);
+        assert_eq!(q3 as usize % table::MARK, 0);
+        assert!(told >= 8000);
+        assert_eq!(
+            SPARE.load(Ordering::Relaxed),
+            0,
+            "the small spare was given back"
+        );
+        let p = off_mark(100);
+        assert!(!keep_spare(p, 100, f));
+        assert!(!keep_spare(q3, SPARE_LIMIT + 1, f));
+        // SAFETY: the allocator's blocks.
+        unsafe {
+            f(p);
+            f(q3);
+        }
     }
 }
