@@ -16,11 +16,10 @@
 //! traced path (the loop's nanoseconds per pair with the semaphore held but nothing sampled
 //! over those with it down, at the demo's allocation rate) and each sample's user-space part
 //! (the loop's cost of a sample, less its two hits and their eBPF time, exact, at the demo's
-//! sample rate); beside it the
-//! service's added CPU as measured whole (noisy: its own CPU wanders by about as much between
-//! windows) and `watch`'s own CPU (exact; a cost of its own, on another core, not the
-//! service's). Last, at default settings with the sampler preloaded, how long `watch` takes
-//! to name the demo's leak. Results go to `target/bench/watch.json`.
+//! sample rate); beside it the service's added CPU as measured whole (noisy: its own CPU
+//! wanders by about as much between windows) and `watch`'s own CPU (exact; a cost of its own,
+//! on another core, not the service's). Last, at default settings with the sampler preloaded,
+//! how long `watch` takes to name the demo's leak. Results go to `target/bench/watch.json`.
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
@@ -584,9 +583,9 @@ pub fn tiers(tracer: &Path, dir: &Path, short: bool) -> Result<Value> {
         - loop_median("sampler, nothing attached")?)
     .max(0.0);
     // What a sample costs the loop in all (one in LOOP_MEAN_BYTES / 512 KiB pairs is sampled):
-    // its two probe hits in the kernel, timed, and the rest in user space (the sampler's
-    // draw, move and table, the trampolines, the system calls' entries and exits, and what
-    // that does to the loop's heap and caches).
+    // its two probe hits (their eBPF time exact, the rest as watch measured a hit) and the
+    // rest in user space (the sampler's draw, move and table, the trampolines, the system
+    // calls' entries and exits, and what that does to the loop's heap and caches).
     let samples_per_pair = LOOP_MEAN_BYTES / f64::from(512u32 << 10);
     let sample_ns = (loop_median("sampler + watch (usdt)")?
         - loop_median("sampler + watch, no sample")?)
