@@ -139,9 +139,10 @@ static SPARE: AtomicUsize = AtomicUsize::new(0);
 const SPARE_LIMIT: usize = 16 << 10;
 
 /// Keeps `p`, a sampled block the program freed, told `usable` bytes, as the [`SPARE`] if it
-/// is on a mark and small enough; true if kept (the one it replaces goes to the allocator).
+/// is on a mark and small enough, and samples are moved (none would take it otherwise); true
+/// if kept (the one it replaces goes to the allocator).
 fn keep_spare(p: *mut c_void, usable: usize, f: Free) -> bool {
-    if p as usize & (table::MARK - 1) != 0 || usable > SPARE_LIMIT {
+    if p as usize & (table::MARK - 1) != 0 || usable > SPARE_LIMIT || !sample::on_mark() {
         return false;
     }
     let old = SPARE.swap(p as usize, Ordering::AcqRel);
@@ -471,6 +472,9 @@ mod tests {
         let p = off_mark(100);
         assert!(!keep_spare(p, 100, f));
         assert!(!keep_spare(q3, SPARE_LIMIT + 1, f));
+        sample::configure_moves(Some(b"0"));
+        assert!(!keep_spare(q3, 100, f), "kept while samples are not moved");
+        sample::configure_moves(Some(b"1"));
         // SAFETY: the allocator's blocks.
         unsafe {
             f(p);
