@@ -159,15 +159,13 @@ fn take_spare(size: usize, f: Free) -> Option<*mut c_void> {
     if s.is_null() {
         return None;
     }
-    // SAFETY: the allocator's own function on a block it returned, now this call's alone.
-    match func::<UsableSize>(F::UsableSize).map(|u| unsafe { u(s) }) {
-        Some(u) if u >= size.max(1) => Some(s),
-        _ => {
-            // SAFETY: as above.
-            unsafe { f(s) };
-            None
-        }
+    // Without the allocator's usable size (0 then), the spare is not trusted to hold `size`.
+    if usable_of(s, 0) >= size.max(1) {
+        return Some(s);
     }
+    // SAFETY: the allocator's block, taken from the spare: this call's alone.
+    unsafe { f(s) };
+    None
 }
 
 /// Whether an allocation of `size` bytes is sampled (and with what weight): never while no
