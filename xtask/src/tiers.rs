@@ -236,9 +236,10 @@ fn loop_ns(
     crate::peers::ns_per_pair(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// Seconds until `watch`, at default settings, names the data bridge's leak (at its default
-/// rate, the sampler preloaded at its default interval), None if not within `limit`; and what
-/// `watch` measured a probe hit to cost, at each kind of place.
+/// Seconds from its start until `watch`, at default settings, names the data bridge's leak (at
+/// [`DEMO_RATE`], the load whose cost the rows above measure, the sampler preloaded at its
+/// default interval), None if not within `limit`; and what `watch` measured a probe hit to
+/// cost, at each kind of place.
 fn time_to_name(
     tracer: &Path,
     demo: &Path,
@@ -247,6 +248,7 @@ fn time_to_name(
 ) -> Result<(Option<f64>, String)> {
     let _service = Killed(
         Command::new(demo)
+            .args(["--rate", &DEMO_RATE.to_string()])
             .env("LD_PRELOAD", sampler)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

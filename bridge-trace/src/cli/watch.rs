@@ -47,6 +47,9 @@ pub struct TopArgs {
 }
 #[derive(Debug, Args)]
 #[command(after_help = "Tiers (--tier), cheapest first:\n  \
+    usdt     automatic, per process, for one that carries the otel_memory USDT probes (its\n           \
+    own, or bridge-trace's sampler: --sampler, --inject): only what it sampled, and the\n           \
+    frees of those; --no-usdt traces it at --tier instead\n  \
     growth   heap growth only (brk, anonymous mmap/munmap/mremap, first-touch page faults), with\n           \
     stacks; when the heap keeps growing, steps up to sampled until the leaking site is named\n  \
     sampled  one allocation in about every --sample-interval bytes, estimates scaled back\n  \

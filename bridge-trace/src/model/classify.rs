@@ -1,9 +1,13 @@
 //! Tells leaks from caches and churn, per call site, from its outstanding memory window after
 //! window (`watch`'s windows, and those `record` takes while it runs). A site is:
 //! - **leaking** when, over the last [`LEAK_WINDOWS`] windows, its *old* allocations (older
-//!   than two windows, past any request's lifetime) kept piling up — more of them in (nearly)
-//!   every window — and its oldest allocation stayed, aging all along: nothing old is ever
-//!   freed;
+//!   than two windows, past any request's lifetime) kept piling up — more of them early and
+//!   late in the span, at least [`LEAK_WINDOWS`] more in all, fewer in at most one window —
+//!   and its oldest allocation stayed, aging all along: nothing old is ever freed. "More" is
+//!   counted in allocations seen, not in the estimates a sample stands for, and a window
+//!   without a new one is no evidence against a leak: a sampled leak shows up in a window
+//!   only when one of its allocations was sampled, at the default interval less than once a
+//!   window for a slow one;
 //! - **cache** when it holds old allocations but either their number stopped growing (a cache
 //!   that filled, state kept for the process's life) or the oldest ones are being replaced (an
 //!   LRU cache: its oldest allocation's age stops growing);
@@ -22,8 +26,10 @@ use serde::Serialize;
 
 use super::snapshot::{LiveAlloc, Snapshot};
 
-/// Consecutive windows of growth of old memory that make a leak.
-pub const LEAK_WINDOWS: usize = 5;
+/// Windows of growth of old memory that make a leak: with the two an allocation takes to grow
+/// old, a leak is named [`LEAK_WINDOWS`] + 1 windows after watching starts (50 s at `watch`'s
+/// default 10 s).
+pub const LEAK_WINDOWS: usize = 4;
 /// Windows of history kept per site.
 pub const HISTORY: usize = 64;
 /// Growth over the last [`LEAK_WINDOWS`] windows below which a growth-tier site is steady.
@@ -38,10 +44,22 @@ pub struct Held {
     pub count: f64,
     pub old_bytes: f64,
     pub old_count: f64,
+    /// Old allocations seen (samples, in a sampled tier), not estimated.
+    pub old_seen: u64,
     pub oldest_ns: u64,
 }
 
 impl Held {
+    /// Adds another stack's figures (of the same site) to these.
+    pub fn add(&mut self, other: &Held) {
+        self.bytes += other.bytes;
+        self.count += other.count;
+        self.old_bytes += other.old_bytes;
+        self.old_count += other.old_count;
+        self.old_seen += other.old_seen;
+        self.oldest_ns = self.oldest_ns.max(other.oldest_ns);
+    }
+
     /// The window these figures close at `at_secs`.
     pub fn window(&self, at_secs: f64) -> Window {
         Window {
@@ -50,6 +68,7 @@ impl Held {
             count: self.count.round() as u64,
             old_bytes: self.old_bytes.round() as u64,
             old_count: self.old_count.round() as u64,
+            old_seen: self.old_seen,
             oldest_age_secs: self.oldest_ns as f64 / 1e9,
         }
     }
@@ -72,6 +91,7 @@ pub fn held_by_stack<K: std::hash::Hash + Eq>(
         if age >= old_ns {
             h.old_bytes += bytes;
             h.old_count += count;
+            h.old_seen += 1;
         }
         h.oldest_ns = h.oldest_ns.max(age);
     }
@@ -88,6 +108,8 @@ pub struct Window {
     /// Bytes held by allocations older than [`OLD_AFTER_WINDOWS`] windows.
     pub old_bytes: u64,
     pub old_count: u64,
+    /// Old allocations seen (samples, in a sampled tier), not estimated.
+    pub old_seen: u64,
     pub oldest_age_secs: f64,
 }
 
@@ -177,17 +199,26 @@ impl Trend {
         if latest.old_bytes == 0 {
             return Class::Churn;
         }
-        // recent[0] is the latest, recent[LEAK_WINDOWS] the start of the span.
-        let recent: Vec<&Window> = self.windows.iter().rev().take(LEAK_WINDOWS + 1).collect();
-        let (now, then) = (recent[0], recent[LEAK_WINDOWS]);
-        let growing_steps = recent
-            .windows(2)
-            .filter(|p| p[0].old_count > p[1].old_count)
+        // The span's windows, oldest first, and its steps from one to the next.
+        let span: Vec<&Window> = self
+            .windows
+            .iter()
+            .skip(self.windows.len() - LEAK_WINDOWS - 1)
+            .collect();
+        let (then, now) = (span[0], span[LEAK_WINDOWS]);
+        let rose = |steps: &[&[&Window]]| steps.iter().any(|p| p[1].old_seen > p[0].old_seen);
+        let steps: Vec<&[&Window]> = span.windows(2).collect();
+        let (early, late) = steps.split_at(LEAK_WINDOWS / 2);
+        let fell = steps
+            .iter()
+            .filter(|p| p[1].old_seen < p[0].old_seen)
             .count();
-        let piling_up = growing_steps + 1 >= LEAK_WINDOWS
-            && now.old_count >= then.old_count + LEAK_WINDOWS as u64;
-        let span = now.at_secs - then.at_secs;
-        let oldest_stays = now.oldest_age_secs - then.oldest_age_secs >= 0.8 * span;
+        let piling_up = rose(early)
+            && rose(late)
+            && fell <= 1
+            && now.old_seen >= then.old_seen + LEAK_WINDOWS as u64;
+        let secs = now.at_secs - then.at_secs;
+        let oldest_stays = now.oldest_age_secs - then.oldest_age_secs >= 0.8 * secs;
         if piling_up && oldest_stays {
             Class::Leaking
         } else {
@@ -261,6 +292,7 @@ mod tests {
                 count: old_count + 2,
                 old_bytes: old_count * 100,
                 old_count,
+                old_seen: old_count,
                 oldest_age_secs: oldest,
             });
         }
@@ -307,6 +339,49 @@ mod tests {
         assert_eq!(trend(&churn).class(), Class::Churn);
         // Too early to tell.
         assert_eq!(trend(&leak[..2]).class(), Class::Undecided);
+    }
+
+    /// A sampled site: windows one second apart of (old samples seen, age of the oldest), each
+    /// sample standing for 250 allocations of 100 bytes.
+    fn sampled(series: &[(u64, f64)]) -> Trend {
+        let mut t = Trend::default();
+        for (i, &(seen, oldest)) in series.iter().enumerate() {
+            t.push(Window {
+                at_secs: i as f64,
+                bytes: (seen + 1) * 25_000,
+                count: (seen + 1) * 250,
+                old_bytes: seen * 25_000,
+                old_count: seen * 250,
+                old_seen: seen,
+                oldest_age_secs: oldest,
+            });
+        }
+        t
+    }
+
+    /// A sampled leak shows up only in the windows where one of its allocations was sampled:
+    /// windows without a new one do not clear it; too few samples, or samples that came in one
+    /// burst, or old ones freed again, do not make a leak.
+    #[test]
+    fn a_sparse_sampled_leak() {
+        let ages = |seen: [u64; 5]| -> Vec<(u64, f64)> {
+            seen.iter()
+                .enumerate()
+                .map(|(i, &n)| (n, i as f64 + 0.5))
+                .collect()
+        };
+        assert_eq!(sampled(&ages([0, 1, 1, 1, 5])).class(), Class::Leaking);
+        assert_eq!(sampled(&ages([0, 2, 2, 4, 4])).class(), Class::Leaking);
+        // Two samples: growth, but too little seen to tell (their estimates are big).
+        assert_eq!(sampled(&ages([0, 1, 1, 2, 2])).class(), Class::Cache);
+        // A burst that filled early, and one late.
+        assert_eq!(sampled(&ages([0, 4, 8, 8, 8])).class(), Class::Cache);
+        assert_eq!(sampled(&ages([0, 0, 0, 0, 8])).class(), Class::Cache);
+        // Old samples freed twice.
+        assert_eq!(sampled(&ages([0, 3, 2, 6, 5])).class(), Class::Cache);
+        // The same growth with the oldest replaced (an LRU cache).
+        let lru: Vec<(u64, f64)> = [0, 1, 1, 1, 5].iter().map(|&n| (n, 1.5)).collect();
+        assert_eq!(sampled(&lru).class(), Class::Cache);
     }
 
     #[test]

@@ -178,12 +178,7 @@ fn by_site(
             .get(key)
             .cloned()
             .unwrap_or_else(|| "[unknown]".into());
-        let s = out.entry(label).or_default();
-        s.bytes += h.bytes;
-        s.count += h.count;
-        s.old_bytes += h.old_bytes;
-        s.old_count += h.old_count;
-        s.oldest_ns = s.oldest_ns.max(h.oldest_ns);
+        out.entry(label).or_default().add(h);
     }
     out
 }
@@ -434,6 +429,7 @@ mod tests {
             count: 1.0,
             old_bytes: old,
             old_count: if old > 0.0 { 1.0 } else { 0.0 },
+            old_seen: u64::from(old > 0.0),
             oldest_ns,
         };
         let labels = HashMap::from([
@@ -451,7 +447,10 @@ mod tests {
         assert_eq!(sites.len(), 3);
         let leak = sites["leak_site (leak.c:7)"];
         assert_eq!((leak.bytes, leak.count), (150.0, 2.0));
-        assert_eq!((leak.old_bytes, leak.old_count), (100.0, 1.0));
+        assert_eq!(
+            (leak.old_bytes, leak.old_count, leak.old_seen),
+            (100.0, 1.0, 1)
+        );
         assert_eq!(leak.oldest_ns, 9_000);
         assert_eq!(sites["[unknown]"].bytes, 3.0);
         // A stored stack is its id; one that could not be stored, its direct caller.
