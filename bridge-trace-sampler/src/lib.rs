@@ -179,6 +179,13 @@ fn sampled(size: usize) -> Option<u64> {
     }
 }
 
+/// Whether an allocation of `size` bytes reached a sample point ([`sample::weigh`] next):
+/// never while no tracer holds the semaphore.
+#[inline(always)]
+fn reaches(size: usize) -> bool {
+    usdt::alloc_enabled() && sample::reached(size)
+}
+
 /// Forgets `p` if it was sampled, telling the tracer, before the allocator may reuse it.
 #[inline(always)]
 fn release(p: *mut c_void) -> Option<table::Held> {
@@ -195,13 +202,36 @@ pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
 }
 
 /// `malloc`, also for the calls made inside this library: an injected library's own
-/// references to `malloc` are bound to the process's allocator, not to it.
+/// references to `malloc` are bound to the process's allocator, not to it. Unsampled, a jump
+/// to the allocator's malloc: the sampled path is a function apart, so that this one saves
+/// no register.
 #[inline(always)]
 fn alloc(size: usize) -> *mut c_void {
-    let Some(m) = func::<Malloc>(F::Malloc) else {
-        return Arena::alloc(size, 16);
+    let Some(m) = real::ready::<Malloc>(F::Malloc) else {
+        return alloc_unresolved(size);
     };
-    let w = sampled(size);
+    if !reaches(size) {
+        // SAFETY: the allocator's own malloc, with the caller's arguments.
+        return unsafe { m(size) };
+    }
+    alloc_sampled(m, size)
+}
+
+/// [`alloc`] before the allocator's functions are published: once resolved, as any other.
+#[cold]
+#[inline(never)]
+extern "C" fn alloc_unresolved(size: usize) -> *mut c_void {
+    match func::<Malloc>(F::Malloc) {
+        Some(_) => alloc(size),
+        None => Arena::alloc(size, 16),
+    }
+}
+
+/// [`alloc`] of an allocation that reached a sample point.
+#[cold]
+#[inline(never)]
+extern "C" fn alloc_sampled(m: Malloc, size: usize) -> *mut c_void {
+    let w = sample::weigh();
     // SAFETY: the allocator's own malloc, with the caller's arguments.
     let p = unsafe { m(size) };
     report(p, size, w, Init::None)
@@ -211,15 +241,37 @@ fn alloc(size: usize) -> *mut c_void {
 /// As C's `calloc`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
-    let Some(c) = func::<Calloc>(F::Calloc) else {
-        return n
-            .checked_mul(size)
-            .map_or(core::ptr::null_mut(), |b| Arena::alloc(b, 16));
+    let Some(c) = real::ready::<Calloc>(F::Calloc) else {
+        return calloc_unresolved(n, size);
     };
-    let w = n.checked_mul(size).and_then(sampled);
+    if !n.checked_mul(size).is_some_and(reaches) {
+        // SAFETY: the allocator's own calloc, with the caller's arguments.
+        return unsafe { c(n, size) };
+    }
+    calloc_sampled(c, n, size)
+}
+
+/// `calloc` before the allocator's functions are published.
+#[cold]
+#[inline(never)]
+extern "C" fn calloc_unresolved(n: usize, size: usize) -> *mut c_void {
+    match func::<Calloc>(F::Calloc) {
+        // SAFETY: as the caller's.
+        Some(_) => unsafe { calloc(n, size) },
+        None => n
+            .checked_mul(size)
+            .map_or(core::ptr::null_mut(), |b| Arena::alloc(b, 16)),
+    }
+}
+
+/// `calloc` of an allocation that reached a sample point.
+#[cold]
+#[inline(never)]
+extern "C" fn calloc_sampled(c: Calloc, n: usize, size: usize) -> *mut c_void {
+    let w = sample::weigh();
     // SAFETY: the allocator's own calloc, with the caller's arguments.
     let p = unsafe { c(n, size) };
-    report(p, n.wrapping_mul(size), w, Init::Zero)
+    report(p, n * size, w, Init::Zero)
 }
 
 /// # Safety
@@ -229,6 +281,31 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() || Arena::contains(p) {
         return;
     }
+    if table::maybe_held(p as usize) {
+        return free_held(p);
+    }
+    match real::ready::<Free>(F::Free) {
+        // SAFETY: the allocator's own free of a block it returned.
+        Some(f) => unsafe { f(p) },
+        None => free_unresolved(p),
+    }
+}
+
+/// `free` before the allocator's functions are published (a block of the arena was let go
+/// above; one of the allocator's cannot be here without its `free`).
+#[cold]
+#[inline(never)]
+extern "C" fn free_unresolved(p: *mut c_void) {
+    if let Some(f) = func::<Free>(F::Free) {
+        // SAFETY: the allocator's own free of a block it returned.
+        unsafe { f(p) }
+    }
+}
+
+/// `free` of a block the table may hold (a function apart, so that `free` saves no
+/// register).
+#[inline(never)]
+extern "C" fn free_held(p: *mut c_void) {
     let held = release(p);
     if let Some(f) = func::<Free>(F::Free) {
         if held.is_some_and(|h| keep_spare(p, h.usable, f)) {

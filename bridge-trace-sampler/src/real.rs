@@ -54,13 +54,25 @@ const READY: u8 = 2;
 static STATE: AtomicU8 = AtomicU8::new(UNRESOLVED);
 
 /// The next allocator's `f`, or null when it is not resolved yet (or has no such function):
-/// the caller then serves the call from the [`Arena`] (or fails it).
+/// the caller then serves the call from the [`Arena`] (or fails it). One load: the functions
+/// are published only once all are resolved and the sampler configured.
 #[inline(always)]
 pub fn get(f: F) -> *mut c_void {
+    let p = FNS[f as usize].load(Ordering::Acquire);
+    if p.is_null() {
+        return get_unresolved(f);
+    }
+    p
+}
+
+/// [`get`] before the functions are published, or of one the allocator does not have.
+#[cold]
+#[inline(never)]
+fn get_unresolved(f: F) -> *mut c_void {
     if STATE.load(Ordering::Acquire) != READY {
         resolve();
     }
-    FNS[f as usize].load(Ordering::Relaxed)
+    FNS[f as usize].load(Ordering::Acquire)
 }
 
 #[cold]
@@ -73,10 +85,10 @@ fn resolve() {
         return;
     }
     // RTLD_NEXT asks for the next definition after ours.
-    lookup(libc::RTLD_NEXT);
+    let fns = lookup(libc::RTLD_NEXT);
     crate::sample::configure(env(c"BRIDGE_TRACE_SAMPLE_INTERVAL"));
     crate::sample::configure_moves(env(c"BRIDGE_TRACE_SAMPLE_MOVE"));
-    STATE.store(READY, Ordering::Release);
+    publish(&fns);
 }
 
 /// Injected ([`crate::inject`]): the allocator is the process's own, the first definition in
@@ -89,17 +101,23 @@ pub fn resolve_global() {
         .compare_exchange(UNRESOLVED, RESOLVING, Ordering::Acquire, Ordering::Acquire)
         .is_ok()
     {
-        lookup(libc::RTLD_DEFAULT);
-        STATE.store(READY, Ordering::Release);
+        publish(&lookup(libc::RTLD_DEFAULT));
     }
 }
 
-fn lookup(scope: *mut c_void) {
-    for (name, slot) in NAMES.iter().zip(&FNS) {
-        // SAFETY: a NUL-terminated name and one of dlsym's pseudo-handles.
-        let p = unsafe { libc::dlsym(scope, name.as_ptr() as *const c_char) };
-        slot.store(p, Ordering::Relaxed);
+/// The allocator's functions in `scope`, in [`NAMES`] order (null for one it lacks). `dlsym`
+/// may allocate meanwhile: the arena serves it.
+fn lookup(scope: *mut c_void) -> [*mut c_void; NAMES.len()] {
+    // SAFETY: NUL-terminated names and one of dlsym's pseudo-handles.
+    NAMES.map(|name| unsafe { libc::dlsym(scope, name.as_ptr() as *const c_char) })
+}
+
+/// Makes the functions found the ones every call takes, and the state ready.
+fn publish(fns: &[*mut c_void; NAMES.len()]) {
+    for (slot, &p) in FNS.iter().zip(fns) {
+        slot.store(p, Ordering::Release);
     }
+    STATE.store(READY, Ordering::Release);
 }
 
 /// Whether the allocator's functions are resolved.
@@ -115,10 +133,23 @@ fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
     (!v.is_null()).then(|| unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes())
 }
 
-/// Calls the next allocator's `f` as `T`; null when it has none.
+/// The next allocator's `f` as `T`, resolving it first if need be; `None` while it cannot be
+/// (the caller serves the call from the [`Arena`]) or when the allocator has none.
 #[inline(always)]
 pub fn func<T: Copy>(f: F) -> Option<T> {
-    let p = get(f);
+    as_fn(get(f))
+}
+
+/// The next allocator's `f` as `T` once published, `None` before: one load, and no call on
+/// the hot path that a caller would save its registers around (its `None` path, a function
+/// apart, resolves with [`func`]).
+#[inline(always)]
+pub fn ready<T: Copy>(f: F) -> Option<T> {
+    as_fn(FNS[f as usize].load(Ordering::Acquire))
+}
+
+#[inline(always)]
+fn as_fn<T: Copy>(p: *mut c_void) -> Option<T> {
     if p.is_null() {
         return None;
     }
@@ -149,6 +180,8 @@ impl Arena {
 
     /// A zeroed block of `size` bytes aligned to `align` (a power of two, at least 16), or
     /// null when the arena is spent.
+    #[cold]
+    #[inline(never)]
     pub fn alloc(size: usize, align: usize) -> *mut c_void {
         let align = align.max(16);
         let mut used = ARENA_USED.load(Ordering::Relaxed);
@@ -171,8 +204,8 @@ impl Arena {
     }
 
     pub fn contains(p: *mut c_void) -> bool {
-        let p = p as usize;
-        p >= Self::base() && p < Self::base() + ARENA_SIZE
+        // One compare: below the base wraps around to far above the size.
+        (p as usize).wrapping_sub(Self::base()) < ARENA_SIZE
     }
 
     /// The size a block of the arena was allocated with.

@@ -135,19 +135,34 @@ fn parse_bytes(s: &[u8]) -> Option<u64> {
     n.checked_mul(1 << shift)
 }
 
-/// The weight of an allocation of `size` bytes if it is sampled, else `None`: the hot path.
+/// The weight of an allocation of `size` bytes if it is sampled, else `None`.
 #[inline(always)]
 pub fn take(size: usize) -> Option<u64> {
+    if reached(size) {
+        weigh()
+    } else {
+        None
+    }
+}
+
+/// Counts an allocation of `size` bytes down: whether it reached a sample point, in which case
+/// [`weigh`] must come next (on this thread, before its next allocation). The hot path.
+#[inline(always)]
+pub fn reached(size: usize) -> bool {
     let left = &state().left;
     let l = left
         .get()
         .saturating_sub(size.min(i64::MAX as usize) as i64);
     left.set(l);
-    if l > 0 {
-        None
-    } else {
-        crossed(left, l)
-    }
+    l <= 0
+}
+
+/// The weight of the allocation that [`reached`] a sample point (`None`: the thread's first
+/// draw put its point further), and the distance to the next point drawn.
+#[inline(always)]
+pub fn weigh() -> Option<u64> {
+    let left = &state().left;
+    crossed(left, left.get())
 }
 
 /// The slow path: the countdown reached (or passed) a sample point, `over` bytes ago (≤ 0).

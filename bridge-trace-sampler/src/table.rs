@@ -110,7 +110,7 @@ fn count(ptr: usize) -> &'static AtomicU8 {
 /// Whether `ptr` may be a held sample: from [`HELD`] and its low bits, then where it starts
 /// in its page ([`OFFSETS`]) if it is off a mark, then [`FILTER`].
 #[inline(always)]
-fn maybe_held(ptr: usize) -> bool {
+pub fn maybe_held(ptr: usize) -> bool {
     let held = HELD.load(Ordering::Relaxed);
     if held == 0 {
         return false;
