@@ -18,7 +18,9 @@
 //! program freed, kept for the next move ([`SPARE`]), holds the next sample, and a move
 //! mostly costs no aligned allocation.
 //!
-//! Pipeline of one call: semaphore → [`sample::take`] → the allocator → [`place`] →
+//! Pipeline of one call: semaphore → [`sample::reached`] (not reached: a jump to the
+//! allocator, from a function that saves no register) → [`sample::weigh`] → the allocator →
+//! [`place`] →
 //! [`table::insert`] → `otel_memory:alloc`; at the free: [`table::remove`] →
 //! `otel_memory:free` → the allocator.
 use core::{
