@@ -174,8 +174,8 @@ fn take_spare(size: usize, f: Free) -> Option<*mut c_void> {
 /// tracer holds the semaphore.
 #[inline(always)]
 fn sampled(size: usize) -> Option<u64> {
-    if usdt::alloc_enabled() {
-        sample::take(size)
+    if reaches(size) {
+        sample::weigh()
     } else {
         None
     }

@@ -135,16 +135,6 @@ fn parse_bytes(s: &[u8]) -> Option<u64> {
     n.checked_mul(1 << shift)
 }
 
-/// The weight of an allocation of `size` bytes if it is sampled, else `None`.
-#[inline(always)]
-pub fn take(size: usize) -> Option<u64> {
-    if reached(size) {
-        weigh()
-    } else {
-        None
-    }
-}
-
 /// Counts an allocation of `size` bytes down: whether it reached a sample point, in which case
 /// [`weigh`] must come next (on this thread, before its next allocation). The hot path.
 #[inline(always)]
@@ -251,7 +241,9 @@ mod tests {
         for size in [48usize, 4000, 300_000, 20 << 20] {
             // At least ~20000 sample points each: 5 % is over 7 standard deviations.
             let n = (20_000 * 4096 / size).max(200);
-            let total: u64 = (0..n).filter_map(|_| take(size)).sum();
+            let total: u64 = (0..n)
+                .filter_map(|_| reached(size).then(weigh).flatten())
+                .sum();
             let truth = (size * n) as f64;
             let err = (total as f64 - truth).abs() / truth;
             assert!(

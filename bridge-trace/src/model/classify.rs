@@ -67,7 +67,6 @@ impl Held {
             bytes: self.bytes.round() as u64,
             count: self.count.round() as u64,
             old_bytes: self.old_bytes.round() as u64,
-            old_count: self.old_count.round() as u64,
             old_seen: self.old_seen,
             oldest_age_secs: self.oldest_ns as f64 / 1e9,
         }
@@ -107,8 +106,7 @@ pub struct Window {
     pub count: u64,
     /// Bytes held by allocations older than [`OLD_AFTER_WINDOWS`] windows.
     pub old_bytes: u64,
-    pub old_count: u64,
-    /// Old allocations seen (samples, in a sampled tier), not estimated.
+    /// Old allocations seen (samples, in a sampled tier), not estimated: what tells a leak.
     pub old_seen: u64,
     pub oldest_age_secs: f64,
 }
@@ -281,22 +279,26 @@ impl Trend {
 mod tests {
     use super::*;
 
-    /// Windows one second apart of (count of old allocations, age of the oldest); bytes are
-    /// 100 per allocation.
-    fn trend(series: &[(u64, f64)]) -> Trend {
+    /// Windows one second apart of (old allocations seen, age of the oldest), each seen one
+    /// standing for `per` allocations of 100 bytes, with `young` more seen.
+    fn site(series: &[(u64, f64)], per: u64, young: u64) -> Trend {
         let mut t = Trend::default();
-        for (i, &(old_count, oldest)) in series.iter().enumerate() {
+        for (i, &(seen, oldest)) in series.iter().enumerate() {
             t.push(Window {
                 at_secs: i as f64,
-                bytes: (old_count + 2) * 100,
-                count: old_count + 2,
-                old_bytes: old_count * 100,
-                old_count,
-                old_seen: old_count,
+                bytes: (seen + young) * per * 100,
+                count: (seen + young) * per,
+                old_bytes: seen * per * 100,
+                old_seen: seen,
                 oldest_age_secs: oldest,
             });
         }
         t
+    }
+
+    /// Every allocation seen (tier full): (count of old allocations, age of the oldest).
+    fn trend(series: &[(u64, f64)]) -> Trend {
+        site(series, 1, 2)
     }
 
     /// A rate over "the last 5m" after 25 s of windows was measured over 25 s: the alert
@@ -341,22 +343,9 @@ mod tests {
         assert_eq!(trend(&leak[..2]).class(), Class::Undecided);
     }
 
-    /// A sampled site: windows one second apart of (old samples seen, age of the oldest), each
-    /// sample standing for 250 allocations of 100 bytes.
+    /// A sampled site: each sample stands for 250 allocations.
     fn sampled(series: &[(u64, f64)]) -> Trend {
-        let mut t = Trend::default();
-        for (i, &(seen, oldest)) in series.iter().enumerate() {
-            t.push(Window {
-                at_secs: i as f64,
-                bytes: (seen + 1) * 25_000,
-                count: (seen + 1) * 250,
-                old_bytes: seen * 25_000,
-                old_count: seen * 250,
-                old_seen: seen,
-                oldest_age_secs: oldest,
-            });
-        }
-        t
+        site(series, 250, 1)
     }
 
     /// A sampled leak shows up only in the windows where one of its allocations was sampled:
