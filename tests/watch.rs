@@ -1402,26 +1402,38 @@ fn budget_holds_by_the_targets_own_cpu_time() {
             let first = seen.iter().find(|&&(_, changes)| changes == c);
             first.is_some_and(|&(since, _)| w >= since + 3.0)
         };
-        let settled = (0..600).any(|_| {
-            let ok = is_settled(&scrape(port));
-            if !ok {
-                std::thread::sleep(Duration::from_millis(100));
+        // A cost near the budget can move the tier after three windows still (a noisy window
+        // over it doubles the interval, the next steps down): a measurement the tier changed
+        // during is not of the settled tier, and is taken again once it settles anew.
+        let mut measured = None;
+        for _ in 0..3 {
+            let settled = (0..600).any(|_| {
+                let ok = is_settled(&scrape(port));
+                if !ok {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                ok
+            });
+            assert!(
+                settled,
+                "{}\n{}",
+                scrape(port),
+                watch.stderr.lock().unwrap()
+            );
+            let changes = value(&scrape(port), "bridge_trace_tier_changes_total");
+            let watched = cpus_over(pid, 3.0);
+            let metrics = scrape(port);
+            let steady = value(&metrics, "bridge_trace_tier_changes_total") == changes;
+            measured = Some((watched, metrics, steady));
+            if steady {
+                break;
             }
-            ok
-        });
+        }
+        let (watched, metrics, steady) = measured.unwrap();
         assert!(
-            settled,
-            "{}\n{}",
-            scrape(port),
+            steady,
+            "the tier changed while measuring, three times\n{}",
             watch.stderr.lock().unwrap()
-        );
-        let changes = value(&scrape(port), "bridge_trace_tier_changes_total");
-        let watched = cpus_over(pid, 3.0);
-        let metrics = scrape(port);
-        assert_eq!(
-            value(&metrics, "bridge_trace_tier_changes_total"),
-            changes,
-            "the tier changed while measuring"
         );
         let (ok, stderr) = watch.finish();
         assert!(ok, "{stderr}");
